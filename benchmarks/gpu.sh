@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (torch preinstalled, no package index): build the extension with the machine's own
+# torch, run the tests (CUDA cases included), run the benchmarks on cpu and cuda, and write everything to OUTDIR.
+#
+#   bash benchmarks/gpu.sh OUTDIR        # OUTDIR defaults to $OUT, then ./gpu-results
+#
+# Budget: under 5 minutes on an H100/H200 (the CUDA build is the longest step, about a minute with 16 jobs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-results}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+py=${PYTHON:-python3}
+status=0
+step() { echo; echo "== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/machine.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/machine.txt"
+
+step "build (pip install --no-build-isolation --no-deps -e .)"
+$py -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+$py -c "from gradfd import ops; print('kernels', ops.kernels_available(), 'cuda kernels', ops.cuda_kernels_available(),
+ops.unavailable_reason() or '')" | tee -a "$out/machine.txt"
+
+step "tests"
+$py -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15 || status=1
+
+step "benchmarks"
+$py benchmarks/bench_engine.py --device cuda --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cuda.md" || status=1
+$py benchmarks/bench_engine.py --device cpu --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cpu.md" || status=1
+exit $status

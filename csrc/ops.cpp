@@ -1,0 +1,24 @@
+// gradfd's op schemas: the one TORCH_LIBRARY block. Implementations live in csrc/cpu/ and csrc/cuda/;
+// fake (meta) kernels are registered in gradfd/ops.py beside the Python wrappers.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gradfd, m) {
+  // Re-targets a buffer of perturbed copies of `base` in O(rows) work. Precondition: each row r equals base
+  // except possibly at column columns[r]. For r = s*C + c (C = len(index)) the op restores that column from
+  // base, then sets rows[r, index[c]] = round(base[index[c]] + offsets[s] * step[c]) and columns[r] = index[c].
+  // Returns displacement[s, c] = rows[r, index[c]] - base[index[c]], exact in float64: the step actually taken.
+  m.def("perturb_rows_(Tensor(a!) rows, Tensor(b!) columns, Tensor base, Tensor index, Tensor step, "
+        "float[] offsets) -> Tensor");
+  // out[k, c] = (losses[2k, c] - losses[2k+1, c]) / (displacement[2k, c] - displacement[2k+1, c]) in float64.
+  m.def("central_differences(Tensor losses, Tensor displacement) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradfd native kernels; the ops are registered under torch.ops.gradfd";
+#ifdef GRADFD_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

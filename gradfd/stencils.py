@@ -1,0 +1,134 @@
+"""Finite-difference stencils, step selection and Richardson extrapolation.
+
+Every stencil here is a ladder of central differences ``D(m*h)`` at step multiples ``m`` (``(1,)`` for plain
+central differences, ``(1, 2)`` for the 4-point stencil, ``(1, 2, 4)`` for two rounds of Richardson
+extrapolation), combined by Neville's scheme in ``t = H**2``. ``H`` is the *realised* half-spacing of each
+pair of nodes (the steps after rounding ``x + m*h`` to the parameter's dtype), so rounding of the nodes does
+not enter the estimate. The 4-point stencil ``(-f(x+2h) + 8f(x+h) - 8f(x-h) + f(x-2h)) / 12h`` is exactly the
+first Richardson step ``(4 D(h) - D(2h)) / 3``.
+
+The difference between the last two extrapolants is the truncation part of each entry's error estimate
+(cf. numdifftools' Richardson error estimate, scipy.differentiate's ``error`` output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Stencil", "STENCILS", "DEFAULT_STENCIL", "get_stencil", "automatic_steps", "extrapolate", "eps", "representable"]
+
+
+@dataclass(frozen=True)
+class Stencil:
+    """A central-difference ladder.
+
+    Attributes:
+        name: public name (``"central"``, ``"four_point"``, ``"richardson"``).
+        multiples: step multiples of the levels, smallest first.
+        order: truncation order of the extrapolated estimate (error ~ ``h**order``).
+    """
+
+    name: str
+    multiples: tuple[int, ...]
+    order: int
+
+    @property
+    def offsets(self) -> tuple[float, ...]:
+        """Node offsets in units of ``h``, in ``(+m, -m)`` pairs: the row order of the batched evaluation."""
+        return tuple(float(s * m) for m in self.multiples for s in (1, -1))
+
+    @property
+    def evaluations(self) -> int:
+        """Function evaluations per coordinate."""
+        return 2 * len(self.multiples)
+
+    @property
+    def abs_weight_sum(self) -> float:
+        """Sum of |weights| of the extrapolated stencil in units of ``1/h``: how much it amplifies noise in f."""
+        t = [m * m for m in self.multiples]
+        # weights of each level in the Neville combination at t = 0 (Lagrange basis at 0)
+        total = 0.0
+        for i, ti in enumerate(t):
+            li = 1.0
+            for j, tj in enumerate(t):
+                if j != i:
+                    li *= tj / (tj - ti)
+            total += abs(li) / self.multiples[i]  # each level is (f+ - f-)/(2 m h): |w| = 2 * 1/(2m)
+        return total
+
+
+STENCILS: dict[str, Stencil] = {
+    "central": Stencil("central", (1,), 2),
+    "four_point": Stencil("four_point", (1, 2), 4),
+    "richardson": Stencil("richardson", (1, 2, 4), 6),
+}
+DEFAULT_STENCIL = "four_point"
+_ALIASES = {"4-point": "four_point", "4point": "four_point", "fourpoint": "four_point", "2-point": "central"}
+
+
+def get_stencil(name: str) -> Stencil:
+    """Look up a stencil by name (``"central"``, ``"four_point"`` or ``"richardson"``).
+
+    Raises:
+        ValueError: naming the argument and the accepted values.
+    """
+    if not isinstance(name, str) or _ALIASES.get(name, name) not in STENCILS:
+        raise ValueError(f"stencil must be one of {sorted(STENCILS)}, got {name!r}")
+    return STENCILS[_ALIASES.get(name, name)]
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype."""
+    return torch.finfo(dtype).eps
+
+
+def automatic_steps(x: torch.Tensor, stencil: Stencil, scale: float = 1.0) -> torch.Tensor:
+    """Per-element steps ``h_i ~ scale * eps**(1/(order+1)) * max(1, |x_i|)``, rounded to powers of two.
+
+    The exponent balances truncation (``~h**order``) against rounding of the loss (``~eps/h``): ``eps**(1/3)``
+    for central differences, ``eps**(1/5)`` for the 4-point stencil. Powers of two keep ``x + m*h`` exact for
+    most ``x``; the realised steps are used regardless.
+
+    Args:
+        x: the flattened parameter values (any floating dtype); its dtype sets ``eps``.
+        stencil: the stencil the steps are for.
+        scale: extra factor on the step.
+
+    Returns:
+        ``(numel,)`` float64 steps on ``x``'s device.
+    """
+    base = scale * eps(x.dtype) ** (1.0 / (stencil.order + 1))
+    mag = x.detach().to(torch.float64).abs().clamp(min=1.0)
+    mag = torch.where(torch.isfinite(mag), mag, torch.ones_like(mag))
+    return torch.exp2(torch.round(torch.log2(base * mag)))
+
+
+def extrapolate(levels: torch.Tensor, half_spacing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Richardson-extrapolate central differences to zero step.
+
+    Args:
+        levels: ``(K, M)`` float64 central differences ``D_k`` at the K step levels, smallest step first.
+        half_spacing: ``(K, M)`` float64 realised half-spacings ``H_k`` of those levels.
+
+    Returns:
+        ``(estimate, spread)``: ``(M,)`` extrapolated derivatives and ``(M,)`` absolute difference between the
+        last two extrapolants (the truncation-error estimate), or ``None`` for a single level.
+    """
+    t = half_spacing * half_spacing
+    cur = list(levels.unbind(0))
+    k = len(cur)
+    previous = None
+    for m in range(1, k):
+        previous = cur[0]
+        cur = [(t[i] * cur[i + 1] - t[i + m] * cur[i]) / (t[i] - t[i + m]) for i in range(k - m)]
+    estimate = cur[0]
+    spread = None if previous is None else (estimate - previous).abs()
+    return estimate, spread
+
+
+def representable(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Boolean mask: ``x + h`` differs from ``x`` when rounded to ``x``'s dtype (the step is not lost)."""
+    moved = (x.detach().to(torch.float64) + steps).to(x.dtype)
+    return moved != x.detach()

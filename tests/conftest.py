@@ -1,0 +1,31 @@
+"""Shared test configuration: device and dtype lists every test parametrizes over, and fresh random seeds.
+
+Inputs are drawn fresh on every run (not a fixed set); the seed in use is printed in the failure report so
+that a failing draw can be replayed with GRADFD_TEST_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (or GRADFD_TEST_SEED), applied to torch's global generator and reported on failure."""
+    value = int(os.environ.get("GRADFD_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("gradfd seed", f"replay with GRADFD_TEST_SEED={value}"))

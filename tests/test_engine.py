@@ -1,0 +1,302 @@
+"""The batched engine against the reference loop, and its behaviour on bad input, faults and randomness."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from functions import FUNCTIONS
+from helpers import ALL_DEVICES, assert_unchanged, snapshot
+
+import gradfd
+from gradfd import engine, ops, reference
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("eng", ["auto", "batched", "loop"])
+def test_engine_agrees_with_reference_in_float64(seed, device, name, eng):
+    func, params, idx = FUNCTIONS[name](device, torch.float64)
+    ref = reference.numerical_gradient(func, params, idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", engine.FallbackWarning)  # every test function batches
+        got = gradfd.numerical_gradient(func, params, idx, engine=eng)
+    assert got.shape == params[idx].shape and got.dtype == params[idx].dtype and got.device == params[idx].device
+    assert _rel(got, ref) <= 1e-9
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("stencil", ["central", "four_point", "richardson"])
+def test_chunk_boundaries_do_not_change_the_result(seed, chunk_size, stencil):
+    func, params, idx = FUNCTIONS["mlp"]("cpu", torch.float64)
+    idx = 0  # W1, 35 entries: chunks that do and do not divide it
+    whole = gradfd.numerical_gradient(func, params, idx, engine="batched", stencil=stencil, h=1e-3)
+    chunked = gradfd.numerical_gradient(func, params, idx, engine="batched", stencil=stencil, h=1e-3,
+                                        chunk_size=chunk_size)
+    looped = gradfd.numerical_gradient(func, params, idx, engine="loop", stencil=stencil, h=1e-3)
+    # the three differ only in the summation order of the losses: rounding of ~eps*|f|*sum|w|/h ~ 1e-12 here
+    assert _rel(chunked, whole) <= 1e-10
+    assert _rel(looped, whole) <= 1e-10
+
+
+def test_chunk_size_is_honoured_as_given(seed):
+    func, params, idx = FUNCTIONS["mlp"]("cpu", torch.float64)
+    result = engine.evaluate(func, params, 0, steps=1e-5, engine="batched", chunk_size=4)
+    assert result.chunk_size == 4 and result.engine == "batched" and result.batching == "vmap"
+
+
+def test_higher_order_stencils_are_more_accurate(seed):
+    x = torch.rand(30, dtype=torch.float64) + 0.5
+    func = lambda x: torch.exp(x).sum()  # noqa: E731
+    exact = torch.exp(x)
+    errors = {s: _rel(gradfd.numerical_gradient(func, (x,), 0, h=1e-2, stencil=s), exact)
+              for s in ("central", "four_point", "richardson")}
+    assert errors["central"] > 1e-6  # h^2/6 truncation at h = 1e-2
+    assert errors["four_point"] < errors["central"] / 100
+    assert errors["richardson"] < errors["four_point"] / 10
+
+
+def test_float32_uses_realised_steps(seed):
+    # x + 1e-5 is not representable in float32 near 1: the nominal step is off by up to 1%; the realised one is exact
+    x = (torch.rand(50) + 1.0).to(torch.float32)
+    got = gradfd.numerical_gradient(lambda x: (x.double() ** 2).sum(), (x,), 0, h=1e-5)
+    torch.testing.assert_close(got.double(), 2 * x.double(), rtol=1e-6, atol=0)
+    naive = reference.numerical_gradient(lambda x: (x.double() ** 2).sum(), (x,), 0, h=1e-5)
+    assert _rel(naive.double(), 2 * x.double()) > 1e-3  # the lesson's version is visibly off
+
+
+@pytest.mark.parametrize("eng", ["auto", "batched", "loop"])
+def test_random_functions_see_the_same_draws_at_every_point(seed, eng):
+    x = torch.randn(40, dtype=torch.float64)
+
+    def func(x):
+        return torch.nn.functional.dropout(x * x, p=0.5, training=True).sum()
+
+    state = torch.get_rng_state()
+    got = gradfd.numerical_gradient(func, (x,), 0, engine=eng, h=1e-4)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG state is restored
+    torch.set_rng_state(state)
+    xr = x.clone().requires_grad_()
+    func(xr).backward()  # same mask as every perturbed evaluation
+    torch.testing.assert_close(got, xr.grad, rtol=1e-7, atol=1e-7)
+
+
+def test_unbatchable_function_falls_back_to_the_loop_with_one_warning(seed):
+    x = torch.randn(50, dtype=torch.float64)
+
+    def func(x):
+        return x.pow(2).sum() * (2.0 if x.sum().item() > 0 else 2.0)  # .item(): vmap cannot batch it
+
+    with pytest.warns(engine.FallbackWarning, match=r"cannot be evaluated batched.*item") as record:
+        got = gradfd.numerical_gradient(func, (x,), 0, engine="batched", h=1e-4)
+    assert len([w for w in record if issubclass(w.category, engine.FallbackWarning)]) == 1
+    torch.testing.assert_close(got, 4 * x, rtol=1e-8, atol=1e-8)
+
+
+def test_stack_batching_for_functions_with_a_leading_batch_dimension(seed):
+    X = torch.randn(9, 4, dtype=torch.float64)
+
+    def func(w):  # accepts w of shape (4,) or (B, 4): one loss per row
+        return torch.tanh(w @ X.t()).pow(2).mean(-1)
+
+    w = torch.randn(4, dtype=torch.float64)
+    ref = reference.numerical_gradient(func, (w,), 0)
+    result = engine.evaluate(func, (w,), 0, steps=1e-5, engine="batched", batching="stack")
+    assert result.batching == "stack"
+    got = gradfd.numerical_gradient(func, (w,), 0, engine="batched", batching="stack")
+    assert _rel(got, ref) <= 1e-9
+
+
+def test_stack_batching_refuses_a_function_that_mixes_rows(seed):
+    def func(w):  # not row-independent: mean over everything
+        return (w - w.mean()).pow(2).sum(-1) if w.dim() > 1 else w.pow(2).sum()
+
+    w = torch.randn(6, dtype=torch.float64)
+    with pytest.warns(engine.FallbackWarning, match="does not treat the leading dimension as independent rows"):
+        got = gradfd.numerical_gradient(func, (w,), 0, engine="batched", batching="stack", h=1e-4)
+    torch.testing.assert_close(got, 2 * w, rtol=1e-8, atol=1e-8)
+
+
+def test_memory_budget_sizes_the_chunks(seed):
+    func, params, idx = FUNCTIONS["mlp"]("cpu", torch.float64)
+    small = engine.evaluate(func, params, 0, steps=1e-5, engine="batched", memory_budget="64KB")
+    large = engine.evaluate(func, params, 0, steps=1e-5, engine="batched", memory_budget=2**30)
+    assert small.chunk_size < large.chunk_size
+    assert torch.equal(small.losses, small.losses)
+    torch.testing.assert_close(small.losses, large.losses, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("text,value", [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), (4096, 4096), ("1.5k", 1500)])
+def test_parse_memory_budget(text, value):
+    assert engine.parse_memory_budget(text) == value
+
+
+def test_nonfinite_losses_are_reported_never_returned(seed):
+    x = torch.tensor([0.5, 1e-7, 2.0], dtype=torch.float64)
+    with pytest.raises(gradfd.NonFiniteLossError, match=r"1 of 3 entries.*params\[0\]\[1\]") as err:
+        gradfd.numerical_gradient(lambda x: torch.log(x).sum(), (x,), 0, h=1e-5)
+    assert math.isnan(err.value.gradient[1]) and err.value.indices == [(1,)]
+    torch.testing.assert_close(err.value.gradient[[0, 2]], 1 / x[[0, 2]], rtol=1e-8, atol=0)
+
+
+def test_nonfinite_base_loss_is_reported(seed):
+    x = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(gradfd.NonFiniteLossError, match="unperturbed point"):
+        gradfd.numerical_gradient(lambda x: torch.log(x).sum(), (x,), 0)
+
+
+# ---- bad input: each names the argument, what was expected and what was passed -------------------------------
+
+def _f(w, b):
+    return (w**2).sum() + b.sum()
+
+
+W = torch.randn(3, dtype=torch.float64)
+B = torch.randn(2, dtype=torch.float64)
+
+BAD = [
+    ("param_idx out of range", dict(param_idx=2), IndexError, r"param_idx must be in \[0, 2\) for 2 params, got 2"),
+    ("param_idx not int", dict(param_idx=0.0), TypeError, "param_idx must be an int, got float"),
+    ("param_idx bool", dict(param_idx=True), TypeError, "param_idx must be an int, got bool"),
+    ("non-tensor param", dict(params=(W, 3.0)), TypeError, r"params\[1\] must be a torch.Tensor, got float"),
+    ("params a tensor", dict(params=W), TypeError, "params must be a tuple or list of tensors"),
+    ("integer param", dict(params=(torch.arange(3), B)), TypeError,
+     r"params\[0\] must be a floating-point tensor .* got dtype torch.int64"),
+    ("complex param", dict(params=(W.to(torch.complex128), B)), TypeError, r"params\[0\] is complex"),
+    ("sparse param", dict(params=(W.to_sparse(), B)), TypeError, "dense"),
+    ("non-scalar output", dict(func=lambda w, b: w * 2), ValueError,
+     r"func must return a scalar tensor \(one element\), got shape \(3,\)"),
+    ("python float output", dict(func=lambda w, b: 1.0), TypeError, "func must return a scalar tensor .* got float"),
+    ("integer output", dict(func=lambda w, b: (w > 0).sum()), TypeError, "floating-point loss, got dtype torch.int64"),
+    ("func not callable", dict(func=3), TypeError, "func must be callable"),
+    ("h zero", dict(h=0.0), ValueError, "h must be a positive finite float, got 0.0"),
+    ("h negative", dict(h=-1e-3), ValueError, "h must be a positive finite float, got -0.001"),
+    ("h nan", dict(h=float("nan")), ValueError, "h must be a positive finite float, got nan"),
+    ("h inf", dict(h=float("inf")), ValueError, "h must be a positive finite float, got inf"),
+    ("h string", dict(h="1e-3"), TypeError, "h must be a positive finite float, got str"),
+    ("h too small for dtype", dict(params=(torch.ones(3, dtype=torch.float16) * 100, B), h=1e-5), ValueError,
+     r"below the resolution of torch.float16 at params\[0\]\[0\] = 100"),
+    ("chunk_size zero", dict(chunk_size=0), ValueError, "chunk_size must be a positive int, got 0"),
+    ("chunk_size negative", dict(chunk_size=-4), ValueError, "chunk_size must be a positive int, got -4"),
+    ("chunk_size float", dict(chunk_size=2.5), TypeError, "chunk_size must be a positive int or None, got float"),
+    ("memory_budget zero", dict(memory_budget=0), ValueError, "memory_budget must be positive, got 0"),
+    ("memory_budget junk", dict(memory_budget="lots"), ValueError, "memory_budget must be bytes"),
+    ("unknown engine", dict(engine="fast"), ValueError, r"engine must be one of \['auto', 'batched', 'loop'\], got 'fast'"),
+    ("unknown batching", dict(batching="magic"), ValueError, "batching must be one of"),
+    ("unknown stencil", dict(stencil="five_point"), ValueError, "stencil must be one of"),
+    ("mutating func", dict(func=lambda w, b: w.mul_(2).sum()), ValueError, r"func modified its input params\[0\] in place"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error_and_changes_nothing(name, override, exc, message):
+    args = dict(func=_f, params=(W, B), param_idx=0)
+    args.update(override)
+    params = args["params"]
+    tensors = [p for p in (params if isinstance(params, (tuple, list)) else [params]) if isinstance(p, torch.Tensor)]
+    snap = snapshot(tensors) if all(t.layout == torch.strided for t in tensors) else None
+    func, params, idx = args.pop("func"), args.pop("params"), args.pop("param_idx")
+    with pytest.raises(exc, match=message):
+        gradfd.numerical_gradient(func, params, idx, **args)
+    if snap is not None:
+        assert_unchanged(tensors, snap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_params_on_different_devices_are_refused():
+    with pytest.raises(ValueError, match=r"params must all be on one device, got params\[0\] on cpu, params\[1\] on cuda"):
+        gradfd.numerical_gradient(_f, (W, B.cuda()), 0)
+
+
+def test_params_on_different_devices_are_refused_meta():
+    # a device mismatch without a GPU: the meta device stands in for the second device
+    with pytest.raises(ValueError, match=r"params must all be on one device, got params\[0\] on cpu, params\[1\] on meta"):
+        gradfd.numerical_gradient(_f, (W, torch.empty(2, device="meta")), 0)
+
+
+# ---- state preservation -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eng", ["auto", "batched", "loop"])
+@pytest.mark.parametrize("where", ["first", "random", "last"])
+def test_callers_tensors_survive_a_func_that_raises_on_the_kth_call(seed, eng, where):
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64)
+    (w.sum() * 2).backward()
+    snap = snapshot([w, b])
+    calls = {"n": 0, "fail": None}
+
+    class Boom(Exception):
+        pass
+
+    def func(w, b):
+        calls["n"] += 1
+        if calls["fail"] is not None and calls["n"] >= calls["fail"]:
+            raise Boom(f"call {calls['n']}")
+        return ((w + b) ** 2).sum()
+
+    gradfd.numerical_gradient(func, (w, b), 0, engine=eng, chunk_size=3)  # count the calls of a clean run
+    total = calls["n"]
+    calls["n"] = 0
+    calls["fail"] = {"first": 1, "last": total, "random": int(torch.randint(1, total + 1, ()))}[where]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)  # a failure in the first batched call may look
+        with pytest.raises(Boom) as err:                          # like an unbatchable func: the loop re-raises it
+            gradfd.numerical_gradient(func, (w, b), 0, engine=eng, chunk_size=3)
+    assert_unchanged([w, b], snap)
+    if calls["fail"] > 1 and eng == "loop":
+        assert any("params[0]" in note for note in getattr(err.value, "__notes__", []))
+
+
+def test_callers_tensors_survive_keyboard_interrupt(seed):
+    w = torch.randn(10, dtype=torch.float64)
+    snap = snapshot([w])
+    calls = {"n": 0}
+
+    def func(w):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return w.sum()
+
+    with pytest.raises(KeyboardInterrupt):
+        gradfd.numerical_gradient(func, (w,), 0, engine="loop")
+    assert_unchanged([w], snap)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_callers_tensors_are_bitwise_unchanged_after_success(seed, name):
+    func, params, idx = FUNCTIONS[name]("cpu", torch.float64)
+    snap = snapshot(params)
+    gradfd.numerical_gradient(func, params, idx)
+    assert_unchanged(params, snap)
+
+
+# ---- the extension being unavailable -----------------------------------------------------------------------------
+
+def test_without_kernels_batched_says_why_and_auto_uses_the_loop(monkeypatch, seed):
+    monkeypatch.setitem(ops._state, "loaded", True)
+    monkeypatch.setitem(ops._state, "module", None)
+    monkeypatch.setitem(ops._state, "reason", "JIT build of csrc/ failed: no C++ compiler")
+    x = torch.randn(100, dtype=torch.float64)
+    with pytest.raises(ops.KernelsUnavailableError, match="no C\\+\\+ compiler"):
+        gradfd.numerical_gradient(lambda x: x.pow(2).sum(), (x,), 0, engine="batched")
+    with pytest.warns(engine.FallbackWarning, match="native kernels unavailable .*no C\\+\\+ compiler"):
+        got = gradfd.numerical_gradient(lambda x: x.pow(2).sum(), (x,), 0)
+    torch.testing.assert_close(got, 2 * x, rtol=1e-8, atol=1e-8)
+
+
+def test_auto_picks_the_loop_for_tiny_problems_and_batches_large_ones(seed):
+    tiny = engine.evaluate(lambda x: x.sum(), (torch.randn(3, dtype=torch.float64),), 0, steps=1e-5)
+    assert tiny.engine == "loop"
+    func, params, idx = FUNCTIONS["linear_regression_w"]("cpu", torch.float64)
+    w = torch.randn(400, 1, dtype=torch.float64)
+    X = torch.randn(64, 400, dtype=torch.float64)
+    big = engine.evaluate(lambda w: (X @ w).pow(2).mean(), (w,), 0, steps=1e-5)
+    assert big.engine == "batched", big.notes
