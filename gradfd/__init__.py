@@ -1,17 +1,27 @@
 """gradfd: a finite-difference gradient checker for PyTorch with batched C++/CUDA kernels.
 
 Public API:
+    check               numerical vs analytical gradients with a per-entry verdict and a report
     numerical_gradient  the batched engine, with the signature of gradfd.reference.numerical_gradient
     reference           the naive per-element loop (the lesson's algorithm), the baseline
 """
 
 from . import reference, stencils
+from .check import check
 from .engine import FallbackWarning, GradfdWarning, NonFiniteLossError, numerical_gradient
+from .report import CheckReport, GradientCheckError, TensorReport
+from .sweep import SweepResult, step_sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "check",
+    "CheckReport",
+    "TensorReport",
+    "GradientCheckError",
     "numerical_gradient",
+    "step_sweep",
+    "SweepResult",
     "reference",
     "stencils",
     "GradfdWarning",

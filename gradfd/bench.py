@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -206,3 +207,183 @@ def record_section(path: str | Path, name: str, text: str) -> None:
 def rows_to_json(rows: list[Row], info: dict) -> str:
     """JSON with the machine description and every row."""
     return json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy and verdicts (issue 3)
+
+
+def _r32(t: torch.Tensor) -> torch.Tensor:
+    """Values representable in float32, kept in float64 (so one function serves both dtypes exactly)."""
+    return t.float().double()
+
+
+def smooth_suite(seed: int) -> dict:
+    """Smooth test functions ``name -> (func, params)`` with float32-representable data; ``func`` casts its closed-over
+    data to the parameters' dtype, so the float64 evaluation of the float32 point is the exact reference."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return _r32(torch.randn(*shape, generator=g, dtype=torch.float64))
+
+    x = rn(16)
+    X = _r32(torch.linspace(-1, 1, 20, dtype=torch.float64).unsqueeze(1))
+    Y = _r32(2 * X + 3 + 0.1 * rn(20, 1))
+    Xm, Ym = rn(16, 6), rn(16, 2)
+    return {
+        "exp": (lambda x: torch.exp(0.5 * x).sum(), (x,)),
+        "sin": (lambda x: torch.sin(2 * x).sum(), (x,)),
+        "tanh": (lambda x: torch.tanh(x).pow(2).sum(), (x,)),
+        "polynomial": (lambda x: (x**3 - 2 * x**2 + x).sum(), (x,)),
+        "lesson linear": (lambda w, b: ((X.to(w.dtype) @ w + b - Y.to(w.dtype)) ** 2).mean(), (rn(1, 1), rn(1))),
+        "lesson quadratic": (lambda w1, w2, b: ((w2 * X.to(w1.dtype) ** 2 + w1 * X.to(w1.dtype) + b
+                                                 - Y.to(w1.dtype)) ** 2).mean(), (rn(1), rn(1), rn(1))),
+        "mlp (tanh)": (lambda W1, b1, W2, b2: ((torch.tanh(Xm.to(W1.dtype) @ W1 + b1) @ W2 + b2
+                                                - Ym.to(W1.dtype)) ** 2).mean(),
+                       (_r32(rn(6, 5) / 2.5), _r32(0.1 * rn(5)), _r32(rn(5, 2) / 2.2), _r32(0.1 * rn(2)))),
+    }
+
+
+def relu_mlp(seed: int):
+    """A ReLU MLP loss (64 samples, 30 -> 20 -> 4) with its parameters, float64."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 30, generator=g, dtype=torch.float64)
+    Y = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    W1 = torch.randn(30, 20, generator=g, dtype=torch.float64) / 5
+    b1 = 0.1 * torch.randn(20, generator=g, dtype=torch.float64)
+    W2 = torch.randn(20, 4, generator=g, dtype=torch.float64) / 4
+    return (lambda W1, b1, W2: ((torch.relu(X.to(W1.dtype) @ W1 + b1) @ W2 - Y.to(W1.dtype)) ** 2).mean(),
+            (W1, b1, W2))
+
+
+def _exact_gradient(func, params, k) -> torch.Tensor:
+    q = [p.detach().double().clone().requires_grad_(i == k) for i, p in enumerate(params)]
+    return torch.autograd.grad(func(*q), q[k])[0].reshape(-1)
+
+
+def accuracy_table(seeds: int = 3) -> list[dict]:
+    """Median relative error of the numerical gradient (per entry, and relative to the tensor's largest entry) and
+    the fraction of entries whose true error is within the estimate, per dtype and stencil, on ``smooth_suite``."""
+    from . import accuracy as acc
+    from . import engine as eng
+
+    out = []
+    for dtype in (torch.float64, torch.float32):
+        for stencil in ("central", "four_point", "richardson"):
+            per_entry, per_max, covered, total = [], [], 0, 0
+            for seed in range(seeds):
+                for func, params in smooth_suite(seed).values():
+                    params = tuple(p.to(dtype) for p in params)
+                    for k in range(len(params)):
+                        est = acc.estimate_entries(eng.evaluate(func, params, k, steps=None, stencil=stencil))
+                        exact = _exact_gradient(func, params, k)
+                        err = (est.numerical - exact).abs()
+                        per_entry += (err / exact.abs()).tolist()
+                        per_max += (err / exact.abs().max()).tolist()
+                        covered += int((err <= est.error).sum())
+                        total += err.numel()
+            out.append({"dtype": str(dtype).replace("torch.", ""), "stencil": stencil,
+                        "median_rel_error": statistics.median(per_entry),
+                        "median_error_over_max": statistics.median(per_max), "estimate_bounds_error": covered / total,
+                        "entries": total})
+    return out
+
+
+class _Planted(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def plant(func, k: int, scale: torch.Tensor):
+    """``func`` whose backward multiplies the gradient of ``params[k]`` by ``scale`` (a planted bug)."""
+    def wrapped(*params):
+        params = list(params)
+        params[k] = _Planted.apply(params[k], scale)
+        return func(*params)
+
+    return wrapped
+
+
+def verdict_table(seeds: int = 20) -> list[dict]:
+    """False failures of ``gradfd.check`` on correct gradients and detection of a planted 1e-3 relative error on the
+    largest-gradient entry of each tensor (smooth suite); false failures on ReLU MLPs."""
+    from .check import check
+
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        false_fail = checks = caught = planted = 0
+        for seed in range(seeds):
+            for func, params in smooth_suite(seed).values():
+                params = tuple(p.to(dtype).requires_grad_() for p in params)
+                checks += 1
+                false_fail += not check(func, params, raise_on_failure=False).passed
+                for k, p in enumerate(params):
+                    i = int(_exact_gradient(func, params, k).abs().argmax())
+                    scale = torch.ones(p.numel(), dtype=dtype)
+                    scale[i] = 1 + 1e-3
+                    t = check(plant(func, k, scale.reshape(p.shape)), params, wrt=k, raise_on_failure=False).tensors[0]
+                    planted += 1
+                    caught += t.disagree == 1 and t.disagreeing(1)[0] == (tuple(torch.unravel_index(
+                        torch.tensor(i), p.shape)) if p.dim() else ())
+        relu_fail = 0
+        for seed in range(seeds):
+            func, params = relu_mlp(seed)
+            relu_fail += not check(func, tuple(p.to(dtype).requires_grad_() for p in params),
+                                   raise_on_failure=False).passed
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "false_failures": false_fail, "checks": checks,
+                     "planted_caught": caught, "planted": planted, "relu_false_failures": relu_fail,
+                     "relu_checks": seeds})
+    return rows
+
+
+def check_vs_gradcheck(repeats_seed: int = 0) -> list[dict]:
+    """Time of ``gradfd.check`` against ``torch.autograd.gradcheck`` (slow and fast mode) on the same functions, and
+    whether each passes the correct gradient and flags a planted 1e-3 error on one entry, in float64 and float32."""
+    from .check import check
+
+    cases = {"mlp (tanh), W1 6x5": ("mlp (tanh)", 0), "sin, 16 entries": ("sin", 0),
+             "lesson quadratic, w2": ("lesson quadratic", 1)}
+    rows = []
+    suite = smooth_suite(repeats_seed)
+    for label, (name, k) in cases.items():
+        func, params = suite[name]
+        for dtype in (torch.float64, torch.float32):
+            ps = tuple(p.to(dtype) for p in params)
+            i = int(_exact_gradient(func, ps, k).abs().argmax())
+            scale = torch.ones(ps[k].numel(), dtype=dtype)
+            scale[i] = 1 + 1e-3
+            bad = plant(func, k, scale.reshape(ps[k].shape))
+
+            def single(f, p, k=k):
+                rest = [q.detach() for q in p]
+                return lambda x: f(*rest[:k], x, *rest[k + 1:])
+
+            methods = {
+                "gradfd.check": lambda f: check(f, tuple(p.detach().requires_grad_(j == k) for j, p in enumerate(ps)),
+                                                raise_on_failure=False).passed,
+                "gradcheck slow": lambda f: torch.autograd.gradcheck(
+                    single(f, ps), (ps[k].detach().clone().requires_grad_(),), raise_exception=False),
+                "gradcheck fast": lambda f: torch.autograd.gradcheck(
+                    single(f, ps), (ps[k].detach().clone().requires_grad_(),), raise_exception=False, fast_mode=True),
+            }
+            for method, run in methods.items():
+                with warnings.catch_warnings():  # gradcheck warns about non-double inputs: that is what is measured
+                    warnings.simplefilter("ignore")
+                    ok_correct = bool(run(func))
+                    ok_bad = bool(run(bad))
+                    seconds = time_call(lambda: run(func), min_runs=3, min_time=0.2)
+                rows.append({"case": label, "dtype": str(dtype).replace("torch.", ""), "method": method,
+                             "seconds": seconds, "passes_correct": ok_correct, "flags_planted_1e-3": not ok_bad})
+    return rows

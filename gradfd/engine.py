@@ -43,6 +43,8 @@ __all__ = [
     "Evaluation",
     "numerical_gradient",
     "evaluate",
+    "evaluate_points",
+    "prepare",
     "default_memory_budget",
     "parse_memory_budget",
 ]
@@ -332,8 +334,9 @@ class Problem:
         return meter.total
 
 
-def validate_scalar_output(out) -> torch.Tensor:
-    """``out`` as a 0-d tensor; TypeError/ValueError naming ``func`` when it is not one floating value."""
+def validate_scalar_output(out, detach: bool = True) -> torch.Tensor:
+    """``out`` as a 0-d tensor (detached unless ``detach=False``); TypeError/ValueError naming ``func`` when it is
+    not one floating value."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"func must return a scalar tensor (the loss), got {_describe(out)}")
     if out.numel() != 1:
@@ -343,7 +346,7 @@ def validate_scalar_output(out) -> torch.Tensor:
         )
     if not out.is_floating_point():
         raise TypeError(f"func must return a floating-point loss, got dtype {out.dtype}")
-    return out.detach().reshape(())
+    return (out.detach() if detach else out).reshape(())
 
 
 class _LightDispatchMode(TorchDispatchMode):
@@ -817,6 +820,39 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                                     "the batched matmul reads them without copying")
             layout_trial = (layout_trial[0], None)
     return pos
+
+
+def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "auto") -> torch.Tensor:
+    """``func`` at arbitrary points of the checked parameter: ``points`` is ``(P, N)`` in the parameter's dtype.
+
+    Batched with ``torch.func.vmap`` when possible (in chunks of at most 256 points), else one call per point
+    with a :class:`FallbackWarning`. Returns ``(P,)`` float64 losses.
+    """
+    count = points.shape[0]
+    out = torch.empty(count, dtype=torch.float64, device=points.device)
+    if batching in ("auto", "vmap") and count > 1:
+        try:
+            for start in range(0, count, 256):
+                rows = points[start:start + 256]
+
+                def single(row: torch.Tensor) -> torch.Tensor:
+                    return problem.func(*problem.with_param(row.view(problem.shape)))
+
+                problem.rng.reset()
+                with torch.no_grad(), SharedOperandMatmul():
+                    vals = torch.func.vmap(single, randomness="same")(rows)
+                if not isinstance(vals, torch.Tensor) or vals.numel() != rows.shape[0]:
+                    raise ValueError(f"vmap(func) returned {_describe(vals)} for a batch of {rows.shape[0]}")
+                out[start:start + rows.shape[0]] = vals.reshape(-1).to(torch.float64)
+            return out
+        except Exception as exc:
+            warnings.warn(f"gradfd: func cannot be evaluated batched (vmap: {type(exc).__name__}: {_first_line(exc)});"
+                          " falling back to one call per point", FallbackWarning, stacklevel=3)
+    with torch.no_grad():
+        for j in range(count):
+            problem.rng.reset()
+            out[j] = validate_scalar_output(problem.func(*problem.with_param(points[j].view(problem.shape))))
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,124 @@
+"""Error estimates for finite-difference entries, and the tests that decide when a difference cannot be trusted.
+
+For every entry the numerical derivative carries an error estimate
+
+    error = truncation + rounding
+
+* ``truncation``: the spread between the last two Richardson extrapolants (for the 4-point stencil, between the
+  central difference at ``h`` and the extrapolated value). It is an over-estimate of the extrapolant's own
+  truncation error, and it also absorbs part of the rounding noise.
+* ``rounding``: ``ROUNDING_SAFETY * sigma * ||w|| / h``, where ``sigma`` is the noise of one loss evaluation and
+  ``||w||/h`` the noise gain of the stencil (the norm of its weights). ``sigma`` is measured: the robust spread
+  (median absolute value) of the fourth differences ``f(x+2h) - 4f(x+h) + 6f(x) - 4f(x-h) + f(x-2h)`` across
+  entries, which is noise wherever the function is smooth on the scale of ``h``; it is never taken below a
+  quarter of ``eps * |f(x)|`` (the rounding of the loss itself), which is also the model for the central stencil.
+  The measurement catches losses whose rounding exceeds ``eps*|f|`` (long sums, cancellation).
+
+``kink`` measures how far the one-sided differences at two steps are from what a smooth function gives (the same
+fourth difference, in units of a derivative): a derivative jump ``J`` at ``x`` (ReLU, abs) gives ``kink ~ J``, a
+smooth function ``h**3 * f''''/2``. An entry whose numerical and analytical values disagree by less than about
+twice its ``kink`` is *unresolved*: the finite difference there is not reliable enough to blame the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Evaluation
+from .stencils import eps
+
+__all__ = ["EntryEstimates", "estimate_entries", "loss_noise", "ROUNDING_SAFETY", "NOISE_FROM_FOURTH_DIFFERENCE"]
+
+RELIABLE_MEDIAN = 8
+ROUNDING_SAFETY = 3.0  # sigma multiples: the rounding part bounds ~99.7% of Gaussian-like noise
+# |4th difference| of i.i.d. noise sigma has spread sqrt(1+16+36+16+1) = sqrt(70) sigma; median|N(0,1)| = 0.6745
+NOISE_FROM_FOURTH_DIFFERENCE = 1.0 / (math.sqrt(70.0) * 0.6745)
+
+
+@dataclass
+class EntryEstimates:
+    """Per-entry numerical derivatives and their error estimates (all ``(M,)`` float64 unless stated).
+
+    Attributes:
+        numerical: the extrapolated derivative.
+        truncation: spread between the last two extrapolants (0 for the plain central stencil).
+        rounding: noise part of the error estimate.
+        error: ``truncation + rounding``.
+        kink: inconsistency of the one-sided differences (derivative units); large at kinks and jumps.
+        finite: bool, every node loss was finite.
+        noise: estimated standard deviation of one loss evaluation (float).
+        truncation_estimated: whether the stencil gave a truncation estimate (False for ``"central"``).
+    """
+
+    numerical: torch.Tensor
+    truncation: torch.Tensor
+    rounding: torch.Tensor
+    error: torch.Tensor
+    kink: torch.Tensor
+    finite: torch.Tensor
+    noise: float
+    truncation_estimated: bool
+
+
+def _fourth_difference(ev: Evaluation) -> torch.Tensor | None:
+    """``f(x+2h) - 4f(x+h) + 6f(x) - 4f(x-h) + f(x-2h)`` per entry, when the stencil has the +-h and +-2h nodes."""
+    offsets = ev.stencil.offsets
+    try:
+        p1, m1, p2, m2 = (offsets.index(o) for o in (1.0, -1.0, 2.0, -2.0))
+    except ValueError:
+        return None
+    f = ev.losses
+    return f[p2] - 4 * f[p1] + 6 * ev.base_loss - 4 * f[m1] + f[m2]
+
+
+def loss_noise(dtype: torch.dtype, base_loss: float, fourth: torch.Tensor | None) -> float:
+    """Standard deviation of the rounding noise of one loss evaluation.
+
+    Measured from the fourth differences (robustly: their median absolute value), but never below a quarter of
+    ``eps * |f(x)|``, or below ``eps * |f(x)|`` itself when there are fewer than ``RELIABLE_MEDIAN`` of them (a
+    median of a few draws can sit far below the spread); ``eps * |f(x)|`` (the rounding of the loss itself) when
+    there are none.
+    """
+    model = eps(dtype) * abs(base_loss)
+    if fourth is None or fourth.numel() == 0:
+        return model
+    measured = float(fourth.abs().median()) * NOISE_FROM_FOURTH_DIFFERENCE
+    if fourth.numel() < RELIABLE_MEDIAN:  # a median of a few draws can sit far below the spread
+        return max(model, measured)
+    return max(model / 4, measured)
+
+
+def estimate_entries(ev: Evaluation, noise: float | None = None) -> EntryEstimates:
+    """Numerical derivatives of an :class:`~gradfd.engine.Evaluation` with error estimates and kink measures.
+
+    Args:
+        ev: the engine's raw result.
+        noise: the loss noise ``sigma`` to use instead of estimating it from ``ev``.
+    """
+    numerical, spread = ev.estimate()
+    half = ev.half_spacing()[0].abs()  # realised half-spacing of the smallest level
+    finite = ev.finite() & torch.isfinite(numerical)
+    fourth = _fourth_difference(ev)
+    if noise is None:
+        noise = loss_noise(ev.dtype, float(ev.base_loss), fourth[finite] if fourth is not None else None)
+    rounding = ROUNDING_SAFETY * noise * ev.stencil.weight_norm / half
+    truncation = spread if spread is not None else torch.zeros_like(numerical)
+    if fourth is not None:
+        kink = fourth.abs() / (2 * half)
+    else:
+        i_plus, i_minus = ev.stencil.offsets.index(1.0), ev.stencil.offsets.index(-1.0)
+        kink = (ev.losses[i_plus] - 2 * ev.base_loss + ev.losses[i_minus]).abs() / half
+    nan = torch.full_like(numerical, math.nan)
+    return EntryEstimates(
+        numerical=torch.where(finite, numerical, nan),
+        truncation=torch.where(finite, truncation, nan),
+        rounding=rounding,
+        error=torch.where(finite, truncation + rounding, nan),
+        kink=torch.where(finite, kink, nan),
+        finite=finite,
+        noise=noise,
+        truncation_estimated=spread is not None,
+    )

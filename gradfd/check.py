@@ -1,0 +1,415 @@
+"""``gradfd.check``: numerical against analytical gradients, with a verdict per entry that can be trusted.
+
+Each checked entry gets
+
+    tolerance = atol + rtol * |analytical| + TOLERANCE_SAFETY * error_estimate
+
+where the error estimate is the finite difference's own (:mod:`gradfd.accuracy`) and ``atol``/``rtol`` default to
+floors of the dtype (``FLOOR_EPS`` machine epsilons, relative to the entry and to the tensor's largest analytical
+entry), which cover the rounding of the analytical gradient itself. ``|numerical - analytical| <= tolerance`` is
+*agree*; otherwise the entry is *unresolved* when the finite difference cannot be trusted there (a non-finite loss at
+a node, or a kink/jump whose size explains the discrepancy), and *disagree* otherwise. Only disagreements fail.
+
+Every entry that does not agree gets a second opinion: it is re-evaluated with a step ``REFINE`` times smaller
+(twice at most). A disagreement stands only when the smaller step reproduces the first estimate (lies closer to it
+than to the analytical value) without a kink of its own; otherwise the first stencil straddled something -- a ReLU
+switching, a jump -- and the smaller step's verdict replaces it. Correct ReLU networks in float32 are where this
+matters: at float32's steps, most entries of a first layer have a ReLU switching somewhere inside the stencil.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import accuracy, stencils
+from . import engine as _engine
+from .engine import _describe, check_checkable, check_choice, check_params, check_positive_int, check_step
+from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, TensorReport
+
+__all__ = ["check", "MODES", "FLOOR_EPS", "TOLERANCE_SAFETY", "no_tf32", "analytical_gradients"]
+
+MODES = ("full", "sample", "directional")
+DEFAULT_SAMPLES = 256
+DEFAULT_DIRECTIONS = 8
+# The constants below were calibrated on benchmarks/bench_accuracy.py's suites (smooth functions, planted 1e-3
+# errors, ReLU networks), float32 and float64; RESULTS.md has the measured rates.
+FLOOR_EPS = 64  # the dtype floor: 64 eps relative to the entry, and to the tensor's largest analytical entry
+TOLERANCE_SAFETY = 1.5  # margin over the estimated finite-difference error
+# kink > KINK_NOISE_FACTOR * rounding estimate: non-smooth. For a smooth function the kink statistic is noise,
+# about 1.5|z| rounding estimates for z ~ N(0, 1), so 6 is exceeded by chance at ~1 entry in 25000.
+KINK_NOISE_FACTOR = 6.0
+KINK_EXPLAINS = 0.5  # unresolved when kink >= KINK_EXPLAINS * |numerical - analytical|
+KINK_BAND = 3.0  # unresolved when |numerical - analytical| <= KINK_BAND * truncation spread (+ rounding allowance)
+REFINE = 4  # entries that do not agree are re-evaluated with steps this many times smaller ...
+REFINE_ROUNDS = 2  # ... up to this many times
+CLEAN_KINK = 3.0  # a refined stencil is kink-free when its kink statistic is below this many rounding estimates
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Turn TF32 matmul/cuDNN off (and float32 matmul precision to "highest"); restore the settings on exit."""
+    cuda_matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def _resolve_wrt(params: list[torch.Tensor], wrt) -> list[int]:
+    if wrt is None:
+        chosen = [k for k, p in enumerate(params) if p.is_floating_point() and p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "no tensor to check: none of params is a floating tensor with requires_grad=True; set "
+                "requires_grad on the tensors to check, or pass wrt=(index, ...)"
+            )
+        return chosen
+    if isinstance(wrt, int) and not isinstance(wrt, bool):
+        wrt = (wrt,)
+    if not isinstance(wrt, (tuple, list)) or not all(isinstance(k, int) and not isinstance(k, bool) for k in wrt):
+        raise TypeError(f"wrt must be an int or a tuple of ints indexing params, got {_describe(wrt)}")
+    if not wrt:
+        raise ValueError("no tensor to check: wrt is empty")
+    out = []
+    for k in wrt:
+        if not -len(params) <= k < len(params):
+            raise IndexError(f"wrt entries must be in [0, {len(params)}) for {len(params)} params, got {k}")
+        k %= len(params)
+        check_checkable(params[k], f"wrt={k}: params[{k}]")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def analytical_gradients(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> list[torch.Tensor]:
+    """Autograd's gradients of the scalar ``func(*params)`` for ``params[k]``, ``k`` in ``wrt``, computed on clones
+    (the caller's ``.grad`` is untouched); zeros where ``func`` does not depend on a tensor.
+
+    Raises:
+        TypeError / ValueError naming ``func`` when it does not return a single floating-point value.
+    """
+    clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
+    with torch.enable_grad():
+        out = _engine.validate_scalar_output(func(*clones), detach=False)
+        inputs = [clones[k] for k in wrt]
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        else:
+            grads = [None] * len(inputs)
+    return [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(inputs, grads)]
+
+
+def sample_coordinates(analytical: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """Flat indices to check in sample mode: the ``samples // 4`` entries of largest |analytical| and a seeded
+    uniform sample of the rest (all entries when ``samples >= numel``)."""
+    flat = analytical.reshape(-1)
+    n = flat.numel()
+    if samples >= n:
+        return torch.arange(n, device=flat.device)
+    top = max(1, samples // 4)
+    largest = flat.abs().topk(top).indices
+    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
+    mask[largest] = False
+    rest = mask.nonzero().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    pick = rest[torch.randperm(rest.numel(), generator=gen)[: samples - top].to(flat.device)]
+    return torch.cat([largest, pick]).sort().values
+
+
+@dataclass
+class _Entries:
+    """Numerical and analytical values of the checked entries (coordinates or directions) of one tensor."""
+
+    index: torch.Tensor  # flat coordinates, or direction numbers
+    numerical: torch.Tensor
+    analytical: torch.Tensor
+    error: torch.Tensor
+    rounding: torch.Tensor
+    kink: torch.Tensor
+    finite: torch.Tensor
+
+    def take(self, j: torch.Tensor) -> "_Entries":
+        return _Entries(*(getattr(self, f)[j] for f in self.__dataclass_fields__))
+
+    def put(self, j: torch.Tensor, other: "_Entries", where: torch.Tensor) -> None:
+        """Overwrite positions ``j[where]`` with ``other[where]``."""
+        jj = j[where]
+        for f in self.__dataclass_fields__:
+            getattr(self, f)[jj] = getattr(other, f)[where]
+
+
+class _Coordinates:
+    """Evaluates coordinates of one tensor (full and sample modes) at a multiple of the base step."""
+
+    def __init__(self, func, params, k, analytical, h, stencil, eng, batching, chunk_size, memory_budget):
+        self.func, self.params, self.k = func, params, k
+        self.analytical = analytical.reshape(-1).to(torch.float64)
+        self.stencil, self.eng, self.batching = stencil, eng, batching
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        flat = params[k].detach().reshape(-1)
+        self.steps = (stencils.automatic_steps(flat, stencil) if h is None
+                      else torch.full(flat.shape, h, dtype=torch.float64, device=flat.device))
+        self.noise: float | None = None
+        self.details: dict = {}
+
+    def __call__(self, coords: torch.Tensor, factor: float) -> _Entries:
+        ev = _engine.evaluate(self.func, self.params, self.k, steps=self.steps[coords] / factor, stencil=self.stencil,
+                              coords=coords, engine=self.eng, batching=self.batching, chunk_size=self.chunk_size,
+                              memory_budget=self.memory_budget)
+        est = accuracy.estimate_entries(ev, noise=self.noise)
+        if self.noise is None:
+            self.noise = est.noise
+            self.details.update(engine=ev.engine, batching=ev.batching, chunk_size=ev.chunk_size, notes=list(ev.notes),
+                                loss_noise=est.noise, truncation_estimated=est.truncation_estimated)
+        return _Entries(ev.coords, est.numerical, self.analytical[ev.coords], est.error, est.rounding, est.kink,
+                        est.finite)
+
+
+class _Directions:
+    """Evaluates random directions of one tensor (directional mode): d/dt f(x + t u) at t = 0 against <grad, u>, for
+    Gaussian u scaled entry-wise by the per-entry steps, all nodes in one batched call."""
+
+    def __init__(self, func, params, k, analytical, count, h, stencil, batching, seed):
+        self.func, self.params, self.k, self.stencil, self.batching = func, params, k, stencil, batching
+        self.grad = analytical.reshape(-1).to(torch.float64)
+        x = params[k].detach().reshape(-1)
+        steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
+                                                                                  device=x.device)
+        gen = torch.Generator().manual_seed(seed + k)
+        self.u = torch.randn(count, x.numel(), generator=gen, dtype=torch.float64).to(x.device) * steps
+        self.noise: float | None = None
+        self.details: dict = {"directions": count}
+
+    def __call__(self, which: torch.Tensor, factor: float) -> _Entries:
+        stencil = self.stencil
+        problem = _engine.prepare(self.func, self.params, self.k)
+        try:
+            x = problem.flat
+            x64 = x.to(torch.float64)
+            u = self.u[which] / factor
+            offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=x.device)  # (S,)
+            points = (x64 + offsets.view(-1, 1, 1) * u.unsqueeze(0)).to(x.dtype)  # (S, D, N)
+            realised = points.to(torch.float64) - x64  # the displacement actually evaluated
+            losses = _engine.evaluate_points(problem, points.reshape(-1, x.numel()), self.batching)
+            losses = losses.view(len(offsets), -1)
+            base = problem.base_loss.to(torch.float64)
+        finally:
+            problem.rng.close()
+        ana = realised @ self.grad  # (S, D): <grad, displacement>, exact for the evaluated points
+        half = torch.tensor(stencil.multiples, dtype=torch.float64, device=x.device).view(-1, 1).expand(-1, len(which))
+        numerical, spread = stencils.extrapolate((losses[0::2] - losses[1::2]) / (2 * half), half)
+        analytical, _ = stencils.extrapolate((ana[0::2] - ana[1::2]) / (2 * half), half)
+        finite = torch.isfinite(losses).all(dim=0) & torch.isfinite(numerical)
+        if len(stencil.multiples) >= 2:
+            fourth = losses[2] - 4 * losses[0] + 6 * base - 4 * losses[1] + losses[3]
+            kink = fourth.abs() / 2
+        else:
+            fourth, kink = None, (losses[0] - 2 * base + losses[1]).abs()
+        if self.noise is None:
+            self.noise = accuracy.loss_noise(x.dtype, float(base), fourth[finite] if fourth is not None else None)
+            self.details.update(loss_noise=self.noise, truncation_estimated=spread is not None)
+        rounding = torch.full_like(numerical, accuracy.ROUNDING_SAFETY * self.noise * stencil.weight_norm)
+        truncation = spread if spread is not None else torch.zeros_like(numerical)
+        # derivatives along u / factor: scale them back to the base direction u, so rounds compare directly
+        return _Entries(which, numerical * factor, analytical * factor, (truncation + rounding) * factor,
+                        rounding * factor, kink * factor, finite)
+
+
+def _verdicts(e: _Entries, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-entry verdicts, tolerances and non-smoothness flags (see the module docstring)."""
+    diff = (e.numerical - e.analytical).abs()
+    truncation = e.error - e.rounding
+    # Non-smooth within the stencil (kink well above what rounding noise can produce): the truncation spread is
+    # contaminated, so such an entry agrees only within the rounding allowance, and is otherwise unresolved.
+    nonsmooth = e.kink > KINK_NOISE_FACTOR * e.rounding
+    tol = torch.where(nonsmooth, floor + TOLERANCE_SAFETY * e.rounding, floor + TOLERANCE_SAFETY * e.error)
+    agree = e.finite & (diff <= tol)
+    # A kink inside the stencil that the fourth difference cannot see (a ReLU switching at 2/3 of a step) makes
+    # the extrapolant miss by up to twice the truncation spread; a discrepancy that small is ambiguous.
+    ambiguous = diff <= floor + KINK_BAND * truncation + TOLERANCE_SAFETY * e.rounding
+    unresolved = ~e.finite | (~agree & (nonsmooth | ambiguous | (e.kink >= KINK_EXPLAINS * diff)))
+    verdict = torch.full(diff.shape, AGREE, dtype=torch.int8, device=diff.device)
+    verdict[~agree] = DISAGREE
+    verdict[unresolved] = UNRESOLVED
+    return verdict, tol, nonsmooth
+
+
+def _run(evaluator, index: torch.Tensor, floor_of: Callable[[torch.Tensor], torch.Tensor]):
+    """Evaluate, judge, and re-evaluate every entry that did not agree at steps REFINE times smaller (up to
+    REFINE_ROUNDS times). A first-round disagreement stands when the estimate at the smaller step lies closer to
+    the first estimate than to the analytical value (the discrepancy is reproduced); otherwise the first estimate
+    was disturbed by something inside the larger stencil (a kink), and the smaller step's verdict replaces it."""
+    e = evaluator(index, 1.0)
+    verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical))
+    refined = 0
+    todo = (verdict != AGREE).nonzero().flatten()
+    for round_ in range(1, REFINE_ROUNDS + 1):
+        if todo.numel() == 0:
+            break
+        refined += todo.numel()
+        e2 = evaluator(e.index[todo], float(REFINE**round_))
+        v2, tol2, ns2 = _verdicts(e2, floor_of(e2.analytical))
+        # the second estimate sides with the first (reproduced) or with the analytical value (an artefact)
+        reproduced = (e.numerical[todo] - e2.numerical).abs() < (e2.numerical - e2.analytical).abs()
+        # ... and the smaller stencil shows no kink beyond what its rounding noise produces (1.5|z| rounding
+        # estimates for z ~ N(0, 1): 3 is exceeded by chance for ~4% of smooth entries)
+        clean = e2.finite & (e2.kink < CLEAN_KINK * e2.rounding)
+        confirmed = (verdict[todo] == DISAGREE) & ~nonsmooth[todo] & reproduced & clean
+        replace = ~confirmed
+        e.put(todo, e2, replace)
+        verdict[todo[replace]] = v2[replace]
+        tol[todo[replace]] = tol2[replace]
+        nonsmooth[todo[replace]] = ns2[replace]
+        todo = todo[replace & (v2 != AGREE)]
+    return e, verdict, tol, refined
+
+
+def _record(name: str, shape: tuple, dtype: torch.dtype, mode: str, total: int, e: _Entries, verdict: torch.Tensor,
+            tol: torch.Tensor, details: dict) -> TensorReport:
+    """The summary record of one tensor's checked entries."""
+    diff = (e.numerical - e.analytical).abs()
+    denom = torch.maximum(e.analytical.abs(), e.numerical.abs())
+    rel = torch.where(denom > 0, diff / denom, torch.zeros_like(diff))
+    finite_diff = torch.where(e.finite, diff, torch.zeros_like(diff))
+    excess = torch.where(verdict == UNRESOLVED, torch.zeros_like(diff), diff / tol.clamp(min=1e-300))
+    checked = diff.numel()
+    j = int(excess.argmax()) if checked else None
+    worst = None
+    if j is not None:
+        worst = int(e.index[j]) if mode == "directional" else _engine.unravel(int(e.index[j]), shape)
+    entries = {
+        "index": e.index.cpu(), "numerical": e.numerical.cpu(), "analytical": e.analytical.cpu(),
+        "error_estimate": e.error.cpu(), "tolerance": tol.cpu(), "verdict": verdict.cpu(),
+    }
+    pick = (lambda t: float(t[j])) if j is not None else (lambda t: math.nan)
+    return TensorReport(
+        name=name, shape=tuple(shape), dtype=dtype, mode=mode, checked=checked, total=total,
+        max_abs_error=float(finite_diff.max()) if checked else 0.0,
+        max_rel_error=float(torch.where(e.finite, rel, torch.zeros_like(rel)).max()) if checked else 0.0,
+        worst_index=worst, worst_analytical=pick(e.analytical), worst_numerical=pick(e.numerical),
+        worst_error_estimate=pick(e.error), worst_tolerance=pick(tol),
+        agree=int((verdict == AGREE).sum()), disagree=int((verdict == DISAGREE).sum()),
+        unresolved=int((verdict == UNRESOLVED).sum()), entries=entries, details=details,
+    )
+
+
+def check(
+    func: Callable[..., torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    wrt: int | Sequence[int] | None = None,
+    mode: str = "full",
+    samples: int | None = None,
+    directions: int | None = None,
+    h: float | None = None,
+    stencil: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    engine: str = "auto",
+    seed: int = 0,
+    raise_on_failure: bool = True,
+    batching: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+) -> CheckReport:
+    """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry.
+
+    Args:
+        func: called as ``func(*params)``; returns a one-element floating tensor (the loss).
+        params: tuple or list of tensors on one device. Never modified (nor their ``.grad``): autograd and the
+            finite differences run on private copies.
+        wrt: indices into ``params`` to check; default every floating tensor with ``requires_grad=True``.
+        mode: ``"full"`` (every entry), ``"sample"`` (``samples`` entries per tensor: the largest |gradient| entries
+            and a seeded uniform sample of the rest) or ``"directional"`` (``directions`` random Gaussian directions,
+            comparing d/dt f(x + t u) with <grad, u>; cost independent of the size).
+        samples: entries per tensor in sample mode (default 256). directions: directions in directional mode
+            (default 8).
+        h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``.
+        stencil: ``"four_point"`` (default: the most accurate within 2x the cost of central differences),
+            ``"central"`` or ``"richardson"``.
+        atol, rtol: replace the dtype floors (64 eps, relative to the entry and to the tensor's largest entry);
+            the finite difference's own error estimate is always added to the tolerance.
+        engine, batching, chunk_size, memory_budget: as in :func:`gradfd.numerical_gradient`.
+        seed: seeds the sample and the directions.
+        raise_on_failure: raise :class:`GradientCheckError` (carrying the report) when an entry disagrees.
+
+    Returns:
+        A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict.
+
+    float32, float16 and bfloat16 functions are evaluated in their own dtype; differences and reductions are in
+    float64; TF32 is off during the check. The caller's RNG state is restored.
+
+    Raises:
+        GradientCheckError: a gradient entry disagrees (and ``raise_on_failure``).
+        TypeError / ValueError / IndexError: bad arguments, naming the argument and what was passed.
+    """
+    params, _ = check_params(params)
+    wrt_idx = _resolve_wrt(params, wrt)
+    check_choice(mode, "mode", MODES)
+    samples = check_positive_int(samples, "samples") or DEFAULT_SAMPLES
+    directions = check_positive_int(directions, "directions") or DEFAULT_DIRECTIONS
+    sten = stencils.get_stencil(stencil if stencil is not None else stencils.DEFAULT_STENCIL)
+    if h is not None:
+        h = check_step(h)
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {_describe(seed)}")
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {_describe(func)}")
+
+    rng = _engine.RngGuard()
+    try:
+        with no_tf32():
+            grads = analytical_gradients(func, params, wrt_idx)
+            rng.close()  # the finite differences see the random draws autograd saw
+            records = []
+            for k, g in zip(wrt_idx, grads):
+                p = params[k]
+                if mode == "directional":
+                    evaluator = _Directions(func, params, k, g, directions, h, sten, batching, seed)
+                    index = torch.arange(directions, device=p.device)
+                    scale = None  # set from the directional derivatives below
+                else:
+                    evaluator = _Coordinates(func, params, k, g, h, sten, engine, batching, chunk_size,
+                                             memory_budget)
+                    flat = g.reshape(-1).to(torch.float64)
+                    index = (torch.arange(flat.numel(), device=p.device) if mode == "full"
+                             else sample_coordinates(flat, samples, seed + k))
+                    scale = float(flat.abs().max()) if flat.numel() else 0.0
+                floor = FLOOR_EPS * stencils.eps(p.dtype)
+                rtol_ = floor if rtol is None else rtol
+                state = {"scale": scale}
+
+                def floor_of(analytical, state=state, rtol_=rtol_, floor=floor):
+                    if state["scale"] is None:  # directional: the scale of the directional derivatives
+                        state["scale"] = float(analytical.abs().max()) if analytical.numel() else 0.0
+                    atol_ = floor * state["scale"] if atol is None else atol
+                    return atol_ + rtol_ * analytical.abs()
+
+                e, verdict, tol, refined = _run(evaluator, index, floor_of)
+                details = {**evaluator.details, "stencil": sten.name, "step": "automatic" if h is None else h,
+                           "rtol": rtol_, "atol": floor * state["scale"] if atol is None else atol,
+                           "refined": refined}
+                records.append(_record(f"params[{k}]", tuple(p.shape), p.dtype, mode, p.numel(), e, verdict, tol,
+                                       details))
+    finally:
+        rng.close()
+    report = CheckReport(records)
+    if raise_on_failure and not report.passed:
+        raise GradientCheckError(report)
+    return report

@@ -1,0 +1,224 @@
+"""Check reports: one record per checked tensor, a readable table, JSON, per-entry tensors, and plots."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "GradientCheckError"]
+
+AGREE, DISAGREE, UNRESOLVED = 0, 1, 2
+VERDICT_NAMES = {AGREE: "agree", DISAGREE: "disagree", UNRESOLVED: "unresolved"}
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+@dataclass
+class TensorReport:
+    """The check of one tensor (or, for tensor-valued functions, one output/input pair).
+
+    Attributes:
+        name: e.g. ``"params[0]"`` or ``"output[0] wrt params[1]"``.
+        shape, dtype: of the checked input tensor.
+        mode: ``"full"``, ``"sample"`` or ``"directional"``.
+        checked, total: entries (or directions) checked, out of how many entries.
+        max_abs_error, max_rel_error: over checked entries (relative to ``max(|analytical|, |numerical|)``).
+        worst_index: index tuple of the worst entry (largest error over tolerance), or a direction number.
+        worst_analytical, worst_numerical, worst_error_estimate, worst_tolerance: values there.
+        agree, disagree, unresolved: counts.
+        passed: no disagreeing entry.
+        entries: per-entry tensors (CPU): ``index`` (flat indices, or direction numbers), ``numerical``,
+            ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
+        details: engine, stencil, steps, noise estimate and other notes.
+    """
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    mode: str
+    checked: int
+    total: int
+    max_abs_error: float
+    max_rel_error: float
+    worst_index: tuple | int | None
+    worst_analytical: float
+    worst_numerical: float
+    worst_error_estimate: float
+    worst_tolerance: float
+    agree: int
+    disagree: int
+    unresolved: int
+    entries: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.disagree == 0
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def disagreeing(self, limit: int = 10) -> list[tuple]:
+        """Index tuples (or direction numbers) of up to ``limit`` disagreeing entries, worst first."""
+        v = self.entries["verdict"]
+        bad = (v == DISAGREE).nonzero().flatten()
+        if bad.numel() == 0:
+            return []
+        excess = (self.entries["numerical"] - self.entries["analytical"]).abs() / self.entries["tolerance"]
+        order = bad[excess[bad].argsort(descending=True)][:limit]
+        return [self._index_of(int(self.entries["index"][j])) for j in order]
+
+    def _index_of(self, flat: int):
+        if self.mode == "directional":
+            return flat
+        from .engine import unravel
+
+        return unravel(flat, self.shape)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (no tensors)."""
+        return {
+            "name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+            "mode": self.mode, "checked": self.checked, "total": self.total, "passed": self.passed,
+            "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+            "worst_index": list(self.worst_index) if isinstance(self.worst_index, tuple) else self.worst_index,
+            "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
+            "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
+            "agree": self.agree, "disagree": self.disagree, "unresolved": self.unresolved,
+            "disagreeing": [list(i) if isinstance(i, tuple) else i for i in self.disagreeing()],
+            "details": {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+                        for k, v in self.details.items()},
+        }
+
+
+@dataclass
+class CheckReport:
+    """The result of :func:`gradfd.check`: one :class:`TensorReport` per checked tensor.
+
+    ``str(report)`` is a table; ``report.passed`` the verdict; ``report.tensors`` the records;
+    ``report.to_dict()`` JSON; ``report.plot()`` a matplotlib figure.
+    """
+
+    tensors: list[TensorReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.tensors)
+
+    def __getitem__(self, key: int | str) -> TensorReport:
+        if isinstance(key, int):
+            return self.tensors[key]
+        for t in self.tensors:
+            if t.name == key:
+                return t
+        raise KeyError(f"no checked tensor named {key!r}; have {[t.name for t in self.tensors]}")
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tensors": [t.to_dict() for t in self.tensors], "notes": list(self.notes)}
+
+    def __str__(self) -> str:
+        head = ["tensor", "shape", "dtype", "checked", "max abs err", "max rel err", "worst index", "analytical",
+                "numerical", "est. FD error", "agree/disagree/unresolved", "verdict"]
+        rows = []
+        for t in self.tensors:
+            worst = t.worst_index
+            worst = "-" if worst is None else (f"[{', '.join(map(str, worst))}]" if isinstance(worst, tuple)
+                                               else f"dir {worst}")
+            checked = f"{t.checked}/{t.total}" + (" dirs" if t.mode == "directional" else "")
+            rows.append([t.name, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""),
+                         checked, _fmt(t.max_abs_error), _fmt(t.max_rel_error), worst, _fmt(t.worst_analytical),
+                         _fmt(t.worst_numerical), _fmt(t.worst_error_estimate),
+                         f"{t.agree}/{t.disagree}/{t.unresolved}", t.verdict])
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [f"gradfd.check: {'PASSED' if self.passed else 'FAILED'}", line(head), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        for t in self.tensors:
+            bad = t.disagreeing(5)
+            if bad:
+                out.append(f"  {t.name}: disagreeing entries (worst first): {', '.join(map(str, bad))}")
+            if t.unresolved:
+                out.append(f"  {t.name}: {t.unresolved} unresolved entries (kink, discontinuity or non-finite loss "
+                           "nearby); they do not fail the check")
+        out += [f"  note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return f"<CheckReport {'passed' if self.passed else 'FAILED'}: {len(self.tensors)} tensor(s)>"
+
+    def plot(self, path: str | None = None):
+        """Analytical vs numerical scatter for every tensor, and the error heat-map of the worst tensor, with
+        disagreeing entries marked. Returns the matplotlib figure (saved to ``path`` when given).
+
+        Raises:
+            ImportError: when matplotlib is missing, saying how to install it.
+        """
+        plt = _pyplot()
+        worst = max(self.tensors, key=lambda t: (t.disagree, t.max_rel_error)) if self.tensors else None
+        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for t in self.tensors:
+            e = t.entries
+            ax0.scatter(e["analytical"], e["numerical"], s=8, label=t.name, alpha=0.7)
+            bad = e["verdict"] == DISAGREE
+            if bool(bad.any()):
+                ax0.scatter(e["analytical"][bad], e["numerical"][bad], s=40, facecolors="none", edgecolors="red")
+        lo_hi = [min(float(t.entries["analytical"].min()) for t in self.tensors if t.checked),
+                 max(float(t.entries["analytical"].max()) for t in self.tensors if t.checked)] if any(
+            t.checked for t in self.tensors) else [0, 1]
+        ax0.plot(lo_hi, lo_hi, "k--", lw=0.8)
+        ax0.set_xlabel("analytical")
+        ax0.set_ylabel("numerical")
+        ax0.set_title("analytical vs numerical (red: disagree)")
+        ax0.legend(fontsize=7)
+        if worst is not None and worst.checked:
+            e = worst.entries
+            ratio = ((e["numerical"] - e["analytical"]).abs() / e["tolerance"]).double()
+            if worst.mode == "full" and len(worst.shape) >= 1:
+                grid = torch.full((worst.checked,), float("nan"), dtype=torch.float64)
+                grid = ratio.reshape(-1) if worst.checked == math.prod(worst.shape) else grid
+                grid = grid.reshape(worst.shape if len(worst.shape) >= 2 else (1, -1))
+                grid = grid.reshape(grid.shape[0], -1)
+                im = ax1.imshow(grid.clamp(min=1e-3).log10(), aspect="auto", cmap="viridis")
+                fig.colorbar(im, ax=ax1, label="log10(|error| / tolerance)")
+                bad = (e["verdict"] == DISAGREE).reshape(grid.shape)
+                ys, xs = bad.nonzero(as_tuple=True)
+                ax1.scatter(xs, ys, marker="x", c="red", s=25)
+            else:
+                ax1.bar(range(len(ratio)), ratio, color=["red" if v == DISAGREE else "C0" for v in e["verdict"]])
+                ax1.axhline(1.0, color="k", lw=0.8)
+                ax1.set_yscale("log")
+                ax1.set_ylabel("|error| / tolerance")
+            ax1.set_title(f"{worst.name}: error / tolerance (x: disagree)")
+        fig.tight_layout()
+        if path:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in the tests
+        raise ImportError("plotting needs matplotlib: pip install 'gradfd[plot]' (or: uv add matplotlib)") from exc
+    return plt
+
+
+class GradientCheckError(AssertionError):
+    """Raised by :func:`gradfd.check` when a gradient disagrees; ``.report`` holds the :class:`CheckReport` and the
+    message is its table."""
+
+    def __init__(self, report: CheckReport):
+        super().__init__(str(report))
+        self.report = report

@@ -1,0 +1,352 @@
+"""gradfd.check: verdicts on correct and planted-wrong gradients, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from functions import FUNCTIONS
+from helpers import ALL_DEVICES, assert_unchanged, snapshot
+
+import gradfd
+
+
+class Planted(torch.autograd.Function):
+    """Identity whose backward multiplies the incoming gradient by ``scale`` (a planted bug in a custom backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def planted(func, k, scale):
+    def wrapped(*params):
+        params = list(params)
+        params[k] = Planted.apply(params[k], scale)
+        return func(*params)
+
+    return wrapped
+
+
+def _leaf(*tensors):
+    return tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_correct_gradients_pass_without_tuning(seed, device, dtype, name):
+    func, params, _ = FUNCTIONS[name](device, dtype)
+    report = gradfd.check(func, _leaf(*params))
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("mode", ["sample", "directional"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_correct_gradients_pass_in_every_mode(seed, mode, dtype):
+    func, params, _ = FUNCTIONS["mlp"]("cpu", dtype)
+    report = gradfd.check(func, _leaf(*params), mode=mode, samples=16, directions=6)
+    assert report.passed, str(report)
+
+
+def _cubic(dtype):
+    x = (torch.rand(12, dtype=torch.float64) - 0.5).to(dtype)
+    return (lambda x: (x**3 + x**2).sum()), (x,)
+
+
+def _mlp(dtype):
+    X = torch.randn(16, 6, dtype=torch.float64).to(dtype)
+    Y = torch.randn(16, 2, dtype=torch.float64).to(dtype)
+    W1 = (torch.randn(6, 5, dtype=torch.float64) / 2.5).to(dtype)
+    W2 = (torch.randn(5, 2, dtype=torch.float64) / 2.2).to(dtype)
+    return (lambda W1, W2: ((torch.tanh(X @ W1) @ W2 - Y) ** 2).mean()), (W1, W2)
+
+
+def _flags_a_planted_1e_3_error(build, k, dtype) -> bool:
+    """Plant a 1e-3 relative error on the largest-gradient entry; True when exactly that entry disagrees."""
+    func, params = build(dtype)
+    q = _leaf(*params)
+    (g,) = torch.autograd.grad(func(*q), [q[k]])
+    i = int(g.abs().argmax())  # a relative error needs an entry whose gradient is not negligible
+    scale = torch.ones(params[k].numel(), dtype=dtype)
+    scale[i] = 1 + 1e-3
+    report = gradfd.check(planted(func, k, scale.reshape(params[k].shape)), _leaf(*params), wrt=k,
+                          raise_on_failure=False)
+    t = report.tensors[0]
+    where = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), params[k].shape))
+    return not report.passed and t.disagreeing() == [where] and t.worst_index == where
+
+
+CASES = [(_cubic, 0), (_mlp, 0), (_mlp, 1)]
+CASE_IDS = ["cubic", "mlp-W1", "mlp-W2"]
+
+
+@pytest.mark.parametrize("build,k", CASES, ids=CASE_IDS)
+def test_a_single_entry_off_by_1e_3_is_flagged_and_located_in_float64(seed, build, k):
+    assert _flags_a_planted_1e_3_error(build, k, torch.float64)
+
+
+@pytest.mark.parametrize("build,k", CASES, ids=CASE_IDS)
+def test_a_single_entry_off_by_1e_3_is_flagged_and_located_in_float32(seed, build, k):
+    # In float32 a 1e-3 error is only ~5 to 20 standard deviations of the loss's rounding noise on these losses:
+    # detection is statistical (measured ~98%, benchmarks/RESULTS.md), so this asserts the rate on 10 fresh draws.
+    flagged = sum(_flags_a_planted_1e_3_error(build, k, torch.float32) for _ in range(10))
+    assert flagged >= 8, f"flagged {flagged} of 10"
+
+
+@pytest.mark.parametrize("mode", ["full", "sample", "directional"])
+@pytest.mark.parametrize("bug", ["sign", "factor2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sign_errors_and_missing_factors_on_a_subset_are_flagged_in_every_mode(seed, mode, bug, dtype):
+    func, params = _mlp(dtype)
+    k = int(torch.randint(0, 2, ()))
+    n = params[k].numel()
+    subset = torch.randperm(n)[: max(1, int(torch.randint(1, n + 1, ())))]  # a random non-empty subset
+    scale = torch.ones(n, dtype=dtype)
+    scale[subset] = -1.0 if bug == "sign" else 0.5
+    func_bad = planted(func, k, scale.reshape(params[k].shape))
+    # the planted entries must matter: skip draws whose subset has (numerically) no gradient at all
+    q = _leaf(*params)
+    (g,) = torch.autograd.grad(func(*q), [q[k]])
+    if g.reshape(-1)[subset].abs().max() < 1e-3 * g.abs().max():
+        pytest.skip("the drawn subset has negligible gradient")
+    with pytest.raises(gradfd.GradientCheckError) as err:
+        gradfd.check(func_bad, _leaf(*params), mode=mode, samples=n, directions=8)
+    report = err.value.report
+    assert not report.tensors[k].passed
+    if mode == "full":
+        flagged = {int(torch.tensor(i) @ torch.tensor(params[k].stride())) for i in report.tensors[k].disagreeing(n)}
+        assert flagged <= set(subset.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_directional_mode_keeps_per_entry_sensitivity_without_sqrt_n_inflation(seed, dtype):
+    n = 4000
+    x = (torch.rand(n, dtype=torch.float64) - 0.5).to(dtype)
+    func = lambda x: (torch.sin(x) * x).sum()  # noqa: E731
+    q = _leaf(x)
+    (g,) = torch.autograd.grad(func(*q), q)
+    i = int(g.abs().argmax())
+    scale = torch.ones(n, dtype=dtype)
+    scale[i] = 1.5  # one entry of 4000 off by 50%, well within full mode's per-entry sensitivity
+    report = gradfd.check(planted(func, 0, scale), _leaf(x), mode="directional", directions=8,
+                          raise_on_failure=False)
+    assert not report.passed, str(report)
+    assert report.tensors[0].checked == 8 and report.tensors[0].total == n
+
+
+def test_directional_cost_does_not_grow_with_size(seed):
+    calls = {"n": 0}
+
+    def func(x):
+        calls["n"] += 1
+        return (x * x).sum()
+
+    counts = []
+    for n in (10, 10_000):
+        calls["n"] = 0
+        gradfd.check(func, _leaf(torch.randn(n, dtype=torch.float64)), mode="directional", directions=4, batching="loop")
+        counts.append(calls["n"])
+    assert counts[0] == counts[1] < 40
+
+
+def test_sample_mode_reports_how_many_were_checked_and_includes_the_largest(seed):
+    w = torch.randn(50, 40, dtype=torch.float64)
+    report = gradfd.check(lambda w: (w.pow(3)).sum(), _leaf(w), mode="sample", samples=64)
+    t = report.tensors[0]
+    assert (t.checked, t.total) == (64, 2000)
+    assert "64/2000" in str(report)
+    top = (3 * w.pow(2)).reshape(-1).abs().topk(16).indices
+    assert set(top.tolist()) <= set(t.entries["index"].tolist())
+
+
+def test_kinks_are_unresolved_and_do_not_fail(seed):
+    x = torch.tensor([0.0, 1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    report = gradfd.check(lambda x: torch.relu(x).sum() + x.abs().sum(), _leaf(x))
+    t = report.tensors[0]
+    assert report.passed and t.unresolved == 2 and t.agree == 3
+    assert t.entries["verdict"][[0, 4]].tolist() == [2, 2]
+
+
+def test_nonfinite_nearby_is_unresolved_never_a_pass(seed):
+    x = torch.tensor([2.0, 1e-12, 3.0], dtype=torch.float64)  # log is undefined at x - h for the middle entry
+    report = gradfd.check(lambda x: torch.log(x).sum(), _leaf(x), h=1e-6, stencil="central")
+    t = report.tensors[0]
+    assert t.entries["verdict"].tolist() == [0, 2, 0] and report.passed
+    assert math.isnan(float(t.entries["numerical"][1]))
+
+
+def test_a_tensor_func_does_not_depend_on_gets_zero_gradient_and_no_division_by_zero(seed):
+    a, b = torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    report = gradfd.check(lambda a, b: (a**2).sum(), _leaf(a, b))
+    t = report.tensors[1]
+    assert report.passed and t.max_rel_error == 0.0 and t.max_abs_error == 0.0
+    assert torch.equal(t.entries["analytical"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_float32_is_evaluated_in_float32_and_tf32_is_off_then_restored(seed):
+    seen = {}
+
+    def func(w):
+        seen["dtype"] = w.dtype
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32
+        seen["precision"] = torch.get_float32_matmul_precision()
+        return (w @ w.t()).sum()
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        gradfd.check(func, _leaf(torch.randn(3, 3)))
+        assert seen == {"dtype": torch.float32, "tf32": False, "precision": "highest"}
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_random_functions_check_against_the_same_draws(seed):
+    x = torch.randn(30, dtype=torch.float64)
+    state = torch.get_rng_state()
+    report = gradfd.check(lambda x: torch.nn.functional.dropout(torch.sin(x), 0.3).sum(), _leaf(x))
+    assert report.passed and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("outcome", ["pass", "fail", "raise"])
+def test_callers_tensors_and_grads_are_bitwise_unchanged(seed, outcome):
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (w.sum() + b.sum()).backward()
+    snap = snapshot([w, b])
+
+    def func(w, b):
+        if outcome == "raise" and not torch.is_grad_enabled():
+            raise RuntimeError("boom")
+        return ((w + b) ** 2).sum()
+
+    if outcome == "fail":
+        func_ = planted(func, 0, torch.full((4, 3), -1.0, dtype=torch.float64))
+        with pytest.raises(gradfd.GradientCheckError):
+            gradfd.check(func_, (w, b))
+    elif outcome == "raise":
+        with pytest.raises(RuntimeError, match="boom"):
+            gradfd.check(func, (w, b))
+    else:
+        assert gradfd.check(func, (w, b)).passed
+    assert_unchanged([w, b], snap)
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+
+def _failing_report():
+    func, params = _mlp(torch.float64)
+    scale = torch.ones(6, 5, dtype=torch.float64)
+    scale[2, 3] = -1.0
+    return gradfd.check(planted(func, 0, scale), _leaf(*params), raise_on_failure=False)
+
+
+def test_report_table_labels_values_and_points_at_the_wrong_entry(seed):
+    report = _failing_report()
+    text = str(report)
+    assert "FAILED" in text and "analytical" in text and "numerical" in text
+    assert "actual" not in text and "desired" not in text
+    assert "[2, 3]" in text and "params[0]: disagreeing entries (worst first): (2, 3)" in text
+    t = report["params[0]"]
+    assert t.worst_index == (2, 3) and t.disagree == 1 and t.agree == 29
+    assert set(t.entries) == {"index", "numerical", "analytical", "error_estimate", "tolerance", "verdict"}
+    assert all(v.shape == (30,) for v in t.entries.values())
+
+
+def test_report_to_dict_is_json(seed):
+    d = _failing_report().to_dict()
+    text = json.dumps(d)
+    assert d["passed"] is False and d["tensors"][0]["disagreeing"] == [[2, 3]]
+    assert json.loads(text)["tensors"][1]["passed"] is True
+
+
+def test_gradient_check_error_carries_the_report(seed):
+    func, params = _mlp(torch.float64)
+    with pytest.raises(gradfd.GradientCheckError) as err:
+        gradfd.check(planted(func, 1, torch.full((5, 2), 2.0, dtype=torch.float64)), _leaf(*params))
+    assert isinstance(err.value.report, gradfd.CheckReport) and "params[1]" in str(err.value)
+
+
+def test_report_plot(seed, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = _failing_report().plot(str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").stat().st_size > 1000 and len(fig.axes) >= 2
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, seed):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install 'gradfd\[plot\]'"):
+        _failing_report().plot()
+
+
+# ---- the h sweep -------------------------------------------------------------------------------------------------
+
+def test_step_sweep_is_v_shaped_and_plots(seed, tmp_path):
+    pytest.importorskip("matplotlib")
+    func, params = _mlp(torch.float64)
+    sweep = gradfd.step_sweep(func, params, 0)
+    assert sweep.hs.shape == sweep.central.shape == sweep.four_point.shape == (30,)
+    h_best, err_best = sweep.best("central")
+    assert 1e-8 < h_best < 1e-3 and err_best < 1e-8
+    assert float(sweep.central[0]) > 100 * err_best and float(sweep.central[-1]) > 100 * err_best
+    assert sweep.best("four_point")[1] < err_best
+    sweep.plot(str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+X = torch.randn(3, dtype=torch.float64, requires_grad=True)
+IDX = torch.arange(3)
+
+BAD = [
+    ("wrt non-float", dict(params=(X, IDX), wrt=1), TypeError, r"wrt=1: params\[1\] must be a floating-point tensor"),
+    ("wrt out of range", dict(wrt=3), IndexError, r"wrt entries must be in \[0, 2\)"),
+    ("wrt junk", dict(wrt="all"), TypeError, "wrt must be an int or a tuple of ints"),
+    ("wrt empty", dict(wrt=()), ValueError, "no tensor to check: wrt is empty"),
+    ("nothing requires grad", dict(params=(X.detach(), IDX)), ValueError, "no tensor to check"),
+    ("samples zero", dict(samples=0), ValueError, "samples must be a positive int, got 0"),
+    ("directions negative", dict(directions=-2), ValueError, "directions must be a positive int, got -2"),
+    ("unknown mode", dict(mode="quick"), ValueError, r"mode must be one of \['full', 'sample', 'directional'\]"),
+    ("unknown stencil", dict(stencil="fivepoint"), ValueError, "stencil must be one of"),
+    ("h too small", dict(h=1e-20), ValueError, "below the resolution of torch.float64.*h=None for gradfd's automatic"),
+    ("negative atol", dict(atol=-1.0), ValueError, "atol must be a finite float >= 0"),
+    ("nan rtol", dict(rtol=float("nan")), ValueError, "rtol must be a finite float >= 0"),
+    ("seed float", dict(seed=1.5), TypeError, "seed must be an int"),
+    ("non-scalar output", dict(func=lambda x, i: x * 2), ValueError, "func must return a scalar tensor"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error(name, override, exc, message):
+    args = dict(func=lambda x, i: (x**2).sum(), params=(X, IDX))
+    args.update(override)
+    snap = snapshot([X])
+    with pytest.raises(exc, match=message):
+        gradfd.check(args.pop("func"), args.pop("params"), **args)
+    assert_unchanged([X], snap)
