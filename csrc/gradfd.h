@@ -11,6 +11,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cmath>
+#include <math.h>
 #include <utility>
 
 namespace gradfd {
@@ -92,6 +93,32 @@ inline void check_central_differences_args(const at::Tensor& losses, const at::T
   TORCH_CHECK(displacement.scalar_type() == at::kDouble && displacement.is_contiguous(),
               "gradfd::central_differences: displacement must be contiguous float64, got ",
               displacement.scalar_type(), " with strides ", displacement.strides());
+}
+
+// ---- the fused bias + GELU example op (float32 only) ----------------------------------------------------------
+
+// Exact GELU, z * Phi(z), and its derivative Phi(z) + z * phi(z), evaluated in float (the op is float32-only).
+C10_HOST_DEVICE inline float gelu(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
+
+C10_HOST_DEVICE inline float gelu_derivative(float z) {
+  const float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+  const float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
+  return cdf + z * pdf;
+}
+
+inline void check_bias_gelu_args(const char* op, const at::Tensor& x, const at::Tensor& bias,
+                                 c10::DeviceType device) {
+  TORCH_CHECK(x.device().type() == device, op, ": x must be on ", device, ", got ", x.device());
+  TORCH_CHECK(bias.device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ", bias.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (this kernel is float32-only), got ",
+              x.scalar_type());
+  TORCH_CHECK(bias.scalar_type() == at::kFloat, op, ": bias must be float32 (this kernel is float32-only), got ",
+              bias.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && bias.dim() == 1 && x.size(-1) == bias.size(0), op,
+              ": bias must be 1-D with x's last dimension, got x of shape ", x.sizes(), " and bias of shape ",
+              bias.sizes());
+  TORCH_CHECK(x.is_contiguous() && bias.is_contiguous(), op, ": x and bias must be contiguous, got strides ",
+              x.strides(), " and ", bias.strides());
 }
 
 }  // namespace gradfd

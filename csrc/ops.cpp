@@ -12,6 +12,10 @@ TORCH_LIBRARY(gradfd, m) {
         "float[] offsets) -> Tensor");
   // out[k, c] = (losses[2k, c] - losses[2k+1, c]) / (displacement[2k, c] - displacement[2k+1, c]) in float64.
   m.def("central_differences(Tensor losses, Tensor displacement) -> Tensor");
+  // The example custom op (float32 only): y = gelu(x + bias), bias over x's last dimension, and its backward
+  // with respect to x. Its autograd formula is registered from Python (gradfd/custom_op.py).
+  m.def("bias_gelu(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

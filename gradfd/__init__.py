@@ -1,13 +1,16 @@
 """gradfd: a finite-difference gradient checker for PyTorch with batched C++/CUDA kernels.
 
 Public API:
-    check               numerical vs analytical gradients with a per-entry verdict and a report
+    check               numerical vs analytical gradients (or Jacobians) with a per-entry verdict and a report
+    gradcheck           a drop-in for torch.autograd.gradcheck backed by check
+    testing             assert_gradients_match, for op authors' test suites
     numerical_gradient  the batched engine, with the signature of gradfd.reference.numerical_gradient
     reference           the naive per-element loop (the lesson's algorithm), the baseline
 """
 
-from . import reference, stencils
+from . import reference, stencils, testing
 from .check import check
+from .dropin import GradcheckError, gradcheck
 from .engine import FallbackWarning, GradfdWarning, NonFiniteLossError, numerical_gradient
 from .report import CheckReport, GradientCheckError, TensorReport
 from .sweep import SweepResult, step_sweep
@@ -16,6 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "check",
+    "gradcheck",
+    "GradcheckError",
+    "testing",
     "CheckReport",
     "TensorReport",
     "GradientCheckError",

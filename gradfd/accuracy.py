@@ -30,7 +30,7 @@ import torch
 from .engine import Evaluation
 from .stencils import eps
 
-__all__ = ["EntryEstimates", "estimate_entries", "loss_noise", "ROUNDING_SAFETY", "NOISE_FROM_FOURTH_DIFFERENCE"]
+__all__ = ["EntryEstimates", "estimate_entries", "loss_noise", "loss_noise_from", "ROUNDING_SAFETY", "NOISE_FROM_FOURTH_DIFFERENCE"]
 
 RELIABLE_MEDIAN = 8
 ROUNDING_SAFETY = 3.0  # sigma multiples: the rounding part bounds ~99.7% of Gaussian-like noise
@@ -82,7 +82,11 @@ def loss_noise(dtype: torch.dtype, base_loss: float, fourth: torch.Tensor | None
     median of a few draws can sit far below the spread); ``eps * |f(x)|`` (the rounding of the loss itself) when
     there are none.
     """
-    model = eps(dtype) * abs(base_loss)
+    return loss_noise_from(eps(dtype) * abs(base_loss), fourth)
+
+
+def loss_noise_from(model: float, fourth: torch.Tensor | None) -> float:
+    """:func:`loss_noise` with the model noise ``eps * |f(x)|`` given directly."""
     if fourth is None or fourth.numel() == 0:
         return model
     measured = float(fourth.abs().median()) * NOISE_FROM_FOURTH_DIFFERENCE

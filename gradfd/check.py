@@ -27,9 +27,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from . import accuracy, stencils
+from . import jacobian as _jacobian
 from . import engine as _engine
 from .engine import _describe, check_checkable, check_choice, check_params, check_positive_int, check_step
-from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, TensorReport
+from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, TensorReport, relative_errors
 
 __all__ = ["check", "MODES", "FLOOR_EPS", "TOLERANCE_SAFETY", "no_tf32", "analytical_gradients"]
 
@@ -150,79 +151,69 @@ class _Entries:
             getattr(self, f)[jj] = getattr(other, f)[where]
 
 
-class _Coordinates:
-    """Evaluates coordinates of one tensor (full and sample modes) at a multiple of the base step."""
-
-    def __init__(self, func, params, k, analytical, h, stencil, eng, batching, chunk_size, memory_budget):
-        self.func, self.params, self.k = func, params, k
-        self.analytical = analytical.reshape(-1).to(torch.float64)
-        self.stencil, self.eng, self.batching = stencil, eng, batching
-        self.chunk_size, self.memory_budget = chunk_size, memory_budget
-        flat = params[k].detach().reshape(-1)
-        self.steps = (stencils.automatic_steps(flat, stencil) if h is None
-                      else torch.full(flat.shape, h, dtype=torch.float64, device=flat.device))
-        self.noise: float | None = None
-        self.details: dict = {}
-
-    def __call__(self, coords: torch.Tensor, factor: float) -> _Entries:
-        ev = _engine.evaluate(self.func, self.params, self.k, steps=self.steps[coords] / factor, stencil=self.stencil,
-                              coords=coords, engine=self.eng, batching=self.batching, chunk_size=self.chunk_size,
-                              memory_budget=self.memory_budget)
-        est = accuracy.estimate_entries(ev, noise=self.noise)
-        if self.noise is None:
-            self.noise = est.noise
-            self.details.update(engine=ev.engine, batching=ev.batching, chunk_size=ev.chunk_size, notes=list(ev.notes),
-                                loss_noise=est.noise, truncation_estimated=est.truncation_estimated)
-        return _Entries(ev.coords, est.numerical, self.analytical[ev.coords], est.error, est.rounding, est.kink,
-                        est.finite)
-
-
 class _Directions:
-    """Evaluates random directions of one tensor (directional mode): d/dt f(x + t u) at t = 0 against <grad, u>, for
-    Gaussian u scaled entry-wise by the per-entry steps, all nodes in one batched call."""
+    """Evaluates random directions of one input (directional mode): ``d/dt uᵀf(x + t v)`` at ``t = 0`` against
+    ``(uᵀJ) v``, for Gaussian input directions ``v`` scaled entry-wise by the per-entry steps and (for tensor-valued
+    functions) Gaussian output cotangents ``u``; all nodes in one batched call, the analytical side one backward
+    per direction."""
 
-    def __init__(self, func, params, k, analytical, count, h, stencil, batching, seed):
+    def __init__(self, func, params, k, analytical: _jacobian.Analytical, count, h, stencil, batching, seed):
         self.func, self.params, self.k, self.stencil, self.batching = func, params, k, stencil, batching
-        self.grad = analytical.reshape(-1).to(torch.float64)
+        self.scalar = analytical.scalar
         x = params[k].detach().reshape(-1)
         steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
                                                                                   device=x.device)
         gen = torch.Generator().manual_seed(seed + k)
-        self.u = torch.randn(count, x.numel(), generator=gen, dtype=torch.float64).to(x.device) * steps
+        self.v = torch.randn(count, x.numel(), generator=gen, dtype=torch.float64).to(x.device) * steps
+        size = analytical.spec.size
+        self.u = torch.randn(count, size, generator=gen, dtype=torch.float64).to(x.device)
+        if self.scalar:
+            self.u = torch.ones(count, 1, dtype=torch.float64, device=x.device)
+            g = analytical.vjp(k, torch.ones(1, dtype=torch.float64, device=x.device))
+            self.grads = g.expand(count, -1)
+        else:
+            self.grads = torch.stack([analytical.vjp(k, self.u[d]) for d in range(count)])  # (D, N): u_dᵀJ
         self.noise: float | None = None
         self.details: dict = {"directions": count}
 
     def __call__(self, which: torch.Tensor, factor: float) -> _Entries:
         stencil = self.stencil
-        problem = _engine.prepare(self.func, self.params, self.k)
+        problem = _engine.prepare(self.func, self.params, self.k, vector=not self.scalar)
         try:
             x = problem.flat
             x64 = x.to(torch.float64)
-            u = self.u[which] / factor
+            v = self.v[which] / factor
             offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=x.device)  # (S,)
-            points = (x64 + offsets.view(-1, 1, 1) * u.unsqueeze(0)).to(x.dtype)  # (S, D, N)
+            points = (x64 + offsets.view(-1, 1, 1) * v.unsqueeze(0)).to(x.dtype)  # (S, D, N)
             realised = points.to(torch.float64) - x64  # the displacement actually evaluated
-            losses = _engine.evaluate_points(problem, points.reshape(-1, x.numel()), self.batching)
-            losses = losses.view(len(offsets), -1)
-            base = problem.base_loss.to(torch.float64)
+            values = _engine.evaluate_points(problem, points.reshape(-1, x.numel()), self.batching)
+            values = values.view(len(offsets), len(which), -1)  # (S, D, O)
+            base_vec = problem.base_loss.to(torch.float64).reshape(-1)
         finally:
             problem.rng.close()
-        ana = realised @ self.grad  # (S, D): <grad, displacement>, exact for the evaluated points
+        u = self.u[which]  # (D, O)
+        losses = (values * u.unsqueeze(0)).sum(-1)  # (S, D): uᵀf at each node
+        base = (u * base_vec).sum(-1)  # (D,)
+        ana = (realised * self.grads[which].unsqueeze(0)).sum(-1)  # (S, D): (uᵀJ)·displacement, exact for the nodes
         half = torch.tensor(stencil.multiples, dtype=torch.float64, device=x.device).view(-1, 1).expand(-1, len(which))
         numerical, spread = stencils.extrapolate((losses[0::2] - losses[1::2]) / (2 * half), half)
         analytical, _ = stencils.extrapolate((ana[0::2] - ana[1::2]) / (2 * half), half)
-        finite = torch.isfinite(losses).all(dim=0) & torch.isfinite(numerical)
+        finite = torch.isfinite(values).all(dim=-1).all(dim=0) & torch.isfinite(numerical)
         if len(stencil.multiples) >= 2:
             fourth = losses[2] - 4 * losses[0] + 6 * base - 4 * losses[1] + losses[3]
             kink = fourth.abs() / 2
         else:
             fourth, kink = None, (losses[0] - 2 * base + losses[1]).abs()
         if self.noise is None:
-            self.noise = accuracy.loss_noise(x.dtype, float(base), fourth[finite] if fourth is not None else None)
+            # the model: the rounding of every output entry, weighted by the cotangent
+            eps_out = max(stencils.eps(dt) for dt in problem.spec.dtypes) if problem.spec else stencils.eps(
+                problem.base_loss.dtype)
+            model = eps_out * float((u.abs() * base_vec.abs()).sum(-1).max())
+            self.noise = accuracy.loss_noise_from(model, fourth[finite] if fourth is not None else None)
             self.details.update(loss_noise=self.noise, truncation_estimated=spread is not None)
         rounding = torch.full_like(numerical, accuracy.ROUNDING_SAFETY * self.noise * stencil.weight_norm)
         truncation = spread if spread is not None else torch.zeros_like(numerical)
-        # derivatives along u / factor: scale them back to the base direction u, so rounds compare directly
+        # derivatives along v / factor: scale them back to the base direction v, so rounds compare directly
         return _Entries(which, numerical * factor, analytical * factor, (truncation + rounding) * factor,
                         rounding * factor, kink * factor, finite)
 
@@ -246,13 +237,16 @@ def _verdicts(e: _Entries, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return verdict, tol, nonsmooth
 
 
-def _run(evaluator, index: torch.Tensor, floor_of: Callable[[torch.Tensor], torch.Tensor]):
-    """Evaluate, judge, and re-evaluate every entry that did not agree at steps REFINE times smaller (up to
-    REFINE_ROUNDS times). A first-round disagreement stands when the estimate at the smaller step lies closer to
-    the first estimate than to the analytical value (the discrepancy is reproduced); otherwise the first estimate
-    was disturbed by something inside the larger stencil (a kink), and the smaller step's verdict replaces it."""
-    e = evaluator(index, 1.0)
-    verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical))
+def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: torch.Tensor, evaluator,
+           floor_of: Callable[[_Entries], torch.Tensor]):
+    """Re-evaluate every entry of ``e`` that did not agree at steps REFINE times smaller (up to REFINE_ROUNDS times).
+
+    A first-round disagreement stands when the estimate at the smaller step lies closer to the first estimate than
+    to the analytical value (the discrepancy is reproduced) and the smaller stencil shows no kink; otherwise the
+    first estimate was disturbed by something inside the larger stencil (a kink), and the smaller step's verdict
+    replaces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps ``1/factor`` as
+    large. Returns the updated ``(entries, verdict, tolerance, number of re-evaluations)``.
+    """
     refined = 0
     todo = (verdict != AGREE).nonzero().flatten()
     for round_ in range(1, REFINE_ROUNDS + 1):
@@ -260,11 +254,11 @@ def _run(evaluator, index: torch.Tensor, floor_of: Callable[[torch.Tensor], torc
             break
         refined += todo.numel()
         e2 = evaluator(e.index[todo], float(REFINE**round_))
-        v2, tol2, ns2 = _verdicts(e2, floor_of(e2.analytical))
-        # the second estimate sides with the first (reproduced) or with the analytical value (an artefact)
+        v2, tol2, ns2 = _verdicts(e2, floor_of(e2))
+        # the second estimate sides with the first (reproduced) or with the analytical value (an artefact) ...
         reproduced = (e.numerical[todo] - e2.numerical).abs() < (e2.numerical - e2.analytical).abs()
         # ... and the smaller stencil shows no kink beyond what its rounding noise produces (1.5|z| rounding
-        # estimates for z ~ N(0, 1): 3 is exceeded by chance for ~4% of smooth entries)
+        # estimates for z ~ N(0, 1): CLEAN_KINK = 3 is exceeded by chance for ~4% of smooth entries)
         clean = e2.finite & (e2.kink < CLEAN_KINK * e2.rounding)
         confirmed = (verdict[todo] == DISAGREE) & ~nonsmooth[todo] & reproduced & clean
         replace = ~confirmed
@@ -276,12 +270,18 @@ def _run(evaluator, index: torch.Tensor, floor_of: Callable[[torch.Tensor], torc
     return e, verdict, tol, refined
 
 
+def _run(evaluator, index: torch.Tensor, floor_of: Callable[[_Entries], torch.Tensor]):
+    """Evaluate the entries ``index`` (a few: directions), judge them, and :func:`refine` those that do not agree."""
+    e = evaluator(index, 1.0)
+    verdict, tol, nonsmooth = _verdicts(e, floor_of(e))
+    return refine(e, verdict, tol, nonsmooth, evaluator, floor_of)
+
+
 def _record(name: str, shape: tuple, dtype: torch.dtype, mode: str, total: int, e: _Entries, verdict: torch.Tensor,
             tol: torch.Tensor, details: dict) -> TensorReport:
     """The summary record of one tensor's checked entries."""
     diff = (e.numerical - e.analytical).abs()
-    denom = torch.maximum(e.analytical.abs(), e.numerical.abs())
-    rel = torch.where(denom > 0, diff / denom, torch.zeros_like(diff))
+    rel = relative_errors(diff, e.analytical, float(e.analytical.abs().max()) if e.analytical.numel() else 0.0)
     finite_diff = torch.where(e.finite, diff, torch.zeros_like(diff))
     excess = torch.where(verdict == UNRESOLVED, torch.zeros_like(diff), diff / tol.clamp(min=1e-300))
     checked = diff.numel()
@@ -305,6 +305,35 @@ def _record(name: str, shape: tuple, dtype: torch.dtype, mode: str, total: int, 
     )
 
 
+def _backward_spread(analytical: _jacobian.Analytical, k: int, seed: int) -> float:
+    """Largest difference between two backward passes of the same graph, for one random cotangent (a backward
+    that accumulates with atomics can differ run to run)."""
+    gen = torch.Generator().manual_seed(seed + 7919 * (k + 1))
+    u = torch.randn(analytical.spec.size, generator=gen, dtype=torch.float64).to(analytical.device)
+    return float((analytical.vjp(k, u) - analytical.vjp(k, u)).abs().max())
+
+
+def _directional_report(evaluator: _Directions, k: int, p: torch.Tensor, directions: int, atol, rtol, stencil, h,
+                        analytical: _jacobian.Analytical) -> TensorReport:
+    """Judge the directions of one input and summarise them in a record."""
+    index = torch.arange(directions, device=p.device)
+    floor = FLOOR_EPS * stencils.eps(p.dtype)
+    rtol_ = floor if rtol is None else rtol
+    state: dict = {"scale": None}
+
+    def floor_of(e: _Entries) -> torch.Tensor:
+        if state["scale"] is None:  # the scale of the directional derivatives
+            state["scale"] = float(e.analytical.abs().max()) if e.analytical.numel() else 0.0
+        atol_ = floor * state["scale"] if atol is None else atol
+        return atol_ + rtol_ * e.analytical.abs()
+
+    e, verdict, tol, refined = _run(evaluator, index, floor_of)
+    details = {**evaluator.details, "stencil": stencil.name, "step": "automatic" if h is None else h, "rtol": rtol_,
+               "atol": floor * state["scale"] if atol is None else atol, "refined": refined}
+    name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
+    return _record(name, tuple(p.shape), p.dtype, "directional", p.numel(), e, verdict, tol, details)
+
+
 def check(
     func: Callable[..., torch.Tensor],
     params: Sequence[torch.Tensor],
@@ -323,6 +352,7 @@ def check(
     batching: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
+    nondet_tol: float | None = None,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry.
 
@@ -344,6 +374,8 @@ def check(
         engine, batching, chunk_size, memory_budget: as in :func:`gradfd.numerical_gradient`.
         seed: seeds the sample and the directions.
         raise_on_failure: raise :class:`GradientCheckError` (carrying the report) when an entry disagrees.
+        nondet_tol: when given, run the backward twice on the same graph (one random cotangent) and fail the
+            tensors whose two results differ by more than this (atomics in CUDA backward kernels).
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict.
@@ -363,7 +395,7 @@ def check(
     sten = stencils.get_stencil(stencil if stencil is not None else stencils.DEFAULT_STENCIL)
     if h is not None:
         h = check_step(h)
-    for name, value in (("atol", atol), ("rtol", rtol)):
+    for name, value in (("atol", atol), ("rtol", rtol), ("nondet_tol", nondet_tol)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
             raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}")
@@ -372,44 +404,48 @@ def check(
     if not callable(func):
         raise TypeError(f"func must be callable, got {_describe(func)}")
 
+    budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
+    records = []
     try:
-        with no_tf32():
-            grads = analytical_gradients(func, params, wrt_idx)
+        with no_tf32(), _engine.warnings_once():
+            analytical = _jacobian.Analytical(func, params, wrt_idx, budget // 2)
+            if analytical.scalar:
+                _engine.validate_scalar_output(analytical.outputs[0], detach=False)
+            elif not analytical.spec.kept:
+                raise ValueError(f"func returned no floating-point output to compare (outputs "
+                                 f"{[str(d) for _, d in analytical.spec.skipped]} have no gradient)")
+            nondet = {k: _backward_spread(analytical, k, seed) for k in wrt_idx} if nondet_tol is not None else {}
             rng.close()  # the finite differences see the random draws autograd saw
-            records = []
-            for k, g in zip(wrt_idx, grads):
+            for k in wrt_idx:
                 p = params[k]
                 if mode == "directional":
-                    evaluator = _Directions(func, params, k, g, directions, h, sten, batching, seed)
-                    index = torch.arange(directions, device=p.device)
-                    scale = None  # set from the directional derivatives below
+                    evaluator = _Directions(func, params, k, analytical, directions, h, sten, batching, seed)
+                    reports = [_directional_report(evaluator, k, p, directions, atol, rtol, sten, h, analytical)]
                 else:
-                    evaluator = _Coordinates(func, params, k, g, h, sten, engine, batching, chunk_size,
-                                             memory_budget)
-                    flat = g.reshape(-1).to(torch.float64)
-                    index = (torch.arange(flat.numel(), device=p.device) if mode == "full"
-                             else sample_coordinates(flat, samples, seed + k))
-                    scale = float(flat.abs().max()) if flat.numel() else 0.0
-                floor = FLOOR_EPS * stencils.eps(p.dtype)
-                rtol_ = floor if rtol is None else rtol
-                state = {"scale": scale}
-
-                def floor_of(analytical, state=state, rtol_=rtol_, floor=floor):
-                    if state["scale"] is None:  # directional: the scale of the directional derivatives
-                        state["scale"] = float(analytical.abs().max()) if analytical.numel() else 0.0
-                    atol_ = floor * state["scale"] if atol is None else atol
-                    return atol_ + rtol_ * analytical.abs()
-
-                e, verdict, tol, refined = _run(evaluator, index, floor_of)
-                details = {**evaluator.details, "stencil": sten.name, "step": "automatic" if h is None else h,
-                           "rtol": rtol_, "atol": floor * state["scale"] if atol is None else atol,
-                           "refined": refined}
-                records.append(_record(f"params[{k}]", tuple(p.shape), p.dtype, mode, p.numel(), e, verdict, tol,
-                                       details))
+                    if mode == "full":
+                        coords = torch.arange(p.numel(), device=p.device)
+                    else:
+                        score = (analytical.columns(k, torch.arange(p.numel(), device=p.device))[:, 0]
+                                 if analytical.scalar else analytical.vjp(k, torch.randn(
+                                     analytical.spec.size, generator=torch.Generator().manual_seed(seed + k),
+                                     dtype=torch.float64).to(p.device)))
+                        coords = sample_coordinates(score, samples, seed + k)
+                    reports = _jacobian.check_coordinates(
+                        func, params, k, analytical, coords, h=h, stencil=sten, engine=engine, batching=batching,
+                        chunk_size=chunk_size, memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode)
+                if k in nondet and nondet[k] > nondet_tol:
+                    for r in reports:
+                        r.nondeterminism = (f"two backward passes of the same graph differ by {nondet[k]:.3g} > "
+                                            f"nondet_tol={nondet_tol:g}")
+                records.extend(reports)
     finally:
         rng.close()
-    report = CheckReport(records)
+    notes = []
+    if not analytical.scalar and analytical.spec.skipped:
+        notes.append("skipped outputs without gradient: " + ", ".join(
+            f"output[{i}] ({str(d).replace('torch.', '')})" for i, d in analytical.spec.skipped))
+    report = CheckReport(records, notes)
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)
     return report

@@ -19,13 +19,15 @@ restored on exit.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -67,6 +69,28 @@ class GradfdWarning(UserWarning):
 
 class FallbackWarning(GradfdWarning):
     """gradfd fell back to a slower but correct path (and says why)."""
+
+
+_warned: contextvars.ContextVar[set | None] = contextvars.ContextVar("gradfd_warned", default=None)
+
+
+@contextlib.contextmanager
+def warnings_once() -> Iterator[None]:
+    """Within this context (one :func:`gradfd.check` call), each distinct fallback warning is issued once."""
+    token = _warned.set(set())
+    try:
+        yield
+    finally:
+        _warned.reset(token)
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    seen = _warned.get()
+    if seen is not None:
+        if message in seen:
+            return
+        seen.add(message)
+    warnings.warn(message, FallbackWarning, stacklevel=stacklevel + 1)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -267,16 +291,89 @@ class RngGuard:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+class OutputSpec:
+    """The outputs of a tensor-valued ``func`` that are compared: its floating tensors, flattened and concatenated
+    (``size`` entries in all). Integer and boolean outputs have no gradient; they are skipped and listed.
+
+    Args:
+        out: ``func``'s output at the unperturbed point: a tensor or a tuple/list of tensors.
+
+    Raises:
+        TypeError: naming ``func`` when an output is not a tensor, or is complex.
+    """
+
+    def __init__(self, out):
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        self.count = len(outs)
+        self.kept: list[int] = []
+        self.shapes: list[tuple] = []
+        self.dtypes: list[torch.dtype] = []
+        self.skipped: list[tuple[int, torch.dtype]] = []
+        for k, o in enumerate(outs):
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"func must return a tensor or a tuple of tensors; output[{k}] is {_describe(o)}")
+            if o.is_complex():
+                raise TypeError(f"func's output[{k}] is complex ({o.dtype}); gradfd compares real outputs only: return "
+                                "torch.view_as_real(...) instead")
+            if o.is_floating_point():
+                self.kept.append(k)
+                self.shapes.append(tuple(o.shape))
+                self.dtypes.append(o.dtype)
+            else:
+                self.skipped.append((k, o.dtype))
+        self.numels = [math.prod(sh) for sh in self.shapes]
+        self.offsets = [sum(self.numels[:j]) for j in range(len(self.numels))]
+        self.size = sum(self.numels)
+
+    def _outs(self, out) -> list:
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if len(outs) != self.count:
+            raise ValueError(f"func returned {len(outs)} outputs at a perturbed point but {self.count} at the "
+                             "unperturbed point")
+        return outs
+
+    def flatten(self, out) -> torch.Tensor:
+        """``(size,)`` float64: the kept outputs of one evaluation, flattened and concatenated."""
+        parts = []
+        for j, k in enumerate(self.kept):
+            o = self._outs(out)[k]
+            if tuple(o.shape) != self.shapes[j]:
+                raise ValueError(f"func's output[{k}] changed shape under perturbation: {self.shapes[j]} at the "
+                                 f"unperturbed point, {tuple(o.shape)} at a perturbed one; gradfd needs fixed shapes")
+            parts.append(o.detach().reshape(-1).to(torch.float64))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def flatten_batched(self, out, batch: int) -> torch.Tensor:
+        """``(batch, size)`` float64 from a batched evaluation (each output with a leading batch dimension)."""
+        parts = []
+        outs = self._outs(out)
+        for j, k in enumerate(self.kept):
+            o = outs[k]
+            if not isinstance(o, torch.Tensor) or tuple(o.shape) != (batch, *self.shapes[j]):
+                raise ValueError(f"batched output[{k}] has shape {tuple(getattr(o, 'shape', ()))}, expected "
+                                 f"{(batch, *self.shapes[j])}")
+            parts.append(o.detach().reshape(batch, -1).to(torch.float64))
+        return torch.cat(parts, dim=1) if parts else torch.zeros(batch, 0, dtype=torch.float64)
+
+    def locate(self, flat: int) -> tuple[int, tuple[int, ...]]:
+        """``(output number, index tuple)`` of entry ``flat`` of the concatenation."""
+        for j in range(len(self.kept) - 1, -1, -1):
+            if flat >= self.offsets[j]:
+                return self.kept[j], unravel(flat - self.offsets[j], self.shapes[j])
+        raise IndexError(flat)
+
+
 class Problem:
     """``func`` and private copies of its arguments, with the checked parameter replaceable.
 
     Args:
-        func: the loss.
+        func: the loss (or, with ``vector=True``, a tensor-valued function).
         params: the caller's tensors (never handed to ``func``).
         param_idx: the parameter being differentiated.
+        vector: ``func`` returns a tensor or a tuple of tensors, compared entry by entry (see :class:`OutputSpec`).
     """
 
-    def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int):
+    def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False):
         if not callable(func):
             raise TypeError(f"func must be callable, got {_describe(func)}")
         self.func = func
@@ -290,6 +387,8 @@ class Problem:
         self.args = [self.flat.view(self.shape) if k == param_idx else p.detach().clone() for k, p in enumerate(params)]
         self.rng = RngGuard()
         self.base_loss: torch.Tensor | None = None
+        self.vector = vector
+        self.spec: OutputSpec | None = None
 
     def with_param(self, value: torch.Tensor) -> list:
         args = list(self.args)
@@ -317,6 +416,15 @@ class Problem:
                 f"func modified its input params[{changed[0]}] in place; gradfd evaluates func many times and "
                 "needs it to leave its inputs unchanged (clone inside func before modifying)"
             )
+        if self.vector:
+            self.spec = OutputSpec(out)
+            self.base_loss = self.spec.flatten(out)
+            bad = (~torch.isfinite(self.base_loss)).nonzero().flatten()
+            if bad.numel():
+                k, idx = self.spec.locate(int(bad[0]))
+                raise NonFiniteLossError(f"func's output[{k}]{list(idx)} is {float(self.base_loss[bad[0]])} at the "
+                                         "unperturbed point; finite differences need finite outputs there")
+            return self.base_loss
         self.base_loss = validate_scalar_output(out)
         value = float(self.base_loss)
         if not math.isfinite(value):
@@ -324,6 +432,18 @@ class Problem:
                 f"func returned {value} at the unperturbed point; finite differences need a finite loss there"
             )
         return self.base_loss
+
+    def output_values(self, out) -> torch.Tensor:
+        """One evaluation's compared values: a 0-d tensor (scalar ``func``) or the ``(size,)`` float64 vector."""
+        return self.spec.flatten(out) if self.vector else validate_scalar_output(out)
+
+    def batched_values(self, out, batch: int, what: str) -> torch.Tensor:
+        """A batched evaluation's values: ``(batch,)`` (scalar ``func``) or ``(batch, size)`` float64."""
+        if self.vector:
+            return self.spec.flatten_batched(out, batch)
+        if not isinstance(out, torch.Tensor) or out.numel() != batch:
+            raise ValueError(f"{what} returned {_describe(out)} for a batch; expected one loss per row")
+        return out.reshape(batch)
 
     def activation_bytes(self) -> int:
         """Bytes of the tensors one unbatched evaluation creates (an upper bound on its working memory)."""
@@ -438,13 +558,15 @@ class Evaluation:
         coords: ``(M,)`` int64 flat indices that were perturbed (on the parameter's device).
         steps: ``(M,)`` float64 nominal steps ``h_i``.
         stencil: the stencil; its ``offsets`` order the rows below.
-        losses: ``(S, M)`` float64 losses at the nodes ``x + offsets[s]*h_i*e_i``.
+        losses: ``(S, M)`` float64 losses at the nodes ``x + offsets[s]*h_i*e_i`` (None when a ``sink`` receives the
+            values instead, as for tensor-valued functions).
         displacement: ``(S, M)`` float64 steps actually taken after rounding to ``dtype``.
         base_loss: ``func`` at the unperturbed point (float64 0-d tensor).
         engine: ``"batched"`` or ``"loop"`` (what actually ran; a mix reports ``"batched"`` with a note).
         batching: ``"vmap"``, ``"stack"`` or None.
         chunk_size: coordinates per batched call (after any out-of-memory halving), or None.
         notes: human-readable decisions (probe timings, fallbacks).
+        sink: optional ``callable(start, stop, values, displacement)`` receiving each chunk's values.
     """
 
     param_idx: int
@@ -460,6 +582,15 @@ class Evaluation:
     batching: str | None
     chunk_size: int | None
     notes: list[str] = field(default_factory=list)
+    sink: Callable | None = field(default=None, repr=False)
+
+    def store(self, start: int, stop: int, values: torch.Tensor) -> None:
+        """Record the values of columns ``start:stop``: ``(S, c)`` losses, or ``(S, c, size)`` for a tensor-valued
+        ``func``, which go to ``sink(start, stop, values, displacement)`` instead of being kept."""
+        if self.sink is not None:
+            self.sink(start, stop, values, self.displacement[:, start:stop])
+        else:
+            self.losses[:, start:stop] = values
 
     def levels(self) -> torch.Tensor:
         """``(K, M)`` float64 central differences, one row per step level."""
@@ -480,9 +611,10 @@ class Evaluation:
         return stencils.extrapolate(self.levels(), self.half_spacing())
 
 
-def prepare(func: Callable, params: Sequence[torch.Tensor], param_idx: int) -> Problem:
-    """A :class:`Problem` with its unperturbed loss evaluated and validated (arguments already checked)."""
-    problem = Problem(func, params, param_idx)
+def prepare(func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False) -> Problem:
+    """A :class:`Problem` with its unperturbed loss (or outputs) evaluated and validated (arguments already
+    checked)."""
+    problem = Problem(func, params, param_idx, vector)
     try:
         problem.evaluate_base()
     except BaseException:
@@ -504,13 +636,16 @@ def evaluate(
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     problem: Problem | None = None,
+    sink: Callable | None = None,
 ) -> Evaluation:
     """Evaluate ``func`` at every node of ``stencil`` around each coordinate in ``coords``.
 
     This is the engine's lower-level entry point (used by :func:`numerical_gradient` and :func:`gradfd.check`).
     Arguments are as in :func:`numerical_gradient`; in addition ``steps`` may be a ``(numel,)`` float64 tensor
     of per-element steps (None: :func:`stencils.automatic_steps`), ``coords`` a ``(M,)`` int64 tensor of flat
-    indices to evaluate (default: all), and ``problem`` a prepared :class:`Problem` (its base loss evaluated).
+    indices to evaluate (default: all), ``problem`` a prepared :class:`Problem` (its base loss evaluated; with
+    ``vector=True`` for tensor-valued functions), and ``sink`` a ``callable(start, stop, values, displacement)``
+    that receives each chunk's values (required for tensor-valued functions, whose values are not kept).
 
     Returns:
         An :class:`Evaluation`.
@@ -524,7 +659,7 @@ def evaluate(
         params, param_idx = check_params(params, param_idx)
         problem = prepare(func, params, param_idx)
     try:
-        return _evaluate(problem, steps, stencil, coords, engine, batching, chunk_size, budget)
+        return _evaluate(problem, steps, stencil, coords, engine, batching, chunk_size, budget, sink)
     finally:
         problem.rng.close()
 
@@ -556,7 +691,8 @@ def node_values(x: torch.Tensor, h: torch.Tensor, offsets: Sequence[float]) -> t
     return moved, moved.to(torch.float64) - x64
 
 
-def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batching, chunk_size, budget) -> Evaluation:
+def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batching, chunk_size, budget,
+              sink=None) -> Evaluation:
     device = problem.device
     if coords is None:
         coords = torch.arange(problem.numel, device=device)
@@ -575,19 +711,18 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
             "x); use a larger h, or h=None for gradfd's automatic per-element step"
         )
     s, m = len(offsets), coords.numel()
-    losses = torch.empty((s, m), dtype=torch.float64, device=device)
+    if problem.vector and sink is None:
+        raise ValueError("a tensor-valued func needs a sink for its values")
+    losses = None if sink is not None else torch.empty((s, m), dtype=torch.float64, device=device)
     result = Evaluation(problem.param_idx, problem.shape, problem.dtype, coords, h, stencil, losses, disp,
-                        problem.base_loss.to(torch.float64), "loop", None, None)
+                        problem.base_loss.to(torch.float64), "loop", None, None, sink=sink)
     if batching == "loop":
         engine = "loop"
     if engine == "batched":
         ops.require_kernels()
     elif engine == "auto" and not ops.kernels_available():
-        warnings.warn(
-            f"gradfd: native kernels unavailable ({ops.unavailable_reason()}); using the per-coordinate loop",
-            FallbackWarning,
-            stacklevel=4,
-        )
+        _warn(f"gradfd: native kernels unavailable ({ops.unavailable_reason()}); using the per-coordinate loop",
+              stacklevel=4)
         engine = "loop"
     if m == 0:
         return result
@@ -636,32 +771,48 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
     on_cpu = flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES
     target = flat.numpy() if on_cpu else flat
     reset = problem.rng.reset if problem.rng.consumed else None
-    outs = []
+    n_off = len(offsets)
+    # tensor-valued funcs: hand the values over in blocks whose (nodes x outputs) stay bounded
+    block = len(index) if not problem.vector else max(1, _LOOP_BLOCK_VALUES // max(1, n_off * problem.spec.size))
     j = s = 0
     try:
-        with torch.no_grad():
-            for j, i in enumerate(index):
-                for s, value in enumerate(moved_values[j]):
-                    target[i] = value
-                    if reset is not None:
-                        reset()
-                    outs.append(func(*args))
-                target[i] = original[j]
+        for first in range(0, len(index), block):
+            outs = []
+            with torch.no_grad():
+                for j in range(first, min(first + block, len(index))):
+                    i = index[j]
+                    for s, value in enumerate(moved_values[j]):
+                        target[i] = value
+                        if reset is not None:
+                            reset()
+                        outs.append(func(*args))
+                    target[i] = original[j]
+            count = len(outs) // n_off
+            if problem.vector:
+                vals = torch.stack([problem.spec.flatten(o) for o in outs]).view(count, n_off, -1).permute(1, 0, 2)
+            else:
+                vals = _scalar_values(outs, on_cpu).view(count, n_off).t()
+            result.store(start + first, start + first + count, vals)
     except BaseException as exc:
         target[index[j]] = original[j]
         _note(exc, f"gradfd: raised while evaluating func at "
                    f"{entry_name(problem.param_idx, problem.shape, index[j])} {offsets[s]:+g}*h")
         raise
-    if not outs:
-        return
+
+
+_LOOP_BLOCK_VALUES = 1 << 22  # values (nodes x outputs) the loop collects before handing them over
+
+
+def _scalar_values(outs: list, on_cpu: bool) -> torch.Tensor:
+    """float64 tensor of scalar losses; TypeError/ValueError (naming func) for anything else."""
     try:
-        vals = torch.tensor([o.item() for o in outs], dtype=torch.float64) if on_cpu else \
-            torch.stack([o.detach().reshape(()) for o in outs]).to(torch.float64)
+        if on_cpu:
+            return torch.tensor([o.item() for o in outs], dtype=torch.float64)
+        return torch.stack([o.detach().reshape(()) for o in outs]).to(torch.float64)
     except (AttributeError, RuntimeError, ValueError):  # not a one-element tensor: say what it was
         for o in outs:
             validate_scalar_output(o)
         raise
-    result.losses[:, start:stop] = vals.view(stop - start, len(offsets)).t()
 
 
 class _Batched:
@@ -706,16 +857,20 @@ class _Batched:
                 def single(row: torch.Tensor) -> torch.Tensor:
                     return problem.func(*problem.with_param(row.view(problem.shape)))
 
-                with self.mode:
+                with self.mode, warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
                     out = torch.func.vmap(single, in_dims=in_dim, randomness="same")(rows)
+                slow = [w for w in caught if "batching rule" in str(w.message)]
+                if slow:  # vmap ran a per-sample loop internally (an op without a batching rule): not batched
+                    raise RuntimeError(f"vmap has no batching rule for an op of func ({_first_line(slow[0].message)})")
+                for w in caught:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 what = "vmap(func)"
             else:
                 stacked = ops.row_view(self.buffer, count).reshape(count, *problem.shape)
                 out = problem.func(*problem.with_param(stacked))
                 what = f"func given params[{problem.param_idx}] with a leading batch dimension"
-            if not isinstance(out, torch.Tensor) or out.numel() != count:
-                raise ValueError(f"{what} returned {_describe(out)} for a batch of {count}; expected one loss per row")
-            out = out.reshape(count)
+            out = problem.batched_values(out, count, what)
             if not self.verified:
                 self._verify(count, out)
                 self.verified = True
@@ -727,12 +882,12 @@ class _Batched:
         rows = ops.row_view(self.buffer, count)
         tol = math.sqrt(stencils.eps(problem.dtype))
         for r in sorted({0, count // 2, count - 1}):
-            single = validate_scalar_output(problem.func(*problem.with_param(rows[r].reshape(problem.shape))))
-            a, b = float(out[r]), float(single)
-            if not abs(a - b) <= tol * max(abs(a), abs(b), 1e-30):
+            single = problem.output_values(problem.func(*problem.with_param(rows[r].reshape(problem.shape))))
+            a, b = out[r].to(torch.float64), single.to(torch.float64)
+            if not bool(((a - b).abs() <= tol * torch.maximum(a.abs(), b.abs()).clamp(min=1e-30)).all()):
                 raise ValueError(
-                    f"row {r} of the stacked call gave {a!r} but a single call at the same point gave {b!r}: "
-                    "func does not treat the leading dimension as independent rows"
+                    f"row {r} of the stacked call differs from a single call at the same point (by up to "
+                    f"{float((a - b).abs().max()):.3g}): func does not treat the leading dimension as independent rows"
                 )
 
 
@@ -785,16 +940,12 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                 reasons.append(f"{batch.strategy}: {type(exc).__name__}: {_first_line(exc)}")
                 batch = None
         if batch is None:
-            warnings.warn(
-                "gradfd: func cannot be evaluated batched (" + "; ".join(reasons) + "); falling back to the "
-                "per-coordinate loop",
-                FallbackWarning,
-                stacklevel=5,
-            )
+            _warn("gradfd: func cannot be evaluated batched (" + "; ".join(reasons) + "); falling back to the "
+                  "per-coordinate loop", stacklevel=5)
             result.notes.append("batching failed: " + "; ".join(reasons))
             return pos
-        result.losses[:, pos:pos + this] = out.view(s, this).to(torch.float64)
         result.displacement[:, pos:pos + this] = disp
+        result.store(pos, pos + this, out.view(s, this, *out.shape[1:]).to(torch.float64))
         pos += this
         result.engine, result.batching, result.chunk_size = "batched", batch.strategy, chunk
         copied = batch.mode.copied - copies_before
@@ -806,7 +957,7 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
             result.notes.append(f"probe: batched {rate * 1e6:.0f} us/coordinate vs loop {loop_rate * 1e6:.0f} us: "
                                 f"{chosen} chosen")
             if chosen == "loop":
-                result.engine = "loop"
+                result.engine, result.batching = "loop", None
                 return pos
         # layout: if the batched matmul had to copy the parameter rows, try the split layout once
         if layout_trial is None and copied and batch.split_inner and batch.strategy == "vmap":
@@ -826,10 +977,12 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
     """``func`` at arbitrary points of the checked parameter: ``points`` is ``(P, N)`` in the parameter's dtype.
 
     Batched with ``torch.func.vmap`` when possible (in chunks of at most 256 points), else one call per point
-    with a :class:`FallbackWarning`. Returns ``(P,)`` float64 losses.
+    with a :class:`FallbackWarning`. Returns ``(P,)`` float64 losses, or ``(P, size)`` for a tensor-valued
+    ``func``.
     """
     count = points.shape[0]
-    out = torch.empty(count, dtype=torch.float64, device=points.device)
+    width = (problem.spec.size,) if problem.vector else ()
+    out = torch.empty(count, *width, dtype=torch.float64, device=points.device)
     if batching in ("auto", "vmap") and count > 1:
         try:
             for start in range(0, count, 256):
@@ -839,19 +992,20 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                     return problem.func(*problem.with_param(row.view(problem.shape)))
 
                 problem.rng.reset()
-                with torch.no_grad(), SharedOperandMatmul():
+                with torch.no_grad(), SharedOperandMatmul(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
                     vals = torch.func.vmap(single, randomness="same")(rows)
-                if not isinstance(vals, torch.Tensor) or vals.numel() != rows.shape[0]:
-                    raise ValueError(f"vmap(func) returned {_describe(vals)} for a batch of {rows.shape[0]}")
-                out[start:start + rows.shape[0]] = vals.reshape(-1).to(torch.float64)
+                if any("batching rule" in str(w.message) for w in caught):
+                    raise RuntimeError("vmap has no batching rule for an op of func")
+                out[start:start + rows.shape[0]] = problem.batched_values(vals, rows.shape[0], "vmap(func)")
             return out
         except Exception as exc:
-            warnings.warn(f"gradfd: func cannot be evaluated batched (vmap: {type(exc).__name__}: {_first_line(exc)});"
-                          " falling back to one call per point", FallbackWarning, stacklevel=3)
+            _warn(f"gradfd: func cannot be evaluated batched (vmap: {type(exc).__name__}: {_first_line(exc)}); "
+                  "falling back to one call per point", stacklevel=3)
     with torch.no_grad():
         for j in range(count):
             problem.rng.reset()
-            out[j] = validate_scalar_output(problem.func(*problem.with_param(points[j].view(problem.shape))))
+            out[j] = problem.output_values(problem.func(*problem.with_param(points[j].view(problem.shape))))
     return out
 
 

@@ -6,12 +6,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "GradientCheckError"]
 
 AGREE, DISAGREE, UNRESOLVED = 0, 1, 2
 VERDICT_NAMES = {AGREE: "agree", DISAGREE: "disagree", UNRESOLVED: "unresolved"}
+
+
+def _fmt_index(index) -> str:
+    if index is None:
+        return "-"
+    if isinstance(index, int):
+        return f"dir {index}"
+    if index and isinstance(index[0], tuple):  # (output index, input index)
+        return f"out[{', '.join(map(str, index[0]))}] in[{', '.join(map(str, index[1]))}]"
+    return f"[{', '.join(map(str, index))}]"
 
 
 def _fmt(x: float) -> str:
@@ -27,9 +38,13 @@ class TensorReport:
     Attributes:
         name: e.g. ``"params[0]"`` or ``"output[0] wrt params[1]"``.
         shape, dtype: of the checked input tensor.
+        output_shape: for a tensor-valued function, the shape of the compared output (None for a loss). Indices
+            are then ``(output index, input index)`` pairs, and ``entries["index"]`` is ``input_flat * n_out +
+            output_flat``.
         mode: ``"full"``, ``"sample"`` or ``"directional"``.
         checked, total: entries (or directions) checked, out of how many entries.
-        max_abs_error, max_rel_error: over checked entries (relative to ``max(|analytical|, |numerical|)``).
+        max_abs_error, max_rel_error: over checked entries; the relative error is taken over entries whose
+            analytical value is at least ``REL_FLOOR`` (1e-3) of the largest (see :func:`relative_errors`).
         worst_index: index tuple of the worst entry (largest error over tolerance), or a direction number.
         worst_analytical, worst_numerical, worst_error_estimate, worst_tolerance: values there.
         agree, disagree, unresolved: counts.
@@ -37,6 +52,7 @@ class TensorReport:
         entries: per-entry tensors (CPU): ``index`` (flat indices, or direction numbers), ``numerical``,
             ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
         details: engine, stencil, steps, noise estimate and other notes.
+        nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
     """
 
     name: str
@@ -57,10 +73,12 @@ class TensorReport:
     unresolved: int
     entries: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    output_shape: tuple | None = None
+    nondeterminism: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.disagree == 0
+        return self.disagree == 0 and self.nondeterminism is None
 
     @property
     def verdict(self) -> str:
@@ -81,7 +99,11 @@ class TensorReport:
             return flat
         from .engine import unravel
 
-        return unravel(flat, self.shape)
+        if self.output_shape is None:
+            return unravel(flat, self.shape)
+        n_out = math.prod(self.output_shape)
+        i, o = divmod(flat, n_out)
+        return unravel(o, self.output_shape), unravel(i, self.shape)
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary (no tensors)."""
@@ -89,14 +111,29 @@ class TensorReport:
             "name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
             "mode": self.mode, "checked": self.checked, "total": self.total, "passed": self.passed,
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
-            "worst_index": list(self.worst_index) if isinstance(self.worst_index, tuple) else self.worst_index,
+            "worst_index": _jsonable(self.worst_index), "output_shape": _jsonable(self.output_shape),
+            "nondeterminism": self.nondeterminism,
             "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
             "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
             "agree": self.agree, "disagree": self.disagree, "unresolved": self.unresolved,
-            "disagreeing": [list(i) if isinstance(i, tuple) else i for i in self.disagreeing()],
+            "disagreeing": [_jsonable(i) for i in self.disagreeing()],
             "details": {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
                         for k, v in self.details.items()},
         }
+
+
+REL_FLOOR = 1e-3  # relative errors are taken over entries at least this fraction of the tensor's largest
+
+
+def relative_errors(diff: torch.Tensor, analytical: torch.Tensor, scale: float) -> torch.Tensor:
+    """``|numerical - analytical| / |analytical|`` where ``|analytical| >= REL_FLOOR * scale``, else 0: a relative
+    error of an entry that is (numerically) zero says nothing, and most Jacobian entries are zero."""
+    big = analytical.abs() >= REL_FLOOR * scale
+    return torch.where(big & (analytical != 0), diff / analytical.abs().clamp(min=1e-300), torch.zeros_like(diff))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 @dataclass
@@ -130,9 +167,7 @@ class CheckReport:
                 "numerical", "est. FD error", "agree/disagree/unresolved", "verdict"]
         rows = []
         for t in self.tensors:
-            worst = t.worst_index
-            worst = "-" if worst is None else (f"[{', '.join(map(str, worst))}]" if isinstance(worst, tuple)
-                                               else f"dir {worst}")
+            worst = _fmt_index(t.worst_index)
             checked = f"{t.checked}/{t.total}" + (" dirs" if t.mode == "directional" else "")
             rows.append([t.name, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""),
                          checked, _fmt(t.max_abs_error), _fmt(t.max_rel_error), worst, _fmt(t.worst_analytical),
@@ -145,7 +180,10 @@ class CheckReport:
         for t in self.tensors:
             bad = t.disagreeing(5)
             if bad:
-                out.append(f"  {t.name}: disagreeing entries (worst first): {', '.join(map(str, bad))}")
+                shown = ", ".join(_fmt_index(b) if t.output_shape is not None else str(b) for b in bad)
+                out.append(f"  {t.name}: disagreeing entries (worst first): {shown}")
+            if t.nondeterminism:
+                out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
             if t.unresolved:
                 out.append(f"  {t.name}: {t.unresolved} unresolved entries (kink, discontinuity or non-finite loss "
                            "nearby); they do not fail the check")
@@ -166,38 +204,38 @@ class CheckReport:
         worst = max(self.tensors, key=lambda t: (t.disagree, t.max_rel_error)) if self.tensors else None
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.5))
         for t in self.tensors:
-            e = t.entries
+            e = {name: v.numpy() for name, v in t.entries.items()}
             ax0.scatter(e["analytical"], e["numerical"], s=8, label=t.name, alpha=0.7)
             bad = e["verdict"] == DISAGREE
             if bool(bad.any()):
                 ax0.scatter(e["analytical"][bad], e["numerical"][bad], s=40, facecolors="none", edgecolors="red")
-        lo_hi = [min(float(t.entries["analytical"].min()) for t in self.tensors if t.checked),
-                 max(float(t.entries["analytical"].max()) for t in self.tensors if t.checked)] if any(
-            t.checked for t in self.tensors) else [0, 1]
+        shown = [t.entries["analytical"] for t in self.tensors if t.entries["analytical"].numel()]
+        lo_hi = [min(float(a.min()) for a in shown), max(float(a.max()) for a in shown)] if shown else [0, 1]
         ax0.plot(lo_hi, lo_hi, "k--", lw=0.8)
         ax0.set_xlabel("analytical")
         ax0.set_ylabel("numerical")
         ax0.set_title("analytical vs numerical (red: disagree)")
         ax0.legend(fontsize=7)
-        if worst is not None and worst.checked:
+        if worst is not None and worst.entries["index"].numel():
             e = worst.entries
-            ratio = ((e["numerical"] - e["analytical"]).abs() / e["tolerance"]).double()
-            if worst.mode == "full" and len(worst.shape) >= 1:
-                grid = torch.full((worst.checked,), float("nan"), dtype=torch.float64)
-                grid = ratio.reshape(-1) if worst.checked == math.prod(worst.shape) else grid
-                grid = grid.reshape(worst.shape if len(worst.shape) >= 2 else (1, -1))
-                grid = grid.reshape(grid.shape[0], -1)
-                im = ax1.imshow(grid.clamp(min=1e-3).log10(), aspect="auto", cmap="viridis")
+            ratio = ((e["numerical"] - e["analytical"]).abs() / e["tolerance"]).double().numpy()
+            bad = (e["verdict"] == DISAGREE).numpy()
+            complete = worst.mode == "full" and len(ratio) == worst.total
+            if complete:  # the whole tensor (or Jacobian block: inputs down, outputs across) as an image
+                shape = tuple(worst.shape)
+                rows = shape[0] if len(shape) >= 2 else 1
+                grid = ratio.reshape(rows, -1) if worst.output_shape is None else ratio.reshape(worst.checked // max(
+                    1, math.prod(worst.output_shape)), -1)
+                im = ax1.imshow(np.log10(np.clip(grid, 1e-3, None)), aspect="auto", cmap="viridis")
                 fig.colorbar(im, ax=ax1, label="log10(|error| / tolerance)")
-                bad = (e["verdict"] == DISAGREE).reshape(grid.shape)
-                ys, xs = bad.nonzero(as_tuple=True)
+                ys, xs = np.nonzero(bad.reshape(grid.shape))
                 ax1.scatter(xs, ys, marker="x", c="red", s=25)
-            else:
-                ax1.bar(range(len(ratio)), ratio, color=["red" if v == DISAGREE else "C0" for v in e["verdict"]])
+            else:  # the entries that were kept, as bars
+                ax1.bar(range(len(ratio)), ratio, color=["red" if b else "C0" for b in bad])
                 ax1.axhline(1.0, color="k", lw=0.8)
                 ax1.set_yscale("log")
                 ax1.set_ylabel("|error| / tolerance")
-            ax1.set_title(f"{worst.name}: error / tolerance (x: disagree)")
+            ax1.set_title(f"{worst.name}: error / tolerance (red: disagree)")
         fig.tight_layout()
         if path:
             fig.savefig(path, dpi=120)

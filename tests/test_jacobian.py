@@ -1,0 +1,261 @@
+"""Tensor-valued functions: Jacobian checks, the real custom op and its planted bug, batching strategies, the
+gradcheck drop-in, the pytest helper, non-determinism and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import assert_unchanged, snapshot
+from torch.autograd.gradcheck import GradcheckError as TorchGradcheckError
+
+import gradfd
+from gradfd import custom_op, engine, ops
+
+needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason=f"no kernels: {ops.unavailable_reason()}")
+
+
+def _leaf(*tensors):
+    return tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors)
+
+
+def _softmax_rows(x):
+    return torch.softmax(1.5 * x, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["full", "sample", "directional"])
+def test_tensor_valued_functions_pass_in_every_mode(seed, dtype, mode):
+    x = torch.randn(6, 5, dtype=dtype)
+    w = torch.randn(5, dtype=dtype)
+    report = gradfd.check(lambda x, w: (_softmax_rows(x) * w, torch.tanh(x).sum(0)), _leaf(x, w), mode=mode,
+                          samples=12, directions=6)
+    assert report.passed, str(report)
+    names = [t.name for t in report.tensors]
+    if mode != "directional":
+        assert names == ["output[0] wrt params[0]", "output[1] wrt params[0]", "output[0] wrt params[1]",
+                         "output[1] wrt params[1]"]
+
+
+def test_full_mode_compares_every_jacobian_entry_with_autograds(seed):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    report = gradfd.check(_softmax_rows, _leaf(x))
+    t = report.tensors[0]
+    jac = torch.autograd.functional.jacobian(_softmax_rows, x).reshape(12, 12)  # (out, in)
+    assert t.checked == t.total == 144 and t.output_shape == (4, 3)
+    # entries["index"] = input_flat * n_out + output_flat
+    i, o = t.entries["index"] // 12, t.entries["index"] % 12
+    torch.testing.assert_close(t.entries["analytical"], jac[o, i], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(t.entries["numerical"], jac[o, i], rtol=1e-8, atol=1e-10)
+
+
+class _Buggy(torch.autograd.Function):
+    """Row-wise softmax whose backward is wrong for one (output, input) pair: the planted bug."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return _softmax_rows(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        gx = 1.5 * y * (grad - (grad * y).sum(-1, keepdim=True))
+        gx[1, 2] = gx[1, 2] + 0.5 * grad[1, 0]  # d out[1, 0] / d in[1, 2] is off by 0.5
+        return gx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_worst_output_input_pair_is_reported_with_both_values(seed, dtype):
+    x = torch.randn(3, 4, dtype=dtype)
+    report = gradfd.check(_Buggy.apply, _leaf(x), raise_on_failure=False)
+    t = report.tensors[0]
+    assert not report.passed and t.disagree == 1, str(report)
+    assert t.worst_index == ((1, 0), (1, 2)) and t.disagreeing() == [((1, 0), (1, 2))]
+    jac = torch.autograd.functional.jacobian(_softmax_rows, x.double())
+    assert abs(t.worst_numerical - float(jac[1, 0, 1, 2])) < 1e-3
+    assert abs(t.worst_analytical - t.worst_numerical - 0.5) < 1e-3
+    assert "out[1, 0] in[1, 2]" in str(report)
+
+
+def test_integer_outputs_are_skipped_and_listed_and_unrelated_outputs_have_zero_gradient(seed):
+    x, y = torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    report = gradfd.check(lambda x, y: (x * 2, x.argmax(), y.exp()), _leaf(x, y))
+    assert report.passed and "skipped outputs without gradient: output[1] (int64)" in str(report)
+    unrelated = report["output[2] wrt params[0]"]
+    assert unrelated.agree == 15 and float(unrelated.entries["analytical"].abs().max()) == 0.0
+    assert float(unrelated.entries["numerical"].abs().max()) == 0.0
+
+
+def test_memory_never_grows_as_inputs_times_outputs(seed):
+    n = 1500  # 2.25e6 Jacobian entries: neither the analytical nor the numerical Jacobian is held densely
+    x = torch.randn(n, dtype=torch.float64)
+    report = gradfd.check(lambda x: torch.sin(x) * 2, _leaf(x), memory_budget="4MB")
+    t = report.tensors[0]
+    assert report.passed and t.checked == n * n and t.agree == n * n
+    assert t.entries["index"].numel() < n * n  # only statistics and the interesting entries are kept
+
+
+# ---- the real custom op ------------------------------------------------------------------------------------------
+
+@needs_kernels
+def test_custom_op_forward_and_backward_match_the_reference(seed):
+    x, b = torch.randn(7, 9, requires_grad=True), torch.randn(9, requires_grad=True)
+    y = custom_op.bias_gelu(x, b)
+    y_ref = custom_op.bias_gelu_reference(x, b)
+    torch.testing.assert_close(y, y_ref)
+    v = torch.randn_like(y)
+    g = torch.autograd.grad((y * v).sum(), (x, b))
+    g_ref = torch.autograd.grad((y_ref * v).sum(), (x, b))
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_custom_op_is_float32_only_with_a_clear_error():
+    with pytest.raises(RuntimeError, match="gradfd::bias_gelu: x must be float32 .* got Double"):
+        custom_op.bias_gelu(torch.randn(3, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64))
+
+
+@needs_kernels
+def test_custom_op_passes_in_float32_without_tolerance_tweaks_and_uses_stacking(seed):
+    x, b = torch.randn(16, 8), torch.randn(8)
+    report = gradfd.check(custom_op.bias_gelu, _leaf(x, b))
+    assert report.passed, str(report)
+    assert report["output[0] wrt params[0]"].details["batching"] == "stack"  # no vmap rule; rows are independent
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["full", "sample", "directional"])
+def test_custom_op_with_a_planted_bug_fails_and_points_at_the_wrong_entries(seed, mode):
+    x, b = torch.randn(16, 8), torch.randn(8)
+    with pytest.raises(gradfd.GradientCheckError) as err:
+        gradfd.check(custom_op.bias_gelu_buggy, _leaf(x, b), mode=mode, samples=64)
+    report = err.value.report
+    if mode == "full":
+        t = report["output[0] wrt params[0]"]
+        z = (x + b).reshape(-1)
+        flagged = t.disagreeing(10_000)
+        assert flagged and all(out == inp for out, inp in flagged)  # elementwise: the diagonal only
+        assert all(float(z[int(torch.tensor(i) @ torch.tensor([8, 1]))]) < custom_op.BUGGY_BRANCH for _, i in flagged)
+
+
+@needs_kernels
+def test_torch_gradcheck_cannot_check_the_float32_only_op(seed):
+    x, b = torch.randn(4, 3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.autograd.gradcheck(custom_op.bias_gelu, _leaf(x.double(), b.double()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verdict = torch.autograd.gradcheck(custom_op.bias_gelu, _leaf(x, b), raise_exception=False)
+    assert verdict is False  # a false verdict on a correct op: float32 with gradcheck's float64 step and tolerance
+
+
+# ---- batching strategies -----------------------------------------------------------------------------------------
+
+def test_stack_is_refused_with_a_warning_when_rows_are_not_independent(seed):
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def mixes(x):  # normalises by a statistic of the whole input: stacking copies changes every row
+        return x / x.std()
+
+    with pytest.warns(engine.FallbackWarning, match="does not treat the leading dimension as independent rows"):
+        report = gradfd.check(mixes, _leaf(x), batching="stack")
+    assert report.passed
+
+
+@pytest.mark.parametrize("batching", ["vmap", "stack", "loop"])
+def test_each_batching_strategy_gives_the_same_verdict(seed, batching):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    report = gradfd.check(_softmax_rows, _leaf(x), batching=batching)
+    assert report.passed
+    assert report.tensors[0].details["batching"] == (None if batching == "loop" else batching)
+
+
+# ---- drop-in and helpers -----------------------------------------------------------------------------------------
+
+def test_gradcheck_drop_in_mirrors_torch(seed):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert gradfd.gradcheck(_softmax_rows, (x,)) is True
+    assert gradfd.gradcheck(_softmax_rows, x, fast_mode=True) is True
+    assert gradfd.gradcheck(_Buggy.apply, (x,), raise_exception=False) is False
+    with pytest.raises(TorchGradcheckError):
+        gradfd.gradcheck(_Buggy.apply, (x,))
+    with pytest.raises(gradfd.GradientCheckError):
+        gradfd.gradcheck(_Buggy.apply, (x,))
+    with pytest.raises(NotImplementedError, match="check_forward_ad=True"):
+        gradfd.gradcheck(_softmax_rows, (x,), check_forward_ad=True)
+    with pytest.raises(NotImplementedError, match="check_batched_grad=True"):
+        gradfd.gradcheck(_softmax_rows, (x,), check_batched_grad=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'frobnicate'"):
+        gradfd.gradcheck(_softmax_rows, (x,), frobnicate=True)
+
+
+def test_gradcheck_drop_in_checks_float32(seed):
+    x = torch.randn(5, 4, requires_grad=True)
+    assert gradfd.gradcheck(_softmax_rows, (x,))
+
+
+def test_assert_gradients_match_fails_with_the_report_table(seed):
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    gradfd.testing.assert_gradients_match(_softmax_rows, (x,))
+    with pytest.raises(AssertionError) as err:
+        gradfd.testing.assert_gradients_match(_Buggy.apply, (x,))
+    assert "gradfd.check: FAILED" in str(err.value) and "out[1, 0] in[1, 2]" in str(err.value)
+
+
+class _Nondeterministic(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2 * (1 + 1e-13 * torch.rand_like(grad))  # like atomics: a slightly different sum every run
+
+
+def test_nondeterministic_backward_is_reported_beyond_nondet_tol(seed):
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    report = gradfd.check(_Nondeterministic.apply, (x,), nondet_tol=1e-16, raise_on_failure=False, batching="loop")
+    assert not report.passed and "not deterministic" in str(report)
+    assert report.tensors[0].disagree == 0  # the gradient itself is right to within the check's tolerance
+    assert gradfd.check(_Nondeterministic.apply, (x,), nondet_tol=1e-9, batching="loop").passed
+    assert gradfd.check(lambda x: x * 2, (x,), nondet_tol=0.0).passed
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+X = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+BAD = [
+    ("different devices", dict(params=(X, torch.empty(4, device="meta"))), ValueError,
+     r"params must all be on one device"),
+    ("sparse input", dict(params=(X.detach().to_sparse().requires_grad_(),)), TypeError, "dense"),
+    ("nested input", dict(params=(torch.nested.nested_tensor([X.detach(), X.detach()[:2]]),), wrt=0), TypeError,
+     "dense"),
+    ("complex input", dict(params=(X.detach().to(torch.complex128).requires_grad_(),), wrt=0), TypeError,
+     "complex"),
+    ("complex output", dict(func=lambda x: x.to(torch.complex128)), TypeError, r"output\[0\] is complex"),
+    ("mutating op", dict(func=lambda x: x.mul_(2)), (ValueError, RuntimeError), "in place|leaf Variable"),
+    ("shape changes", dict(func=lambda x: x[x > 0], params=(torch.tensor([1e-6, 1.0, -1.0, 2.0], dtype=torch.float64,
+                                                                         requires_grad=True),)),
+     ValueError, "changed shape under perturbation"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error(name, override, exc, message):
+    args = dict(func=lambda *p: p[0] * 2, params=(X,))
+    args.update(override)
+    dense = [p for p in args["params"] if p.layout == torch.strided and not p.is_nested and p.device.type != "meta"]
+    snap = snapshot(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)
+        with pytest.raises(exc, match=message):
+            gradfd.check(args.pop("func"), args.pop("params"), **args)
+    assert_unchanged(dense, snap)
