@@ -897,10 +897,12 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
     device = problem.device
     if chunk_size is None:
         budget = budget or default_memory_budget(device)
-        per_coord = s * (problem.numel * problem.flat.element_size() + problem.activation_bytes() + 256) * 2
+        outputs = problem.spec.size * 8 if problem.vector else 0
+        per_coord = s * (problem.numel * problem.flat.element_size() + problem.activation_bytes() + outputs + 256) * 2
         chunk = max(1, budget // per_coord)
         if device.type == "cpu":  # measured: chunks whose working set stays cache-sized run fastest on a CPU
-            chunk = min(chunk, max(_CPU_MIN_CHUNK, _CPU_WORKING_SET // per_coord))
+            # (tensor-valued funcs: at least 64, as each chunk also pays for comparing its Jacobian columns)
+            chunk = min(chunk, max(64 if problem.vector else _CPU_MIN_CHUNK, _CPU_WORKING_SET // per_coord))
         chunk = min(m, chunk)
         result.notes.append(f"chunk of {chunk} coordinates ({per_coord * chunk / 2**20:.1f} MiB; budget "
                             f"{budget / 2**20:.0f} MiB)")

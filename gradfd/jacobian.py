@@ -91,9 +91,9 @@ class Analytical:
         size = self.spec.size
         n = self.clones[k].numel()
         if k not in self._dense and size * n * 8 <= self.budget:
-            self._dense[k] = self._all_rows(k)
+            self._dense[k] = self._all_rows(k).t().contiguous()  # (N, O): a chunk of columns is a block of rows
         if k in self._dense:
-            return self._dense[k][:, cols].t()
+            return self._dense[k][cols]
         step = max(1, _VJP_ROW_BYTES // (8 * max(n, 1)))
         parts = [self._rows(k, torch.arange(a, min(a + step, size), device=self.device))[:, cols]
                  for a in range(0, size, step)]
@@ -120,13 +120,91 @@ class Analytical:
         return torch.zeros(x.numel(), dtype=torch.float64, device=x.device) if g is None else \
             g.reshape(-1).to(torch.float64)
 
+    def vjp_batched(self, k: int, cotangents: torch.Tensor) -> torch.Tensor:
+        """``(r, N_k)`` float64: ``cotangents (r, O)`` times the Jacobian, in one batched backward when possible."""
+        x = self.clones[k]
+        r = cotangents.shape[0]
+        outs, cots = [], []
+        for j, o in enumerate(self.outputs):
+            if o.requires_grad:
+                lo = self.spec.offsets[j]
+                outs.append(o)
+                cots.append(cotangents[:, lo:lo + o.numel()].to(o.dtype).reshape(r, *o.shape))
+        if not outs:
+            return torch.zeros(r, x.numel(), dtype=torch.float64, device=x.device)
+        try:
+            (g,) = torch.autograd.grad(outs, [x], grad_outputs=cots, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=True)
+        except RuntimeError:
+            return torch.stack([self.vjp(k, cotangents[q]) for q in range(r)])
+        return torch.zeros(r, x.numel(), dtype=torch.float64, device=x.device) if g is None else \
+            g.reshape(r, -1).to(torch.float64)
+
     def scale(self, k: int, group: int) -> float | None:
         """Largest |entry| of the Jacobian block (output ``group``, input ``k``) when it is held densely."""
         if k not in self._dense:
             return None
         lo = self.spec.offsets[group]
-        block = self._dense[k][lo:lo + self.spec.numels[group]]
+        block = self._dense[k][:, lo:lo + self.spec.numels[group]]
         return float(block.abs().max()) if block.numel() else 0.0
+
+
+class _Compressed:
+    """The analytical Jacobian of one input from a few colored vector-Jacobian products (Curtis-Powell-Reid).
+
+    Outputs are colored ``o mod q``; one backward per color (cotangent = the color's indicator) gives, for every
+    input column, the sum of the Jacobian entries of that color. Where each column moves at most one output of
+    each color -- as the numerical side shows exactly (which outputs changed at any node) -- those sums are the
+    entries themselves: an elementwise op needs one backward, a row-wise op one per row length, instead of one per
+    output. A color whose outputs the column did not move must sum to zero; a nonzero sum (a backward that leaks
+    into entries the function does not depend on) or any disagreement makes the caller redo the tensor with exact
+    rows, so that the reported entries are exact.
+    """
+
+    def __init__(self, analytical: Analytical, k: int):
+        self.analytical, self.k = analytical, k
+        self.size = analytical.spec.size
+        self.q: int | None = None
+        self.rows: torch.Tensor | None = None  # (q, N)
+
+    def fit(self, moved: torch.Tensor) -> bool:
+        """Make the coloring valid for the columns of ``moved`` (``(c, O)`` bool); False when compression no
+        longer pays (more than a tenth as many colors as outputs)."""
+        if self.q is not None and not self._collides(moved, self.q):
+            return True
+        start = max(1, int(moved.sum(dim=1).max()) if moved.numel() else 1, 2 * self.q if self.q else 1)
+        q = start
+        while q <= self.size // 10:
+            if not self._collides(moved, q):
+                self.q = q
+                colors = torch.arange(self.size, device=moved.device) % q
+                cot = torch.zeros(q, self.size, dtype=torch.float64, device=moved.device)
+                cot[colors, torch.arange(self.size, device=moved.device)] = 1.0
+                self.rows = torch.stack([self.analytical.vjp(self.k, cot[c]) for c in range(q)]) if q <= 4 else \
+                    self.analytical.vjp_batched(self.k, cot)
+                return True
+            q *= 2
+        return False
+
+    @staticmethod
+    def _collides(moved: torch.Tensor, q: int) -> bool:
+        c, o = moved.shape
+        counts = torch.zeros(c, q, dtype=torch.int64, device=moved.device)
+        cols, outs = moved.nonzero(as_tuple=True)
+        counts.index_put_((cols, outs % q), torch.ones_like(cols), accumulate=True)
+        return bool((counts > 1).any())
+
+    def entries(self, cols: torch.Tensor, moved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, O)`` analytical values at the moved pairs (0 elsewhere) and the ``(c, q)`` sums of the colors the
+        column did not move (which must vanish)."""
+        sums = self.rows[:, cols].t()  # (c, q)
+        colors = torch.arange(self.size, device=moved.device) % self.q
+        values = torch.where(moved, sums[:, colors], torch.zeros(moved.shape, dtype=torch.float64,
+                                                                  device=moved.device))
+        used = torch.zeros(sums.shape, dtype=torch.bool, device=moved.device)
+        cc, oo = moved.nonzero(as_tuple=True)
+        used[cc, oo % self.q] = True
+        return values, torch.where(used, torch.zeros_like(sums), sums)
 
 
 @dataclass
@@ -140,52 +218,83 @@ class _Columns:
     finite: torch.Tensor
 
 
-def column_entries(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
-                   out_eps: torch.Tensor, noise: torch.Tensor | None) -> tuple[_Columns, torch.Tensor]:
-    """Numerical Jacobian columns with error estimates from one chunk of the engine's values.
+def _segment_median(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count,)``: the (lower) median of ``values`` within each segment id, NaN for empty segments."""
+    out = torch.full((count,), math.nan, dtype=values.dtype, device=values.device)
+    if values.numel() == 0:
+        return out
+    order = torch.argsort(values)
+    v, s = values[order], segments[order]
+    order = torch.argsort(s, stable=True)
+    v, s = v[order], s[order]
+    counts = torch.bincount(s, minlength=count)
+    starts = torch.cumsum(counts, 0) - counts
+    mid = (starts + (counts - 1).clamp(min=0) // 2).clamp(max=v.numel() - 1)
+    return torch.where(counts > 0, v[mid], out)
+
+
+def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
+                    out_eps: torch.Tensor, outputs: torch.Tensor, n_outputs: int,
+                    noise: torch.Tensor | None) -> tuple[_Columns, torch.Tensor]:
+    """Numerical Jacobian entries with error estimates, for ``n`` (input column, output entry) pairs.
 
     Args:
-        values: ``(S, c, O)`` float64 outputs at the stencil's nodes (rows in ``stencil.offsets`` order).
-        displacement: ``(S, c)`` float64 realised steps.
-        base: ``(O,)`` float64 outputs at the unperturbed point.
-        stencil: the stencil.
-        out_eps: ``(O,)`` machine epsilon of each output entry's dtype.
-        noise: ``(O,)`` loss-noise per output entry to use, or None to estimate it from this chunk.
+        values: ``(S, n)`` float64 output entry ``outputs[e]`` at the stencil's nodes around column ``e``'s input.
+        displacement: ``(S, n)`` float64 realised steps of each entry's column.
+        base: ``(n,)`` float64 output values at the unperturbed point.
+        stencil: the stencil (rows of ``values`` in ``stencil.offsets`` order).
+        out_eps: ``(n,)`` machine epsilon of each output's dtype.
+        outputs: ``(n,)`` int64 output entry of each pair; ``n_outputs`` their number.
+        noise: ``(n_outputs,)`` loss-noise per output entry to use, or None to measure it here: the median of the
+            fourth differences over the pairs that moved each output (the model ``eps * |f|`` where none did).
 
     Returns:
-        ``(columns, noise)``.
+        ``(entries, noise)`` with ``(n,)`` tensors and the ``(n_outputs,)`` noise.
     """
     offsets = stencil.offsets
-    diff = displacement[0::2] - displacement[1::2]  # (K, c)
-    levels = (values[0::2] - values[1::2]) / diff.unsqueeze(-1)  # (K, c, O)
-    half = (diff / 2).unsqueeze(-1).expand_as(levels)
-    k_, c, o = levels.shape
-    numerical, spread = stencils.extrapolate(levels.reshape(k_, -1), half.reshape(k_, -1))
-    numerical = numerical.view(c, o)
+    diff = displacement[0::2] - displacement[1::2]  # (K, n)
+    levels = (values[0::2] - values[1::2]) / diff
+    numerical, spread = stencils.extrapolate(levels, diff / 2)
     finite = torch.isfinite(values).all(dim=0) & torch.isfinite(numerical)
-    h = diff[0].abs().unsqueeze(-1) / 2  # (c, 1)
+    h = diff[0].abs() / 2
     if all(v in offsets for v in (1.0, -1.0, 2.0, -2.0)):
         p1, m1, p2, m2 = (offsets.index(v) for v in (1.0, -1.0, 2.0, -2.0))
-        fourth = values[p2] - 4 * values[p1] + 6 * base - 4 * values[m1] + values[m2]  # (c, O)
+        fourth = values[p2] - 4 * values[p1] + 6 * base - 4 * values[m1] + values[m2]
         kink = fourth.abs() / (2 * h)
     else:
         fourth = None
         i_p, i_m = offsets.index(1.0), offsets.index(-1.0)
         kink = (values[i_p] - 2 * base + values[i_m]).abs() / h
     if noise is None:
-        model = out_eps * base.abs()
+        model = torch.zeros(n_outputs, dtype=torch.float64, device=values.device)
+        model[outputs] = out_eps * base.abs()
         if fourth is None:
             noise = model
         else:
-            masked = torch.where(finite, fourth.abs(), torch.full_like(fourth, math.nan))
-            measured = masked.nanmedian(dim=0).values.nan_to_num(0.0) * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
-            noise = torch.maximum(model / 4 if c >= accuracy.RELIABLE_MEDIAN else model, measured)
-    rounding = accuracy.ROUNDING_SAFETY * noise.unsqueeze(0) * stencil.weight_norm / h
-    truncation = spread.view(c, o) if spread is not None else torch.zeros_like(numerical)
+            moved = finite & (values != base).any(dim=0)
+            measured = _segment_median(fourth.abs()[moved], outputs[moved], n_outputs)
+            moved_count = torch.bincount(outputs[moved], minlength=n_outputs)
+            measured = measured.nan_to_num(0.0) * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
+            reliable = moved_count >= accuracy.RELIABLE_MEDIAN
+            noise = torch.maximum(torch.where(reliable, model / 4, model), measured)
+    rounding = accuracy.ROUNDING_SAFETY * noise[outputs] * stencil.weight_norm / h
+    truncation = spread if spread is not None else torch.zeros_like(numerical)
     nan = torch.full_like(numerical, math.nan)
-    cols = _Columns(torch.where(finite, numerical, nan), torch.where(finite, truncation + rounding, nan), rounding,
-                    torch.where(finite, kink, nan), finite)
-    return cols, noise
+    entries = _Columns(torch.where(finite, numerical, nan), torch.where(finite, truncation + rounding, nan), rounding,
+                       torch.where(finite, kink, nan), finite)
+    return entries, noise
+
+
+def column_entries(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
+                   out_eps: torch.Tensor, noise: torch.Tensor | None) -> tuple[_Columns, torch.Tensor]:
+    """:func:`entry_estimates` for every pair of a chunk: ``values (S, c, O)``, ``displacement (S, c)``,
+    ``base (O,)``, ``out_eps (O,)``; the returned entries are ``(c, O)``."""
+    s_, c, o = values.shape
+    outputs = torch.arange(o, device=values.device).repeat(c)
+    entries, noise = entry_estimates(values.reshape(s_, c * o), displacement.repeat_interleave(o, dim=1),
+                                     base.repeat(c), stencil, out_eps.repeat(c), outputs, o, noise)
+    return _Columns(*(t.view(c, o) for t in (entries.numerical, entries.error, entries.rounding, entries.kink,
+                                              entries.finite))), noise
 
 
 def check_coordinates(
@@ -204,11 +313,14 @@ def check_coordinates(
     atol: float | None,
     rtol: float | None,
     mode: str,
+    compress: bool = True,
 ) -> list[TensorReport]:
     """Full or sample mode for input ``params[k]``: one :class:`TensorReport` per compared output.
 
     The first round streams through the engine; entries that do not agree are then re-evaluated at smaller steps
-    (:func:`gradfd.check.refine`).
+    (:func:`gradfd.check.refine`). For tensor-valued functions the analytical Jacobian comes from colored
+    vector-Jacobian products (:class:`_Compressed`) while that is valid and cheaper; a disagreement or a leak
+    makes the tensor be redone with exact rows (``compress=False``).
     """
     from .check import FLOOR_EPS, _Entries, _verdicts, refine
 
@@ -230,7 +342,9 @@ def check_coordinates(
     if chunk_size is None and size * n * 8 > analytical.budget:
         # the analytical rows are recomputed for every chunk: make the chunks few
         chunk_size = max(64, -(-m // 16))
-    state: dict = {"noise": None, "details": {}}
+    state: dict = {"noise": None, "details": {}, "fallback": False,
+                   "compressed": _Compressed(analytical, k) if compress and not analytical.scalar and size >= 16
+                   else None}
     store = {name: torch.empty(m, size, dtype=torch.float64, device=p.device) if keep_all else None
              for name in ("numerical", "analytical", "error", "tolerance")}
     verdict_all = torch.empty(m, size, dtype=torch.int8, device=p.device) if keep_all else None
@@ -264,33 +378,63 @@ def check_coordinates(
     base_values = None
 
     def first_round(start, stop, values, disp):
+        if state["fallback"]:
+            return  # the tensor will be redone with exact rows
         cols = coords[start:stop]
         c = cols.numel()
-        base = base_values
-        ecols, noise = column_entries(values, disp, base, stencil, out_eps, state["noise"])
-        if state["noise"] is None:
-            state["noise"] = noise
-        ana = analytical.columns(k, cols)  # (c, O)
-        outs = torch.arange(size, device=p.device).expand(c, size)
+        comp = state["compressed"]
+        if comp is not None:
+            moved = (values != base_values).any(dim=0)  # NaN and inf compare unequal: they count as moved
+            if comp.fit(moved):
+                ana, unused_sums = comp.entries(cols, moved)
+                h_col = (disp[0] - disp[1]).abs() / 2  # (c,)
+                lo_hi = [(spec.offsets[j], spec.offsets[j] + spec.numels[j]) for j in range(len(spec.kept))]
+                allowed = (FLOOR_EPS * float(out_eps.max()) * max((float(ana[:, a:b].abs().max()) if b > a else 0.0)
+                                                                  for a, b in lo_hi)
+                           + float((out_eps * base_values.abs()).sum()) / h_col.unsqueeze(1))
+                if bool((unused_sums.abs() > allowed).any()):
+                    state["fallback"] = True  # a leak: redo with exact rows, which say where
+                    return
+            else:
+                state["compressed"] = comp = None
+        if comp is None:
+            ana = analytical.columns(k, cols)  # (c, O)
         for j in range(len(spec.kept)):  # a chunk-local scale where the Jacobian is not held densely
             if scales[j] is None:
                 sel = group == j
                 scales[j] = float(ana[:, sel].abs().max()) if ana[:, sel].numel() else 0.0
-        flat = lambda t: t.reshape(-1)  # noqa: E731
-        e = _Entries(flat((torch.arange(start, stop, device=p.device) * size).unsqueeze(1) + outs),
-                     flat(ecols.numerical), flat(ana), flat(ecols.error), flat(ecols.rounding), flat(ecols.kink),
-                     flat(ecols.finite))
-        verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, flat(outs)))
+        # Pairs whose output no node moved (exactly) and whose analytical entry is exactly zero agree with zero
+        # error: most of a Jacobian, for elementwise and row-wise ops. Only the others are estimated and judged.
+        active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
+        jj, oo = active.nonzero(as_tuple=True)
+        vals = values[:, jj, oo]
+        est, noise = entry_estimates(vals, disp[:, jj], base_values[oo], stencil, out_eps[oo], oo, size, None)
+        # each chunk measures its own noise; the refinement rounds use the largest seen per output entry
+        state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
+        e = _Entries((start + jj) * size + oo, est.numerical, ana[jj, oo], est.error, est.rounding, est.kink,
+                     est.finite)
+        verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, oo))
+        inactive = ~active
         if keep_all:
-            store["numerical"][start:stop] = ecols.numerical
-            store["analytical"][start:stop] = ana
-            store["error"][start:stop] = ecols.error
-            store["tolerance"][start:stop] = tol.view(c, size)
-            verdict_all[start:stop] = verdict.view(c, size)
+            zeros = torch.zeros(c, size, dtype=torch.float64, device=p.device)
+            store["numerical"][start:stop] = zeros
+            store["analytical"][start:stop] = zeros
+            store["error"][start:stop] = zeros
+            outs = torch.arange(size, device=p.device).expand(c, size)
+            store["tolerance"][start:stop] = floor_of(zeros.reshape(-1), outs.reshape(-1)).view(c, size)
+            verdict_all[start:stop] = AGREE
+            store["numerical"][start + jj, oo] = e.numerical
+            store["analytical"][start + jj, oo] = e.analytical
+            store["error"][start + jj, oo] = e.error
+            store["tolerance"][start + jj, oo] = tol
+            verdict_all[start + jj, oo] = verdict
+        for j in range(len(spec.kept)):
+            lo, hi = spec.offsets[j], spec.offsets[j] + spec.numels[j]
+            agg[j]["agree"] += int(inactive[:, lo:hi].sum())
         good = verdict == AGREE
         if bool(good.any()):
             diff = (e.numerical - e.analytical).abs()
-            g_out = group[flat(outs)]
+            g_out = group[oo]
             sc = torch.tensor([s if s is not None else 0.0 for s in scales], dtype=torch.float64,
                               device=diff.device)[g_out]
             rel = torch.where(e.analytical.abs() >= REL_FLOOR * sc, diff / e.analytical.abs().clamp(min=1e-300),
@@ -304,12 +448,15 @@ def check_coordinates(
                 a["agree"] += int(sel.sum())
                 a["max_abs"] = max(a["max_abs"], float(diff[sel].max()))
                 a["max_rel"] = max(a["max_rel"], float(rel[sel].max()))
-                jj = int(torch.where(sel, excess, torch.full_like(excess, -1.0)).argmax())
-                if a["worst"] is None or float(excess[jj]) > a["worst"][0]:
-                    a["worst"] = (float(excess[jj]), int(e.index[jj]), float(e.analytical[jj]),
-                                  float(e.numerical[jj]), float(e.error[jj]), float(tol[jj]))
+                w = int(torch.where(sel, excess, torch.full_like(excess, -1.0)).argmax())
+                if a["worst"] is None or float(excess[w]) > a["worst"][0]:
+                    a["worst"] = (float(excess[w]), int(e.index[w]), float(e.analytical[w]),
+                                  float(e.numerical[w]), float(e.error[w]), float(tol[w]))
         bad = (~good).nonzero().flatten()
         if bad.numel():
+            if comp is not None and bool((verdict == DISAGREE).any()):
+                state["fallback"] = True  # report exact values: redo with exact rows
+                return
             flagged.append((e.take(bad), verdict[bad], tol[bad], nonsmooth[bad]))
 
     def set_base(problem_base):
@@ -321,6 +468,10 @@ def check_coordinates(
     problem.rng.close()
     set_base(problem.base_loss.to(torch.float64).reshape(-1))
     evaluate_columns(coords, 1.0, first_round)
+    if state["fallback"]:
+        return check_coordinates(func, params, k, analytical, coords, h=h, stencil=stencil, engine=engine,
+                                 batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, atol=atol,
+                                 rtol=rtol, mode=mode, compress=False)
 
     refined = 0
     if flagged:
@@ -344,8 +495,12 @@ def check_coordinates(
             parts = sorted(got["parts"], key=lambda t: t[0])
             cat = lambda name: torch.cat([getattr(pc, name) for _, pc in parts])  # noqa: E731
             num, err, rnd, knk, fin = (cat(nm) for nm in ("numerical", "error", "rounding", "kink", "finite"))
-            ana = analytical.columns(k, cols)
-            return _Entries(pairs, num[inverse, outs_], ana[inverse, outs_], err[inverse, outs_], rnd[inverse, outs_],
+            comp = state["compressed"]
+            if comp is not None:  # the refined pairs were moved in the first round: their color sums are theirs
+                ana_pairs = comp.rows[outs_ % comp.q, cols[inverse]]
+            else:
+                ana_pairs = analytical.columns(k, cols)[inverse, outs_]
+            return _Entries(pairs, num[inverse, outs_], ana_pairs, err[inverse, outs_], rnd[inverse, outs_],
                             knk[inverse, outs_], fin[inverse, outs_])
 
         e, verdict, tol, refined = refine(e, verdict, tol, nonsmooth, evaluator,
@@ -360,7 +515,8 @@ def check_coordinates(
         e, verdict, tol = None, None, None
 
     details = {**state["details"], "stencil": stencil.name, "step": "automatic" if h is None else h,
-               "refined": refined, "loss_noise": float(state["noise"].max()) if state["noise"] is not None and
+               "refined": refined, "analytical": (f"{state['compressed'].q} colored backward passes"
+                                                  if state["compressed"] is not None else "exact rows"), "loss_noise": float(state["noise"].max()) if state["noise"] is not None and
                state["noise"].numel() else 0.0, "truncation_estimated": len(stencil.multiples) > 1}
     reports = []
     for j, out_k in enumerate(spec.kept):
