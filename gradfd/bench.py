@@ -387,3 +387,79 @@ def check_vs_gradcheck(repeats_seed: int = 0) -> list[dict]:
                 rows.append({"case": label, "dtype": str(dtype).replace("torch.", ""), "method": method,
                              "seconds": seconds, "passes_correct": ok_correct, "flags_planted_1e-3": not ok_bad})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jacobian checks and the custom op (issue 4)
+
+
+def elementwise_op(x: torch.Tensor) -> torch.Tensor:
+    """An elementwise op for the Jacobian benchmark: ``gelu(x) * x``."""
+    return torch.nn.functional.gelu(x) * x
+
+
+def rowwise_op(x: torch.Tensor) -> torch.Tensor:
+    """A row-wise op for the Jacobian benchmark: softmax over rows of 100 entries."""
+    return torch.softmax(1.5 * x.view(-1, 100), dim=-1)
+
+
+def jacobian_suite(sizes=(1000, 10000, 100000), full_cap: int = 10000, slow_cap: int = 10000,
+                   progress: Callable | None = None) -> list[dict]:
+    """``gradfd.check`` (full and directional) against ``torch.autograd.gradcheck`` (slow and fast) on an
+    elementwise and a row-wise op, float64, CPU. Full-mode methods run up to ``full_cap``/``slow_cap`` inputs
+    (gradcheck's slow mode holds the dense Jacobian: 80 GB at 1e5)."""
+    from .check import check
+
+    rows = []
+    for name, op in (("elementwise gelu(x)*x", elementwise_op), ("row-wise softmax (rows of 100)", rowwise_op)):
+        for n in sizes:
+            x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+            methods = {
+                "gradfd full": (lambda: check(op, (x.clone().requires_grad_(),)).passed) if n <= full_cap else None,
+                "gradfd directional": lambda: check(op, (x.clone().requires_grad_(),), mode="directional").passed,
+                "gradcheck slow": (lambda: torch.autograd.gradcheck(op, (x.clone().requires_grad_(),),
+                                                                    raise_exception=False)) if n <= slow_cap else None,
+                "gradcheck fast": lambda: torch.autograd.gradcheck(op, (x.clone().requires_grad_(),),
+                                                                   raise_exception=False, fast_mode=True),
+            }
+            for method, run in methods.items():
+                if progress:
+                    progress(f"{name} n={n} {method}")
+                if run is None:
+                    rows.append({"op": name, "n": n, "method": method, "seconds": None, "passed": None})
+                    continue
+                passed = bool(run())
+                seconds = time_call(run, min_runs=1 if n >= 10000 else 3, min_time=0.1, max_time=1.0)
+                rows.append({"op": name, "n": n, "method": method, "seconds": seconds, "passed": passed})
+    return rows
+
+
+def custom_op_comparison() -> list[dict]:
+    """gradfd.check and torch.autograd.gradcheck on the float32-only fused bias+GELU op and its planted bug."""
+    from . import custom_op
+    from .check import check
+
+    g = torch.Generator().manual_seed(0)
+    x, b = torch.randn(32, 16, generator=g), torch.randn(16, generator=g)
+    rows = []
+    for label, op in (("bias_gelu (correct)", custom_op.bias_gelu), ("bias_gelu_buggy (planted bug)",
+                                                                     custom_op.bias_gelu_buggy)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            report = check(op, (x.clone().requires_grad_(), b.clone().requires_grad_()), raise_on_failure=False)
+            seconds = time.perf_counter() - t0
+            flagged = sum(t.disagree for t in report.tensors)
+            rows.append({"op": label, "method": "gradfd.check float32", "seconds": seconds,
+                         "verdict": "pass" if report.passed else f"fail ({flagged} entries flagged)"})
+            for dtype in (torch.float64, torch.float32):
+                t0 = time.perf_counter()
+                try:
+                    ok = torch.autograd.gradcheck(op, (x.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()),
+                                                  raise_exception=False)
+                    verdict = "pass" if ok else "fail"
+                except Exception as exc:
+                    verdict = f"cannot run ({type(exc).__name__}: {str(exc).splitlines()[0][:70]})"
+                rows.append({"op": label, "method": f"torch gradcheck {str(dtype).replace('torch.', '')}",
+                             "seconds": time.perf_counter() - t0, "verdict": verdict})
+    return rows

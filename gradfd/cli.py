@@ -82,8 +82,51 @@ def demo(out=sys.stdout, sweep_path: str | None = None) -> None:
         print(f"The V-shaped curve was written to {path}", file=out)
     except ImportError as exc:
         print(f"(no plot: {exc})", file=out)
+    _demo_custom_op(out)
     if not ops.kernels_available():
         print(f"\nnote: native kernels unavailable ({ops.unavailable_reason()}); the loop engine was used", file=out)
+
+
+def _demo_custom_op(out) -> None:
+    """The custom-op part of the demo: gradfd.check vs torch.autograd.gradcheck on a float32-only kernel."""
+    import warnings
+
+    import gradfd
+    from gradfd import custom_op, ops
+
+    print("\nChecking a custom op: gradfd.custom_op.bias_gelu, gelu(x + bias) by a fused C++/CUDA kernel, float32 "
+          "only,\nits backward registered with torch.library.register_autograd; and bias_gelu_buggy, whose backward "
+          f"flips\nthe sign where x + bias < {custom_op.BUGGY_BRANCH}.", file=out)
+    if not ops.kernels_available():
+        print(f"  (skipped: native kernels unavailable: {ops.unavailable_reason()})", file=out)
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g).requires_grad_()
+    b = torch.randn(8, generator=g).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradfd.FallbackWarning)
+        good = gradfd.check(custom_op.bias_gelu, (x, b), raise_on_failure=False)
+        bad = gradfd.check(custom_op.bias_gelu_buggy, (x, b), raise_on_failure=False)
+    print(f"\ngradfd.check(bias_gelu, (x, b)) in float32, no tolerance given: "
+          f"{'PASSED' if good.passed else 'FAILED'}", file=out)
+    print("\n".join("  " + line for line in str(good).splitlines()[1:]), file=out)
+    print(f"\ngradfd.check(bias_gelu_buggy, (x, b)): {'PASSED' if bad.passed else 'FAILED'}", file=out)
+    print("\n".join("  " + line for line in str(bad).splitlines()[1:]), file=out)
+    z = (x + b).detach()
+    wrong = (z < custom_op.BUGGY_BRANCH).sum().item()
+    print(f"  ({wrong} entries of x + bias lie below {custom_op.BUGGY_BRANCH}: the flagged ones are among them)", file=out)
+    try:
+        torch.autograd.gradcheck(custom_op.bias_gelu, (x.detach().double().requires_grad_(),
+                                                       b.detach().double().requires_grad_()))
+        verdict64 = "passed"
+    except Exception as exc:  # the kernel refuses float64
+        verdict64 = f"cannot run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verdict32 = torch.autograd.gradcheck(custom_op.bias_gelu, (x, b), raise_exception=False)
+    print(f"\ntorch.autograd.gradcheck(bias_gelu) in float64: {verdict64}", file=out)
+    print(f"torch.autograd.gradcheck(bias_gelu) in float32: {'passed' if verdict32 else 'FAILED'} on the correct op"
+          + ("" if verdict32 else " (a false alarm: its fixed step and tolerance are built for float64)"), file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
