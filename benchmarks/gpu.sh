@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (torch preinstalled, no package index): build the extension with the machine's own
-# torch, run the tests (CUDA cases included), run the benchmarks on cpu and cuda, and write everything to OUTDIR.
+# torch, run the tests (CUDA cases included), run the CUDA kernel tests under compute-sanitizer (memcheck and
+# racecheck), and run `gradfd bench --device cpu,cuda`; everything is written to OUTDIR.
 #
 #   bash benchmarks/gpu.sh OUTDIR        # OUTDIR defaults to $OUT, then ./gpu-results
 #
@@ -23,10 +24,21 @@ $py -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 |
 $py -c "from gradfd import ops; print('kernels', ops.kernels_available(), 'cuda kernels', ops.cuda_kernels_available(),
 ops.unavailable_reason() or '')" | tee -a "$out/machine.txt"
 
-step "tests"
-$py -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15 || status=1
+step "tests (CUDA cases included)"
+timeout 150 $py -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15 || status=1
 
-step "benchmarks"
-$py benchmarks/bench_engine.py --device cuda --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cuda.md" || status=1
-$py benchmarks/bench_engine.py --device cpu --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cpu.md" || status=1
+step "compute-sanitizer over the CUDA kernel tests"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 $py -m pytest -q -x tests/test_kernels.py \
+      tests/test_jacobian.py -k "cuda or custom_op" -p no:cacheprovider > "$out/sanitizer-$tool.log" 2>&1
+    echo "compute-sanitizer $tool: exit $? (0 = clean)" | tee -a "$out/sanitizer.txt"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitizer-$tool.log" | tail -2 | tee -a "$out/sanitizer.txt"
+  done
+else
+  echo "compute-sanitizer not found" | tee "$out/sanitizer.txt"
+fi
+
+step "gradfd bench --device cpu,cuda"
+timeout 200 $py -m gradfd bench --device cpu,cuda --out "$out" 2>/dev/null | tee "$out/bench-table.md" || status=1
 exit $status

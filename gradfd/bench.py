@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -463,3 +464,177 @@ def custom_op_comparison() -> list[dict]:
                 rows.append({"op": label, "method": f"torch gradcheck {str(dtype).replace('torch.', '')}",
                              "seconds": time.perf_counter() - t0, "verdict": verdict})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the standard suite behind `gradfd bench` (issue 6)
+
+REFERENCE_CAP = 2000  # above this many coordinates the reference loop is timed on a subsample and extrapolated
+GRADCHECK_CAP = 10000  # gradcheck's slow mode holds a dense Jacobian; not run above this
+
+
+def _suite_problems(device: str, quick: bool) -> list[tuple[str, int, Callable]]:
+    """``(problem, N, build)`` with ``build() -> (func, params, index, dtype)``."""
+    lin = (100, 1000) if quick else (100, 1000, 10000)
+    mlp_sizes = (100, 1000) if quick else (100, 1000, 10000)
+    linear_layer = (16, 32) if quick else (16, 32, 64, 128)
+    out = []
+    for n in lin:
+        out.append(("lesson linear regression (w)", n,
+                    lambda n=n: (*problems.linear_regression(d=n, n=20, device=device), 0)))
+    out.append(("lesson quadratic regression (w2)", 1, lambda: (*problems.quadratic_regression(device=device), 1)))
+    for n in mlp_sizes:
+        out.append(("MLP loss (W1)", n, lambda n=n: (*problems.mlp(d=max(n // 10, 1), k=min(n, 10), c=1, n=32,
+                                                                   device=device), 0)))
+    for d in linear_layer:
+        def build(d=d):
+            g = torch.Generator().manual_seed(d)
+            X = torch.randn(64, d, generator=g, dtype=torch.float64).to(device)
+            Y = torch.randn(64, d, generator=g, dtype=torch.float64).to(device)
+            W = (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5).to(device).requires_grad_()
+            b = torch.zeros(d, dtype=torch.float64, device=device).requires_grad_()
+            return (lambda W, b: torch.nn.functional.mse_loss(torch.nn.functional.linear(X, W, b), Y)), (W, b), 0
+        out.append(("Linear layer weight, batch 64, MSE", d * d, build))
+    if device == "cpu" or torch.cuda.is_available():
+        from . import custom_op
+
+        for rows in ((8,) if quick else (8, 64)):
+            def build_op(rows=rows):
+                g = torch.Generator().manual_seed(rows)
+                x = torch.randn(rows, 64, generator=g).to(device).requires_grad_()
+                b = torch.randn(64, generator=g).to(device)
+                v = torch.randn(rows, 64, generator=g).to(device)
+                return (lambda x, b: (custom_op.bias_gelu(x, b) * v).sum()), (x, b), 0
+            out.append(("custom op bias_gelu (float32, v-weighted sum)", rows * 64, build_op))
+    return out
+
+
+def _reference_subset(func, params, idx: int, count: int) -> None:
+    """The reference loop's work for the first ``count`` coordinates (for extrapolation above REFERENCE_CAP)."""
+    target = params[idx]
+    h = 1e-5
+    for i in range(count):
+        with torch.no_grad():
+            plus = [p.detach().clone() for p in params]
+            minus = [p.detach().clone() for p in params]
+            plus[idx].view(-1)[i] += h
+            minus[idx].view(-1)[i] -= h
+            func(*plus).item()
+            func(*minus).item()
+    del target
+
+
+def standard_suite(devices=("cpu",), quick: bool = False, progress: Callable | None = None) -> tuple[list[Row], list]:
+    """Every method on every problem and device, each checked against autograd before it is timed.
+
+    Returns ``(rows, notes)``; the rows' ``error`` is ``max |numerical - autograd| / max |autograd|`` (NaN for
+    gradcheck, whose ``extra["passed"]`` holds its verdict).
+    """
+    from .engine import ENGINES
+
+    rows: list[Row] = []
+    notes: list[str] = []
+    for device in devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            notes.append("cuda: skipped, no CUDA device")
+            continue
+        for problem, n, build in _suite_problems(device, quick):
+            func, params, idx = build()
+            plain = tuple(p.detach() for p in params)
+            (ana,) = torch.autograd.grad(func(*params), params[idx])
+            h = 1e-5 if plain[idx].dtype == torch.float64 else 1e-3  # the lesson's h is for float64 only
+            methods: dict[str, tuple] = {}
+            if n <= REFERENCE_CAP:
+                methods["reference loop"] = (lambda: reference.numerical_gradient(func, plain, idx, h), False)
+            else:
+                methods["reference loop"] = (None, True)
+            methods["gradfd generic"] = (lambda: numerical_gradient(func, plain, idx, h, engine="batched"), False)
+            if "structured" in ENGINES:
+                methods["gradfd structured"] = (lambda: numerical_gradient(func, plain, idx, h, engine="structured"),
+                                                False)
+            if n <= GRADCHECK_CAP:
+                methods["gradcheck slow"] = ("gradcheck", False)
+            methods["gradcheck fast"] = ("gradcheck-fast", False)
+            for method, (fn, extrapolate) in methods.items():
+                if progress:
+                    progress(f"{device} {problem} N={n}: {method}")
+                row = Row(problem, n, method, device, math.nan, math.nan, extrapolated=extrapolate)
+                try:
+                    if method == "reference loop" and extrapolate:
+                        count = 200
+                        t = time_call(lambda: _reference_subset(func, plain, idx, count), device, min_runs=1,
+                                      min_time=0.0)
+                        row.seconds = t * n / count
+                        row.note = f"timed on {count} coordinates, scaled by {n}/{count}"
+                    elif isinstance(fn, str):
+                        fast = fn == "gradcheck-fast"
+                        rest = plain[:idx] + plain[idx + 1:]
+                        call = (lambda w, rest=rest: func(*rest[:idx], w, *rest[idx:]))
+                        run = (lambda: torch.autograd.gradcheck(call, (plain[idx].clone().requires_grad_(),),
+                                                                eps=h,
+                                                                raise_exception=False, fast_mode=fast))
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            row.extra["passed"] = bool(run())
+                            row.seconds = time_call(run, device, min_runs=1 if n >= 1000 else 3, min_time=0.1)
+                    else:
+                        with warnings.catch_warnings():  # fallbacks are part of what is measured
+                            warnings.simplefilter("ignore")
+                            grad = fn()
+                            row.error = _rel_error(grad, ana)
+                            row.seconds = time_call(fn, device, min_runs=1 if n >= 1000 else 3, min_time=0.1)
+                except Exception as exc:  # e.g. the structured engine refusing a pattern: recorded, not fatal
+                    row.note = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                rows.append(row)
+    return rows, notes
+
+
+def suite_table(rows: list[Row]) -> str:
+    """Markdown: one row per (device, problem, N), times of every method with its error vs autograd."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    head = "| device | problem | N | " + " | ".join(methods) + " | speed-up of gradfd generic over the reference |"
+    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    keys = list(dict.fromkeys((r.device, r.problem, r.n) for r in rows))
+    for key in keys:
+        cells = {r.method: r for r in rows if (r.device, r.problem, r.n) == key}
+
+        def fmt(r: Row | None) -> str:
+            if r is None or math.isnan(r.seconds):
+                return "-" if r is None else "n/a"
+            t = _fmt_time(r.seconds) + ("*" if r.extrapolated else "")
+            if "passed" in r.extra:
+                return f"{t} ({'pass' if r.extra['passed'] else 'FAIL'})"
+            return f"{t} (err {r.error:.0e})" if not math.isnan(r.error) else t
+
+        ref, gen = cells.get("reference loop"), cells.get("gradfd generic")
+        speed = (f"{ref.seconds / gen.seconds:.1f}x" if ref and gen and not math.isnan(ref.seconds)
+                 and not math.isnan(gen.seconds) else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:,} | " + " | ".join(fmt(cells.get(m)) for m in methods)
+                     + f" | {speed} |")
+    lines.append("")
+    lines.append("\\* extrapolated: the reference loop timed on a subsample of coordinates and scaled. \"err\": max "
+                 "|numerical - autograd| / max |autograd|, checked before timing; gradcheck: its verdict. Steps: "
+                 "h = 1e-5 in float64 (the lesson's), 1e-3 in float32, for every method. n/a: the method refused "
+                 "the problem (see the JSON).")
+    return "\n".join(lines)
+
+
+def suite_plot(rows: list[Row], path) -> None:
+    """Log-log time against N: one panel per problem, one line per (method, device)."""
+    from .report import _pyplot
+
+    plt = _pyplot()
+    problems_ = list(dict.fromkeys(r.problem for r in rows))
+    fig, axes = plt.subplots(1, len(problems_), figsize=(4.2 * len(problems_), 3.8), squeeze=False)
+    for ax, problem in zip(axes[0], problems_):
+        for method, device in dict.fromkeys((r.method, r.device) for r in rows if r.problem == problem):
+            pts = sorted((r.n, r.seconds) for r in rows if r.problem == problem and r.method == method
+                         and r.device == device and not math.isnan(r.seconds))
+            if pts:
+                ax.loglog(*zip(*pts), "o-", ms=3, label=f"{method} ({device})")
+        ax.set_title(problem, fontsize=8)
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

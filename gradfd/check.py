@@ -305,6 +305,24 @@ def _record(name: str, shape: tuple, dtype: torch.dtype, mode: str, total: int, 
     )
 
 
+def _progress(progress, total: int):
+    """``(tick(n), close())`` for ``check``'s ``progress`` argument."""
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="coord", desc="gradfd.check", leave=False)
+        return bar.update, bar.close
+    if callable(progress):
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        return tick, lambda: None
+    return (lambda n: None), (lambda: None)
+
+
 def _backward_spread(analytical: _jacobian.Analytical, k: int, seed: int) -> float:
     """Largest difference between two backward passes of the same graph, for one random cotangent (a backward
     that accumulates with atomics can differ run to run)."""
@@ -353,6 +371,7 @@ def check(
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     nondet_tol: float | None = None,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry.
 
@@ -376,6 +395,8 @@ def check(
         raise_on_failure: raise :class:`GradientCheckError` (carrying the report) when an entry disagrees.
         nondet_tol: when given, run the backward twice on the same graph (one random cotangent) and fail the
             tensors whose two results differ by more than this (atomics in CUDA backward kernels).
+        progress: True for a progress bar with the time left (tqdm, on stderr), or a ``callable(done, total)``
+            counting checked coordinates (directions in directional mode).
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict.
@@ -407,6 +428,9 @@ def check(
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
     records = []
+    total = sum(directions if mode == "directional" else min(samples, params[k].numel()) if mode == "sample"
+                else params[k].numel() for k in wrt_idx)
+    tick, close_bar = _progress(progress, total)
     try:
         with no_tf32(), _engine.warnings_once():
             analytical = _jacobian.Analytical(func, params, wrt_idx, budget // 2)
@@ -422,6 +446,7 @@ def check(
                 if mode == "directional":
                     evaluator = _Directions(func, params, k, analytical, directions, h, sten, batching, seed)
                     reports = [_directional_report(evaluator, k, p, directions, atol, rtol, sten, h, analytical)]
+                    tick(directions)
                 else:
                     if mode == "full":
                         coords = torch.arange(p.numel(), device=p.device)
@@ -433,7 +458,8 @@ def check(
                         coords = sample_coordinates(score, samples, seed + k)
                     reports = _jacobian.check_coordinates(
                         func, params, k, analytical, coords, h=h, stencil=sten, engine=engine, batching=batching,
-                        chunk_size=chunk_size, memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode)
+                        chunk_size=chunk_size, memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode,
+                        progress=tick)
                 if k in nondet and nondet[k] > nondet_tol:
                     for r in reports:
                         r.nondeterminism = (f"two backward passes of the same graph differ by {nondet[k]:.3g} > "
@@ -441,6 +467,7 @@ def check(
                 records.extend(reports)
     finally:
         rng.close()
+        close_bar()
     notes = []
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(

@@ -1,4 +1,7 @@
-"""The ``gradfd`` command line: ``gradfd demo``."""
+"""The ``gradfd`` command line: ``gradfd demo``, ``gradfd bench``, ``gradfd check path/to/file.py:function``.
+
+Exit codes: 0 success (or a passing check), 1 a failing check, 2 a usage error.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def _side_by_side(title: str, names: list[str], columns: dict[str, torch.Tensor]
     return "\n".join(lines)
 
 
-def demo(out=sys.stdout, sweep_path: str | None = None) -> None:
+def demo(out=None, sweep_path: str | None = None) -> None:
     """The lesson's example: linear regression on the lesson's data, analytical vs numerical gradients; the check
     reports of the lesson's linear and quadratic models; the h sweep, plotted to ``sweep_path``
     (default ``gradfd-demo-sweep.png`` in the current directory)."""
@@ -38,6 +41,7 @@ def demo(out=sys.stdout, sweep_path: str | None = None) -> None:
 
     from gradfd import ops
 
+    out = out or sys.stdout
     print("gradfd demo: the lesson's linear regression y = w*x + b, MSE on 20 points (lesson 1.5)\n", file=out)
     ops.kernels_available()  # load (or JIT-build) the kernels before anything is timed
     for dtype in (torch.float32, torch.float64):
@@ -129,16 +133,142 @@ def _demo_custom_op(out) -> None:
           + ("" if verdict32 else " (a false alarm: its fixed step and tolerance are built for float64)"), file=out)
 
 
+def bench(devices: list[str], quick: bool, out_dir: str, stream=None) -> int:
+    """Run the standard benchmark suite; print the table; write JSON and a PNG plot into ``out_dir``."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from . import bench as B
+
+    stream = stream or sys.stdout
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = B.machine_info()
+    problems = sum(len(B._suite_problems(d, quick)) for d in devices if d == "cpu" or torch.cuda.is_available())
+    bar = tqdm(total=problems * 5, desc="gradfd bench", unit="run", leave=False)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message[:60])
+        bar.update(1)
+
+    rows, notes = B.standard_suite(devices, quick=quick, progress=progress)
+    bar.close()
+    table = B.suite_table(rows)
+    print(f"gradfd bench ({'quick' if quick else 'full'}): {B.describe_machine(info)}\n", file=stream)
+    print(table, file=stream)
+    for note in notes:
+        print(f"note: {note}", file=stream)
+    (out / "bench.json").write_text(B.rows_to_json(rows, {**info, "notes": notes, "quick": quick}))
+    (out / "bench.md").write_text(f"{B.describe_machine(info)}\n\n{table}\n")
+    try:
+        B.suite_plot(rows, out / "bench.png")
+        print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}", file=stream)
+    except ImportError as exc:
+        print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'} (no plot: {exc})", file=stream)
+    return 0
+
+
+class UsageError(Exception):
+    """A bad command line: exit status 2."""
+
+
+def _load_target(target: str):
+    """Import ``path/to/file.py:function`` and call the function."""
+    import importlib.util
+    from pathlib import Path
+
+    path, sep, name = target.rpartition(":")
+    if not sep or not path or not name:
+        raise UsageError(f"expected path/to/file.py:function, got {target!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(f"gradfd_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"{path} has no function {name!r}")
+    return fn()
+
+
+def run_check(args, stream=None) -> int:
+    """``gradfd check``: load the target, run gradfd.check, print the report; 0 pass, 1 fail."""
+    import json
+
+    import gradfd
+
+    from .report import CheckReport
+
+    stream = stream or sys.stdout
+    result = _load_target(args.target)
+    if isinstance(result, CheckReport):
+        report = result
+    else:
+        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[0])):
+            raise UsageError(f"{args.target} must return (func, params) or a CheckReport, got {type(result).__name__}")
+        func, params = result
+        params = tuple(params) if isinstance(params, (tuple, list)) else (params,)
+        moved = []
+        for p in params:
+            if isinstance(p, torch.Tensor):
+                q = p.detach()
+                if args.device:
+                    q = q.to(args.device)
+                if args.dtype and q.is_floating_point():
+                    q = q.to(getattr(torch, args.dtype))
+                moved.append(q.requires_grad_(p.requires_grad) if q.is_floating_point() else q)
+            else:
+                moved.append(p)
+        report = gradfd.check(func, tuple(moved), mode=args.mode, samples=args.samples, directions=args.directions,
+                              engine=args.engine, raise_on_failure=False, progress=not args.no_progress)
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2), file=stream)
+    else:
+        print(report, file=stream)
+    return 0 if report.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gradfd`` command. Returns the exit status (0 ok, 2 usage error)."""
+    """Entry point of the ``gradfd`` command. Returns the exit status (0 ok, 1 a failing check, 2 usage error)."""
     parser = argparse.ArgumentParser(prog="gradfd", description="Finite-difference gradient checker for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="the lesson's example: analytical vs numerical gradients, side by side")
     p_demo.add_argument("--plot", default="gradfd-demo-sweep.png", help="where to write the h-sweep plot (PNG)")
+    p_bench = sub.add_parser("bench", help="the standard benchmark suite: table, JSON and plot")
+    p_bench.add_argument("--device", default="cpu", help="comma-separated devices: cpu,cuda (default cpu)")
+    p_bench.add_argument("--quick", action="store_true", help="a smaller suite (under 2 minutes on 2 CPU cores)")
+    p_bench.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
+    p_check = sub.add_parser("check", help="check a function from a file: path/to/file.py:function returning "
+                                           "(func, params) or a CheckReport")
+    p_check.add_argument("target", help="path/to/file.py:function")
+    p_check.add_argument("--mode", default="full", choices=["full", "sample", "directional"])
+    p_check.add_argument("--samples", type=int, default=None, help="entries per tensor in sample mode")
+    p_check.add_argument("--directions", type=int, default=None, help="directions in directional mode")
+    p_check.add_argument("--dtype", default=None, choices=["float64", "float32", "float16", "bfloat16"],
+                         help="convert the floating params to this dtype first")
+    p_check.add_argument("--device", default=None, help="move the params to this device first (e.g. cuda)")
+    p_check.add_argument("--engine", default="auto", choices=["auto", "batched", "loop"])
+    p_check.add_argument("--format", default="table", choices=["table", "json"])
+    p_check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(sweep_path=args.plot)
-    return 0
+    try:
+        if args.command == "demo":
+            demo(sweep_path=args.plot)
+            return 0
+        if args.command == "bench":
+            devices = [d.strip() for d in args.device.split(",") if d.strip()]
+            bad = [d for d in devices if d not in ("cpu", "cuda")]
+            if bad or not devices:
+                raise UsageError(f"--device takes cpu and/or cuda, got {args.device!r}")
+            return bench(devices, args.quick, args.out)
+        if args.samples is not None and args.samples <= 0 or args.directions is not None and args.directions <= 0:
+            raise UsageError("--samples and --directions must be positive")
+        return run_check(args)
+    except UsageError as exc:
+        print(f"gradfd: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

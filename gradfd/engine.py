@@ -583,6 +583,7 @@ class Evaluation:
     chunk_size: int | None
     notes: list[str] = field(default_factory=list)
     sink: Callable | None = field(default=None, repr=False)
+    progress: Callable[[int], None] | None = field(default=None, repr=False)
 
     def store(self, start: int, stop: int, values: torch.Tensor) -> None:
         """Record the values of columns ``start:stop``: ``(S, c)`` losses, or ``(S, c, size)`` for a tensor-valued
@@ -591,6 +592,8 @@ class Evaluation:
             self.sink(start, stop, values, self.displacement[:, start:stop])
         else:
             self.losses[:, start:stop] = values
+        if self.progress is not None:
+            self.progress(stop - start)
 
     def levels(self) -> torch.Tensor:
         """``(K, M)`` float64 central differences, one row per step level."""
@@ -637,6 +640,7 @@ def evaluate(
     memory_budget: int | str | None = None,
     problem: Problem | None = None,
     sink: Callable | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Evaluate ``func`` at every node of ``stencil`` around each coordinate in ``coords``.
 
@@ -645,7 +649,8 @@ def evaluate(
     of per-element steps (None: :func:`stencils.automatic_steps`), ``coords`` a ``(M,)`` int64 tensor of flat
     indices to evaluate (default: all), ``problem`` a prepared :class:`Problem` (its base loss evaluated; with
     ``vector=True`` for tensor-valued functions), and ``sink`` a ``callable(start, stop, values, displacement)``
-    that receives each chunk's values (required for tensor-valued functions, whose values are not kept).
+    that receives each chunk's values (required for tensor-valued functions, whose values are not kept), and
+    ``progress`` a ``callable(coordinates done)`` called after each chunk.
 
     Returns:
         An :class:`Evaluation`.
@@ -659,7 +664,7 @@ def evaluate(
         params, param_idx = check_params(params, param_idx)
         problem = prepare(func, params, param_idx)
     try:
-        return _evaluate(problem, steps, stencil, coords, engine, batching, chunk_size, budget, sink)
+        return _evaluate(problem, steps, stencil, coords, engine, batching, chunk_size, budget, sink, progress)
     finally:
         problem.rng.close()
 
@@ -692,7 +697,7 @@ def node_values(x: torch.Tensor, h: torch.Tensor, offsets: Sequence[float]) -> t
 
 
 def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batching, chunk_size, budget,
-              sink=None) -> Evaluation:
+              sink=None, progress=None) -> Evaluation:
     device = problem.device
     if coords is None:
         coords = torch.arange(problem.numel, device=device)
@@ -715,7 +720,7 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
         raise ValueError("a tensor-valued func needs a sink for its values")
     losses = None if sink is not None else torch.empty((s, m), dtype=torch.float64, device=device)
     result = Evaluation(problem.param_idx, problem.shape, problem.dtype, coords, h, stencil, losses, disp,
-                        problem.base_loss.to(torch.float64), "loop", None, None, sink=sink)
+                        problem.base_loss.to(torch.float64), "loop", None, None, sink=sink, progress=progress)
     if batching == "loop":
         engine = "loop"
     if engine == "batched":

@@ -314,6 +314,7 @@ def check_coordinates(
     rtol: float | None,
     mode: str,
     compress: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> list[TensorReport]:
     """Full or sample mode for input ``params[k]``: one :class:`TensorReport` per compared output.
 
@@ -360,7 +361,7 @@ def check_coordinates(
             atol_ = floor[outs] * sc
         return atol_ + rtol_[outs] * analytical_values.abs()
 
-    def evaluate_columns(cols: torch.Tensor, factor: float, on_chunk: Callable) -> None:
+    def evaluate_columns(cols: torch.Tensor, factor: float, on_chunk: Callable, report: bool = False) -> None:
         problem = _engine.prepare(func, params, k, vector=not analytical.scalar)
 
         def sink(start, stop, values, disp):
@@ -370,7 +371,7 @@ def check_coordinates(
 
         ev = _engine.evaluate(func, params, k, steps=base_steps[cols] / factor, stencil=stencil, coords=cols,
                               engine=engine, batching=batching, chunk_size=chunk_size, memory_budget=memory_budget,
-                              problem=problem, sink=sink)
+                              problem=problem, sink=sink, progress=progress if report else None)
         if not state["details"]:
             state["details"] = {"engine": ev.engine, "batching": ev.batching, "chunk_size": ev.chunk_size,
                                 "notes": list(ev.notes)}
@@ -467,11 +468,11 @@ def check_coordinates(
     problem = _engine.prepare(func, params, k, vector=not analytical.scalar)
     problem.rng.close()
     set_base(problem.base_loss.to(torch.float64).reshape(-1))
-    evaluate_columns(coords, 1.0, first_round)
+    evaluate_columns(coords, 1.0, first_round, report=True)
     if state["fallback"]:
         return check_coordinates(func, params, k, analytical, coords, h=h, stencil=stencil, engine=engine,
                                  batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, atol=atol,
-                                 rtol=rtol, mode=mode, compress=False)
+                                 rtol=rtol, mode=mode, compress=False, progress=progress)
 
     refined = 0
     if flagged:

@@ -1,0 +1,127 @@
+"""The command line: gradfd check (exit codes, formats, conversions) and gradfd bench (outputs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gradfd import bench, cli
+
+TARGETS = textwrap.dedent('''
+    import torch
+    import gradfd
+
+    def good():
+        x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+        return (lambda x: torch.sin(x).sum()), (x,)
+
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            return -g  # wrong: should be g * cos(x)
+
+    def bad():
+        x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        return (lambda x: Wrong.apply(x).sum()), (x,)
+
+    def ready_report():
+        x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        return gradfd.check(lambda x: (x ** 2).sum(), (x,))
+
+    def not_a_problem():
+        return 42
+''')
+
+
+@pytest.fixture
+def targets(tmp_path):
+    path = tmp_path / "targets.py"
+    path.write_text(TARGETS)
+    return str(path)
+
+
+def run(args, capsys):
+    code = cli.main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_exit_codes_and_table(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:good", "--no-progress"], capsys)
+    assert code == 0 and "gradfd.check: PASSED" in out
+    code, out, _ = run(["check", f"{targets}:bad", "--no-progress"], capsys)
+    assert code == 1 and "FAILED" in out and "disagreeing entries" in out
+    code, out, _ = run(["check", f"{targets}:ready_report"], capsys)
+    assert code == 0 and "PASSED" in out
+
+
+def test_check_json_output(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:bad", "--format", "json", "--no-progress"], capsys)
+    data = json.loads(out)
+    assert code == 1 and data["passed"] is False and data["tensors"][0]["disagree"] >= 1
+
+
+def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:good", "--dtype", "float32", "--mode", "sample", "--samples", "5",
+                        "--format", "json", "--no-progress"], capsys)
+    t = json.loads(out)["tensors"][0]
+    assert code == 0 and t["dtype"] == "float32" and t["checked"] == 5 and t["mode"] == "sample"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["check", "no_colon_here"], "expected path/to/file.py:function"),
+    (["check", "/nonexistent/file.py:f"], "no such file"),
+    (["check", "{targets}:missing"], "has no function 'missing'"),
+    (["check", "{targets}:not_a_problem"], "must return (func, params) or a CheckReport, got int"),
+    (["check", "{targets}:good", "--samples", "0"], "--samples and --directions must be positive"),
+    (["bench", "--device", "tpu"], "--device takes cpu and/or cuda"),
+])
+def test_usage_errors_exit_2_with_a_message(targets, capsys, args, message):
+    args = [a.replace("{targets}", targets) for a in args]
+    code, _, err = run(args, capsys)
+    assert code == 2 and message in err
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "x.py:f", "--mode", "quick"])
+    assert exc.value.code == 2
+
+
+def test_python_dash_m_runs_the_cli(targets):
+    proc = subprocess.run([sys.executable, "-m", "gradfd", "check", f"{targets}:good", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "PASSED" in proc.stdout
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+
+    def tiny(device, quick):
+        def build():
+            x = torch.randn(12, dtype=torch.float64, device=device, requires_grad=True)
+            return (lambda x: torch.tanh(x).pow(2).sum()), (x,), 0
+        return [("tiny tanh", 12, build)]
+
+    monkeypatch.setattr(bench, "_suite_problems", tiny)
+    code, out, _ = run(["bench", "--quick", "--out", str(tmp_path), "--device", "cpu,cuda"], capsys)
+    assert code == 0 and "tiny tanh" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"cpu", "cores", "torch", "date"} <= set(data["machine"])
+    methods = {r["method"] for r in data["rows"]}
+    assert {"reference loop", "gradfd generic", "gradcheck slow", "gradcheck fast"} <= methods
+    for r in data["rows"]:
+        if r["method"] in ("reference loop", "gradfd generic"):
+            assert r["error"] < 1e-8 and r["seconds"] > 0  # checked against autograd before timing
+    assert (tmp_path / "bench.png").stat().st_size > 1000 and (tmp_path / "bench.md").exists()
+    if not torch.cuda.is_available():
+        assert "cuda: skipped, no CUDA device" in out
