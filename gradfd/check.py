@@ -161,10 +161,10 @@ class _Directions:
         self.func, self.params, self.k, self.stencil, self.batching = func, params, k, stencil, batching
         self.scalar = analytical.scalar
         x = params[k].detach().reshape(-1)
-        steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
-                                                                                  device=x.device)
-        gen = torch.Generator().manual_seed(seed + k)
-        self.v = torch.randn(count, x.numel(), generator=gen, dtype=torch.float64).to(x.device) * steps
+        self.steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
+                                                                                       device=x.device)
+        self.seed = seed + 7919 * k
+        gen = torch.Generator().manual_seed(self.seed)
         size = analytical.spec.size
         self.u = torch.randn(count, size, generator=gen, dtype=torch.float64).to(x.device)
         if self.scalar:
@@ -176,29 +176,39 @@ class _Directions:
         self.noise: float | None = None
         self.details: dict = {"directions": count}
 
+    def direction(self, d: int) -> torch.Tensor:
+        """``(N,)`` float64 input direction ``d``: Gaussian, scaled entry-wise by the steps (drawn on demand, so that
+        memory stays one direction at a time)."""
+        gen = torch.Generator().manual_seed(self.seed + 1 + d)
+        return torch.randn(self.steps.numel(), generator=gen, dtype=torch.float64).to(self.steps.device) * self.steps
+
     def __call__(self, which: torch.Tensor, factor: float) -> _Entries:
         stencil = self.stencil
         problem = _engine.prepare(self.func, self.params, self.k, vector=not self.scalar)
+        offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=self.steps.device)  # (S,)
+        losses = torch.empty(len(offsets), len(which), dtype=torch.float64, device=self.steps.device)
+        ana = torch.empty_like(losses)
+        finite_values = torch.ones(len(which), dtype=torch.bool, device=self.steps.device)
         try:
             x = problem.flat
             x64 = x.to(torch.float64)
-            v = self.v[which] / factor
-            offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=x.device)  # (S,)
-            points = (x64 + offsets.view(-1, 1, 1) * v.unsqueeze(0)).to(x.dtype)  # (S, D, N)
-            realised = points.to(torch.float64) - x64  # the displacement actually evaluated
-            values = _engine.evaluate_points(problem, points.reshape(-1, x.numel()), self.batching)
-            values = values.view(len(offsets), len(which), -1)  # (S, D, O)
             base_vec = problem.base_loss.to(torch.float64).reshape(-1)
+            for j, d in enumerate(which.tolist()):  # one direction at a time: memory S x N
+                v = self.direction(d) / factor
+                points = (x64 + offsets.view(-1, 1) * v).to(x.dtype)  # (S, N)
+                # <u_dᵀJ, displacement actually evaluated>, exact for the nodes
+                ana[:, j] = (points.to(torch.float64) - x64) @ self.grads[d]
+                values = _engine.evaluate_points(problem, points, self.batching).view(len(offsets), -1)  # (S, O)
+                finite_values[j] = bool(torch.isfinite(values).all())
+                losses[:, j] = values @ self.u[d]  # uᵀf at each node
         finally:
             problem.rng.close()
         u = self.u[which]  # (D, O)
-        losses = (values * u.unsqueeze(0)).sum(-1)  # (S, D): uᵀf at each node
         base = (u * base_vec).sum(-1)  # (D,)
-        ana = (realised * self.grads[which].unsqueeze(0)).sum(-1)  # (S, D): (uᵀJ)·displacement, exact for the nodes
         half = torch.tensor(stencil.multiples, dtype=torch.float64, device=x.device).view(-1, 1).expand(-1, len(which))
         numerical, spread = stencils.extrapolate((losses[0::2] - losses[1::2]) / (2 * half), half)
         analytical, _ = stencils.extrapolate((ana[0::2] - ana[1::2]) / (2 * half), half)
-        finite = torch.isfinite(values).all(dim=-1).all(dim=0) & torch.isfinite(numerical)
+        finite = finite_values & torch.isfinite(numerical)
         if len(stencil.multiples) >= 2:
             fourth = losses[2] - 4 * losses[0] + 6 * base - 4 * losses[1] + losses[3]
             kink = fourth.abs() / 2
