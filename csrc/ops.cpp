@@ -1,6 +1,6 @@
 // gradfd's op schemas: the one TORCH_LIBRARY block. Implementations live in csrc/cpu/ and csrc/cuda/;
-// fake (meta) kernels are registered in gradfd/ops.py beside the Python wrappers.
-#include <torch/extension.h>
+// fake (meta) kernels are registered in gradfd/ops.py beside the Python wrappers. This file needs no Python, so
+// that csrc/tests/sanitize_main.cpp can link it into a plain executable (.ci/sanitize.sh).
 #include <torch/library.h>
 
 TORCH_LIBRARY(gradfd, m) {
@@ -16,13 +16,4 @@ TORCH_LIBRARY(gradfd, m) {
   // with respect to x. Its autograd formula is registered from Python (gradfd/custom_op.py).
   m.def("bias_gelu(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor bias) -> Tensor");
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gradfd native kernels; the ops are registered under torch.ops.gradfd";
-#ifdef GRADFD_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
 }

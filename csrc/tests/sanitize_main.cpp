@@ -1,0 +1,121 @@
+// A plain executable that drives every gradfd CPU kernel through the dispatcher -- valid inputs of many shapes
+// and dtypes, and invalid inputs that must raise -- built with AddressSanitizer and UndefinedBehaviorSanitizer
+// (and LeakSanitizer at exit) by .ci/sanitize.sh. No Python is involved, so the sanitizers see only C++.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
+    ++failures;
+  }
+}
+
+torch::jit::Stack call(const char* name, torch::jit::Stack stack) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  op.callBoxed(&stack);
+  return stack;
+}
+
+void expect_error(const char* name, torch::jit::Stack stack, const std::string& fragment) {
+  try {
+    call(name, std::move(stack));
+    expect(false, std::string(name) + ": expected an error mentioning '" + fragment + "'");
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    expect(msg.find(fragment) != std::string::npos, std::string(name) + ": error '" + msg + "' lacks '" + fragment + "'");
+  }
+}
+
+void perturb_rows(at::ScalarType dtype, int64_t n, int64_t inner, int64_t c, const std::vector<double>& offsets) {
+  auto base = at::randn({n}, at::kDouble).to(dtype);
+  const int64_t s = static_cast<int64_t>(offsets.size());
+  const int64_t rows_n = s * c + 3;  // a larger buffer than needed
+  at::Tensor rows = inner == n ? base.unsqueeze(0).repeat({rows_n, 1})
+                               : base.view({n / inner, 1, inner}).repeat({1, rows_n, 1});
+  auto columns = at::zeros({rows_n}, at::kLong);
+  for (int round = 0; round < 3; ++round) {  // re-target the same buffer: the previous perturbations are undone
+    auto index = at::randint(0, n, {c}, at::kLong);
+    auto step = at::rand({c}, at::kDouble) * 0.1 + 1e-3;
+    auto out = call("gradfd::perturb_rows_", {rows, columns, base, index, step, offsets});
+    auto disp = out[0].toTensor();
+    expect(disp.sizes() == at::IntArrayRef({s, c}), "perturb_rows_: displacement shape");
+    auto logical = (inner == n ? rows : rows.permute({1, 0, 2})).reshape({rows_n, n});
+    for (int64_t r = 0; r < s * c; ++r) {
+      const int64_t j = index[r % c].item<int64_t>();
+      auto row = logical[r];
+      auto diff = (row.to(at::kDouble) - base.to(at::kDouble)).abs();
+      expect(diff.sum().item<double>() == std::abs(disp[r / c][r % c].item<double>()),
+             "perturb_rows_: exactly one entry moved, by the recorded displacement");
+      (void)j;
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (int64_t n : {1, 7, 64}) {
+      perturb_rows(dtype, n, n, 5, {1.0, -1.0});
+      perturb_rows(dtype, n, n, 1, {1.0, -1.0, 2.0, -2.0});
+    }
+    perturb_rows(dtype, 12, 4, 6, {1.0, -1.0, 2.0, -2.0, 4.0, -4.0});  // split layout
+  }
+  // central differences
+  for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    auto losses = at::randn({4, 33}, at::kDouble).to(dtype);
+    auto disp = at::randn({4, 33}, at::kDouble);
+    auto out = call("gradfd::central_differences", {losses, disp})[0].toTensor();
+    auto ref = (losses.to(at::kDouble).slice(0, 0, 4, 2) - losses.to(at::kDouble).slice(0, 1, 4, 2)) /
+               (disp.slice(0, 0, 4, 2) - disp.slice(0, 1, 4, 2));
+    expect(at::allclose(out, ref, 0, 0), "central_differences matches its formula");
+  }
+  // the example op
+  for (auto shape : {std::vector<int64_t>{5, 3}, std::vector<int64_t>{2, 4, 8}, std::vector<int64_t>{0, 3}}) {
+    auto x = at::randn(shape, at::kFloat);
+    auto b = at::randn({shape.back()}, at::kFloat);
+    auto y = call("gradfd::bias_gelu", {x, b})[0].toTensor();
+    expect(at::allclose(y, at::gelu(x + b), 1e-5, 1e-6), "bias_gelu matches gelu(x + b)");
+    auto g = at::randn(shape, at::kFloat);
+    auto gx = call("gradfd::bias_gelu_backward", {g, x, b})[0].toTensor();
+    expect(gx.sizes() == x.sizes(), "bias_gelu_backward shape");
+  }
+  // invalid inputs: every one must raise a c10::Error naming the op, never crash
+  auto base = at::randn({8}, at::kDouble);
+  auto rows = base.unsqueeze(0).repeat({4, 1});
+  auto cols = at::zeros({4}, at::kLong);
+  auto idx = at::tensor(std::vector<int64_t>{1, 2});
+  auto step = at::full({2}, 1e-3, at::kDouble);
+  const std::vector<double> off{1.0, -1.0};
+  expect_error("gradfd::perturb_rows_", {rows, cols, base, at::tensor(std::vector<int64_t>{1, 8}), step, off},
+               "index values must lie in [0, 8)");
+  expect_error("gradfd::perturb_rows_", {rows, at::full({4}, 99, at::kLong), base, idx, step, off},
+               "columns values must lie in [0, 8)");
+  expect_error("gradfd::perturb_rows_", {rows.narrow(0, 0, 3), cols.narrow(0, 0, 3), base, idx, step, off},
+               "R >= len(offsets) * len(index)");
+  expect_error("gradfd::perturb_rows_", {rows, cols, base.view({2, 4}), idx, step, off}, "base must be 1-D");
+  expect_error("gradfd::perturb_rows_", {rows, cols, base, idx, step, std::vector<double>{}},
+               "offsets must not be empty");
+  expect_error("gradfd::central_differences", {at::zeros({3, 2}, at::kDouble), at::zeros({3, 2}, at::kDouble)},
+               "(2K, C)");
+  expect_error("gradfd::bias_gelu", {at::randn({3, 2}, at::kDouble), at::randn({2}, at::kDouble)}, "float32");
+  expect_error("gradfd::bias_gelu", {at::randn({3, 2}), at::randn({3})}, "last dimension");
+  expect_error("gradfd::bias_gelu_backward", {at::randn({3, 3}), at::randn({3, 2}), at::randn({2})},
+               "grad must be a contiguous float32 tensor");
+  if (failures == 0) {
+    std::printf("sanitize_main: all kernel checks passed\n");
+  }
+  return failures == 0 ? 0 : 1;
+}
