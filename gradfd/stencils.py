@@ -51,33 +51,29 @@ class Stencil:
         """Function evaluations per coordinate."""
         return 2 * len(self.multiples)
 
+    def _level_weights(self) -> list[float]:
+        """Weight of each level's central difference in the extrapolant: the Lagrange basis at ``t = 0`` in
+        ``t = m**2``. Level ``i`` contributes ``+-w_i / (2 m_i h)`` on its two nodes."""
+        t = [m * m for m in self.multiples]
+        weights = []
+        for i, ti in enumerate(t):
+            w = 1.0
+            for j, tj in enumerate(t):
+                if j != i:
+                    w *= tj / (tj - ti)
+            weights.append(w)
+        return weights
+
     @property
     def weight_norm(self) -> float:
         """Euclidean norm of the extrapolated stencil's weights in units of ``1/h``: the standard deviation of its
         output for independent unit noise on each loss value."""
-        t = [m * m for m in self.multiples]
-        total = 0.0
-        for i, ti in enumerate(t):
-            li = 1.0
-            for j, tj in enumerate(t):
-                if j != i:
-                    li *= tj / (tj - ti)
-            total += 2 * (li / (2 * self.multiples[i])) ** 2  # level i: +-li / (2 m_i h) on its two nodes
-        return total**0.5
+        return sum(2 * (w / (2 * m)) ** 2 for w, m in zip(self._level_weights(), self.multiples)) ** 0.5
 
     @property
     def abs_weight_sum(self) -> float:
         """Sum of |weights| of the extrapolated stencil in units of ``1/h``: how much it amplifies noise in f."""
-        t = [m * m for m in self.multiples]
-        # weights of each level in the Neville combination at t = 0 (Lagrange basis at 0)
-        total = 0.0
-        for i, ti in enumerate(t):
-            li = 1.0
-            for j, tj in enumerate(t):
-                if j != i:
-                    li *= tj / (tj - ti)
-            total += abs(li) / self.multiples[i]  # each level is (f+ - f-)/(2 m h): |w| = 2 * 1/(2m)
-        return total
+        return sum(abs(w) / m for w, m in zip(self._level_weights(), self.multiples))
 
 
 STENCILS: dict[str, Stencil] = {

@@ -11,34 +11,11 @@ from functions import FUNCTIONS
 from helpers import ALL_DEVICES, assert_unchanged, snapshot
 
 import gradfd
+from gradfd import bench
 
 
-class Planted(torch.autograd.Function):
-    """Identity whose backward multiplies the incoming gradient by ``scale`` (a planted bug in a custom backward)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, scale):
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
-
-
-def planted(func, k, scale):
-    def wrapped(*params):
-        params = list(params)
-        params[k] = Planted.apply(params[k], scale)
-        return func(*params)
-
-    return wrapped
+# a planted bug in a custom backward: identity whose backward multiplies the gradient by ``scale``
+planted = bench.plant
 
 
 def _leaf(*tensors):
