@@ -55,7 +55,8 @@ ENGINES = ("auto", "batched", "loop")
 BATCHINGS = ("auto", "vmap", "stack", "loop")
 _TINY = 32  # evaluations below which "auto" uses the loop without probing
 _PROBE_LOOP = 2  # coordinates the "auto" probe times with the loop
-_PROBE_BATCH = 64  # coordinates the "auto" probe times batched
+_PROBE_BATCH = 64  # coordinates the "auto" probe times batched ...
+_PROBE_WARMUP = 4  # ... after an untimed batched call on this many
 _CPU_WORKING_SET = 16 << 20  # bytes of rows and activations per batched call on a CPU
 _CPU_MIN_CHUNK = 16
 _OOM_ERRORS = tuple(
@@ -916,10 +917,13 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
     strategies = ["vmap", "stack"] if batching == "auto" else [batching]
     batch: _Batched | None = None
     reasons: list[str] = []
-    pos, probing = start, loop_rate is not None
+    # "auto": a small untimed batched call first (first-call costs: buffers, vmap set-up), then a timed probe
+    phase = "warmup" if loop_rate is not None else None
+    pos = start
     layout_trial: tuple | None = None  # (inner tried, copies before) while a layout is being tried
     while pos < m:
-        this = min(chunk, m - pos, _PROBE_BATCH) if probing else min(chunk, m - pos)
+        limit = {"warmup": _PROBE_WARMUP, "probe": _PROBE_BATCH}.get(phase, chunk)
+        this = min(chunk, m - pos, limit)
         t0 = time.perf_counter()
         while True:
             if batch is None:
@@ -956,10 +960,13 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
         pos += this
         result.engine, result.batching, result.chunk_size = "batched", batch.strategy, chunk
         copied = batch.mode.copied - copies_before
-        if probing:
+        if phase == "warmup":
+            phase = "probe"
+            continue
+        if phase == "probe":
             _sync(device)
             rate = (time.perf_counter() - t0) / this
-            probing = False
+            phase = None
             chosen = "loop" if rate > loop_rate else "batched"
             result.notes.append(f"probe: batched {rate * 1e6:.0f} us/coordinate vs loop {loop_rate * 1e6:.0f} us: "
                                 f"{chosen} chosen")
