@@ -426,7 +426,7 @@ class Problem:
                 raise NonFiniteLossError(f"func's output[{k}]{list(idx)} is {float(self.base_loss[bad[0]])} at the "
                                          "unperturbed point; finite differences need finite outputs there")
             return self.base_loss
-        self.base_loss = validate_scalar_output(out)
+        self.base_loss = validate_scalar_output(out).clone()  # not a view of the buffer perturbed in place
         value = float(self.base_loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -778,6 +778,7 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
     target = flat.numpy() if on_cpu else flat
     reset = problem.rng.reset if problem.rng.consumed else None
     n_off = len(offsets)
+    record = problem.spec.flatten if problem.vector else (lambda out: _scalar_now(out, on_cpu))
     # tensor-valued funcs: hand the values over in blocks whose (nodes x outputs) stay bounded
     block = len(index) if not problem.vector else max(1, _LOOP_BLOCK_VALUES // max(1, n_off * problem.spec.size))
     j = s = 0
@@ -791,13 +792,15 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
                         target[i] = value
                         if reset is not None:
                             reset()
-                        outs.append(func(*args))
+                        # copy the values now: an output may be a view of the buffer perturbed in place
+                        outs.append(record(func(*args)))
                     target[i] = original[j]
             count = len(outs) // n_off
             if problem.vector:
-                vals = torch.stack([problem.spec.flatten(o) for o in outs]).view(count, n_off, -1).permute(1, 0, 2)
+                vals = torch.stack(outs).view(count, n_off, -1).permute(1, 0, 2)
             else:
-                vals = _scalar_values(outs, on_cpu).view(count, n_off).t()
+                vals = (torch.tensor(outs, dtype=torch.float64) if on_cpu else torch.stack(outs).to(torch.float64))
+                vals = vals.view(count, n_off).t()
             result.store(start + first, start + first + count, vals)
     except BaseException as exc:
         target[index[j]] = original[j]
@@ -809,16 +812,13 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
 _LOOP_BLOCK_VALUES = 1 << 22  # values (nodes x outputs) the loop collects before handing them over
 
 
-def _scalar_values(outs: list, on_cpu: bool) -> torch.Tensor:
-    """float64 tensor of scalar losses; TypeError/ValueError (naming func) for anything else."""
-    try:
-        if on_cpu:
-            return torch.tensor([o.item() for o in outs], dtype=torch.float64)
-        return torch.stack([o.detach().reshape(()) for o in outs]).to(torch.float64)
-    except (AttributeError, RuntimeError, ValueError):  # not a one-element tensor: say what it was
-        for o in outs:
-            validate_scalar_output(o)
-        raise
+def _scalar_now(out, on_cpu: bool):
+    """One loss value, copied out of ``out`` now (a Python float on the CPU); TypeError/ValueError naming ``func`` for
+    anything but a one-element floating tensor."""
+    if isinstance(out, torch.Tensor) and out.numel() == 1 and out.is_floating_point():
+        return out.item() if on_cpu else out.detach().reshape(()).clone()
+    validate_scalar_output(out)  # raises, saying what it got
+    raise AssertionError("unreachable")
 
 
 class _Batched:
