@@ -28,5 +28,6 @@ $py -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail
 
 step "benchmarks"
 $py benchmarks/bench_engine.py --device cuda --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cuda.md" || status=1
+$py benchmarks/bench_structured.py --device cuda --no-record 2>/dev/null | tee "$out/bench-structured-cuda.md" || status=1
 $py benchmarks/bench_engine.py --device cpu --no-record --sizes 10,100,1000,10000 2>/dev/null | tee "$out/bench-engine-cpu.md" || status=1
 exit $status

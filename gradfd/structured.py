@@ -809,7 +809,8 @@ class Analysis:
         if p.axes == (0,):  # row i replaced: every output moves by a[:, i] (x) (new row - old row)
             i = p.pos[:, 0]
             drow = p.slab.double() - p.base[i].double()  # (B, k)
-            slab = (base.double().unsqueeze(0) + a.t()[i].double().unsqueeze(2) * drow.unsqueeze(1)).to(dtype)
+            slab = torch.addcmul(base.double().unsqueeze(0), a.t()[i].double().unsqueeze(2), drow.unsqueeze(1))
+            slab = slab.to(dtype)
             return Perturbed(base, (), p.pos[:, :0], slab)
         return Perturbed(base, (), p.pos, torch.matmul(a, p.slab).to(dtype))
 
