@@ -192,7 +192,8 @@ def scaling_table(rows: list[dict]) -> str:
     for problem in dict.fromkeys(r["problem"] for r in rows):
         pr = [r for r in rows if r["problem"] == problem]
         out += [f"**{problem}**", "", "| N | structured | per coordinate | generic (batched) | reference | "
-                "structured speed-up vs generic | vs reference | max rel. error vs autograd |", "|---|---|---|---|---|---|---|---|"]
+                "structured speed-up vs generic | vs reference | max rel. error vs autograd |",
+                "|---|---|---|---|---|---|---|---|"]
         for n in sorted({r["n"] for r in pr}):
             cell = {r["method"]: r for r in pr if r["n"] == n}
             s, g, ref = cell["structured"], cell["generic (batched)"], cell["reference"]
@@ -392,7 +393,8 @@ def main() -> None:
     sections += ["", f"**Bar ({args.device}):** full numerical gradient of a {size}x{size} Linear weight "
                  f"(`mse_loss(F.linear(X, W, b), Y)`, batch {BATCH}, float64, h = 1e-5): {r['losses']:,} perturbed "
                  f"losses, no subsampling.", "",
-                 "| time (warm) | first call (incl. trace) | target | max rel. error vs autograd | reference (extrap.) | "
+                 "| time (warm) | first call (incl. trace) | target | max rel. error vs autograd | "
+                 "reference (extrap.) | "
                  "speed-up vs reference | peak memory | chunk |", "|---|---|---|---|---|---|---|---|",
                  f"| {_fmt(r['seconds'])} | {_fmt(r['first_call'])} | < {bar_limit:g} s "
                  f"({'met' if r['seconds'] < bar_limit else 'NOT met'}) | {r['error']:.1e} | "
@@ -401,7 +403,8 @@ def main() -> None:
                  "The reference time is its per-coordinate cost on 20 coordinates times N (extrapolated). Peak memory: "
                  + ("torch.cuda.max_memory_allocated above what was allocated before the call." if args.device == "cuda"
                     else "the process's resident set during a warm call above what it was before (sampled every ms); "
-                    "it includes the engine's O(N) arrays (node values, displacements, losses: 2 x 8 bytes x 2N each).")]
+                    "it includes the engine's O(N) arrays (node values, displacements and losses: 8 bytes per "
+                    "perturbed loss each).")]
     if args.device == "cuda":
         k = kernel_roofline("cuda", size)
         line = (f"Kernel alone (`gradfd::linear_update_mse`, float32, {size * size:,} coordinates x 2 nodes x "
@@ -417,13 +420,14 @@ def main() -> None:
         plot(rows, HERE / "results" / "structured-cpu.png")
         sections += ["", "**Scaling** (time per full numerical gradient against N, float64, h = 1e-5; batch 64; plot: "
                      "`benchmarks/results/structured-cpu.png`). The reference is always timed on 100 coordinates and "
-                     "extrapolated (x N); the generic engine is timed in full up to N = 2 x 10^4 and on 256 coordinates "
-                     "(extrapolated) above. Per coordinate: structured time / N.", "", scaling_table(rows)]
+                     "extrapolated (x N); the generic engine is timed in full up to N = 2 x 10^4 and on 256 "
+                     "coordinates (extrapolated) above. Per coordinate: structured time / N.", "", scaling_table(rows)]
         progress("float32 accuracy")
         acc = float32_accuracy()
         sections += ["", "**float32 accuracy** (5 draws each; error of the numerical gradient of a float32 function "
-                     "against the float64 derivative at the same float32 point; automatic steps). The structured engine "
-                     "evaluates every perturbed value in float32 like the function, but sums only the changed terms, in "
+                     "against the float64 derivative at the same float32 point; automatic steps). The structured "
+                     "engine evaluates every perturbed value in float32 like the function, but sums only the changed "
+                     "terms, in "
                      "float64; the generic engine differences the float32 losses.", "", accuracy_table(acc)]
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "structured-cpu.json").write_text(json.dumps(

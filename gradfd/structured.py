@@ -270,9 +270,6 @@ class Perturbed:
             self.slab_ = self.lineage.materialize().reshape(self.batch, *self.rest_shape)
         return self.slab_
 
-    def region_numel(self) -> int:
-        return math.prod(self.rest_shape)
-
 
 def _prod(xs) -> int:
     return math.prod(int(x) for x in xs)
@@ -353,7 +350,7 @@ def unit_axes(p: Perturbed) -> Perturbed:
     cols = [p.pos[:, p.axes.index(a):p.axes.index(a) + 1] if a in p.axes else zeros for a in axes]
     pos = torch.cat(cols, 1) if cols else p.pos
     slab = p.slab.reshape(p.batch, *[p.base.shape[d] for d in range(p.base.dim()) if d not in axes])
-    return Perturbed(p.base, axes, pos, slab, p.lineage if p.slab_ is None else None, p.scalar, p.promoted)
+    return Perturbed(p.base, axes, pos, slab, scalar=p.scalar, promoted=p.promoted)
 
 
 def broadcast_to(p: Perturbed, shape) -> Perturbed:
@@ -384,8 +381,8 @@ def _with_unaffected(p: Perturbed, affected: torch.Tensor) -> Perturbed:
 
 
 def trace(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
-    """``func`` traced to an aten-level graph on ``args`` (functionalized where possible: in-place ops of ``func`` become
-    out-of-place ops).
+    """``func`` traced to an aten-level graph on ``args`` (functionalized where possible: in-place ops of ``func``
+    become out-of-place ops).
 
     Raises:
         StructuredUnsupported: when tracing fails (data-dependent control flow, ``.item()``, ...).
@@ -1179,13 +1176,14 @@ def _loss_none(op, where, *args):
 
 
 def _h_nll(an: Analysis, node, base, p, target, weight, reduction, ignore_index):
-    """``nll_loss_forward``: per row ``-weight[t] * logp[row, t]`` (0 where ignored), then the float64 changed-terms sum,
-    divided by the (constant) total weight for the mean."""
+    """``nll_loss_forward``: per row ``-weight[t] * logp[row, t]`` (0 where ignored), then the float64 changed-terms
+    sum, divided by the (constant) total weight for the mean."""
     name = _op_name(node.target)
     if isinstance(target, Perturbed) or isinstance(weight, Perturbed):
         raise StructuredUnsupported(name, "the target or weight depends on the checked parameter")
     if p.base.dim() != 2 or p.promoted:
-        raise StructuredUnsupported(name, f"log-probabilities of shape {tuple(p.base.shape)} (only (N, C) is supported)")
+        raise StructuredUnsupported(name, f"log-probabilities of shape {tuple(p.base.shape)} (only (N, C) is "
+                                    "supported)")
     out_base, total_weight = base
     n = p.base.shape[0]
     keep = an._cached((node.name, "keep"), lambda: target != ignore_index)
@@ -1284,7 +1282,8 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
     result.notes.append(f"structured: traced {sum(n.op == 'call_function' for n in analysis.nodes)} aten ops in "
                         f"{analysis.trace_seconds * 1e3:.0f} ms; chunks of {chunk} coordinates")
     if analysis.fused:
-        result.notes.append("structured: fused kernel gradfd::linear_update_mse at " + ", ".join(sorted(analysis.fused)))
+        result.notes.append("structured: fused kernel gradfd::linear_update_mse at "
+                            + ", ".join(sorted(analysis.fused)))
     if analysis.densified:
         result.notes.append("structured: region widened to whole tensors at " + ", ".join(sorted(analysis.densified)))
     result.notes.append(f"structured: losses are changes from the base loss {result.loss_offset!r} (loss_offset), "

@@ -23,6 +23,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+def _agrees_with_reference(got: torch.Tensor, ref: torch.Tensor, loss: float, h: float = 1e-5) -> bool:
+    """Within 1e-9 of the largest entry -- plus the reference's own rounding, a few ``eps*|loss|/h``, which matters only
+    where a whole gradient is tiny next to its loss (a bias whose residuals nearly cancel): the reference and the
+    generic engine round the full loss, and nothing can agree with them more closely than that. The test data keep
+    that term below 1e-9 of the gradient in most draws."""
+    scale = ref.abs().max().item()
+    return (got.double() - ref.double()).abs().max().item() <= 1e-9 * scale + 8 * 2.2e-16 * abs(loss) / h
+
+
 # --------------------------------------------------------------------------------------------------------------
 # kernels against their twins
 
@@ -89,7 +98,8 @@ BAD_KERNEL = [
     ("column range", dict(column=torch.full((40,), 5)), "column values must lie in \\[0, 5\\), got min 5 and max 5"),
     ("feature range", dict(feature=torch.full((40,), -1)), "feature values must lie in \\[0, 7\\)"),
     ("delta float32", dict(delta=torch.zeros(2, 40)), "delta must be a contiguous \\(S, C\\) float64"),
-    ("delta too many nodes", dict(delta=torch.zeros(17, 40, dtype=torch.float64)), "delta must have between 1 and 16 rows .stencil nodes., got 17"),
+    ("delta too many nodes", dict(delta=torch.zeros(17, 40, dtype=torch.float64)),
+     "delta must have between 1 and 16 rows .stencil nodes., got 17"),
     ("activation", dict(activation=7), "activation must be 0 .identity., 1 .tanh., 2 .relu. or 3 .sigmoid., got 7"),
     ("non-contiguous base", dict(base=torch.randn(5, 13, dtype=torch.float64).t()), "base must be contiguous"),
 ]
@@ -122,12 +132,13 @@ def _models(device, dtype):
     n, d, k, c = int(torch.randint(12, 40, ())), int(torch.randint(3, 9, ())), 5, 3
     o = dict(dtype=dtype, device=device)
     X = torch.randn(n, d, **o)
-    y = torch.randn(n, 1, **o) + 3
+    y = torch.randn(n, 1, **o) + 1
     x = torch.linspace(-1, 1, n, **o).unsqueeze(1)
     t = (torch.rand(n, device=device) > 0.2).to(dtype)
     labels = (torch.rand(n, device=device) ** 2 * c).long()  # skewed towards class 0
     Y = torch.randn(n, c, **o) + 1
-    w, b = torch.randn(d, 1, **o), torch.randn(1, **o)
+    w, b = torch.randn(d, 1, **o) / math.sqrt(d), 0.1 * torch.randn(1, **o)
+    w1 = (2 + torch.rand(1, **o)) * torch.randn(1, **o).sign()
     mlp = (torch.randn(d, k, **o) / math.sqrt(d), 0.1 * torch.randn(k, **o), torch.randn(k, c, **o) / math.sqrt(k),
            0.1 * torch.randn(c, **o))
     linear = (torch.randn(k, d, **o) / math.sqrt(d), torch.randn(k, **o))
@@ -144,11 +155,12 @@ def _models(device, dtype):
         "linear regression": (lambda w, b: ((X @ w + b - y) ** 2).mean(), (w, b)),
         "linear regression, 1-D w": (lambda w, b: ((X @ w + b - y[:, 0]) ** 2).mean(), (w[:, 0].clone(), b)),
         "quadratic regression": (lambda w1, w2, b: ((w2 * x**2 + w1 * x + b - y) ** 2).mean(),
-                                 (torch.randn(1, **o), torch.randn(1, **o), torch.randn(1, **o))),
+                                 (w1, -0.5 * torch.randn(1, **o).abs(), 0.1 * torch.randn(1, **o))),
         "polynomial features": (lambda w: ((powers @ w - y) ** 2).mean(), (torch.randn(4, 1, **o),)),
         "logistic regression": (lambda w, b: F.binary_cross_entropy_with_logits((X @ w + b).squeeze(1), t), (w, b)),
-        "softmax regression": (lambda W, b: F.cross_entropy(X @ W + b, labels),
-                               (torch.randn(d, c, **o), torch.randn(c, **o))),
+        "softmax regression": (lambda W, b: F.cross_entropy(X @ W + b, labels),  # b favours the rarest class
+                               (torch.randn(d, c, **o) / math.sqrt(d),
+                                torch.tensor([0.0, 0.0, 2.0], **o) + 0.1 * torch.randn(c, **o))),
         "mlp tanh mse": (mlp_tanh_mse, mlp),
         "mlp tanh cross-entropy": (mlp_tanh_ce, mlp),
         "linear layer mse": (lambda W, b: F.mse_loss(F.linear(X, W, b), Yk), linear),
@@ -168,11 +180,16 @@ def test_structured_agrees_with_generic_and_reference_in_float64(seed, device, n
     ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured")
     assert ev.engine == "structured", ev.notes
     got = ev.estimate()[0].reshape(params[idx].shape)
-    assert _rel(got, ref) <= 1e-9
-    assert _rel(got, generic) <= 1e-9
+    loss = float(func(*params))
+    assert _agrees_with_reference(got, ref, loss)
+    assert _agrees_with_reference(got, generic, loss)
     public = gradfd.numerical_gradient(func, params, idx, engine="structured")
     assert public.shape == params[idx].shape and public.dtype == params[idx].dtype
-    assert _rel(public, ref) <= 1e-9
+    assert _agrees_with_reference(public, ref, loss)
+    # and it is at least that close to the exact derivative (it rounds only the changed terms)
+    clones = [p.clone().requires_grad_(k == idx) for k, p in enumerate(params)]
+    (exact,) = torch.autograd.grad(func(*clones), clones[idx])
+    assert _agrees_with_reference(got, exact, loss)
 
 
 def test_mlp_relu_agrees_away_from_kinks(seed):
@@ -282,7 +299,7 @@ def test_propagation_rules_agree_with_the_reference(seed, name):
         ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured", chunk_size=5)
         assert ev.engine == "structured"
         got = ev.estimate()[0].reshape(params[idx].shape)
-        assert _rel(got, reference.numerical_gradient(func, params, idx)) <= 1e-9
+        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params)))
 
 
 def test_nn_module_through_functional_call(seed):
@@ -296,7 +313,7 @@ def test_nn_module_through_functional_call(seed):
     params = tuple(p.detach().clone() for p in model.parameters())
     for idx in range(len(params)):
         got = gradfd.numerical_gradient(func, params, idx, engine="structured")
-        assert _rel(got, reference.numerical_gradient(func, params, idx)) <= 1e-9
+        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params)))
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -308,7 +325,7 @@ def test_shared_test_functions_run_structured_or_are_refused(seed, name):
     except StructuredUnsupported as exc:
         assert name == "batched_matmul_param" and exc.op == "aten.bmm.default"
         return
-    assert _rel(got, ref) <= 1e-9
+    assert _agrees_with_reference(got, ref, float(func(*params)))
 
 
 # --------------------------------------------------------------------------------------------------------------
