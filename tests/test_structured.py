@@ -180,7 +180,7 @@ def test_structured_agrees_with_generic_and_reference_in_float64(seed, device, n
     ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured")
     assert ev.engine == "structured", ev.notes
     got = ev.estimate()[0].reshape(params[idx].shape)
-    loss = float(func(*params))
+    loss = float(func(*params).detach())
     assert _agrees_with_reference(got, ref, loss)
     assert _agrees_with_reference(got, generic, loss)
     public = gradfd.numerical_gradient(func, params, idx, engine="structured")
@@ -299,7 +299,7 @@ def test_propagation_rules_agree_with_the_reference(seed, name):
         ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured", chunk_size=5)
         assert ev.engine == "structured"
         got = ev.estimate()[0].reshape(params[idx].shape)
-        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params)))
+        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params).detach()))
 
 
 def test_nn_module_through_functional_call(seed):
@@ -313,7 +313,7 @@ def test_nn_module_through_functional_call(seed):
     params = tuple(p.detach().clone() for p in model.parameters())
     for idx in range(len(params)):
         got = gradfd.numerical_gradient(func, params, idx, engine="structured")
-        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params)))
+        assert _agrees_with_reference(got, reference.numerical_gradient(func, params, idx), float(func(*params).detach()))
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -325,7 +325,7 @@ def test_shared_test_functions_run_structured_or_are_refused(seed, name):
     except StructuredUnsupported as exc:
         assert name == "batched_matmul_param" and exc.op == "aten.bmm.default"
         return
-    assert _agrees_with_reference(got, ref, float(func(*params)))
+    assert _agrees_with_reference(got, ref, float(func(*params).detach()))
 
 
 # --------------------------------------------------------------------------------------------------------------
