@@ -41,4 +41,7 @@ fi
 
 step "gradfd bench --device cpu,cuda"
 timeout 200 $py -m gradfd bench --device cpu,cuda --out "$out" 2>/dev/null | tee "$out/bench-table.md" || status=1
+
+step "structured engine on the GPU (the 4096x4096 bar)"
+timeout 120 $py benchmarks/bench_structured.py --device cuda --no-record 2>/dev/null | tee "$out/bench-structured-cuda.md" || status=1
 exit $status

@@ -107,7 +107,8 @@ def estimate_entries(ev: Evaluation, noise: float | None = None) -> EntryEstimat
     finite = ev.finite() & torch.isfinite(numerical)
     fourth = _fourth_difference(ev)
     if noise is None:
-        noise = loss_noise(ev.dtype, float(ev.base_loss), fourth[finite] if fourth is not None else None)
+        noise = loss_noise(ev.dtype, float(ev.base_loss) + ev.loss_offset,
+                           fourth[finite] if fourth is not None else None)
     rounding = ROUNDING_SAFETY * noise * ev.stencil.weight_norm / half
     truncation = spread if spread is not None else torch.zeros_like(numerical)
     if fourth is not None:

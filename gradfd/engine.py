@@ -51,7 +51,7 @@ __all__ = [
     "parse_memory_budget",
 ]
 
-ENGINES = ("auto", "batched", "loop")
+ENGINES = ("auto", "batched", "loop", "structured")
 BATCHINGS = ("auto", "vmap", "stack", "loop")
 _TINY = 32  # evaluations below which "auto" uses the loop without probing
 _PROBE_LOOP = 2  # coordinates the "auto" probe times with the loop
@@ -559,15 +559,18 @@ class Evaluation:
         coords: ``(M,)`` int64 flat indices that were perturbed (on the parameter's device).
         steps: ``(M,)`` float64 nominal steps ``h_i``.
         stencil: the stencil; its ``offsets`` order the rows below.
-        losses: ``(S, M)`` float64 losses at the nodes ``x + offsets[s]*h_i*e_i`` (None when a ``sink`` receives the
-            values instead, as for tensor-valued functions).
+        losses: ``(S, M)`` float64 losses at the nodes ``x + offsets[s]*h_i*e_i``, less ``loss_offset`` (None when a
+            ``sink`` receives the values instead, as for tensor-valued functions).
         displacement: ``(S, M)`` float64 steps actually taken after rounding to ``dtype``.
-        base_loss: ``func`` at the unperturbed point (float64 0-d tensor).
-        engine: ``"batched"`` or ``"loop"`` (what actually ran; a mix reports ``"batched"`` with a note).
+        base_loss: ``func`` at the unperturbed point (float64 0-d tensor), less ``loss_offset``.
+        engine: ``"batched"``, ``"loop"`` or ``"structured"`` (what actually ran; a mix reports ``"batched"`` with a
+            note).
         batching: ``"vmap"``, ``"stack"`` or None.
         chunk_size: coordinates per batched call (after any out-of-memory halving), or None.
         notes: human-readable decisions (probe timings, fallbacks).
         sink: optional ``callable(start, stop, values, displacement)`` receiving each chunk's values.
+        loss_offset: ``losses`` and ``base_loss`` are relative to this value: the loss is their sum. 0 except for the
+            structured engine, which reports changes from the base loss to keep the full loss's rounding out of them.
     """
 
     param_idx: int
@@ -595,6 +598,7 @@ class Evaluation:
             self.losses[:, start:stop] = values
         if self.progress is not None:
             self.progress(stop - start)
+    loss_offset: float = 0.0
 
     def levels(self) -> torch.Tensor:
         """``(K, M)`` float64 central differences, one row per step level."""
@@ -722,9 +726,9 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     losses = None if sink is not None else torch.empty((s, m), dtype=torch.float64, device=device)
     result = Evaluation(problem.param_idx, problem.shape, problem.dtype, coords, h, stencil, losses, disp,
                         problem.base_loss.to(torch.float64), "loop", None, None, sink=sink, progress=progress)
-    if batching == "loop":
+    if batching == "loop" and engine != "structured":
         engine = "loop"
-    if engine == "batched":
+    if engine in ("batched", "structured"):
         ops.require_kernels()
     elif engine == "auto" and not ops.kernels_available():
         _warn(f"gradfd: native kernels unavailable ({ops.unavailable_reason()}); using the per-coordinate loop",
@@ -732,6 +736,20 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
         engine = "loop"
     if m == 0:
         return result
+    if engine == "structured" and problem.vector:
+        raise ValueError("engine='structured' checks scalar losses; use engine='auto' or 'batched' for a tensor-valued "
+                         "func")
+    if (engine == "structured" or engine == "auto") and not problem.vector:  # gradfd/structured.py when it applies
+        from . import structured
+
+        if engine == "structured" or structured.worthwhile(problem, m * s, result.notes):
+            try:
+                structured.evaluate_into(problem, result, moved, chunk_size, budget)
+                return result
+            except structured.StructuredUnsupported as exc:
+                if engine == "structured":
+                    raise
+                result.notes.append(f"structured engine not applicable ({exc.op}: {exc.reason}); generic engine used")
 
     done = 0
     if engine == "auto" and m * s <= _TINY:
@@ -1057,9 +1075,12 @@ def numerical_gradient(
             shape. Its dtype is the evaluation dtype; differences are taken in float64.
         h: absolute step (default ``1e-5``, the reference's), or None for the automatic per-element step
             ``~eps**(1/(order+1)) * max(1, |x|)``.
-        engine: ``"auto"`` (default: measures a small probe and picks the faster), ``"batched"`` (the kernel
-            engine; raises :class:`gradfd.ops.KernelsUnavailableError` if the extension cannot be loaded) or
-            ``"loop"`` (per coordinate, in place, pure PyTorch).
+        engine: ``"auto"`` (default: the structured engine when it applies to a large enough problem, else measures
+            a small probe and picks the faster), ``"batched"`` (the kernel engine; raises
+            :class:`gradfd.ops.KernelsUnavailableError` if the extension cannot be loaded), ``"loop"`` (per coordinate,
+            in place, pure PyTorch) or ``"structured"`` (:mod:`gradfd.structured`: evaluates only what each
+            perturbation changes; raises :class:`gradfd.structured.StructuredUnsupported`, naming the op, when it does
+            not apply).
         chunk_size: coordinates per batched call (honoured as given); default from ``memory_budget``.
         memory_budget: bytes (int) or a size string like ``"512MB"`` for one chunk's working memory; default:
             half the free GPU memory, or a quarter of available RAM capped at 2 GiB.

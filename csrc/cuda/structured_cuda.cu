@@ -1,0 +1,137 @@
+// CUDA kernels of the structured engine: perturbed columns of a product linear in the perturbed parameter, and
+// the perturbed squared-error sums that follow it. Mirrors csrc/cpu/structured_cpu.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../structured.h"
+
+namespace gradfd {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t work) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 65535)));
+}
+
+// One thread per output element, the coordinate fastest: neighbouring threads read neighbouring features.
+template <typename scalar_t>
+__global__ void linear_update_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ features,
+                                     const int64_t* __restrict__ column, const int64_t* __restrict__ feature,
+                                     const double* __restrict__ delta, scalar_t* __restrict__ out, int64_t n,
+                                     int64_t k, int64_t d, int64_t c) {
+  const int64_t total = n * c;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / c, q = e % c;
+    out[q * n + r] = static_cast<scalar_t>(static_cast<double>(base[r * k + column[q]]) +
+                                           delta[q] * static_cast<double>(features[r * d + feature[q]]));
+  }
+}
+
+// One thread per coordinate, all stencil nodes in registers; the rows stream past once per coordinate.
+template <typename scalar_t>
+__global__ void linear_update_mse_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ features,
+                                         const scalar_t* __restrict__ target, const int64_t* __restrict__ column,
+                                         const int64_t* __restrict__ feature, const double* __restrict__ delta,
+                                         double* __restrict__ out, int64_t n, int64_t k, int64_t d, int64_t c,
+                                         int64_t s, int64_t activation) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < c;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double dl[kMaxNodes];
+    double acc[kMaxNodes];
+#pragma unroll
+    for (int64_t q = 0; q < kMaxNodes; ++q) {
+      dl[q] = q < s ? delta[q * c + e] : 0.0;
+      acc[q] = 0.0;
+    }
+    const int64_t j = column[e], i = feature[e];
+    for (int64_t r = 0; r < n; ++r) {
+      const double zr = static_cast<double>(base[r * k + j]);
+      const double xr = static_cast<double>(features[r * d + i]);
+      const double yr = static_cast<double>(target[r * k + j]);
+      // the element's squared error at the base point, subtracted term by term (the changed terms only)
+      const double d0 = static_cast<double>(activate<scalar_t, opmath_t>(base[r * k + j], activation)) - yr;
+      const double e0 = d0 * d0;
+#pragma unroll
+      for (int64_t q = 0; q < kMaxNodes; ++q) {
+        if (q < s) {
+          const scalar_t moved = static_cast<scalar_t>(zr + dl[q] * xr);
+          const double diff = static_cast<double>(activate<scalar_t, opmath_t>(moved, activation)) - yr;
+          acc[q] += diff * diff - e0;
+        }
+      }
+    }
+    for (int64_t q = 0; q < s; ++q) {
+      out[q * c + e] = acc[q];
+    }
+  }
+}
+
+void check_range_cuda(const char* op, const char* name, const at::Tensor& v, int64_t n) {
+  if (v.numel() > 0) {
+    const auto bounds = at::aminmax(v);
+    check_index_range(op, name, std::get<0>(bounds).item<int64_t>(), std::get<1>(bounds).item<int64_t>(), n);
+  }
+}
+
+at::Tensor linear_update_cuda(const at::Tensor& base, const at::Tensor& features, const at::Tensor& column,
+                              const at::Tensor& feature, const at::Tensor& delta) {
+  check_linear_update_args(base, features, column, feature, delta, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const int64_t n = base.size(0), k = base.size(1), d = features.size(1), c = column.numel();
+  auto out = at::empty({c, n}, base.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  check_range_cuda("gradfd::linear_update: ", "column", column, k);
+  check_range_cuda("gradfd::linear_update: ", "feature", feature, d);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::linear_update", [&] {
+    linear_update_kernel<scalar_t><<<blocks_for(n * c), kThreads, 0, stream>>>(
+        base.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), column.data_ptr<int64_t>(),
+        feature.data_ptr<int64_t>(), delta.data_ptr<double>(), out.data_ptr<scalar_t>(), n, k, d, c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor linear_update_mse_cuda(const at::Tensor& base, const at::Tensor& features, const at::Tensor& target,
+                                  const at::Tensor& column, const at::Tensor& feature, const at::Tensor& delta,
+                                  int64_t activation) {
+  check_linear_update_mse_args(base, features, target, column, feature, delta, activation, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const int64_t n = base.size(0), k = base.size(1), d = features.size(1), c = column.numel(), s = delta.size(0);
+  auto out = at::zeros({s, c}, base.options().dtype(at::kDouble));
+  if (c == 0) {
+    return out;
+  }
+  check_range_cuda("gradfd::linear_update_mse: ", "column", column, k);
+  check_range_cuda("gradfd::linear_update_mse: ", "feature", feature, d);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::linear_update_mse", [&] {
+    linear_update_mse_kernel<scalar_t><<<blocks_for(c), kThreads, 0, stream>>>(
+        base.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
+        column.data_ptr<int64_t>(), feature.data_ptr<int64_t>(), delta.data_ptr<double>(), out.data_ptr<double>(),
+        n, k, d, c, s, activation);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradfd, CUDA, m) {
+  m.impl("linear_update", &linear_update_cuda);
+  m.impl("linear_update_mse", &linear_update_mse_cuda);
+}
+
+}  // namespace gradfd

@@ -1,0 +1,505 @@
+"""The structured engine (gradfd/structured.py): its kernels against their pure-PyTorch twins, its losses against the
+generic engine and the reference on every supported pattern, its refusals, and its input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from functions import FUNCTIONS
+from helpers import ALL_DEVICES, DTYPES, assert_unchanged, snapshot
+
+import gradfd
+from gradfd import engine, ops, reference, structured
+from gradfd.structured import StructuredUnsupported
+
+pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason=f"kernels unavailable: {ops.unavailable_reason()}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a.double() - b.double()).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _agrees_with_reference(got: torch.Tensor, ref: torch.Tensor, loss: float, h: float = 1e-5) -> bool:
+    """Within 1e-9 of the largest entry -- plus the reference's own rounding, a few ``eps*|loss|/h``, which matters only
+    where a whole gradient is tiny next to its loss (a bias whose residuals nearly cancel): the reference and the
+    generic engine round the full loss, and nothing can agree with them more closely than that. The test data keep
+    that term below 1e-9 of the gradient in most draws."""
+    scale = ref.abs().max().item()
+    return (got.double() - ref.double()).abs().max().item() <= 1e-9 * scale + 8 * 2.2e-16 * abs(loss) / h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kernels against their twins
+
+
+def _kernel_inputs(device, dtype, n=13, k=5, d=7, c=40, s=4):
+    base = torch.randn(n, k, dtype=torch.float64).to(dtype).to(device)
+    features = torch.randn(n, d, dtype=torch.float64).to(dtype).to(device)
+    target = torch.randn(n, k, dtype=torch.float64).to(dtype).to(device)
+    column = torch.randint(0, k, (c,), device=device)
+    feature = torch.randint(0, d, (c,), device=device)
+    delta = (torch.randn(s, c, dtype=torch.float64) * 1e-2).to(device)
+    return base, features, target, column, feature, delta
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_update_matches_reference(seed, device, dtype):
+    base, features, _, column, feature, delta = _kernel_inputs(device, dtype)
+    got = structured.linear_update(base, features, column, feature, delta[0].contiguous())
+    want = structured.linear_update_reference(base, features, column, feature, delta[0])
+    assert got.shape == (column.numel(), base.shape[0]) and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # one float64 fma, rounded once: exact
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("shape", [dict(), dict(n=1, k=1, d=1, c=3, s=1), dict(n=70, k=1, d=300, c=100, s=6)])
+def test_linear_update_mse_matches_reference(seed, device, dtype, activation, shape):
+    base, features, target, column, feature, delta = _kernel_inputs(device, dtype, **shape)
+    got = structured.linear_update_mse(base, features, target, column, feature, delta, activation)
+    want = structured.linear_update_mse_reference(base, features, target, column, feature, delta, activation)
+    assert got.shape == delta.shape and got.dtype == torch.float64
+    # the sums differ in their order only (terms of size ~scale); the activation may differ by an ulp between libm
+    # and torch's vectorised version
+    scale = float(((1 + base.double().abs() + target.double().abs()) ** 2).sum(0).max())
+    eps = 1e-15 if activation in (None, "relu") else 8 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=0, atol=eps * scale)
+
+
+def test_structured_ops_pass_opcheck(seed):
+    base, features, target, column, feature, delta = _kernel_inputs("cpu", torch.float64)
+    structured._ensure_fakes()
+    torch.library.opcheck(torch.ops.gradfd.linear_update.default,
+                          (base, features, column, feature, delta[0].contiguous()))
+    torch.library.opcheck(torch.ops.gradfd.linear_update_mse.default,
+                          (base, features, target, column, feature, delta, 1))
+
+
+def _good_mse_args():
+    base, features, target, column, feature, delta = _kernel_inputs("cpu", torch.float64)
+    return dict(base=base, features=features, target=target, column=column, feature=feature, delta=delta,
+                activation=0)
+
+
+BAD_KERNEL = [
+    ("base 1-D", dict(base=torch.randn(13, dtype=torch.float64)), "base must be 2-D"),
+    ("base int", dict(base=torch.ones(13, 5, dtype=torch.int64)), "base must be floating point"),
+    ("features rows", dict(features=torch.randn(12, 7, dtype=torch.float64)), "features must be 2-D .* n = 13"),
+    ("features dtype", dict(features=torch.randn(13, 7)), "features must have base's dtype"),
+    ("target shape", dict(target=torch.randn(13, 4, dtype=torch.float64)), "target must have base's shape"),
+    ("column float", dict(column=torch.zeros(40)), "column must be a 1-D int64"),
+    ("feature length", dict(feature=torch.zeros(3, dtype=torch.int64)), "feature must be a 1-D int64 .* \\(40\\)"),
+    ("column range", dict(column=torch.full((40,), 5)), "column values must lie in \\[0, 5\\), got min 5 and max 5"),
+    ("feature range", dict(feature=torch.full((40,), -1)), "feature values must lie in \\[0, 7\\)"),
+    ("delta float32", dict(delta=torch.zeros(2, 40)), "delta must be a contiguous \\(S, C\\) float64"),
+    ("delta too many nodes", dict(delta=torch.zeros(17, 40, dtype=torch.float64)),
+     "delta must have between 1 and 16 rows .stencil nodes., got 17"),
+    ("activation", dict(activation=7), "activation must be 0 .identity., 1 .tanh., 2 .relu. or 3 .sigmoid., got 7"),
+    ("non-contiguous base", dict(base=torch.randn(5, 13, dtype=torch.float64).t()), "base must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("name,override,message", BAD_KERNEL, ids=[b[0] for b in BAD_KERNEL])
+def test_linear_update_mse_checks_name_the_op_and_what_they_got(name, override, message):
+    args = _good_mse_args()
+    args.update(override)
+    with pytest.raises(RuntimeError, match="gradfd::linear_update_mse: " + message):
+        torch.ops.gradfd.linear_update_mse(*args.values())
+
+
+def test_linear_update_checks_name_the_op():
+    base, features, _, column, feature, delta = _kernel_inputs("cpu", torch.float64)
+    with pytest.raises(RuntimeError, match="gradfd::linear_update: delta must be a contiguous 1-D float64 tensor"):
+        structured.linear_update(base, features, column, feature, delta)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        structured.linear_update_mse(base, features, base, column, feature, delta, "gelu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the models of the issue: structured vs generic vs reference, float64, 1e-9 of the largest entry
+
+
+def _models(device, dtype):
+    """name -> (func, params) for the models the structured engine must run; fresh random data. Targets are offset so
+    that no gradient is tiny next to its loss (the reference's rounding, ~eps*|loss|/h, must stay below 1e-9 of the
+    gradient for the comparison to mean anything)."""
+    n, d, k, c = int(torch.randint(12, 40, ())), int(torch.randint(3, 9, ())), 5, 3
+    o = dict(dtype=dtype, device=device)
+    X = torch.randn(n, d, **o)
+    y = torch.randn(n, 1, **o) + 1
+    x = torch.linspace(-1, 1, n, **o).unsqueeze(1)
+    t = (torch.rand(n, device=device) > 0.2).to(dtype)
+    labels = (torch.rand(n, device=device) ** 2 * c).long()  # skewed towards class 0
+    Y = torch.randn(n, c, **o) + 1
+    w, b = torch.randn(d, 1, **o) / math.sqrt(d), 0.1 * torch.randn(1, **o)
+    w1 = (2 + torch.rand(1, **o)) * torch.randn(1, **o).sign()
+    mlp = (torch.randn(d, k, **o) / math.sqrt(d), 0.1 * torch.randn(k, **o), torch.randn(k, c, **o) / math.sqrt(k),
+           0.1 * torch.randn(c, **o))
+    linear = (torch.randn(k, d, **o) / math.sqrt(d), torch.randn(k, **o))
+    Yk = torch.randn(n, k, **o) + 1
+    powers = torch.cat([x**p for p in range(4)], 1)
+
+    def mlp_tanh_mse(W1, b1, W2, b2):
+        return ((torch.tanh(X @ W1 + b1) @ W2 + b2 - Y) ** 2).mean()
+
+    def mlp_tanh_ce(W1, b1, W2, b2):
+        return F.cross_entropy(torch.tanh(X @ W1 + b1) @ W2 + b2, labels)
+
+    return {
+        "linear regression": (lambda w, b: ((X @ w + b - y) ** 2).mean(), (w, b)),
+        "linear regression, 1-D w": (lambda w, b: ((X @ w + b - y[:, 0]) ** 2).mean(), (w[:, 0].clone(), b)),
+        "quadratic regression": (lambda w1, w2, b: ((w2 * x**2 + w1 * x + b - y) ** 2).mean(),
+                                 (w1, -0.5 * torch.randn(1, **o).abs(), 0.1 * torch.randn(1, **o))),
+        "polynomial features": (lambda w: ((powers @ w - y) ** 2).mean(), (torch.randn(4, 1, **o),)),
+        "logistic regression": (lambda w, b: F.binary_cross_entropy_with_logits((X @ w + b).squeeze(1), t), (w, b)),
+        "softmax regression": (lambda W, b: F.cross_entropy(X @ W + b, labels),  # b favours the rarest class
+                               (torch.randn(d, c, **o) / math.sqrt(d),
+                                torch.tensor([0.0, 0.0, 2.0], **o) + 0.1 * torch.randn(c, **o))),
+        "mlp tanh mse": (mlp_tanh_mse, mlp),
+        "mlp tanh cross-entropy": (mlp_tanh_ce, mlp),
+        "linear layer mse": (lambda W, b: F.mse_loss(F.linear(X, W, b), Yk), linear),
+        "linear layer tanh mse": (lambda W, b: F.mse_loss(torch.tanh(F.linear(X, W, b)), Yk), linear),
+    }
+
+
+MODEL_CASES = [(name, idx) for name, (_, params) in _models("cpu", torch.float64).items() for idx in range(len(params))]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("name,idx", MODEL_CASES, ids=[f"{n}-{i}" for n, i in MODEL_CASES])
+def test_structured_agrees_with_generic_and_reference_in_float64(seed, device, name, idx):
+    func, params = _models(device, torch.float64)[name]
+    ref = reference.numerical_gradient(func, params, idx)
+    generic = gradfd.numerical_gradient(func, params, idx, engine="batched")
+    ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured")
+    assert ev.engine == "structured", ev.notes
+    got = ev.estimate()[0].reshape(params[idx].shape)
+    loss = float(func(*params).detach())
+    assert _agrees_with_reference(got, ref, loss)
+    assert _agrees_with_reference(got, generic, loss)
+    public = gradfd.numerical_gradient(func, params, idx, engine="structured")
+    assert public.shape == params[idx].shape and public.dtype == params[idx].dtype
+    assert _agrees_with_reference(public, ref, loss)
+    # and it is at least that close to the exact derivative (it rounds only the changed terms)
+    clones = [p.clone().requires_grad_(k == idx) for k, p in enumerate(params)]
+    (exact,) = torch.autograd.grad(func(*clones), clones[idx])
+    assert _agrees_with_reference(got, exact, loss)
+
+
+def test_mlp_relu_agrees_away_from_kinks(seed):
+    X = torch.randn(30, 6, dtype=torch.float64)
+    Y = torch.randn(30, 3, dtype=torch.float64)
+    W1, b1 = torch.randn(6, 8, dtype=torch.float64) / 2.5, 0.1 * torch.randn(8, dtype=torch.float64)
+    W2, b2 = torch.randn(8, 3, dtype=torch.float64) / 3, 0.1 * torch.randn(3, dtype=torch.float64)
+    pre = X @ W1 + b1
+    keep = pre.abs().min(0).values > 1e-2  # hidden units whose pre-activation stays away from the kink
+    W1, b1, W2 = W1[:, keep], b1[keep], W2[keep]
+
+    def func(W1, b1, W2, b2):
+        return F.mse_loss(torch.relu(X @ W1 + b1) @ W2 + b2, Y)
+
+    for idx in range(4):  # h = 1e-5 moves each pre-activation by ~1e-4 at most, far from its kink
+        params = (W1, b1, W2, b2)
+        got = gradfd.numerical_gradient(func, params, idx, engine="structured")
+        want = reference.numerical_gradient(func, params, idx)
+        assert _rel(got, want) <= 1e-9
+
+
+@pytest.mark.parametrize("stencil", ["central", "four_point", "richardson"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, None])
+def test_stencils_and_chunk_boundaries(seed, stencil, chunk_size):
+    func, params = _models("cpu", torch.float64)["mlp tanh cross-entropy"]
+    for idx in (0, 2):  # widened and fused paths
+        got = gradfd.numerical_gradient(func, params, idx, h=1e-3, stencil=stencil, engine="structured",
+                                        chunk_size=chunk_size)
+        want = gradfd.numerical_gradient(func, params, idx, h=1e-3, stencil=stencil, engine="batched")
+        assert _rel(got, want) <= 1e-10
+
+
+def test_fused_kernel_is_used_for_the_lessons_models(seed):
+    for name in ("linear regression", "linear regression, 1-D w", "polynomial features", "linear layer mse",
+                 "linear layer tanh mse"):
+        func, params = _models("cpu", torch.float64)[name]
+        ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+        assert any("fused kernel gradfd::linear_update_mse" in note for note in ev.notes), (name, ev.notes)
+
+
+def test_memory_budget_chunks_the_work_and_changes_nothing(seed):
+    func, params = _models("cpu", torch.float64)["mlp tanh mse"]
+    small = engine.evaluate(func, params, 0, steps=1e-5, engine="structured", memory_budget="4KB")
+    large = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+    assert small.chunk_size < params[0].numel() <= large.chunk_size
+    torch.testing.assert_close(small.losses, large.losses, rtol=1e-14, atol=0)
+
+
+# Functions that exercise the delta propagation rules (views, broadcasting, reductions, losses, products).
+def _patterns():
+    n, d, k, c = 9, 6, 4, 3
+    o = dict(dtype=torch.float64)
+    X, Y = torch.randn(n, d, **o), torch.randn(n, k, **o)
+    X3 = torch.randn(2, n, d, **o)
+    labels = torch.randint(0, c, (n,))
+    class_weight = torch.rand(c, **o) + 0.5
+    pos_weight = torch.rand(k, **o) + 0.5
+    v = torch.randn(k, **o)
+    targets = (Y > 0).to(torch.float64)
+    return {
+        "view, t, slice, sum(0)": (lambda w: (w.view(3, 4).t()[1:] ** 2).sum(0).exp().sum(), (torch.randn(12, **o),)),
+        "reshape then squeeze": (lambda w: (X @ w.reshape(d, 1)).squeeze().tanh().sum(), (torch.randn(d, **o),)),
+        "expand and multiply": (lambda w: (w.unsqueeze(0).expand(n, -1) * X).sin().mean(), (torch.randn(d, **o),)),
+        "select": (lambda w: ((w[2] * X + w[0]) ** 2).mean() + w[-1], (torch.randn(4, **o),)),
+        "strided slices": (lambda w: w[::2].pow(2).sum() + w[1:3].exp().sum(), (torch.randn(7, **o),)),
+        "where": (lambda w: torch.where(w > 0, w, 0.1 * w).pow(3).sum(), (torch.randn(8, **o),)),
+        "softmax, logsumexp, amax": (lambda W: torch.softmax(X @ W, 0).pow(2).sum() + torch.logsumexp(X @ W, 1).sum()
+                                     + (X @ W).amax(1).sum(), (torch.randn(d, k, **o),)),
+        "sum keepdim": (lambda W: (X @ W).sum(1, keepdim=True).pow(2).mean(), (torch.randn(d, k, **o),)),
+        "weight decay": (lambda W: F.mse_loss(X @ W, Y) + 0.01 * (W**2).sum(), (torch.randn(d, k, **o),)),
+        "parameter on both sides": (lambda W: (W.t() @ W).pow(2).sum(), (torch.randn(d, k, **o),)),
+        "parameter on the left": (lambda W: torch.tanh(W @ X.t()).pow(2).mean(), (torch.randn(k, d, **o),)),
+        "3-D input to linear": (lambda W, b: F.mse_loss(F.linear(X3, W, b), torch.zeros(2, n, k, **o)),
+                                (torch.randn(k, d, **o), torch.randn(k, **o))),
+        "matrix times vector": (lambda A: (A @ v).pow(2).sum(), (torch.randn(n, k, **o),)),
+        "division": (lambda w: (X / (1 + w**2)).sum(), (torch.randn(d, **o),)),
+        "log_softmax over the batch": (lambda W: F.log_softmax((X @ W).mean(1, keepdim=True) * X[:, :1], 0).sum(),
+                                       (torch.randn(d, k, **o),)),
+        "softplus and gelu": (lambda W: (F.softplus(X @ W) + F.gelu(X @ W)).mean(), (torch.randn(d, k, **o),)),
+        "cross-entropy, weights, ignore_index": (lambda W: F.cross_entropy(X @ W, labels, weight=class_weight,
+                                                                           ignore_index=1), (torch.randn(d, c, **o),)),
+        "cross-entropy, label smoothing": (lambda W: F.cross_entropy(X @ W, labels, label_smoothing=0.1),
+                                           (torch.randn(d, c, **o),)),
+        "cross-entropy, sum": (lambda W: F.cross_entropy(X @ W, labels, reduction="sum"), (torch.randn(d, c, **o),)),
+        "bce with pos_weight": (lambda W: F.binary_cross_entropy_with_logits(X @ W, targets, pos_weight=pos_weight),
+                                (torch.randn(d, k, **o),)),
+        "bce of sigmoid": (lambda W: F.binary_cross_entropy(torch.sigmoid(X @ W), targets), (torch.randn(d, k, **o),)),
+        "huber and smooth l1": (lambda W: F.huber_loss(X @ W, Y) + F.smooth_l1_loss(X @ W, Y, reduction="sum"),
+                                (torch.randn(d, k, **o),)),
+        "in-place ops in func": (lambda W: (lambda h: (h.add_(1).relu_() ** 2).mean())(X @ W),
+                                 (torch.randn(d, k, **o),)),
+        "0-d parameter": (lambda a: torch.tanh(a) * a, (torch.randn((), **o),)),
+        "non-contiguous parameter": (lambda W: torch.sigmoid(X @ W).pow(2).mean(), (torch.randn(k, d, **o).t(),)),
+        "loss independent of the parameter": (lambda w, b: (X**2).sum() + b.sum(), (torch.randn(3, **o),
+                                                                                     torch.randn(2, **o))),
+        "parameter times a feature": (lambda w: ((w * X) - 1).pow(2).mean(), (torch.randn(d, **o),)),
+    }
+
+
+PATTERNS = list(_patterns())
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_propagation_rules_agree_with_the_reference(seed, name):
+    func, params = _patterns()[name]
+    for idx in range(len(params)):
+        ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured", chunk_size=5)
+        assert ev.engine == "structured"
+        got = ev.estimate()[0].reshape(params[idx].shape)
+        ref = reference.numerical_gradient(func, params, idx)
+        assert _agrees_with_reference(got, ref, float(func(*params).detach()))
+
+
+def test_nn_module_through_functional_call(seed):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, labels = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    names = [name for name, _ in model.named_parameters()]
+
+    def func(*params):
+        return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, params)), (X,)), labels)
+
+    params = tuple(p.detach().clone() for p in model.parameters())
+    for idx in range(len(params)):
+        got = gradfd.numerical_gradient(func, params, idx, engine="structured")
+        ref = reference.numerical_gradient(func, params, idx)
+        assert _agrees_with_reference(got, ref, float(func(*params).detach()))
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_shared_test_functions_run_structured_or_are_refused(seed, name):
+    func, params, idx = FUNCTIONS[name]("cpu", torch.float64)
+    ref = reference.numerical_gradient(func, params, idx)
+    try:
+        got = gradfd.numerical_gradient(func, params, idx, engine="structured")
+    except StructuredUnsupported as exc:
+        assert name == "batched_matmul_param" and exc.op == "aten.bmm.default"
+        return
+    assert _agrees_with_reference(got, ref, float(func(*params).detach()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# float32
+
+
+@pytest.mark.parametrize("name", ["linear regression", "linear layer mse", "mlp tanh mse", "softmax regression"])
+def test_float32_is_at_least_as_accurate_as_the_generic_engine(seed, name):
+    func, params = _models("cpu", torch.float32)[name]
+    exact_params = tuple(p.double() for p in params)
+
+    def in64(*ps):  # the float64 derivative at the same float32 point, by autograd
+        return func(*ps)
+
+    p64 = [p.clone().requires_grad_(k == 0) for k, p in enumerate(exact_params)]
+    # func closes over float32 data: evaluate it in float64 by casting the data through the parameters' dtype
+    (exact,) = torch.autograd.grad(_as_float64(func)(*p64), p64[0])
+    got = gradfd.numerical_gradient(func, params, 0, h=None, engine="structured")
+    generic = gradfd.numerical_gradient(func, params, 0, h=None, engine="batched")
+    assert _rel(got, exact) <= max(2 * _rel(generic, exact), 1e-5)
+
+
+def _as_float64(func):
+    """``func`` with its closed-over float32 tensors cast to float64 (for the exact derivative)."""
+    cells = [cell for cell in (func.__closure__ or ()) if isinstance(cell.cell_contents, torch.Tensor)]
+    saved = [cell.cell_contents for cell in cells]
+
+    def run(*params):
+        for cell in cells:
+            cell.cell_contents = cell.cell_contents.double() if cell.cell_contents.is_floating_point() else \
+                cell.cell_contents
+        try:
+            return func(*params)
+        finally:
+            for cell, value in zip(cells, saved):
+                cell.cell_contents = value
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------
+# refusals, fallbacks, staleness, state
+
+
+def _refused():
+    X = torch.randn(10, 4, dtype=torch.float64)
+    w = (torch.randn(4, 1, dtype=torch.float64),)
+    return {
+        "item": (lambda w: (X @ w).pow(2).sum() * w.sum().item(), w, "aten._local_scalar_dense"),
+        "data-dependent branch": (lambda w: (X @ w).sum() if w.sum() > 0 else (X @ w).pow(2).sum(), w,
+                                  "aten._local_scalar_dense"),
+        "dropout": (lambda w: F.dropout(X @ w, 0.5).pow(2).sum(), w, "random numbers"),
+        "cumsum": (lambda w: torch.cumsum(X @ w, 0).pow(2).sum(), w, "aten.cumsum"),
+        "boolean mask": (lambda w: w[w > 0].sum(), w, "aten.index"),
+        "sort": (lambda w: torch.sort(w.flatten()).values[0], w, "aten.sort"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::gradfd.FallbackWarning")  # the generic engine's own fallbacks (.item())
+@pytest.mark.parametrize("name", list(_refused()))
+def test_unsupported_functions_raise_naming_the_op_and_fall_back_under_auto(seed, name, monkeypatch):
+    func, params, op = _refused()[name]
+    with pytest.raises(StructuredUnsupported, match=op.replace(".", r"\.")) as err:
+        gradfd.numerical_gradient(func, params, 0, engine="structured")
+    assert "engine='auto'" in str(err.value)
+    monkeypatch.setattr(structured, "_MIN_WORK", 0)  # make "auto" try the structured engine on this small problem
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="auto")
+    assert ev.engine in ("batched", "loop")
+    assert any("structured engine not applicable" in note and op in note for note in ev.notes), ev.notes
+    if name != "boolean mask":  # w > 0 may flip at a node: compare like with like
+        want = gradfd.numerical_gradient(func, params, 0, engine="batched")
+        assert _rel(ev.estimate()[0].reshape(params[0].shape), want) <= 1e-9
+
+
+def test_auto_uses_the_structured_engine_on_large_problems(seed):
+    X = torch.randn(64, 256, dtype=torch.float64)
+    Y = torch.randn(64, 256, dtype=torch.float64)
+    W = torch.randn(256, 256, dtype=torch.float64) / 16
+
+    def func(W):
+        return F.mse_loss(X @ W, Y)
+
+    ev = engine.evaluate(func, (W,), 0, steps=1e-5)
+    assert ev.engine == "structured", ev.notes
+    small = engine.evaluate(lambda w: (X[:, :3] @ w).pow(2).mean(), (torch.randn(3, 1, dtype=torch.float64),), 0,
+                            steps=1e-5)
+    assert small.engine != "structured"
+    assert any("structured engine not tried" in note for note in small.notes)
+
+
+def test_closures_over_mutated_tensors_are_never_stale(seed):
+    X = torch.randn(20, 5, dtype=torch.float64)
+    Y = torch.randn(20, 3, dtype=torch.float64)
+    W = torch.randn(5, 3, dtype=torch.float64)
+
+    def func(W):
+        return F.mse_loss(torch.tanh(X @ W), Y)
+
+    first = gradfd.numerical_gradient(func, (W,), 0, engine="structured")
+    X.mul_(2).add_(1)  # the closed-over data changes between calls
+    Y.neg_()
+    second = gradfd.numerical_gradient(func, (W,), 0, engine="structured")
+    want = reference.numerical_gradient(func, (W,), 0)
+    assert _rel(second, want) <= 1e-9
+    assert _rel(second, first) > 1e-3
+
+
+def test_callers_tensors_are_unchanged(seed):
+    func, params = _models("cpu", torch.float64)["mlp tanh cross-entropy"]
+    params = tuple(p.clone().requires_grad_() for p in params)
+    snap = snapshot(params)
+    for idx in range(4):
+        gradfd.numerical_gradient(func, params, idx, engine="structured")
+    assert_unchanged(params, snap)
+
+
+def test_non_finite_losses_are_reported(seed):
+    X = torch.rand(8, 3, dtype=torch.float64)
+    w = torch.tensor([[1e-6], [1.0], [1.0]], dtype=torch.float64)
+    with pytest.raises(engine.NonFiniteLossError, match=r"params\[0\]\[0, 0\]"):
+        gradfd.numerical_gradient(lambda w: torch.log(w).sum() + (X @ w).sum(), (w,), 0, h=1e-3,
+                                  engine="structured")
+
+
+def test_bad_engine_name_lists_structured():
+    with pytest.raises(ValueError, match=r"engine must be one of \['auto', 'batched', 'loop', 'structured'\]"):
+        gradfd.numerical_gradient(lambda x: x.sum(), (torch.randn(3),), 0, engine="structural")
+
+
+def test_structured_needs_the_kernels(monkeypatch):
+    monkeypatch.setitem(ops._state, "module", None)
+    monkeypatch.setitem(ops._state, "reason", "JIT build of csrc/ failed: no C++ compiler")
+    with pytest.raises(ops.KernelsUnavailableError, match="no C\\+\\+ compiler"):
+        gradfd.numerical_gradient(lambda x: x.pow(2).sum(), (torch.randn(5, dtype=torch.float64),), 0,
+                                  engine="structured")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# check() on top of the structured engine
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["linear regression", "softmax regression", "mlp tanh cross-entropy",
+                                  "linear layer mse"])
+def test_check_runs_on_the_structured_engine(seed, dtype, name):
+    func, params = _models("cpu", dtype)[name]
+    params = tuple(p.clone().requires_grad_() for p in params)
+    report = gradfd.check(func, params, engine="structured")
+    assert report.passed, str(report)
+    assert all(t.details.get("engine") == "structured" for t in report.tensors), [t.details for t in report.tensors]
+
+
+def test_check_flags_a_wrong_gradient_on_the_structured_engine(seed):
+    X = torch.randn(16, 5, dtype=torch.float64)
+    Y = torch.randn(16, 4, dtype=torch.float64)
+
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(W):
+            return X @ W
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            g = X.t() @ grad
+            g[2, 1] *= 1.001  # one entry off by 1e-3 relative
+            return g
+
+    W = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    report = gradfd.check(lambda W: F.mse_loss(Bad.apply(W), Y), (W,), engine="structured", raise_on_failure=False)
+    assert not report.passed
+    assert report.tensors[0].worst_index == (2, 1)
