@@ -53,18 +53,21 @@ CLEAN_KINK = 3.0  # a refined stencil is kink-free when its kink statistic is be
 
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
-    """Turn TF32 matmul/cuDNN off (and float32 matmul precision to "highest"); restore the settings on exit."""
+    """Turn TF32 matmul/cuDNN off (and float32 matmul precision to "highest"); restore the settings on exit.
+
+    cuDNN's flag goes through ``torch.backends.cudnn.flags``, which also works where the global flags are frozen
+    (``torch.backends.disable_global_flags()``, as in PyTorch's own test harness)."""
+    cudnn = torch.backends.cudnn
     cuda_matmul = torch.backends.cuda.matmul.allow_tf32
-    cudnn = torch.backends.cudnn.allow_tf32
     precision = torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        yield
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
         torch.set_float32_matmul_precision(precision)
 
 
@@ -160,6 +163,7 @@ class _Directions:
     def __init__(self, func, params, k, analytical: _jacobian.Analytical, count, h, stencil, batching, seed):
         self.func, self.params, self.k, self.stencil, self.batching = func, params, k, stencil, batching
         self.scalar = analytical.scalar
+        self.skip_outputs = analytical.nondifferentiable
         x = params[k].detach().reshape(-1)
         self.steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
                                                                                        device=x.device)
@@ -184,7 +188,8 @@ class _Directions:
 
     def __call__(self, which: torch.Tensor, factor: float) -> _Entries:
         stencil = self.stencil
-        problem = _engine.prepare(self.func, self.params, self.k, vector=not self.scalar)
+        problem = _engine.prepare(self.func, self.params, self.k, vector=not self.scalar,
+                                  skip_outputs=self.skip_outputs)
         offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=self.steps.device)  # (S,)
         losses = torch.empty(len(offsets), len(which), dtype=torch.float64, device=self.steps.device)
         ana = torch.empty_like(losses)
@@ -448,7 +453,7 @@ def check(
                 _engine.validate_scalar_output(analytical.outputs[0], detach=False)
             elif not analytical.spec.kept:
                 raise ValueError(f"func returned no floating-point output to compare (outputs "
-                                 f"{[str(d) for _, d in analytical.spec.skipped]} have no gradient)")
+                                 f"{[d for _, d in analytical.spec.skipped]} have no gradient)")
             nondet = {k: _backward_spread(analytical, k, seed) for k in wrt_idx} if nondet_tol is not None else {}
             rng.close()  # the finite differences see the random draws autograd saw
             for k in wrt_idx:
@@ -481,7 +486,7 @@ def check(
     notes = []
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(
-            f"output[{i}] ({str(d).replace('torch.', '')})" for i, d in analytical.spec.skipped))
+            f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
     report = CheckReport(records, notes)
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)

@@ -298,30 +298,35 @@ class OutputSpec:
 
     Args:
         out: ``func``'s output at the unperturbed point: a tensor or a tuple/list of tensors.
+        skip: numbers of further outputs to leave out (autograd marks them non-differentiable).
 
     Raises:
-        TypeError: naming ``func`` when an output is not a tensor, or is complex.
+        TypeError: naming ``func`` when an output is not a tensor, is sparse or nested, or is complex.
     """
 
-    def __init__(self, out):
+    def __init__(self, out, skip: Sequence[int] = ()):
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         self.count = len(outs)
         self.kept: list[int] = []
         self.shapes: list[tuple] = []
         self.dtypes: list[torch.dtype] = []
-        self.skipped: list[tuple[int, torch.dtype]] = []
+        self.skipped: list[tuple[int, str]] = []  # (output number, why)
         for k, o in enumerate(outs):
             if not isinstance(o, torch.Tensor):
                 raise TypeError(f"func must return a tensor or a tuple of tensors; output[{k}] is {_describe(o)}")
+            if o.layout != torch.strided or o.is_nested:
+                raise TypeError(f"func's output[{k}] is a {o.layout}{' nested' if o.is_nested else ''} tensor; gradfd "
+                                "compares dense (strided) outputs only: return output.to_dense()")
             if o.is_complex():
                 raise TypeError(f"func's output[{k}] is complex ({o.dtype}); gradfd compares real outputs only: return "
                                 "torch.view_as_real(...) instead")
-            if o.is_floating_point():
+            if o.is_floating_point() and k not in skip:
                 self.kept.append(k)
                 self.shapes.append(tuple(o.shape))
                 self.dtypes.append(o.dtype)
             else:
-                self.skipped.append((k, o.dtype))
+                dtype = str(o.dtype).replace("torch.", "")
+                self.skipped.append((k, f"{dtype}, non-differentiable" if o.is_floating_point() else dtype))
         self.numels = [math.prod(sh) for sh in self.shapes]
         self.offsets = [sum(self.numels[:j]) for j in range(len(self.numels))]
         self.size = sum(self.numels)
@@ -374,7 +379,8 @@ class Problem:
         vector: ``func`` returns a tensor or a tuple of tensors, compared entry by entry (see :class:`OutputSpec`).
     """
 
-    def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False):
+    def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False,
+                 skip_outputs: Sequence[int] = ()):
         if not callable(func):
             raise TypeError(f"func must be callable, got {_describe(func)}")
         self.func = func
@@ -389,6 +395,7 @@ class Problem:
         self.rng = RngGuard()
         self.base_loss: torch.Tensor | None = None
         self.vector = vector
+        self.skip_outputs = tuple(skip_outputs)
         self.spec: OutputSpec | None = None
 
     def with_param(self, value: torch.Tensor) -> list:
@@ -418,7 +425,7 @@ class Problem:
                 "needs it to leave its inputs unchanged (clone inside func before modifying)"
             )
         if self.vector:
-            self.spec = OutputSpec(out)
+            self.spec = OutputSpec(out, self.skip_outputs)
             self.base_loss = self.spec.flatten(out)
             bad = (~torch.isfinite(self.base_loss)).nonzero().flatten()
             if bad.numel():
@@ -619,10 +626,11 @@ class Evaluation:
         return stencils.extrapolate(self.levels(), self.half_spacing())
 
 
-def prepare(func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False) -> Problem:
+def prepare(func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False,
+            skip_outputs: Sequence[int] = ()) -> Problem:
     """A :class:`Problem` with its unperturbed loss (or outputs) evaluated and validated (arguments already
-    checked)."""
-    problem = Problem(func, params, param_idx, vector)
+    checked); ``skip_outputs`` as in :class:`OutputSpec`."""
+    problem = Problem(func, params, param_idx, vector, skip_outputs)
     try:
         problem.evaluate_base()
     except BaseException:

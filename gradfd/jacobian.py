@@ -49,8 +49,15 @@ class Analytical:
         with torch.enable_grad():
             out = func(*self.clones)
         self.scalar = isinstance(out, torch.Tensor) and out.numel() == 1 and out.is_floating_point()
-        self.spec = _engine.OutputSpec(out)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        # floating outputs without a gradient although a checked input requires one: autograd treats them as
+        # non-differentiable (torch.autograd.Function.mark_non_differentiable, or ops such as native_layer_norm's
+        # mean and rstd); like torch.autograd.gradcheck, they are left out, and listed
+        self.nondifferentiable = [k for k, o in enumerate(outs) if isinstance(o, torch.Tensor) and not self.scalar
+                                  and o.is_floating_point() and not o.requires_grad and any(
+                                      self.clones[i].requires_grad for i in self.wrt) and o.grad_fn is None
+                                  and _depends_on_inputs(func, self.clones, k)]
+        self.spec = _engine.OutputSpec(out, self.nondifferentiable)
         self.outputs = [outs[k] for k in self.spec.kept]
         self.budget = budget
         self._dense: dict[int, torch.Tensor] = {}
@@ -149,6 +156,17 @@ class Analytical:
         return float(block.abs().max()) if block.numel() else 0.0
 
 
+def _depends_on_inputs(func: Callable, clones: Sequence[torch.Tensor], k: int) -> bool:
+    """Whether output ``k`` changes at all when every floating input is nudged (so that a constant output, which
+    must have a zero gradient, is still compared)."""
+    with torch.no_grad():
+        base = func(*[c.detach() for c in clones])
+        nudged = func(*[c.detach() * (1 + 2.0**-10) + 2.0**-10 if c.is_floating_point() else c.detach()
+                        for c in clones])
+    pick = lambda out: (list(out) if isinstance(out, (tuple, list)) else [out])[k]  # noqa: E731
+    return not torch.equal(pick(base), pick(nudged))
+
+
 class _Compressed:
     """The analytical Jacobian of one input from a few colored vector-Jacobian products (Curtis-Powell-Reid).
 
@@ -235,7 +253,7 @@ def _segment_median(values: torch.Tensor, segments: torch.Tensor, count: int) ->
 
 def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
                     out_eps: torch.Tensor, outputs: torch.Tensor, n_outputs: int,
-                    noise: torch.Tensor | None) -> tuple[_Columns, torch.Tensor]:
+                    noise: torch.Tensor | None, magnitude: torch.Tensor | None = None) -> tuple[_Columns, torch.Tensor]:
     """Numerical Jacobian entries with error estimates, for ``n`` (input column, output entry) pairs.
 
     Args:
@@ -246,7 +264,10 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
         out_eps: ``(n,)`` machine epsilon of each output's dtype.
         outputs: ``(n,)`` int64 output entry of each pair; ``n_outputs`` their number.
         noise: ``(n_outputs,)`` loss-noise per output entry to use, or None to measure it here: the median of the
-            fourth differences over the pairs that moved each output (the model ``eps * |f|`` where none did).
+            fourth differences over the pairs that moved each output, never below the model ``eps * (|f| +
+            magnitude)``.
+        magnitude: ``(n_outputs,)`` size of the terms each output sums (``sum_i |J_oi x_i|``): an output that is a
+            sum with cancellation rounds like its terms, not like its value.
 
     Returns:
         ``(entries, noise)`` with ``(n,)`` tensors and the ``(n_outputs,)`` noise.
@@ -268,6 +289,8 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
     if noise is None:
         model = torch.zeros(n_outputs, dtype=torch.float64, device=values.device)
         model[outputs] = out_eps * base.abs()
+        if magnitude is not None:
+            model[outputs] = out_eps * (base.abs() + magnitude[outputs])
         if fourth is None:
             noise = model
         else:
@@ -362,7 +385,8 @@ def check_coordinates(
         return atol_ + rtol_[outs] * analytical_values.abs()
 
     def evaluate_columns(cols: torch.Tensor, factor: float, on_chunk: Callable, report: bool = False) -> None:
-        problem = _engine.prepare(func, params, k, vector=not analytical.scalar)
+        problem = _engine.prepare(func, params, k, vector=not analytical.scalar,
+                                  skip_outputs=analytical.nondifferentiable)
 
         def sink(start, stop, values, disp):
             if analytical.scalar:
@@ -409,7 +433,9 @@ def check_coordinates(
         active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
         jj, oo = active.nonzero(as_tuple=True)
         vals = values[:, jj, oo]
-        est, noise = entry_estimates(vals, disp[:, jj], base_values[oo], stencil, out_eps[oo], oo, size, None)
+        magnitude = (ana.abs() * flat_x[cols].abs().to(torch.float64).unsqueeze(1)).sum(dim=0)  # (O,)
+        est, noise = entry_estimates(vals, disp[:, jj], base_values[oo], stencil, out_eps[oo], oo, size, None,
+                                     magnitude)
         # each chunk measures its own noise; the refinement rounds use the largest seen per output entry
         state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
         e = _Entries((start + jj) * size + oo, est.numerical, ana[jj, oo], est.error, est.rounding, est.kink,
@@ -465,7 +491,8 @@ def check_coordinates(
         base_values = problem_base
 
     # the base values of the compared outputs at the unperturbed point (the engine evaluates them too)
-    problem = _engine.prepare(func, params, k, vector=not analytical.scalar)
+    problem = _engine.prepare(func, params, k, vector=not analytical.scalar,
+                                  skip_outputs=analytical.nondifferentiable)
     problem.rng.close()
     set_base(problem.base_loss.to(torch.float64).reshape(-1))
     evaluate_columns(coords, 1.0, first_round, report=True)
