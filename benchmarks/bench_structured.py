@@ -435,7 +435,8 @@ def main() -> None:
     text = "\n".join(sections)
     print(text)
     if not args.no_record:
-        bench.record_section(HERE / "RESULTS.md", "structured" if args.device == "cpu" else "structured-cuda", text)
+        for path in (HERE / "RESULTS.md", HERE.parent / "README.md"):
+            bench.record_section(path, "structured" if args.device == "cpu" else "structured-cuda", text)
 
 
 if __name__ == "__main__":

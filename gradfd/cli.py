@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--dtype", default=None, choices=["float64", "float32", "float16", "bfloat16"],
                          help="convert the floating params to this dtype first")
     p_check.add_argument("--device", default=None, help="move the params to this device first (e.g. cuda)")
-    p_check.add_argument("--engine", default="auto", choices=["auto", "batched", "loop"])
+    p_check.add_argument("--engine", default="auto", choices=["auto", "batched", "loop", "structured"])
     p_check.add_argument("--format", default="table", choices=["table", "json"])
     p_check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
