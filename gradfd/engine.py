@@ -54,6 +54,7 @@ __all__ = [
 ENGINES = ("auto", "batched", "loop", "structured")
 BATCHINGS = ("auto", "vmap", "stack", "loop")
 _TINY = 32  # evaluations below which "auto" uses the loop without probing
+_STRUCTURED_MIN_EVALUATIONS = 256  # evaluations at or below which "auto" does not consider the structured engine
 _PROBE_LOOP = 2  # coordinates the "auto" probe times with the loop
 _PROBE_BATCH = 64  # coordinates the "auto" probe times batched ...
 _PROBE_WARMUP = 4  # ... after an untimed batched call on this many
@@ -750,7 +751,9 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     if (engine == "structured" or engine == "auto") and not problem.vector:  # gradfd/structured.py when it applies
         from . import structured
 
-        if engine == "structured" or structured.worthwhile(problem, m * s, result.notes):
+        # (under "auto", a few hundred evaluations never pay for tracing: skip even measuring the work)
+        if engine == "structured" or (m * s > _STRUCTURED_MIN_EVALUATIONS
+                                      and structured.worthwhile(problem, m * s, result.notes)):
             try:
                 structured.evaluate_into(problem, result, moved, chunk_size, budget)
                 return result

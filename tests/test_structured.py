@@ -394,6 +394,7 @@ def test_unsupported_functions_raise_naming_the_op_and_fall_back_under_auto(seed
         gradfd.numerical_gradient(func, params, 0, engine="structured")
     assert "engine='auto'" in str(err.value)
     monkeypatch.setattr(structured, "_MIN_WORK", 0)  # make "auto" try the structured engine on this small problem
+    monkeypatch.setattr(engine, "_STRUCTURED_MIN_EVALUATIONS", 0)
     ev = engine.evaluate(func, params, 0, steps=1e-5, engine="auto")
     assert ev.engine in ("batched", "loop")
     assert any("structured engine not applicable" in note and op in note for note in ev.notes), ev.notes
@@ -414,8 +415,11 @@ def test_auto_uses_the_structured_engine_on_large_problems(seed):
     assert ev.engine == "structured", ev.notes
     small = engine.evaluate(lambda w: (X[:, :3] @ w).pow(2).mean(), (torch.randn(3, 1, dtype=torch.float64),), 0,
                             steps=1e-5)
-    assert small.engine != "structured"
-    assert any("structured engine not tried" in note for note in small.notes)
+    assert small.engine != "structured"  # a few evaluations: not even considered
+    medium = engine.evaluate(lambda w: (X[:, :200] @ w).pow(2).mean(), (torch.randn(200, 1, dtype=torch.float64),),
+                             0, steps=1e-5)  # 400 evaluations: considered, and declined as too little work
+    assert medium.engine != "structured"
+    assert any("structured engine not tried" in note for note in medium.notes)
 
 
 def test_closures_over_mutated_tensors_are_never_stale(seed):
