@@ -25,7 +25,8 @@ def main() -> None:
                                 progress=lambda m: print("  ..", m, file=sys.stderr, flush=True))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [head, "float64, one run each at 1e4 and above (median of 3 below); \"-\": not run (gradcheck's slow "
-             "mode and gradfd's full mode compare all n^2 Jacobian entries; at 1e5 that is 1e10).", "",
+             "mode forms the dense n x n Jacobian: 80 GB at 1e5). gradfd's full mode checks all n^2 entries, "
+             "column-compressed (colored) for these patterns and verified on both sides.", "",
              "| op | n | " + " | ".join(methods) + " | full: gradcheck slow / gradfd full |",
              "|---|---|" + "---|" * len(methods) + "---|"]
     for op in dict.fromkeys(r["op"] for r in rows):

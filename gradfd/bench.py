@@ -404,7 +404,7 @@ def rowwise_op(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(1.5 * x.view(-1, 100), dim=-1)
 
 
-def jacobian_suite(sizes=(1000, 10000, 100000), full_cap: int = 10000, slow_cap: int = 10000,
+def jacobian_suite(sizes=(1000, 10000, 100000), full_cap: int = 100000, slow_cap: int = 10000,
                    progress: Callable | None = None) -> list[dict]:
     """``gradfd.check`` (full and directional) against ``torch.autograd.gradcheck`` (slow and fast) on an
     elementwise and a row-wise op, float64, CPU. Full-mode methods run up to ``full_cap``/``slow_cap`` inputs

@@ -203,7 +203,9 @@ class _Directions:
                 points = (x64 + offsets.view(-1, 1) * v).to(x.dtype)  # (S, N)
                 # <u_dᵀJ, displacement actually evaluated>, exact for the nodes
                 ana[:, j] = (points.to(torch.float64) - x64) @ self.grads[d]
-                values = _engine.evaluate_points(problem, points, self.batching).view(len(offsets), -1)  # (S, O)
+                values, used = _engine.evaluate_points(problem, points, self.batching)
+                values = values.view(len(offsets), -1)  # (S, O)
+                self.details["batching"] = used
                 finite_values[j] = bool(torch.isfinite(values).all())
                 losses[:, j] = values @ self.u[d]  # uᵀf at each node
         finally:

@@ -1016,40 +1016,70 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
     return pos
 
 
-def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "auto") -> torch.Tensor:
+def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "auto", *,
+                    warn: bool = True) -> tuple[torch.Tensor, str]:
     """``func`` at arbitrary points of the checked parameter: ``points`` is ``(P, N)`` in the parameter's dtype.
 
-    Batched with ``torch.func.vmap`` when possible (in chunks of at most 256 points), else one call per point
-    with a :class:`FallbackWarning`. Returns ``(P,)`` float64 losses, or ``(P, size)`` for a tensor-valued
-    ``func``.
+    Batched in chunks of at most 256 points: ``batching="auto"`` tries ``torch.func.vmap``, then stacking the
+    points along a leading dimension (checked against single calls at three points of the first chunk), then one
+    call per point -- with a :class:`FallbackWarning` naming why, unless ``warn=False``. ``"vmap"`` and
+    ``"stack"`` try only that strategy before the loop; ``"loop"`` goes straight to it.
+
+    Returns:
+        ``(values, strategy)``: ``(P,)`` float64 losses, or ``(P, size)`` for a tensor-valued ``func``, and the
+        strategy used (``"vmap"``, ``"stack"`` or ``"loop"``).
     """
     count = points.shape[0]
     width = (problem.spec.size,) if problem.vector else ()
     out = torch.empty(count, *width, dtype=torch.float64, device=points.device)
-    if batching in ("auto", "vmap") and count > 1:
+    tried = {"auto": ("vmap", "stack"), "vmap": ("vmap",), "stack": ("stack",), "loop": ()}[batching]
+    failures = []
+    for strategy in tried if count > 1 else ():
         try:
             for start in range(0, count, 256):
                 rows = points[start:start + 256]
-
-                def single(row: torch.Tensor) -> torch.Tensor:
-                    return problem.func(*problem.with_param(row.view(problem.shape)))
-
-                problem.rng.reset()
-                with torch.no_grad(), SharedOperandMatmul(), warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    vals = torch.func.vmap(single, randomness="same")(rows)
-                if any("batching rule" in str(w.message) for w in caught):
-                    raise RuntimeError("vmap has no batching rule for an op of func")
-                out[start:start + rows.shape[0]] = problem.batched_values(vals, rows.shape[0], "vmap(func)")
-            return out
+                out[start:start + rows.shape[0]] = _points_batched(problem, rows, strategy, verify=start == 0)
+            return out, strategy
         except Exception as exc:
-            _warn(f"gradfd: func cannot be evaluated batched (vmap: {type(exc).__name__}: {_first_line(exc)}); "
-                  "falling back to one call per point", stacklevel=3)
+            failures.append(f"{strategy}: {type(exc).__name__}: {_first_line(exc)}")
+    if failures and warn:
+        _warn(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
+              "point", stacklevel=3)
     with torch.no_grad():
         for j in range(count):
             problem.rng.reset()
             out[j] = problem.output_values(problem.func(*problem.with_param(points[j].view(problem.shape))))
-    return out
+    return out, "loop"
+
+
+def _points_batched(problem: Problem, rows: torch.Tensor, strategy: str, verify: bool) -> torch.Tensor:
+    """One batched call of ``func`` on the ``(P, N)`` points ``rows`` (see :func:`evaluate_points`)."""
+    problem.rng.reset()
+    with torch.no_grad():
+        if strategy == "vmap":
+            def single(row: torch.Tensor) -> torch.Tensor:
+                return problem.func(*problem.with_param(row.view(problem.shape)))
+
+            with SharedOperandMatmul(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                vals = torch.func.vmap(single, randomness="same")(rows)
+            if any("batching rule" in str(w.message) for w in caught):
+                raise RuntimeError("vmap has no batching rule for an op of func")
+            return problem.batched_values(vals, rows.shape[0], "vmap(func)")
+        what = f"func given params[{problem.param_idx}] with a leading batch dimension"
+        vals = problem.batched_values(problem.func(*problem.with_param(rows.reshape(-1, *problem.shape))),
+                                      rows.shape[0], what)
+        if verify:
+            tol = math.sqrt(stencils.eps(problem.dtype))
+            for r in sorted({0, rows.shape[0] // 2, rows.shape[0] - 1}):
+                problem.rng.reset()
+                a = vals[r].to(torch.float64)
+                b = problem.output_values(problem.func(*problem.with_param(rows[r].view(problem.shape))))
+                b = b.to(torch.float64)
+                if not bool(((a - b).abs() <= tol * torch.maximum(a.abs(), b.abs()).clamp(min=1e-30)).all()):
+                    raise ValueError(f"point {r} of the stacked call differs from a single call: func does not treat "
+                                     "the leading dimension as independent rows")
+        return vals
 
 
 def _first_line(exc: BaseException) -> str:

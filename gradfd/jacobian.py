@@ -9,10 +9,15 @@ Jacobian, obtained from batched vector-Jacobian products (one-hot cotangents thr
 Jacobian is held densely only when it fits the memory budget; otherwise its rows are recomputed per chunk. Only
 statistics, the worst entries and the entries that did not agree are kept (all entries when there are few),
 so memory never grows as inputs x outputs.
+
+Full mode first tries :class:`_ColoredPass` for elementwise, broadcasting and row-wise patterns: many inputs
+perturbed together, a few weighted backward passes, the pattern verified on both sides, and exact columns
+whenever anything does not hold.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -225,6 +230,206 @@ class _Compressed:
         return values, torch.where(used, torch.zeros_like(sums), sums)
 
 
+_COLORED_SAVING = 4  # the colored pass runs when it needs at most 1/4 of the exact columns' evaluations
+_JUDGED_PAIRS = 1 << 20  # pattern entries estimated and judged per block
+_PATTERNS = (0, 1)  # the hypothesised patterns, in order: elementwise/broadcast, row-wise (see _pattern)
+
+
+def _pattern(in_shape: Sequence[int], out_shape: Sequence[int], whole: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A hypothesised sparsity pattern, as ``(outs, ins)`` flat index pairs, or None when the shapes rule it out.
+
+    The input is aligned with the output from the right as in broadcasting (or, having as many entries, taken
+    as reshaped to it); output entry ``(a, b)`` -- ``a`` its
+    leading indices, ``b`` its last ``whole`` -- depends on the input entries ``(a', *)``, ``a'`` being ``a``
+    with broadcast dimensions at 0: ``whole=0`` is an elementwise (or broadcasting) op, ``whole=1`` a row-wise op
+    along the last dimension (softmax, normalisation).
+    """
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if whole > len(out_shape):
+        return None
+    lead = len(out_shape) - whole
+
+    def aligned(shape: tuple) -> tuple | None:
+        if len(shape) > len(out_shape):
+            return None
+        padded = (1,) * (len(out_shape) - len(shape)) + shape
+        ok = all(i in (1, o) for i, o in zip(padded[:lead], out_shape[:lead])) and padded[lead:] == out_shape[lead:]
+        return padded if ok else None
+
+    # an input with as many entries as the output may enter reshaped (x.view(-1, 100)): flat index for flat index
+    padded = aligned(in_shape) or (aligned(out_shape) if math.prod(in_shape) == math.prod(out_shape) else None)
+    if padded is None:
+        return None
+    numel_out = math.prod(out_shape)
+    if numel_out == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    idx = torch.arange(math.prod(padded)).view(padded)
+    width = math.prod(out_shape[lead:])
+    rows = idx.reshape(*padded[:lead], width).expand(*out_shape[:lead], width).reshape(-1, width)  # per leading
+    outs = torch.arange(numel_out).repeat_interleave(width)
+    ins = rows[torch.div(torch.arange(numel_out), width, rounding_mode="floor")].reshape(-1)
+    return outs, ins
+
+
+def _mod_coloring(a: torch.Tensor, b: torch.Tensor, limit: int) -> int | None:
+    """The smallest tried ``q <= limit`` such that no ``a`` value has two ``b`` values of one color ``b mod q``."""
+    lower = int(torch.bincount(a).max()) if a.numel() else 1
+    tried = list(range(lower, lower + 9)) + [2 * lower + 1, 4 * lower + 1]
+    for q in tried:
+        if q > limit:
+            return None
+        key = a * q + b % q
+        if torch.unique(key).numel() == key.numel():
+            return q
+    return None
+
+
+class _ColoredPass:
+    """Full mode for structured Jacobians from a few perturbations and a few backward passes (column and row
+    compression, Curtis-Powell-Reid), verified on both sides.
+
+    A sparsity pattern is hypothesised from the shapes (:func:`_pattern`: elementwise or broadcasting, then
+    row-wise). Inputs are colored ``i mod q`` so that no output depends (in the pattern) on two inputs of one
+    color, outputs ``o mod p`` likewise. One stencil of perturbations per input color -- every input of the color
+    moved by its own step times a seeded random weight in [0.7, 1.3] -- gives, for each output, the numerical entry
+    of its pattern input of that color; one backward pass per output color, with seeded random cotangent weights,
+    gives the analytical entries. The pattern is only a hypothesis, so both sides test it:
+
+    - an output that moves (bitwise) under an input color where the pattern has no entry, or a backward pass that
+      gives an input a gradient (above the absolute floor of the verdicts) from an output color where the pattern
+      has none, abandons the pass for exact columns;
+    - a dependence outside the pattern that shares a color with a pattern entry adds its randomly weighted (so
+      never cancelling) term to that entry, which then disagrees; every disagreement is re-located with exact
+      columns before an entry is pointed at.
+
+    Only a pass in which all of this holds is reported from colors.
+    """
+
+    def __init__(self, analytical: Analytical, k: int, outs: torch.Tensor, ins: torch.Tensor, q: int, p: int,
+                 steps: torch.Tensor, stencil: stencils.Stencil, name: str):
+        self.analytical, self.k, self.q, self.p, self.stencil, self.name = analytical, k, q, p, stencil, name
+        self.size = analytical.spec.size
+        order = torch.argsort(ins * self.size + outs)
+        self.outs, self.ins = outs[order], ins[order]
+        self.key = self.ins * self.size + self.outs
+        self.colors = torch.arange(steps.numel(), device=steps.device) % q
+        self.steps = steps
+        self.batching = None
+        self.vals: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, analytical: Analytical, k: int, base_steps: torch.Tensor, stencil: stencils.Stencil,
+              whole: int) -> "_ColoredPass | None":
+        """The pass for pattern ``whole`` (see :func:`_pattern`), or None when it does not apply or would not pay."""
+        spec, shape = analytical.spec, tuple(analytical.clones[k].shape)
+        n, size = base_steps.numel(), spec.size
+        parts = [_pattern(shape, spec.shapes[j], whole) for j in range(len(spec.kept))]
+        if any(pt is None for pt in parts):
+            return None
+        nnz = sum(pt[0].numel() for pt in parts)
+        if nnz * 64 > analytical.budget:
+            return None
+        device = base_steps.device
+        outs = torch.cat([pt[0] + spec.offsets[j] for j, pt in enumerate(parts)]).to(device)
+        ins = torch.cat([pt[1] for pt in parts]).to(device)
+        q = _mod_coloring(outs, ins, n // _COLORED_SAVING)
+        p = _mod_coloring(ins, outs, size // _COLORED_SAVING) if q is not None else None
+        if q is None or p is None or q * len(stencil.offsets) * 8 * size * 4 > analytical.budget:  # the node values
+            return None
+        gen = torch.Generator().manual_seed(7919 * (k + 1) + whole)
+        weights = (0.7 + 0.6 * torch.rand(n, generator=gen, dtype=torch.float64)).to(device)
+        name = "elementwise/broadcast" if whole == 0 else f"row-wise over the last {whole} dimension(s)"
+        return cls(analytical, k, outs, ins, q, p, base_steps * weights, stencil, name)
+
+    def describe(self) -> str:
+        return (f"{self.name} pattern ({self.key.numel()} entries), verified: {self.q} input color(s) perturbed "
+                f"together, {self.p} output color(s) per backward pass (Curtis-Powell-Reid compression)")
+
+    def analytical_entries(self, atol_floor: Callable[[float], float]) -> str | None:
+        """Decode the pattern's analytical entries from ``p`` weighted backward passes; None, or why the pattern
+        is refuted (a gradient from an output color where the pattern has no entry)."""
+        device = self.colors.device
+        gen = torch.Generator().manual_seed(7919 * (self.k + 2))
+        u = (0.7 + 0.6 * torch.rand(self.size, generator=gen, dtype=torch.float64)).to(device)
+        out_colors = torch.arange(self.size, device=device) % self.p
+        cot = torch.zeros(self.p, self.size, dtype=torch.float64, device=device)
+        cot[out_colors, torch.arange(self.size, device=device)] = u
+        sums = self.analytical.vjp_batched(self.k, cot)  # (p, N)
+        self.vals = sums[self.outs % self.p, self.ins] / u[self.outs]
+        claimed = torch.zeros_like(sums, dtype=torch.bool)
+        claimed[self.outs % self.p, self.ins] = True
+        scale = float(self.vals.abs().max()) if self.vals.numel() else 0.0
+        leak = torch.where(claimed, torch.zeros_like(sums), sums).abs()
+        if bool((leak > atol_floor(scale)).any()) or not bool(torch.isfinite(sums).all()):
+            d, i = (int(v) for v in (leak.nan_to_num(math.inf) > atol_floor(scale)).nonzero()[0])
+            return (f"autograd gives input {i} a gradient from output color {d}, where the {self.name} pattern has "
+                    "no entry")
+        return None
+
+    def values(self, problem: _engine.Problem, colors: torch.Tensor, factor: float):
+        """``(S, len(colors), O)`` outputs at the stencil's nodes for each color and the ``(S, N)`` realised
+        displacement of every input (within its own color), with steps ``1/factor`` as large."""
+        x = problem.flat
+        x64 = x.to(torch.float64)
+        steps = self.steps / factor
+        offsets = torch.tensor(self.stencil.offsets, dtype=torch.float64, device=x.device)
+        s_ = offsets.numel()
+        disp = (x64 + offsets.view(-1, 1) * steps).to(x.dtype).to(torch.float64) - x64
+        out = torch.empty(s_, colors.numel(), self.size, dtype=torch.float64, device=x.device)
+        per = max(1, self.analytical.budget // (16 * s_ * 8 * (x.numel() + self.size)))
+        for a in range(0, colors.numel(), per):
+            cs = colors[a:a + per]
+            moved = (self.colors.unsqueeze(0) == cs.unsqueeze(1)).to(torch.float64) * steps  # (c, N)
+            points = (x64 + offsets.view(-1, 1, 1) * moved).to(x.dtype).reshape(-1, x.numel())
+            vals, self.batching = _engine.evaluate_points(problem, points, warn=False)
+            out[:, a:a + cs.numel()] = vals.view(s_, cs.numel(), self.size)
+        return out, disp
+
+    def first_round(self, problem: _engine.Problem, base: torch.Tensor, judge: Callable, flagged: list) -> str | None:
+        """Evaluate every input color, test the pattern and judge its entries; None, or why the pass stopped."""
+        try:
+            values, disp = self.values(problem, torch.arange(self.q, device=base.device), 1.0)
+        finally:
+            problem.rng.close()
+        if not bool(torch.isfinite(values).all()):
+            return "non-finite outputs at perturbed points"
+        moved = (values != base.view(1, 1, -1)).any(dim=0)  # (q, O)
+        claimed = torch.zeros_like(moved)
+        claimed[self.colors[self.ins], self.outs] = True
+        surprise = (moved & ~claimed).nonzero()
+        if surprise.numel():
+            color, out = (int(v) for v in surprise[0])
+            return f"output entry {out} moved under input color {color}, where the {self.name} pattern has no entry"
+        x64 = problem.flat.to(torch.float64)
+        n = x64.numel()
+        magnitude = torch.zeros(self.size, dtype=torch.float64, device=base.device).index_add_(
+            0, self.outs, self.vals.abs() * x64[self.ins].abs())
+        # judged a block of inputs at a time (the pairs are sorted by input), so that memory stays bounded
+        bounds = torch.searchsorted(self.ins, torch.arange(0, n + 1, device=base.device)).tolist()
+        start = 0
+        while start < n:
+            stop = min(n, max(start + 1, bisect.bisect_right(bounds, bounds[start] + _JUDGED_PAIRS) - 1))
+            lo, hi = bounds[start], bounds[stop]
+            ins, outs = self.ins[lo:hi], self.outs[lo:hi]
+            bad = judge(start, stop, ins - start, outs, values[:, self.colors[ins], outs], disp[:, ins],
+                        self.vals[lo:hi], magnitude)
+            if bad is not None:
+                flagged.append(bad)
+            start = stop
+        return None
+
+    def pairs(self, problem: _engine.Problem, ins: torch.Tensor, outs: torch.Tensor, factor: float):
+        """Re-evaluate the colors of the pattern entries (``ins``, ``outs``) at steps ``1/factor`` as large: their
+        ``(S, n)`` values and displacements, and their analytical entries."""
+        uniq, inverse = torch.unique(self.colors[ins], return_inverse=True)
+        try:
+            values, disp = self.values(problem, uniq, factor)
+        finally:
+            problem.rng.close()
+        at = torch.searchsorted(self.key, ins * self.size + outs)
+        return values[:, inverse, outs], disp[:, ins], self.vals[at]
+
+
 @dataclass
 class _Columns:
     """First-round results for a chunk of columns: all ``(c, O)``."""
@@ -337,14 +542,18 @@ def check_coordinates(
     rtol: float | None,
     mode: str,
     compress: bool = True,
+    colored: int | None = 0,
     progress: Callable[[int], None] | None = None,
+    notes: Sequence[str] = (),
 ) -> list[TensorReport]:
     """Full or sample mode for input ``params[k]``: one :class:`TensorReport` per compared output.
 
     The first round streams through the engine; entries that do not agree are then re-evaluated at smaller steps
     (:func:`gradfd.check.refine`). For tensor-valued functions the analytical Jacobian comes from colored
     vector-Jacobian products (:class:`_Compressed`) while that is valid and cheaper; a disagreement or a leak
-    makes the tensor be redone with exact rows (``compress=False``).
+    makes the tensor be redone with exact rows (``compress=False``). In full mode with automatic steps and
+    engine choices, the hypothesised patterns of :class:`_ColoredPass` are tried first, from ``_PATTERNS[colored]``
+    on (``colored=None``: exact columns only); ``notes`` are carried into the report's details.
     """
     from .check import FLOOR_EPS, _Entries, _verdicts, refine
 
@@ -363,9 +572,12 @@ def check_coordinates(
     base_steps = (stencils.automatic_steps(flat_x, stencil) if h is None
                   else torch.full(flat_x.shape, h, dtype=torch.float64, device=p.device))
     keep_all = m * size <= DENSE_ENTRIES
+    user_chunk = chunk_size
     if chunk_size is None and size * n * 8 > analytical.budget:
-        # the analytical rows are recomputed for every chunk: make the chunks few
-        chunk_size = max(64, -(-m // 16))
+        # the analytical rows are recomputed for every chunk: make the chunks few, as far as the budget allows
+        # (a coordinate's nodes hold S x (outputs + a few activations of them) float64 values)
+        per_coordinate = len(stencil.offsets) * 8 * (4 * size + n)
+        chunk_size = max(1, min(max(64, -(-m // 16)), analytical.budget // per_coordinate))
     state: dict = {"noise": None, "details": {}, "fallback": False,
                    "compressed": _Compressed(analytical, k) if compress and not analytical.scalar and size >= 16
                    else None}
@@ -406,7 +618,6 @@ def check_coordinates(
         if state["fallback"]:
             return  # the tensor will be redone with exact rows
         cols = coords[start:stop]
-        c = cols.numel()
         comp = state["compressed"]
         if comp is not None:
             moved = (values != base_values).any(dim=0)  # NaN and inf compare unequal: they count as moved
@@ -432,16 +643,32 @@ def check_coordinates(
         # error: most of a Jacobian, for elementwise and row-wise ops. Only the others are estimated and judged.
         active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
         jj, oo = active.nonzero(as_tuple=True)
-        vals = values[:, jj, oo]
         magnitude = (ana.abs() * flat_x[cols].abs().to(torch.float64).unsqueeze(1)).sum(dim=0)  # (O,)
-        est, noise = entry_estimates(vals, disp[:, jj], base_values[oo], stencil, out_eps[oo], oo, size, None,
+        bad = judge(start, stop, jj, oo, values[:, jj, oo], disp[:, jj], ana[jj, oo], magnitude)
+        if bad is not None:
+            if comp is not None and bool((bad[1] == DISAGREE).any()):
+                state["fallback"] = True  # report exact values: redo with exact rows
+                return
+            flagged.append(bad)
+
+    def judge(start: int, stop: int, jj: torch.Tensor, oo: torch.Tensor, vals: torch.Tensor, disp_pairs: torch.Tensor,
+              ana_pairs: torch.Tensor, magnitude: torch.Tensor):
+        """Estimate, judge and tally the pairs (``start + jj``, ``oo``) of the columns ``start:stop``; every other
+        pair of those columns agrees exactly (no node moved its output, and its analytical entry is zero). Returns
+        the pairs that did not agree as ``(entries, verdict, tolerance, nonsmooth)``, or None."""
+        c = stop - start
+        g_pairs = group[oo]
+        for j in range(len(spec.kept)):  # a chunk-local scale where the Jacobian is not held densely
+            if scales[j] is None:
+                sel = g_pairs == j
+                scales[j] = float(ana_pairs[sel].abs().max()) if bool(sel.any()) else 0.0
+        est, noise = entry_estimates(vals, disp_pairs, base_values[oo], stencil, out_eps[oo], oo, size, None,
                                      magnitude)
         # each chunk measures its own noise; the refinement rounds use the largest seen per output entry
         state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
-        e = _Entries((start + jj) * size + oo, est.numerical, ana[jj, oo], est.error, est.rounding, est.kink,
+        e = _Entries((start + jj) * size + oo, est.numerical, ana_pairs, est.error, est.rounding, est.kink,
                      est.finite)
         verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, oo))
-        inactive = ~active
         if keep_all:
             zeros = torch.zeros(c, size, dtype=torch.float64, device=p.device)
             store["numerical"][start:stop] = zeros
@@ -456,19 +683,17 @@ def check_coordinates(
             store["tolerance"][start + jj, oo] = tol
             verdict_all[start + jj, oo] = verdict
         for j in range(len(spec.kept)):
-            lo, hi = spec.offsets[j], spec.offsets[j] + spec.numels[j]
-            agg[j]["agree"] += int(inactive[:, lo:hi].sum())
+            agg[j]["agree"] += c * spec.numels[j] - int((g_pairs == j).sum())  # the pairs not judged
         good = verdict == AGREE
         if bool(good.any()):
             diff = (e.numerical - e.analytical).abs()
-            g_out = group[oo]
             sc = torch.tensor([s if s is not None else 0.0 for s in scales], dtype=torch.float64,
-                              device=diff.device)[g_out]
+                              device=diff.device)[g_pairs]
             rel = torch.where(e.analytical.abs() >= REL_FLOOR * sc, diff / e.analytical.abs().clamp(min=1e-300),
                               torch.zeros_like(diff))
             excess = diff / tol.clamp(min=1e-300)
             for j in range(len(spec.kept)):
-                sel = good & (g_out == j)
+                sel = good & (g_pairs == j)
                 if not bool(sel.any()):
                     continue
                 a = agg[j]
@@ -480,11 +705,7 @@ def check_coordinates(
                     a["worst"] = (float(excess[w]), int(e.index[w]), float(e.analytical[w]),
                                   float(e.numerical[w]), float(e.error[w]), float(tol[w]))
         bad = (~good).nonzero().flatten()
-        if bad.numel():
-            if comp is not None and bool((verdict == DISAGREE).any()):
-                state["fallback"] = True  # report exact values: redo with exact rows
-                return
-            flagged.append((e.take(bad), verdict[bad], tol[bad], nonsmooth[bad]))
+        return (e.take(bad), verdict[bad], tol[bad], nonsmooth[bad]) if bad.numel() else None
 
     def set_base(problem_base):
         nonlocal base_values
@@ -495,11 +716,31 @@ def check_coordinates(
                                   skip_outputs=analytical.nondifferentiable)
     problem.rng.close()
     set_base(problem.base_loss.to(torch.float64).reshape(-1))
-    evaluate_columns(coords, 1.0, first_round, report=True)
-    if state["fallback"]:
-        return check_coordinates(func, params, k, analytical, coords, h=h, stencil=stencil, engine=engine,
-                                 batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, atol=atol,
-                                 rtol=rtol, mode=mode, compress=False, progress=progress)
+    redo = dict(h=h, stencil=stencil, engine=engine, batching=batching, chunk_size=user_chunk,
+                memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode, progress=progress)
+    sparse = None
+    if (colored is not None and mode == "full" and h is None and engine == "auto" and batching == "auto"
+            and user_chunk is None and not analytical.scalar and n >= 2 * _COLORED_SAVING and size >= 16):
+        # try the hypothesised patterns in turn (each in a fresh call, so that a refuted one leaves no state)
+        following = colored + 1 if colored + 1 < len(_PATTERNS) else None
+        atol_floor = (lambda scale: atol) if atol is not None else (
+            lambda scale: FLOOR_EPS * float(out_eps.max()) * scale)
+        sparse = _ColoredPass.build(analytical, k, base_steps, stencil, _PATTERNS[colored])
+        why = None if sparse is None else sparse.analytical_entries(atol_floor)
+        if sparse is not None and why is None:
+            problem = _engine.prepare(func, params, k, vector=True, skip_outputs=analytical.nondifferentiable)
+            why = sparse.first_round(problem, base_values, judge, flagged)
+        if sparse is None or why is not None:
+            return check_coordinates(func, params, k, analytical, coords, compress=compress, colored=following,
+                                     notes=list(notes) + ([f"colored pass: {why}"] if why else []), **redo)
+        state["details"] = {"engine": "colored", "batching": sparse.batching, "chunk_size": None,
+                            "notes": [sparse.describe()]}
+    else:
+        evaluate_columns(coords, 1.0, first_round, report=True)
+        if state["fallback"]:
+            return check_coordinates(func, params, k, analytical, coords, compress=False, colored=None,
+                                     notes=notes, **redo)
+    state["details"]["notes"] = list(notes) + state["details"].get("notes", [])
 
     refined = 0
     if flagged:
@@ -511,6 +752,11 @@ def check_coordinates(
         def evaluator(pairs: torch.Tensor, factor: float) -> _Entries:
             positions = torch.div(pairs, size, rounding_mode="floor")
             outs_ = pairs % size
+            if sparse is not None:
+                values, disp, ana_pairs = sparse.pairs(problem, positions, outs_, factor)
+                est, _ = entry_estimates(values, disp, base_values[outs_], stencil, out_eps[outs_], outs_, size,
+                                         state["noise"])
+                return _Entries(pairs, est.numerical, ana_pairs, est.error, est.rounding, est.kink, est.finite)
             uniq, inverse = torch.unique(positions, return_inverse=True)
             cols = coords[uniq]
             got: dict = {}
@@ -533,6 +779,12 @@ def check_coordinates(
 
         e, verdict, tol, refined = refine(e, verdict, tol, nonsmooth, evaluator,
                                           lambda entries: floor_of(entries.analytical, entries.index % size))
+        if sparse is not None and bool((verdict == DISAGREE).any()):
+            # a wrong pattern, or a wrong gradient: an entry of a colored pass may sum in an input outside the
+            # pattern, so the disagreement is located with the next pattern or with exact columns
+            return check_coordinates(func, params, k, analytical, coords, compress=compress, colored=following,
+                                     notes=list(notes) + [f"colored pass: the {sparse.name} pattern gave "
+                                                          "disagreements"], **redo)
         if keep_all:
             pos, outs_ = torch.div(e.index, size, rounding_mode="floor"), e.index % size
             store["numerical"][pos, outs_] = e.numerical
@@ -541,10 +793,13 @@ def check_coordinates(
             verdict_all[pos, outs_] = verdict
     else:
         e, verdict, tol = None, None, None
+    if sparse is not None and progress is not None:
+        progress(m)
 
     details = {**state["details"], "stencil": stencil.name, "step": "automatic" if h is None else h,
-               "refined": refined, "analytical": (f"{state['compressed'].q} colored backward passes"
-                                                  if state["compressed"] is not None else "exact rows"), "loss_noise": float(state["noise"].max()) if state["noise"] is not None and
+               "refined": refined, "analytical": (f"{sparse.p} colored backward passes" if sparse is not None else
+                              f"{state['compressed'].q} colored backward passes" if state["compressed"] is not None
+                              else "exact rows"), "loss_noise": float(state["noise"].max()) if state["noise"] is not None and
                state["noise"].numel() else 0.0, "truncation_estimated": len(stencil.multiples) > 1}
     reports = []
     for j, out_k in enumerate(spec.kept):

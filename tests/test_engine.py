@@ -247,11 +247,18 @@ def test_callers_tensors_survive_a_func_that_raises_on_the_kth_call(seed, eng, w
     calls["fail"] = {"first": 1, "last": total, "random": int(torch.randint(1, total + 1, ()))}[where]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", engine.FallbackWarning)  # a failure in the first batched call may look
-        with pytest.raises(Boom) as err:                          # like an unbatchable func: the loop re-raises it
+        try:                                                      # like an unbatchable func: the loop re-raises it
             gradfd.numerical_gradient(func, (w, b), 0, engine=eng, chunk_size=3)
+            raised = None
+        except Boom as exc:
+            raised = exc
     assert_unchanged([w, b], snap)
+    if raised is None:
+        # engine="auto" times a probe to choose its path: a rerun may take a path with fewer calls than the counted
+        # run, and then never reaches the failing call
+        assert eng == "auto" and calls["n"] < calls["fail"], "func raised, but the exception did not propagate"
     if calls["fail"] > 1 and eng == "loop":
-        assert any("params[0]" in note for note in getattr(err.value, "__notes__", []))
+        assert any("params[0]" in note for note in getattr(raised, "__notes__", []))
 
 
 def test_callers_tensors_survive_keyboard_interrupt(seed):

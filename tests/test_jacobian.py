@@ -102,6 +102,88 @@ def test_memory_never_grows_as_inputs_times_outputs(seed):
     assert t.entries["index"].numel() < n * n  # only statistics and the interesting entries are kept
 
 
+# ---- full mode by colors: a hypothesised pattern, verified on both sides ---------------------------------------
+
+class _Elementwise(torch.autograd.Function):
+    """sin(x) * x with a hand-written backward; ``bug`` plants one of three mistakes."""
+
+    generate_vmap_rule = True
+    bug = None
+
+    @staticmethod
+    def forward(x):
+        return torch.sin(x) * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        gx = grad * (torch.cos(x) * x + torch.sin(x))
+        if _Elementwise.bug == "one entry":
+            gx[5] = gx[5] * (1 + 1e-3)
+        elif _Elementwise.bug == "leak":  # input 3 also receives output 4's cotangent
+            gx[3] = gx[3] + 0.25 * grad[4]
+        return gx
+
+
+def _missing_neighbour(x):  # depends on the next entry too; its backward (below) forgets that
+    return _Elementwise.apply(x) + 0.5 * x.roll(-1).detach() ** 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("func,shapes,colors", [
+    (lambda x: torch.sin(x) * x, [(40, 10)], 1),
+    (_softmax_rows, [(40, 10)], 10),
+    (lambda x, b: torch.tanh(x + b), [(40, 10), (10,)], 1),  # params[1] broadcasts: 40 output colors
+])
+def test_structured_jacobians_are_checked_by_colors_with_the_exact_verdict(seed, dtype, func, shapes, colors):
+    args = _leaf(*(torch.randn(sh, dtype=dtype) for sh in shapes))
+    before = snapshot(args)
+    report = gradfd.check(func, args)
+    exact = gradfd.check(func, args, chunk_size=64)  # an explicit chunk size asks for exact columns
+    assert_unchanged(args, before)
+    assert report.passed and exact.passed, str(report)
+    t, e = report.tensors[0], exact.tensors[0]
+    assert t.details["engine"] == "colored" and e.details["engine"] != "colored"
+    assert f"{colors} input color(s)" in t.details["notes"][-1]
+    assert (t.checked, t.agree) == (e.checked, e.agree) == (t.total, t.total)
+    # every entry: the same analytical values (up to the rounding of weighted cotangents: a few ulps of the dtype),
+    # numerical values within their tolerances
+    torch.testing.assert_close(t.entries["index"], e.entries["index"])
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(t.entries["analytical"], e.entries["analytical"], rtol=16 * ulp, atol=16 * ulp)
+    gap = (t.entries["numerical"] - t.entries["analytical"]).abs()
+    assert bool((gap <= t.entries["tolerance"]).all())
+
+
+@pytest.mark.parametrize("bug,func", [("one entry", _Elementwise.apply), ("leak", _Elementwise.apply),
+                                      (None, _missing_neighbour)])
+def test_colored_full_mode_catches_each_kind_of_backward_bug_and_points_at_it(seed, bug, func):
+    x = torch.randn(64, dtype=torch.float64)
+    _Elementwise.bug = bug
+    try:
+        report = gradfd.check(func, _leaf(x), raise_on_failure=False)
+    finally:
+        _Elementwise.bug = None
+    t = report.tensors[0]
+    assert not report.passed and t.details["engine"] != "colored", str(report)
+    expected = {"one entry": [((5,), (5,))], "leak": [((4,), (3,))],
+                None: [((j,), ((j + 1) % 64,)) for j in range(64)]}[bug]
+    assert sorted(t.disagreeing(1000)) == sorted(expected)
+    assert any(n.startswith("colored pass") for n in t.details["notes"]), t.details["notes"]
+
+
+def test_functions_outside_the_hypothesised_patterns_fall_back_to_exact_columns(seed):
+    x = torch.randn(64, dtype=torch.float64)
+    report = gradfd.check(lambda x: torch.cumsum(x, 0), _leaf(x))
+    t = report.tensors[0]
+    assert report.passed and t.details["engine"] != "colored" and t.agree == 64 * 64
+    assert t.details["notes"][0].startswith("colored pass: "), t.details["notes"]
+
+
 # ---- the real custom op ------------------------------------------------------------------------------------------
 
 @needs_kernels
