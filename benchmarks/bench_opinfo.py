@@ -15,7 +15,7 @@ same wrapper and the same tensors.
 
     uv run python benchmarks/bench_opinfo.py --analyse bmm   # gradfd's flagged entries beside a float64 reference
 
-A per-check timeout guard keeps the run to ~12 minutes on a 2-core CPU: a gradfd full check that runs past
+A per-check timeout guard keeps the run to ~5-12 minutes on a 2-core CPU: a gradfd full check that runs past
 ``--timeout`` seconds (20) is interrupted and redone with ``mode="sample"`` (the row says so); a gradcheck that runs
 past ``--gradcheck-timeout`` (60 s) is recorded as a timeout. Complex outputs reach gradfd as ``torch.view_as_real``
 pairs. Where gradfd does not pass, an untimed diagnostic rerun with two benchmark-side workarounds (outputs cloned;

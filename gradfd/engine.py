@@ -913,17 +913,22 @@ class _Batched:
 
     def _verify(self, count: int, out: torch.Tensor) -> None:
         """Compare a few stacked rows with single calls; raise ValueError when they differ."""
-        problem = self.problem
-        rows = ops.row_view(self.buffer, count)
-        tol = math.sqrt(stencils.eps(problem.dtype))
-        for r in sorted({0, count // 2, count - 1}):
-            single = problem.output_values(problem.func(*problem.with_param(rows[r].reshape(problem.shape))))
-            a, b = out[r].to(torch.float64), single.to(torch.float64)
-            if not bool(((a - b).abs() <= tol * torch.maximum(a.abs(), b.abs()).clamp(min=1e-30)).all()):
-                raise ValueError(
-                    f"row {r} of the stacked call differs from a single call at the same point (by up to "
-                    f"{float((a - b).abs().max()):.3g}): func does not treat the leading dimension as independent rows"
-                )
+        verify_stacked(self.problem, ops.row_view(self.buffer, count), out)
+
+
+def verify_stacked(problem: Problem, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Compare the first, middle and last of a stacked call's ``out`` with single calls of ``func`` at ``rows``
+    (``(P, N)``); ValueError when one differs by more than ``sqrt(eps)`` relative."""
+    tol = math.sqrt(stencils.eps(problem.dtype))
+    for r in sorted({0, rows.shape[0] // 2, rows.shape[0] - 1}):
+        problem.rng.reset()
+        single = problem.output_values(problem.func(*problem.with_param(rows[r].reshape(problem.shape))))
+        a, b = out[r].to(torch.float64), single.to(torch.float64)
+        if not bool(((a - b).abs() <= tol * torch.maximum(a.abs(), b.abs()).clamp(min=1e-30)).all()):
+            raise ValueError(
+                f"row {r} of the stacked call differs from a single call at the same point (by up to "
+                f"{float((a - b).abs().max()):.3g}): func does not treat the leading dimension as independent rows"
+            )
 
 
 def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, loop_rate) -> int:
@@ -1070,15 +1075,7 @@ def _points_batched(problem: Problem, rows: torch.Tensor, strategy: str, verify:
         vals = problem.batched_values(problem.func(*problem.with_param(rows.reshape(-1, *problem.shape))),
                                       rows.shape[0], what)
         if verify:
-            tol = math.sqrt(stencils.eps(problem.dtype))
-            for r in sorted({0, rows.shape[0] // 2, rows.shape[0] - 1}):
-                problem.rng.reset()
-                a = vals[r].to(torch.float64)
-                b = problem.output_values(problem.func(*problem.with_param(rows[r].view(problem.shape))))
-                b = b.to(torch.float64)
-                if not bool(((a - b).abs() <= tol * torch.maximum(a.abs(), b.abs()).clamp(min=1e-30)).all()):
-                    raise ValueError(f"point {r} of the stacked call differs from a single call: func does not treat "
-                                     "the leading dimension as independent rows")
+            verify_stacked(problem, rows, vals)
         return vals
 
 

@@ -106,14 +106,18 @@ class Analytical:
             self._dense[k] = self._all_rows(k).t().contiguous()  # (N, O): a chunk of columns is a block of rows
         if k in self._dense:
             return self._dense[k][cols]
-        step = max(1, _VJP_ROW_BYTES // (8 * max(n, 1)))
+        step = self._row_step(n)
         parts = [self._rows(k, torch.arange(a, min(a + step, size), device=self.device))[:, cols]
                  for a in range(0, size, step)]
         return torch.cat(parts, dim=0).t()
 
+    def _row_step(self, n: int) -> int:
+        """Rows per batched backward: their float64 values (and a few intermediates of that size) within the budget."""
+        return max(1, min(_VJP_ROW_BYTES, self.budget // 8) // (8 * max(n, 1)))
+
     def _all_rows(self, k: int) -> torch.Tensor:
         size, n = self.spec.size, self.clones[k].numel()
-        step = max(1, _VJP_ROW_BYTES // (8 * max(n, 1)))
+        step = self._row_step(n)
         return torch.cat([self._rows(k, torch.arange(a, min(a + step, size), device=self.device))
                           for a in range(0, size, step)], dim=0) if size else torch.zeros(0, n, dtype=torch.float64)
 
@@ -334,7 +338,7 @@ class _ColoredPass:
         ins = torch.cat([pt[1] for pt in parts]).to(device)
         q = _mod_coloring(outs, ins, n // _COLORED_SAVING)
         p = _mod_coloring(ins, outs, size // _COLORED_SAVING) if q is not None else None
-        if q is None or p is None or q * len(stencil.offsets) * 8 * size * 4 > analytical.budget:  # the node values
+        if q is None or p is None or q * len(stencil.offsets) * 8 * size * 2 > analytical.budget:  # the node values
             return None
         gen = torch.Generator().manual_seed(7919 * (k + 1) + whole)
         weights = (0.7 + 0.6 * torch.rand(n, generator=gen, dtype=torch.float64)).to(device)

@@ -259,6 +259,28 @@ def test_memory_stays_within_the_budget(tmp_path):
     assert grown_mib < 200, f"peak memory grew by {grown_mib:.0f} MiB with a 64 MB budget"
 
 
+@pytest.mark.parametrize("batching", ["auto", "vmap"])  # "auto": by colors; "vmap": exact columns
+def test_jacobian_checks_stay_within_the_budget(batching):
+    # 4,000 inputs and outputs: the dense Jacobian is 128 MB, the numerical columns at all nodes 512 MB
+    script = textwrap.dedent(f'''
+        import resource, torch, gradfd
+        x = torch.randn(4000, dtype=torch.float64, requires_grad=True)
+        f = lambda x: torch.softmax(x.view(-1, 100), dim=-1)
+        small = torch.randn(400, dtype=torch.float64, requires_grad=True)
+        gradfd.check(f, (small,), batching="{batching}", memory_budget="64MB")  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        report = gradfd.check(f, (x,), batching="{batching}", memory_budget="64MB")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert report.passed and report.tensors[0].agree == 4000 ** 2
+        assert (report.tensors[0].details["engine"] == "colored") == ("{batching}" == "auto")
+        print((after - before) / 1024)
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_mib = float(proc.stdout.strip().splitlines()[-1])
+    assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB with a 64 MB budget"
+
+
 def test_ten_million_parameters_in_sample_and_directional_modes_with_progress():
     x = torch.randn(10_000_000).requires_grad_()
     func = lambda x: (x * x).sum() / 1e6  # noqa: E731
