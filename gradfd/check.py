@@ -397,9 +397,11 @@ def check(
         params: tuple or list of tensors on one device. Never modified (nor their ``.grad``): autograd and the
             finite differences run on private copies.
         wrt: indices into ``params`` to check; default every floating tensor with ``requires_grad=True``.
-        mode: ``"full"`` (every entry), ``"sample"`` (``samples`` entries per tensor: the largest |gradient| entries
-            and a seeded uniform sample of the rest) or ``"directional"`` (``directions`` random Gaussian directions,
-            comparing d/dt f(x + t u) with <grad, u>; cost independent of the size).
+        mode: ``"full"`` (every entry; for tensor-valued functions with an elementwise, broadcasting or row-wise
+            Jacobian, checked by colors -- many inputs perturbed together, a few backward passes -- when both sides
+            confirm the pattern, else by exact columns), ``"sample"`` (``samples`` entries per tensor: the largest
+            |gradient| entries and a seeded uniform sample of the rest) or ``"directional"`` (``directions``
+            random Gaussian directions, comparing d/dt f(x + t u) with <grad, u>; cost independent of the size).
         samples: entries per tensor in sample mode (default 256). directions: directions in directional mode
             (default 8).
         h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``.
