@@ -407,7 +407,7 @@ class _ColoredPass:
         x64 = problem.flat.to(torch.float64)
         n = x64.numel()
         magnitude = torch.zeros(self.size, dtype=torch.float64, device=base.device).index_add_(
-            0, self.outs, self.vals.abs() * x64[self.ins].abs())
+            0, self.outs, self.vals.abs() * _term_sizes(x64)[self.ins])
         # judged a block of inputs at a time (the pairs are sorted by input), so that memory stays bounded
         bounds = torch.searchsorted(self.ins, torch.arange(0, n + 1, device=base.device)).tolist()
         start = 0
@@ -458,6 +458,13 @@ def _segment_median(values: torch.Tensor, segments: torch.Tensor, count: int) ->
     starts = torch.cumsum(counts, 0) - counts
     mid = (starts + (counts - 1).clamp(min=0) // 2).clamp(max=v.numel() - 1)
     return torch.where(counts > 0, v[mid], out)
+
+
+def _term_sizes(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in float64 for the noise model's ``sum_i |J_oi x_i|``, with non-finite inputs (an ``-inf`` mask
+    entry, whose derivative is 0) left out rather than turning the sum into NaN."""
+    size = x.detach().to(torch.float64).abs()
+    return torch.where(torch.isfinite(size), size, torch.zeros_like(size))
 
 
 def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
@@ -647,7 +654,7 @@ def check_coordinates(
         # error: most of a Jacobian, for elementwise and row-wise ops. Only the others are estimated and judged.
         active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
         jj, oo = active.nonzero(as_tuple=True)
-        magnitude = (ana.abs() * flat_x[cols].abs().to(torch.float64).unsqueeze(1)).sum(dim=0)  # (O,)
+        magnitude = (ana.abs() * _term_sizes(flat_x[cols]).unsqueeze(1)).sum(dim=0)  # (O,)
         bad = judge(start, stop, jj, oo, values[:, jj, oo], disp[:, jj], ana[jj, oo], magnitude)
         if bad is not None:
             if comp is not None and bool((bad[1] == DISAGREE).any()):

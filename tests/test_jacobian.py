@@ -3,6 +3,7 @@ gradcheck drop-in, the pytest helper, non-determinism and bad input."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -100,6 +101,19 @@ def test_memory_never_grows_as_inputs_times_outputs(seed):
     t = report.tensors[0]
     assert report.passed and t.checked == n * n and t.agree == n * n
     assert t.entries["index"].numel() < n * n  # only statistics and the interesting entries are kept
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_masked_softmax_with_minus_inf_inputs_passes_and_leaves_the_masked_entries_unresolved(seed, dim):
+    x = torch.randn(5, 6, dtype=torch.float64)
+    x[torch.rand(5, 6) < 0.3] = -math.inf
+    x[0] = x[:, 0] = 0.5  # no row or column fully masked: every output finite
+    report = gradfd.check(lambda x: torch.softmax(x, dim=dim), _leaf(x), raise_on_failure=False)
+    t = report.tensors[0]
+    masked = int(torch.isinf(x).sum())
+    assert report.passed and t.disagree == 0 and t.agree + t.unresolved == t.total, str(report)
+    # a masked input's derivatives are exactly zero: nothing moves, nothing is estimated
+    assert t.unresolved <= masked * t.output_shape[0] * t.output_shape[1]
 
 
 # ---- full mode by colors: a hypothesised pattern, verified on both sides ---------------------------------------
