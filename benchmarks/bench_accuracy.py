@@ -3,6 +3,7 @@ gradfd.check on correct and planted-wrong gradients, and gradfd.check against to
 
     uv run python benchmarks/bench_accuracy.py             # prints and records in RESULTS.md (and README.md)
     uv run python benchmarks/bench_accuracy.py --no-record
+    uv run python benchmarks/bench_accuracy.py --floor     # only the float32 floor: errors over a scan of steps
 """
 
 import argparse
@@ -17,8 +18,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20, help="random draws of each verdict test function")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--floor", action="store_true", help="only the float32 accuracy floor over a scan of steps")
     args = ap.parse_args()
     info = bench.machine_info()
+    if args.floor:
+        floor(info, args.no_record)
+        return
     head = f"Machine: {bench.describe_machine(info)}. Command: `uv run python benchmarks/bench_accuracy.py`.\n"
 
     acc = bench.accuracy_table()
@@ -58,6 +63,26 @@ def main() -> None:
             bench.record_section(path, "accuracy", accuracy_text)
             bench.record_section(path, "verdicts", verdict_text)
         bench.record_section(HERE / "RESULTS.md", "check-vs-gradcheck", compare_text)
+
+
+def floor(info: dict, no_record: bool) -> None:
+    """The float32 accuracy floor of the smooth suite: median relative errors at automatic steps x 1/4 ... 16."""
+    head = (f"Machine: {bench.describe_machine(info)}. Command: `uv run python benchmarks/bench_accuracy.py "
+            "--floor`.\n")
+    rows = bench.accuracy_floor()
+    lines = [head, "float32, smooth suite (3 draws), median relative error per entry against the float64 derivative. "
+             "\"best step\": the best of the automatic step x 1/4, 1/2, 1, 2, 4, 8, 16 for that function, chosen in "
+             "hindsight; \"per-entry oracle\": every entry at its own best of those steps (a lower bound for any "
+             "step rule with that stencil).", "",
+             "| stencil | function | automatic step | best step (factor) | per-entry oracle |", "|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['function']}**" if r["function"] == "all" else r["function"]
+        lines.append(f"| {r['stencil']} | {name} | {r['automatic']:.1e} | {r['best']:.1e} (x{r['best_scale']:g}) | "
+                     f"{r['oracle_entry']:.1e} |")
+    text = "\n".join(lines)
+    print(text)
+    if not no_record:
+        bench.record_section(HERE / "RESULTS.md", "accuracy-floor", text)
 
 
 if __name__ == "__main__":

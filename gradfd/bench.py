@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -287,6 +287,54 @@ def accuracy_table(seeds: int = 3) -> list[dict]:
                         "median_rel_error": statistics.median(per_entry),
                         "median_error_over_max": statistics.median(per_max), "estimate_bounds_error": covered / total,
                         "entries": total})
+    return out
+
+
+def accuracy_floor(dtype: torch.dtype = torch.float32, stencils_: Sequence[str] = ("four_point", "richardson"),
+                   scales: Sequence[float] = (0.25, 0.5, 1, 2, 4, 8, 16), seeds: int = 3) -> list[dict]:
+    """How low the error of ``smooth_suite``'s numerical gradients can go in ``dtype`` at any step: each entry's
+    relative error against the float64 derivative at automatic steps times each of ``scales``.
+
+    Returns one row per stencil and function with the median error at the automatic step, the best median over the
+    scales (the best single step factor for the function, chosen in hindsight) and its scale, plus an ``"all"`` row
+    per stencil whose ``oracle_entry`` is the median over entries of each entry's smallest error over the scales --
+    an optimistic lower bound for any step rule with that stencil.
+    """
+    from . import accuracy as acc
+    from . import engine as eng
+    from . import stencils as st
+
+    out = []
+    for stencil in stencils_:
+        sten = st.get_stencil(stencil)
+        per_func: dict = {}
+        for seed in range(seeds):
+            for name, (func, params) in smooth_suite(seed).items():
+                params = tuple(p.to(dtype) for p in params)
+                for k in range(len(params)):
+                    exact = _exact_gradient(func, params, k)
+                    x = params[k].detach().reshape(-1)
+                    rows = []
+                    for scale in scales:
+                        steps = st.automatic_steps(x, sten, scale=scale)
+                        est = acc.estimate_entries(eng.evaluate(func, params, k, steps=steps, stencil=stencil))
+                        rows.append(((est.numerical - exact).abs() / exact.abs()))
+                    per_func.setdefault(name, []).append(torch.stack(rows))  # (scales, entries)
+        everything = []
+        for name, parts in per_func.items():
+            errs = torch.cat(parts, dim=1)
+            medians = errs.median(dim=1).values
+            best = int(medians.argmin())
+            out.append({"stencil": stencil, "function": name, "automatic": float(medians[list(scales).index(1)]),
+                        "best": float(medians[best]), "best_scale": scales[best],
+                        "oracle_entry": float(errs.min(dim=0).values.median())})
+            everything.append(errs)
+        errs = torch.cat(everything, dim=1)
+        medians = errs.median(dim=1).values
+        best = int(medians.argmin())
+        out.append({"stencil": stencil, "function": "all", "automatic": float(medians[list(scales).index(1)]),
+                    "best": float(medians[best]), "best_scale": scales[best],
+                    "oracle_entry": float(errs.min(dim=0).values.median())})
     return out
 
 
