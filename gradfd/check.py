@@ -247,8 +247,7 @@ def _verdicts(e: _Entries, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     # A kink inside the stencil that the fourth difference cannot see (a ReLU switching at 2/3 of a step) makes
     # the extrapolant miss by up to twice the truncation spread; a discrepancy that small is ambiguous.
     ambiguous = diff <= floor + KINK_BAND * truncation + TOLERANCE_SAFETY * e.rounding
-    # (a NaN tolerance, from an error estimate that could not be formed, judges nothing: unresolved)
-    unresolved = ~e.finite | torch.isnan(tol) | (~agree & (nonsmooth | ambiguous | (e.kink >= KINK_EXPLAINS * diff)))
+    unresolved = ~e.finite | (~agree & (nonsmooth | ambiguous | (e.kink >= KINK_EXPLAINS * diff)))
     verdict = torch.full(diff.shape, AGREE, dtype=torch.int8, device=diff.device)
     verdict[~agree] = DISAGREE
     verdict[unresolved] = UNRESOLVED

@@ -243,10 +243,9 @@ def _pattern(in_shape: Sequence[int], out_shape: Sequence[int], whole: int) -> t
     """A hypothesised sparsity pattern, as ``(outs, ins)`` flat index pairs, or None when the shapes rule it out.
 
     The input is aligned with the output from the right as in broadcasting (or, having as many entries, taken
-    as reshaped to it); output entry ``(a, b)`` -- ``a`` its
-    leading indices, ``b`` its last ``whole`` -- depends on the input entries ``(a', *)``, ``a'`` being ``a``
-    with broadcast dimensions at 0: ``whole=0`` is an elementwise (or broadcasting) op, ``whole=1`` a row-wise op
-    along the last dimension (softmax, normalisation).
+    as reshaped to it); output entry ``(a, b)`` -- ``a`` its leading indices, ``b`` its last ``whole`` -- depends
+    on the input entries ``(a', *)``, ``a'`` being ``a`` with broadcast dimensions at 0: ``whole=0`` is an
+    elementwise (or broadcasting) op, ``whole=1`` a row-wise op along the last dimension (softmax, normalisation).
     """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if whole > len(out_shape):
@@ -362,10 +361,12 @@ class _ColoredPass:
         self.vals = sums[self.outs % self.p, self.ins] / u[self.outs]
         claimed = torch.zeros_like(sums, dtype=torch.bool)
         claimed[self.outs % self.p, self.ins] = True
+        if not bool(torch.isfinite(sums).all()):
+            return "non-finite analytical gradients (reported entry by entry from exact columns)"
         scale = float(self.vals.abs().max()) if self.vals.numel() else 0.0
         leak = torch.where(claimed, torch.zeros_like(sums), sums).abs()
-        if bool((leak > atol_floor(scale)).any()) or not bool(torch.isfinite(sums).all()):
-            d, i = (int(v) for v in (leak.nan_to_num(math.inf) > atol_floor(scale)).nonzero()[0])
+        if bool((leak > atol_floor(scale)).any()):
+            d, i = (int(v) for v in (leak > atol_floor(scale)).nonzero()[0])
             return (f"autograd gives input {i} a gradient from output color {d}, where the {self.name} pattern has "
                     "no entry")
         return None
@@ -654,7 +655,8 @@ def check_coordinates(
         # error: most of a Jacobian, for elementwise and row-wise ops. Only the others are estimated and judged.
         active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
         jj, oo = active.nonzero(as_tuple=True)
-        magnitude = (ana.abs() * _term_sizes(flat_x[cols]).unsqueeze(1)).sum(dim=0)  # (O,)
+        terms = ana.abs() * _term_sizes(flat_x[cols]).unsqueeze(1)  # a NaN analytical entry is judged, not summed
+        magnitude = torch.where(torch.isfinite(terms), terms, torch.zeros_like(terms)).sum(dim=0)  # (O,)
         bad = judge(start, stop, jj, oo, values[:, jj, oo], disp[:, jj], ana[jj, oo], magnitude)
         if bad is not None:
             if comp is not None and bool((bad[1] == DISAGREE).any()):

@@ -116,6 +116,32 @@ def test_masked_softmax_with_minus_inf_inputs_passes(seed, dim):
     assert t.unresolved <= masked * t.output_shape[0] * t.output_shape[1]
 
 
+def test_a_nan_from_the_backward_fails_the_check_at_that_input(seed):
+    class NaNBackward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return torch.sin(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            gx = grad * torch.cos(x)
+            gx[3] = math.nan
+            return gx
+
+    x = torch.randn(40, dtype=torch.float64)
+    report = gradfd.check(NaNBackward.apply, _leaf(x), raise_on_failure=False)
+    t = report.tensors[0]
+    assert not report.passed and t.disagree >= 1
+    assert {inp for _, inp in t.disagreeing(100)} == {(3,)}
+
+
 # ---- full mode by colors: a hypothesised pattern, verified on both sides ---------------------------------------
 
 class _Elementwise(torch.autograd.Function):
