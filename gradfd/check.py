@@ -165,8 +165,9 @@ class _Directions:
         self.scalar = analytical.scalar
         self.skip_outputs = analytical.nondifferentiable
         x = params[k].detach().reshape(-1)
-        self.steps = stencils.automatic_steps(x, stencil) if h is None else torch.full(x.shape, h, dtype=torch.float64,
-                                                                                       device=x.device)
+        coarse = stencils.coarsest([x.dtype, *analytical.spec.dtypes])
+        self.steps = (stencils.automatic_steps(x, stencil, dtype=coarse) if h is None
+                      else torch.full(x.shape, h, dtype=torch.float64, device=x.device))
         self.seed = seed + 7919 * k
         gen = torch.Generator().manual_seed(self.seed)
         size = analytical.spec.size

@@ -581,7 +581,9 @@ def check_coordinates(
     rtol_ = floor if rtol is None else torch.full_like(floor, rtol)
     scales = [analytical.scale(k, j) for j in range(len(spec.kept))]
     flat_x = p.detach().reshape(-1)
-    base_steps = (stencils.automatic_steps(flat_x, stencil) if h is None
+    # steps sized for the coarser of the input and the compared outputs: a float16 output of a float64 input
+    base_steps = (stencils.automatic_steps(flat_x, stencil, dtype=stencils.coarsest([p.dtype, *spec.dtypes]))
+                  if h is None
                   else torch.full(flat_x.shape, h, dtype=torch.float64, device=p.device))
     keep_all = m * size <= DENSE_ENTRIES
     user_chunk = chunk_size

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stencil", "STENCILS", "DEFAULT_STENCIL", "get_stencil", "automatic_steps", "extrapolate", "eps", "representable"]
+__all__ = ["Stencil", "STENCILS", "DEFAULT_STENCIL", "get_stencil", "automatic_steps", "coarsest", "extrapolate", "eps",
+           "representable"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,13 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def automatic_steps(x: torch.Tensor, stencil: Stencil, scale: float = 1.0) -> torch.Tensor:
+def coarsest(dtypes) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon among ``dtypes``."""
+    return max(dtypes, key=eps)
+
+
+def automatic_steps(x: torch.Tensor, stencil: Stencil, scale: float = 1.0,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-element steps ``h_i ~ scale * step_scale * eps**step_exponent * max(1, |x_i|)``, rounded to powers of two.
 
     The exponent balances truncation (``~h**order``) against rounding of the loss (``~eps/h``): ``eps**(1/3)``
@@ -109,14 +116,16 @@ def automatic_steps(x: torch.Tensor, stencil: Stencil, scale: float = 1.0) -> to
     two keep ``x + m*h`` exact for most ``x``; the realised steps are used regardless.
 
     Args:
-        x: the flattened parameter values (any floating dtype); its dtype sets ``eps``.
+        x: the flattened parameter values (any floating dtype); its dtype sets ``eps`` unless ``dtype`` is given.
         stencil: the stencil the steps are for.
         scale: extra factor on the step.
+        dtype: the dtype whose ``eps`` sets the step, when the function's values are coarser than ``x`` (a float16
+            output of a float64 input: steps sized for float64 would move it by less than its rounding).
 
     Returns:
         ``(numel,)`` float64 steps on ``x``'s device.
     """
-    base = scale * stencil.step_scale * eps(x.dtype) ** stencil.step_exponent
+    base = scale * stencil.step_scale * eps(dtype or x.dtype) ** stencil.step_exponent
     mag = x.detach().to(torch.float64).abs().clamp(min=1.0)
     mag = torch.where(torch.isfinite(mag), mag, torch.ones_like(mag))
     return torch.exp2(torch.round(torch.log2(base * mag)))

@@ -142,6 +142,31 @@ def test_a_nan_from_the_backward_fails_the_check_at_that_input(seed):
     assert {inp for _, inp in t.disagreeing(100)} == {(3,)}
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16])  # (bfloat16's dtype floor, 64 eps, is 50%: see README)
+def test_an_output_coarser_than_its_input_is_checked_at_steps_it_can_resolve(seed, out_dtype):
+    class Cast(torch.autograd.Function):  # a cast whose backward scales by ``factor``
+        factor = 1.0
+
+        @staticmethod
+        def forward(x):
+            return x.to(out_dtype)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.to(torch.float64) * Cast.factor
+
+    x = torch.randn(20, dtype=torch.float64)
+    assert gradfd.check(Cast.apply, _leaf(x)).passed
+    Cast.factor = 1.5  # steps sized for float64 would not move the output: this passed vacuously before
+    report = gradfd.check(Cast.apply, _leaf(x), raise_on_failure=False)
+    t = report.tensors[0]
+    assert not report.passed and sorted(o for o, _ in t.disagreeing(100)) == [(i,) for i in range(20)]
+
+
 # ---- full mode by colors: a hypothesised pattern, verified on both sides ---------------------------------------
 
 class _Elementwise(torch.autograd.Function):
