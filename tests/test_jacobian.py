@@ -117,26 +117,12 @@ def test_masked_softmax_with_minus_inf_inputs_passes(seed, dim):
 
 
 def test_a_nan_from_the_backward_fails_the_check_at_that_input(seed):
-    class NaNBackward(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return torch.sin(x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            gx = grad * torch.cos(x)
-            gx[3] = math.nan
-            return gx
-
     x = torch.randn(40, dtype=torch.float64)
-    report = gradfd.check(NaNBackward.apply, _leaf(x), raise_on_failure=False)
+    _Elementwise.bug = "nan"
+    try:
+        report = gradfd.check(_Elementwise.apply, _leaf(x), raise_on_failure=False)
+    finally:
+        _Elementwise.bug = None
     t = report.tensors[0]
     assert not report.passed and t.disagree >= 1
     assert {inp for _, inp in t.disagreeing(100)} == {(3,)}
@@ -170,7 +156,7 @@ def test_an_output_coarser_than_its_input_is_checked_at_steps_it_can_resolve(see
 # ---- full mode by colors: a hypothesised pattern, verified on both sides ---------------------------------------
 
 class _Elementwise(torch.autograd.Function):
-    """sin(x) * x with a hand-written backward; ``bug`` plants one of three mistakes."""
+    """sin(x) * x with a hand-written backward; ``bug`` plants one of four mistakes."""
 
     generate_vmap_rule = True
     bug = None
@@ -191,6 +177,8 @@ class _Elementwise(torch.autograd.Function):
             gx[5] = gx[5] * (1 + 1e-3)
         elif _Elementwise.bug == "leak":  # input 3 also receives output 4's cotangent
             gx[3] = gx[3] + 0.25 * grad[4]
+        elif _Elementwise.bug == "nan":
+            gx[3] = math.nan
         return gx
 
 
