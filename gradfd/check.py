@@ -106,10 +106,13 @@ def analytical_gradients(func: Callable, params: Sequence[torch.Tensor], wrt: Se
     """
     clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
     with torch.enable_grad():
-        out = _engine.validate_scalar_output(func(*clones), detach=False)
+        with _engine.noting("gradfd: raised while computing autograd's gradient (func and its backward at the "
+                            "unperturbed params, on clones)"):
+            out = _engine.validate_scalar_output(func(*clones), detach=False)
         inputs = [clones[k] for k in wrt]
         if out.requires_grad:
-            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+            with _engine.noting("gradfd: raised in autograd's backward of func at the unperturbed params"):
+                grads = torch.autograd.grad(out, inputs, allow_unused=True)
         else:
             grads = [None] * len(inputs)
     return [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(inputs, grads)]
@@ -157,11 +160,13 @@ class _Entries:
 class _Directions:
     """Evaluates random directions of one input (directional mode): ``d/dt uᵀf(x + t v)`` at ``t = 0`` against
     ``(uᵀJ) v``, for Gaussian input directions ``v`` scaled entry-wise by the per-entry steps and (for tensor-valued
-    functions) Gaussian output cotangents ``u``; all nodes in one batched call, the analytical side one backward
-    per direction."""
+    functions) Gaussian output cotangents ``u``; the nodes of as many directions as ``budget`` bytes hold go to
+    ``func`` in one batched call, the analytical side costs one backward per direction."""
 
-    def __init__(self, func, params, k, analytical: _jacobian.Analytical, count, h, stencil, batching, seed):
+    def __init__(self, func, params, k, analytical: _jacobian.Analytical, count, h, stencil, batching, seed,
+                 budget: int):
         self.func, self.params, self.k, self.stencil, self.batching = func, params, k, stencil, batching
+        self.budget = budget
         self.scalar = analytical.scalar
         self.skip_outputs = analytical.nondifferentiable
         x = params[k].detach().reshape(-1)
@@ -199,16 +204,24 @@ class _Directions:
             x = problem.flat
             x64 = x.to(torch.float64)
             base_vec = problem.base_loss.to(torch.float64).reshape(-1)
-            for j, d in enumerate(which.tolist()):  # one direction at a time: memory S x N
-                v = self.direction(d) / factor
-                points = (x64 + offsets.view(-1, 1) * v).to(x.dtype)  # (S, N)
+            S, ds = len(offsets), which.tolist()
+            # the S nodes of `per` directions per call: float64 staging (8 bytes) plus the points and func's
+            # outputs, within the budget
+            node_bytes = (8 + x.element_size()) * (x.numel() + base_vec.numel())
+            per = max(1, min(len(ds), self.budget // max(1, S * node_bytes)))
+            for start in range(0, len(ds), per):
+                group = ds[start:start + per]
+                v = torch.stack([self.direction(d) for d in group]) / factor  # (G, N)
+                points = (x64 + offsets.view(1, -1, 1) * v.unsqueeze(1)).to(x.dtype)  # (G, S, N)
                 # <u_dᵀJ, displacement actually evaluated>, exact for the nodes
-                ana[:, j] = (points.to(torch.float64) - x64) @ self.grads[d]
-                values, used = _engine.evaluate_points(problem, points, self.batching)
-                values = values.view(len(offsets), -1)  # (S, O)
+                moved = points.to(torch.float64) - x64
+                ana[:, start:start + len(group)] = torch.einsum("gsn,gn->sg", moved, self.grads[group])
+                del moved
+                values, used = _engine.evaluate_points(problem, points.view(-1, x.numel()), self.batching)
+                values = values.view(len(group), S, -1)  # (G, S, O)
                 self.details["batching"] = used
-                finite_values[j] = bool(torch.isfinite(values).all())
-                losses[:, j] = values @ self.u[d]  # uᵀf at each node
+                finite_values[start:start + len(group)] = torch.isfinite(values).flatten(1).all(1)
+                losses[:, start:start + len(group)] = torch.einsum("gso,go->sg", values, self.u[group])
         finally:
             problem.rng.close()
         u = self.u[which]  # (D, O)
@@ -464,7 +477,8 @@ def check(
             for k in wrt_idx:
                 p = params[k]
                 if mode == "directional":
-                    evaluator = _Directions(func, params, k, analytical, directions, h, sten, batching, seed)
+                    evaluator = _Directions(func, params, k, analytical, directions, h, sten, batching, seed,
+                                            budget // 2)
                     reports = [_directional_report(evaluator, k, p, directions, atol, rtol, sten, h, analytical)]
                     tick(directions)
                 else:

@@ -265,6 +265,17 @@ def _note(exc: BaseException, text: str) -> None:
         exc.add_note(text)
 
 
+@contextlib.contextmanager
+def noting(text: str):
+    """Re-raise whatever the block raises (KeyboardInterrupt included) unchanged, with ``text`` added as a note
+    (PEP 678), so that a traceback out of ``func`` says what gradfd was doing when it came."""
+    try:
+        yield
+    except BaseException as exc:
+        _note(exc, text)
+        raise
+
+
 class RngGuard:
     """Saves the CPU (and initialised CUDA) RNG states; ``reset()`` puts them back before an evaluation when
     ``func`` was seen to draw random numbers, and ``close()`` restores the caller's state."""
@@ -415,7 +426,8 @@ class Problem:
             ``func`` modifies its inputs in place; NonFiniteLossError when the loss is NaN or inf.
         """
         versions = [a._version for a in self.args]
-        with torch.no_grad():
+        with torch.no_grad(), noting(f"gradfd: raised while evaluating func at the unperturbed params "
+                                     f"(the base point for params[{self.param_idx}])"):
             out = self.func(*self.args)
         self.rng.observe()
         self.rng.reset()
@@ -457,7 +469,7 @@ class Problem:
     def activation_bytes(self) -> int:
         """Bytes of the tensors one unbatched evaluation creates (an upper bound on its working memory)."""
         meter = _AllocationMeter()
-        with torch.no_grad(), meter:
+        with torch.no_grad(), meter, noting("gradfd: raised while measuring func's memory at the unperturbed params"):
             self.func(*self.args)
         self.rng.reset()
         return meter.total
@@ -1044,12 +1056,18 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
     tried = {"auto": ("vmap", "stack"), "vmap": ("vmap",), "stack": ("stack",), "loop": ()}[batching]
     failures = []
     for strategy in tried if count > 1 else ():
+        start = 0
         try:
             for start in range(0, count, 256):
                 rows = points[start:start + 256]
                 out[start:start + rows.shape[0]] = _points_batched(problem, rows, strategy, verify=start == 0)
             return out, strategy
         except Exception as exc:
+            if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                # batching worked on earlier chunks: a genuine error of func
+                _note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
+                           f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
+                raise
             failures.append(f"{strategy}: {type(exc).__name__}: {_first_line(exc)}")
     if failures and warn:
         _warn(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
@@ -1057,7 +1075,9 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
     with torch.no_grad():
         for j in range(count):
             problem.rng.reset()
-            out[j] = problem.output_values(problem.func(*problem.with_param(points[j].view(problem.shape))))
+            with noting(f"gradfd: raised while evaluating func at perturbed point {j} of {count} of "
+                        f"params[{problem.param_idx}]"):
+                out[j] = problem.output_values(problem.func(*problem.with_param(points[j].view(problem.shape))))
     return out, "loop"
 
 

@@ -51,7 +51,8 @@ class Analytical:
     def __init__(self, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int], budget: int):
         self.clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
         self.wrt = list(wrt)
-        with torch.enable_grad():
+        with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func at the unperturbed params "
+                                                 "for autograd (on clones)"):
             out = func(*self.clones)
         self.scalar = isinstance(out, torch.Tensor) and out.numel() == 1 and out.is_floating_point()
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -168,7 +169,8 @@ class Analytical:
 def _depends_on_inputs(func: Callable, clones: Sequence[torch.Tensor], k: int) -> bool:
     """Whether output ``k`` changes at all when every floating input is nudged (so that a constant output, which
     must have a zero gradient, is still compared)."""
-    with torch.no_grad():
+    with torch.no_grad(), _engine.noting(f"gradfd: raised while testing whether output {k} depends on the inputs "
+                                         "(func at the unperturbed params and at all inputs nudged by 2^-10)"):
         base = func(*[c.detach() for c in clones])
         nudged = func(*[c.detach() * (1 + 2.0**-10) + 2.0**-10 if c.is_floating_point() else c.detach()
                         for c in clones])
