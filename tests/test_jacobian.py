@@ -128,6 +128,51 @@ def test_a_nan_from_the_backward_fails_the_check_at_that_input(seed):
     assert {inp for _, inp in t.disagreeing(100)} == {(3,)}
 
 
+# OpInfo's matrix_exp sample (float64, seed 0): its 25 inputs take steps of four sizes, and the 4 columns at one of
+# them measured each output's rounding noise at a quarter of what all 25 columns measure.
+_EXPM_X = [[-4.826984902407649, -7.582430495695129, -0.6046891126565539, -1.5411692216498662, -1.9719097652168658],
+           [-4.146041530864057, -5.4215280659972755, -4.784169829877467, -4.150805063878843, 7.380839390984031],
+           [5.576059452216908, -8.315684908389088, 4.177597026003685, 2.047386382824099, -4.076012721760325],
+           [-3.063683029231029, -3.342174545322517, -5.439777184204883, 4.480518929058965, 2.685009210157367],
+           [-3.8432258180800494, -3.0355148286483775, -2.146076312776824, -2.6718482427688133, -7.7232222137058715]]
+
+
+class _Expm(torch.autograd.Function):  # matrix_exp, with an optional relative error on one Jacobian entry
+    planted = 0.0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.linalg.matrix_exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_()
+            (gx,) = torch.autograd.grad(torch.linalg.matrix_exp(xx), xx, g)
+        if _Expm.planted:  # d out[0, 3] / d in[0, 4] off by `planted`, relatively
+            true = torch.autograd.functional.jacobian(torch.linalg.matrix_exp, x)[0, 3, 0, 4]
+            gx = gx.clone()
+            gx[0, 4] += _Expm.planted * true * g[0, 3]
+        return gx
+
+
+@pytest.mark.parametrize("planted", [0.0, 1e-7])
+def test_noise_measured_on_a_few_columns_does_not_fail_a_correct_entry(planted):
+    x = torch.tensor(_EXPM_X, dtype=torch.float64, requires_grad=True)
+    _Expm.planted = planted
+    try:
+        report = gradfd.check(_Expm.apply, (x,), raise_on_failure=False)
+    finally:
+        _Expm.planted = 0.0
+    t = report.tensors[0]
+    if planted:  # sensitivity kept: a 1e-7 relative error (2.4e-6 absolute) on that entry still fails, there
+        assert not report.passed and t.disagreeing(10) == [((0, 3), (0, 4))]
+    else:  # the finite difference errs by 4.4e-9 there (autograd matches a complex-step derivative to 7e-13)
+        assert report.passed, report
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16])  # (bfloat16's dtype floor, 64 eps, is 50%: see README)
 def test_an_output_coarser_than_its_input_is_checked_at_steps_it_can_resolve(seed, out_dtype):
     class Cast(torch.autograd.Function):  # a cast whose backward scales by ``factor``
