@@ -237,8 +237,9 @@ class _Directions:
             fourth, kink = None, (losses[0] - 2 * base + losses[1]).abs()
         if self.noise is None:
             # the model: the rounding of every output entry, weighted by the cotangent
+            # (a loss reduced in float64 still sums terms rounded in func's dtype: that dtype's eps)
             eps_out = max(stencils.eps(dt) for dt in problem.spec.dtypes) if problem.spec else stencils.eps(
-                problem.base_loss.dtype)
+                problem.plain_base.dtype)
             model = eps_out * float((u.abs() * base_vec.abs()).sum(-1).max())
             self.noise = accuracy.loss_noise_from(model, fourth[finite] if fourth is not None else None)
             self.details.update(loss_noise=self.noise, truncation_estimated=spread is not None)

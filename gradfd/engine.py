@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import ops, stencils
+from . import ops, reductions, stencils
 from .stencils import Stencil
 
 __all__ = [
@@ -395,7 +395,10 @@ class Problem:
                  skip_outputs: Sequence[int] = ()):
         if not callable(func):
             raise TypeError(f"func must be callable, got {_describe(func)}")
-        self.func = func
+        self.plain_func = func
+        self.reduce64 = False  # evaluate under reductions.Float64Reductions (decided by evaluate_base)
+        self.reductions = 0  # how many reductions one evaluation takes in float64
+        self.plain_base: torch.Tensor | None = None  # func's own loss at the unperturbed point
         self.param_idx = param_idx
         target = params[param_idx]
         self.shape = tuple(target.shape)
@@ -409,6 +412,11 @@ class Problem:
         self.vector = vector
         self.skip_outputs = tuple(skip_outputs)
         self.spec: OutputSpec | None = None
+
+    @property
+    def func(self) -> Callable:
+        """``func`` as evaluated: under float64 reductions when :meth:`evaluate_base` chose them."""
+        return self._wide if self.reduce64 else self.plain_func
 
     def with_param(self, value: torch.Tensor) -> list:
         args = list(self.args)
@@ -452,7 +460,26 @@ class Problem:
             raise NonFiniteLossError(
                 f"func returned {value} at the unperturbed point; finite differences need a finite loss there"
             )
+        self.plain_base = self.base_loss
+        if self.base_loss.dtype in reductions.LOW_PRECISION:
+            self._try_float64_reductions()
         return self.base_loss
+
+    def _try_float64_reductions(self) -> None:
+        """Evaluate ``func`` once more with its full reductions in float64 (:mod:`gradfd.reductions`); keep that
+        for every evaluation when it took any and reproduces ``func``'s own loss."""
+        mode = reductions.Float64Reductions()
+        try:
+            with torch.no_grad(), mode:
+                wide = self.plain_func(*self.args)
+        except Exception:  # func cannot run that way: it is evaluated as written
+            return
+        finally:
+            self.rng.reset()
+        if mode.count and reductions.consistent(self.plain_base, wide):
+            self._wide = reductions.wrap(self.plain_func)
+            self.reduce64, self.reductions = True, mode.count
+            self.base_loss = wide.detach().reshape(()).clone()
 
     def output_values(self, out) -> torch.Tensor:
         """One evaluation's compared values: a 0-d tensor (scalar ``func``) or the ``(size,)`` float64 vector."""
@@ -747,6 +774,8 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     losses = None if sink is not None else torch.empty((s, m), dtype=torch.float64, device=device)
     result = Evaluation(problem.param_idx, problem.shape, problem.dtype, coords, h, stencil, losses, disp,
                         problem.base_loss.to(torch.float64), "loop", None, None, sink=sink, progress=progress)
+    if problem.reduce64:
+        result.notes.append(f"loss reductions in float64 ({problem.reductions} per evaluation)")
     if batching == "loop" and engine != "structured":
         engine = "loop"
     if engine in ("batched", "structured"):

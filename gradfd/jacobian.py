@@ -472,7 +472,8 @@ def _term_sizes(x: torch.Tensor) -> torch.Tensor:
 
 def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
                     out_eps: torch.Tensor, outputs: torch.Tensor, n_outputs: int,
-                    noise: torch.Tensor | None, magnitude: torch.Tensor | None = None) -> tuple[_Columns, torch.Tensor]:
+                    noise: torch.Tensor | None, magnitude: torch.Tensor | None = None,
+                    reliable_eps: torch.Tensor | None = None) -> tuple[_Columns, torch.Tensor]:
     """Numerical Jacobian entries with error estimates, for ``n`` (input column, output entry) pairs.
 
     Args:
@@ -487,6 +488,9 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
             magnitude)``.
         magnitude: ``(n_outputs,)`` size of the terms each output sums (``sum_i |J_oi x_i|``): an output that is a
             sum with cancellation rounds like its terms, not like its value.
+        reliable_eps: ``(n,)`` the model's epsilon where the median is reliable (``RELIABLE_MEDIAN`` draws or
+            more); default ``out_eps / 4``. A loss whose reduction was taken in float64 passes float64's: its rounding
+            is what the fourth differences measure, far below ``eps * |loss|`` of its dtype.
 
     Returns:
         ``(entries, noise)`` with ``(n,)`` tensors and the ``(n_outputs,)`` noise.
@@ -507,9 +511,10 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
         kink = (values[i_p] - 2 * base + values[i_m]).abs() / h
     if noise is None:
         model = torch.zeros(n_outputs, dtype=torch.float64, device=values.device)
-        model[outputs] = out_eps * base.abs()
-        if magnitude is not None:
-            model[outputs] = out_eps * (base.abs() + magnitude[outputs])
+        trusted = torch.zeros(n_outputs, dtype=torch.float64, device=values.device)
+        size = base.abs() + (magnitude[outputs] if magnitude is not None else 0)
+        model[outputs] = out_eps * size
+        trusted[outputs] = (out_eps / 4 if reliable_eps is None else reliable_eps) * size
         if fourth is None:
             noise = model
         else:
@@ -518,7 +523,7 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
             moved_count = torch.bincount(outputs[moved], minlength=n_outputs)
             measured = measured.nan_to_num(0.0) * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
             reliable = moved_count >= accuracy.RELIABLE_MEDIAN
-            noise = torch.maximum(torch.where(reliable, model / 4, model), measured)
+            noise = torch.maximum(torch.where(reliable, trusted, model), measured)
     rounding = accuracy.ROUNDING_SAFETY * noise[outputs] * stencil.weight_norm / h
     truncation = spread if spread is not None else torch.zeros_like(numerical)
     nan = torch.full_like(numerical, math.nan)
@@ -680,7 +685,7 @@ def check_coordinates(
                 sel = g_pairs == j
                 scales[j] = float(ana_pairs[sel].abs().max()) if bool(sel.any()) else 0.0
         est, noise = entry_estimates(vals, disp_pairs, base_values[oo], stencil, out_eps[oo], oo, size, None,
-                                     magnitude)
+                                     magnitude, reliable_eps[oo] if reliable_eps is not None else None)
         # each chunk measures its own noise; the refinement rounds use the largest seen per output entry
         state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
         e = _Entries((start + jj) * size + oo, est.numerical, ana_pairs, est.error, est.rounding, est.kink,
@@ -737,6 +742,8 @@ def check_coordinates(
                                   skip_outputs=analytical.nondifferentiable)
     problem.rng.close()
     set_base(problem.base_loss.to(torch.float64).reshape(-1))
+    # a loss reduced in float64 (gradfd.reductions): its measured noise is trusted down to float64's rounding
+    reliable_eps = torch.full_like(out_eps, stencils.eps(torch.float64)) if problem.reduce64 else None
     redo = dict(h=h, stencil=stencil, engine=engine, batching=batching, chunk_size=user_chunk,
                 memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode, progress=progress)
     sparse = None
