@@ -294,8 +294,8 @@ def kernel_roofline(device: str, size: int) -> dict:
 
 
 def float32_accuracy(seeds: int = 5) -> list[dict]:
-    """Structured (changed terms summed in float64) vs generic (the float32 loss) on float32 models, against the
-    float64 derivative at the same float32 point; automatic steps."""
+    """Structured (changed terms summed in float64) vs generic (the float32 function, its loss reduced in float64) on
+    float32 models, against the float64 derivative at the same float32 point; automatic steps."""
     rows = []
     for stencil in ("central", "four_point"):
         for name in ("linear regression (d=200)", "linear layer MSE (64x64)", "MLP tanh MSE, W1",
@@ -427,8 +427,8 @@ def main() -> None:
         sections += ["", "**float32 accuracy** (5 draws each; error of the numerical gradient of a float32 function "
                      "against the float64 derivative at the same float32 point; automatic steps). The structured "
                      "engine evaluates every perturbed value in float32 like the function, but sums only the changed "
-                     "terms, in "
-                     "float64; the generic engine differences the float32 losses.", "", accuracy_table(acc)]
+                     "terms, in float64; the generic engine evaluates the whole float32 function and takes its loss's "
+                     "reduction in float64 (gradfd/reductions.py).", "", accuracy_table(acc)]
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "structured-cpu.json").write_text(json.dumps(
             {"machine": info, "bar": r, "scaling": rows, "float32": acc}, indent=2, default=str))

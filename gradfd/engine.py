@@ -1163,7 +1163,8 @@ def numerical_gradient(
             its inputs in place.
         params: tuple or list of tensors, all on one device. Never modified; ``func`` gets private copies.
         param_idx: which of ``params`` to differentiate; a floating tensor (float64/32/16, bfloat16) of any
-            shape. Its dtype is the evaluation dtype; differences are taken in float64.
+            shape. Its dtype is the evaluation dtype; differences are taken in float64, and so are a
+            low-precision loss's full reductions when that reproduces ``func``'s loss (:mod:`gradfd.reductions`).
         h: absolute step (default ``1e-5``, the reference's), or None for the automatic per-element step
             ``~eps**(1/(order+1)) * max(1, |x|)``.
         engine: ``"auto"`` (default: the structured engine when it applies to a large enough problem, else measures

@@ -574,7 +574,7 @@ def check_coordinates(
     engine choices, the hypothesised patterns of :class:`_ColoredPass` are tried first, from ``_PATTERNS[colored]``
     on (``colored=None``: exact columns only); ``notes`` are carried into the report's details.
     """
-    from .check import FLOOR_EPS, _Entries, _verdicts, refine
+    from .check import FLOOR_EPS, _Entries, _verdicts, refine, second_look
 
     spec = analytical.spec
     p = params[k]
@@ -706,7 +706,7 @@ def check_coordinates(
             verdict_all[start + jj, oo] = verdict
         for j in range(len(spec.kept)):
             agg[j]["agree"] += c * spec.numels[j] - int((g_pairs == j).sum())  # the pairs not judged
-        good = verdict == AGREE
+        good = (verdict == AGREE) & ~second_look(e, verdict, tol)  # (the others are refined before they count)
         if bool(good.any()):
             diff = (e.numerical - e.analytical).abs()
             sc = torch.tensor([s if s is not None else 0.0 for s in scales], dtype=torch.float64,

@@ -84,6 +84,21 @@ def test_a_single_entry_off_by_1e_3_is_flagged_and_located_in_float32(seed, buil
     assert flagged >= 8, f"flagged {flagged} of 10"
 
 
+def test_an_error_inside_a_generous_truncation_estimate_gets_a_second_look(seed):
+    # sin(2x) in float32: at the automatic step the 4-point stencil's error estimate (the central difference's
+    # error) is ~7e-4 of the largest entry, so a planted 1e-3 error there agreed in 8 of 40 draws before agreeing
+    # entries that use most of their tolerance were evaluated again at a 4x smaller step (40 of 40 caught since)
+    func = lambda x: torch.sin(2 * x).sum()  # noqa: E731
+    for _ in range(10):
+        x = torch.randn(16)
+        i = int(torch.cos(2 * x).abs().argmax())
+        scale = torch.ones(16)
+        scale[i] = 1 + 1e-3
+        report = gradfd.check(planted(func, 0, scale), _leaf(x), raise_on_failure=False)
+        assert not report.passed and report.tensors[0].disagreeing() == [(i,)]
+        assert gradfd.check(func, _leaf(x)).passed
+
+
 @pytest.mark.parametrize("mode", ["full", "sample", "directional"])
 @pytest.mark.parametrize("bug", ["sign", "factor2"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
