@@ -133,9 +133,8 @@ def test_stacking_keeps_the_loss_as_written_and_agrees(seed):
     assert report.passed and report.tensors[0].details["batching"] == "stack"
 
 
-def test_a_planted_error_is_still_caught_in_float32(seed):
-    # 1e-3 relative on the largest entry of a tanh layer's weight (25 of 25 seeds caught when written)
-    dtype, factor = torch.float32, 1.001
+def _planted_layer_is_flagged(dtype=torch.float32, factor=1.001) -> bool:
+    """A 1e-3 relative error on the largest entry of a tanh layer's weight (MSE over 64 samples): flagged there?"""
     w = torch.randn(40, 3).to(dtype).requires_grad_()
     X = (torch.randn(64, 40) / 40**0.5).to(dtype)
     y = torch.randn(64, 3).to(dtype)
@@ -161,6 +160,13 @@ def test_a_planted_error_is_still_caught_in_float32(seed):
             return g
 
     report = gradfd.check(lambda w: f0(Planted.apply(w)), (w,), raise_on_failure=False)
-    assert not report.passed
-    assert report.tensors[0].worst_index == where
-    assert report.tensors[0].disagree == 1
+    t = report.tensors[0]
+    return not report.passed and t.worst_index == where and t.disagree == 1
+
+
+def test_a_planted_error_is_still_caught_in_float32(seed):
+    # statistical in float32 (the error is a few standard deviations of the loss's rounding at the automatic step):
+    # 191 of 200 draws when written; asserted on 10 fresh draws, like test_check.py's float32 detection tests
+    # (>= 7: a chance failure is below 1e-3 at that rate)
+    flagged = sum(_planted_layer_is_flagged() for _ in range(10))
+    assert flagged >= 7, f"flagged {flagged} of 10"
