@@ -335,7 +335,10 @@ def test_shared_test_functions_run_structured_or_are_refused(seed, name):
 
 
 @pytest.mark.parametrize("name", ["linear regression", "linear layer mse", "mlp tanh mse", "softmax regression"])
-def test_float32_is_at_least_as_accurate_as_the_generic_engine(seed, name):
+def test_float32_is_as_accurate_as_the_generic_engine(seed, name):
+    # Both sum in float64 now (the structured engine the changed terms, the generic engine the whole loss:
+    # gradfd/reductions.py), so neither is reliably the better: over 80 draws the structured error was at most
+    # 4.1x the generic one and at most 8.5e-5 of the largest entry; float32 sums gave 1.4e-4 .. 7e-4.
     func, params = _models("cpu", torch.float32)[name]
     exact_params = tuple(p.double() for p in params)
 
@@ -347,7 +350,7 @@ def test_float32_is_at_least_as_accurate_as_the_generic_engine(seed, name):
     (exact,) = torch.autograd.grad(_as_float64(func)(*p64), p64[0])
     got = gradfd.numerical_gradient(func, params, 0, h=None, engine="structured")
     generic = gradfd.numerical_gradient(func, params, 0, h=None, engine="batched")
-    assert _rel(got, exact) <= max(2 * _rel(generic, exact), 1e-5)
+    assert _rel(got, exact) <= max(2 * _rel(generic, exact), 1.5e-4)
 
 
 def _as_float64(func):
