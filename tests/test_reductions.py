@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import ALL_DEVICES, assert_unchanged, snapshot
 
 import gradfd
-from gradfd import engine, reductions
+from gradfd import bench, engine, reductions
 
 LOW = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -141,25 +141,9 @@ def _planted_layer_is_flagged(dtype=torch.float32, factor=1.001) -> bool:
     f0 = lambda w: F.mse_loss(torch.tanh(X @ w), y)  # noqa: E731
     (g,) = torch.autograd.grad(f0(w), w)
     where = divmod(int(g.abs().argmax()), 3)
-
-    class Planted(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(w):
-            return w.clone()
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, g):
-            g = g.clone()
-            g[where] *= factor
-            return g
-
-    report = gradfd.check(lambda w: f0(Planted.apply(w)), (w,), raise_on_failure=False)
+    scale = torch.ones(40, 3, dtype=dtype)
+    scale[where] = factor
+    report = gradfd.check(bench.plant(f0, 0, scale), (w,), raise_on_failure=False)
     t = report.tensors[0]
     return not report.passed and t.worst_index == where and t.disagree == 1
 
