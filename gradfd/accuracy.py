@@ -30,9 +30,18 @@ import torch
 from .engine import Evaluation
 from .stencils import eps
 
-__all__ = ["EntryEstimates", "estimate_entries", "loss_noise", "loss_noise_from", "ROUNDING_SAFETY", "NOISE_FROM_FOURTH_DIFFERENCE"]
+__all__ = ["EntryEstimates", "estimate_entries", "loss_noise", "loss_noise_from", "noise_median",
+           "segment_quantile", "ROUNDING_SAFETY", "NOISE_FROM_FOURTH_DIFFERENCE"]
 
 RELIABLE_MEDIAN = 8
+# A kinked majority: in a float32 ReLU network most stencils of a first-layer weight straddle a switch (62% of W1
+# in benchmarks' 64-sample 30-20-4 net), whose fourth differences sit 100x above the rounding noise and carry the
+# median with them. Where the median is that far above the bottom cluster, the cluster measures the noise:
+LOW_QUANTILE, LOW_ABS_NORMAL = 0.1, 0.1257  # a start that tolerates 90% outliers: |N(0,1)|'s 10th percentile ...
+MEDIAN_ABS_NORMAL = 0.6745  # ... and median
+CLIP = 6.0  # sigma clipping: keep draws within CLIP medians (~4 standard deviations) of the noise
+CLUSTER_MIN = 5  # ... of at least this many draws, of RELIABLE_MEDIAN or more in all
+SEPARATION = 16.0  # use the clipped median only when the median of all draws is this many times larger
 ROUNDING_SAFETY = 3.0  # sigma multiples: the rounding part bounds ~99.7% of Gaussian-like noise
 # |4th difference| of i.i.d. noise sigma has spread sqrt(1+16+36+16+1) = sqrt(70) sigma; median|N(0,1)| = 0.6745
 NOISE_FROM_FOURTH_DIFFERENCE = 1.0 / (math.sqrt(70.0) * 0.6745)
@@ -77,7 +86,7 @@ def _fourth_difference(ev: Evaluation) -> torch.Tensor | None:
 def loss_noise(dtype: torch.dtype, base_loss: float, fourth: torch.Tensor | None) -> float:
     """Standard deviation of the rounding noise of one loss evaluation.
 
-    Measured from the fourth differences (robustly: their median absolute value), but never below a quarter of
+    Measured from the fourth differences (robustly: their median absolute value, see :func:`noise_median`), but never below a quarter of
     ``eps * |f(x)|``, or below ``eps * |f(x)|`` itself when there are fewer than ``RELIABLE_MEDIAN`` of them (a
     median of a few draws can sit far below the spread); ``eps * |f(x)|`` (the rounding of the loss itself) when
     there are none.
@@ -85,11 +94,57 @@ def loss_noise(dtype: torch.dtype, base_loss: float, fourth: torch.Tensor | None
     return loss_noise_from(eps(dtype) * abs(base_loss), fourth)
 
 
+def segment_quantile(values: torch.Tensor, segments: torch.Tensor, count: int, q: float) -> torch.Tensor:
+    """``(count,)``: the lower ``q``-quantile of ``values`` within each segment id (``0 <= segments < count``), NaN
+    for empty segments. ``q = 0.5`` is the lower median."""
+    out = torch.full((count,), math.nan, dtype=values.dtype, device=values.device)
+    if values.numel() == 0:
+        return out
+    order = torch.argsort(values)
+    v, s = values[order], segments[order]
+    order = torch.argsort(s, stable=True)
+    v, s = v[order], s[order]
+    counts = torch.bincount(s, minlength=count)
+    starts = torch.cumsum(counts, 0) - counts
+    at = (starts + ((counts - 1).clamp(min=0) * q).long()).clamp(max=v.numel() - 1)
+    return torch.where(counts > 0, v[at], out)
+
+
+def noise_median(values: torch.Tensor, segments: torch.Tensor | None = None, count: int = 1) -> torch.Tensor:
+    """``(count,)``: the median of ``|fourth differences|`` that rounding noise gives, per segment (output entry).
+
+    The plain (lower) median of ``values``, except where a segment holds ``RELIABLE_MEDIAN`` draws or more and most
+    of them are outliers far above a bottom cluster -- kinks inside the stencils. There the median of the cluster
+    is taken: sigma clipping at ``CLIP`` medians, started from the 10th percentile (which stays in the cluster while
+    it holds 10% of the draws), and used when the cluster holds ``CLUSTER_MIN`` draws, its median is positive and
+    the plain median is ``SEPARATION`` times larger. Gaussian noise keeps the plain median in all but 0.14% of
+    segments (0.005% from 32 draws), and those estimates are not lower than the plain median's own scatter allows:
+    the chance of halving the noise is 3.8% either way at 16 draws (simulated). Fourth differences of a smooth
+    function spread over less than three decades keep the plain median too.
+
+    Args:
+        values: ``(n,)`` float64 absolute fourth differences.
+        segments: ``(n,)`` int64 segment of each value; None: one segment.
+        count: number of segments.
+    """
+    if segments is None:
+        segments = torch.zeros(values.numel(), dtype=torch.int64, device=values.device)
+    median = segment_quantile(values, segments, count, 0.5)
+    clipped = segment_quantile(values, segments, count, LOW_QUANTILE) * (MEDIAN_ABS_NORMAL / LOW_ABS_NORMAL)
+    for _ in range(3):
+        keep = values <= CLIP * clipped[segments]
+        clipped = segment_quantile(values[keep], segments[keep], count, 0.5)
+    cluster = torch.bincount(segments[keep], minlength=count)
+    many = (torch.bincount(segments, minlength=count) >= RELIABLE_MEDIAN) & (cluster >= CLUSTER_MIN)
+    # (a cluster of exact zeros is no noise measurement: rounding to a few ulps gives many zero differences)
+    return torch.where(many & (clipped > 0) & (SEPARATION * clipped < median), clipped, median)
+
+
 def loss_noise_from(model: float, fourth: torch.Tensor | None) -> float:
     """:func:`loss_noise` with the model noise ``eps * |f(x)|`` given directly."""
     if fourth is None or fourth.numel() == 0:
         return model
-    measured = float(fourth.abs().median()) * NOISE_FROM_FOURTH_DIFFERENCE
+    measured = float(noise_median(fourth.abs().to(torch.float64))[0]) * NOISE_FROM_FOURTH_DIFFERENCE
     if fourth.numel() < RELIABLE_MEDIAN:  # a median of a few draws can sit far below the spread
         return max(model, measured)
     return max(model / 4, measured)

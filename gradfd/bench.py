@@ -245,14 +245,14 @@ def smooth_suite(seed: int) -> dict:
     }
 
 
-def relu_mlp(seed: int):
-    """A ReLU MLP loss (64 samples, 30 -> 20 -> 4) with its parameters, float64."""
+def relu_mlp(seed: int, n: int = 64, d: int = 30, k: int = 20, c: int = 4):
+    """A ReLU MLP loss (n samples, d -> k -> c; default 64 samples, 30 -> 20 -> 4) with its parameters, float64."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(64, 30, generator=g, dtype=torch.float64)
-    Y = torch.randn(64, 4, generator=g, dtype=torch.float64)
-    W1 = torch.randn(30, 20, generator=g, dtype=torch.float64) / 5
-    b1 = 0.1 * torch.randn(20, generator=g, dtype=torch.float64)
-    W2 = torch.randn(20, 4, generator=g, dtype=torch.float64) / 4
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    W1 = torch.randn(d, k, generator=g, dtype=torch.float64) / round(d**0.5)
+    b1 = 0.1 * torch.randn(k, generator=g, dtype=torch.float64)
+    W2 = torch.randn(k, c, generator=g, dtype=torch.float64) / round(k**0.5)
     return (lambda W1, b1, W2: ((torch.relu(X.to(W1.dtype) @ W1 + b1) @ W2 - Y.to(W1.dtype)) ** 2).mean(),
             (W1, b1, W2))
 
@@ -365,9 +365,24 @@ def plant(func, k: int, scale: torch.Tensor):
     return wrapped
 
 
+def _caught(func, params, k: int, dtype: torch.dtype) -> bool:
+    """Whether ``check`` flags a 1e-3 relative error planted on the largest-gradient entry of ``params[k]``, and
+    only there."""
+    from .check import check
+
+    p = params[k]
+    i = int(_exact_gradient(func, params, k).abs().argmax())
+    scale = torch.ones(p.numel(), dtype=dtype)
+    scale[i] = 1 + 1e-3
+    t = check(plant(func, k, scale.reshape(p.shape)), params, wrt=k, raise_on_failure=False).tensors[0]
+    return t.disagree == 1 and t.disagreeing(1)[0] == (tuple(torch.unravel_index(torch.tensor(i), p.shape))
+                                                         if p.dim() else ())
+
+
 def verdict_table(seeds: int = 20) -> list[dict]:
     """False failures of ``gradfd.check`` on correct gradients and detection of a planted 1e-3 relative error on the
-    largest-gradient entry of each tensor (smooth suite); false failures on ReLU MLPs."""
+    largest-gradient entry of each tensor (smooth suite); false failures on ReLU MLPs (64 samples, 30-20-4, and
+    256 samples, 64-32-10) and detection of the planted error on the first layer of the smaller one."""
     from .check import check
 
     rows = []
@@ -378,21 +393,21 @@ def verdict_table(seeds: int = 20) -> list[dict]:
                 params = tuple(p.to(dtype).requires_grad_() for p in params)
                 checks += 1
                 false_fail += not check(func, params, raise_on_failure=False).passed
-                for k, p in enumerate(params):
-                    i = int(_exact_gradient(func, params, k).abs().argmax())
-                    scale = torch.ones(p.numel(), dtype=dtype)
-                    scale[i] = 1 + 1e-3
-                    t = check(plant(func, k, scale.reshape(p.shape)), params, wrt=k, raise_on_failure=False).tensors[0]
+                for k in range(len(params)):
                     planted += 1
-                    caught += t.disagree == 1 and t.disagreeing(1)[0] == (tuple(torch.unravel_index(
-                        torch.tensor(i), p.shape)) if p.dim() else ())
-        relu_fail = 0
+                    caught += _caught(func, params, k, dtype)
+        relu_fail = relu_big_fail = relu_caught = 0
         for seed in range(seeds):
             func, params = relu_mlp(seed)
-            relu_fail += not check(func, tuple(p.to(dtype).requires_grad_() for p in params),
-                                   raise_on_failure=False).passed
+            params = tuple(p.to(dtype).requires_grad_() for p in params)
+            relu_fail += not check(func, params, raise_on_failure=False).passed
+            relu_caught += _caught(func, params, 0, dtype)
+            big, big_params = relu_mlp(seed, 256, 64, 32, 10)
+            relu_big_fail += not check(big, tuple(p.to(dtype).requires_grad_() for p in big_params),
+                                       raise_on_failure=False).passed
         rows.append({"dtype": str(dtype).replace("torch.", ""), "false_failures": false_fail, "checks": checks,
                      "planted_caught": caught, "planted": planted, "relu_false_failures": relu_fail,
+                     "relu_big_false_failures": relu_big_fail, "relu_planted_caught": relu_caught,
                      "relu_checks": seeds})
     return rows
 

@@ -163,7 +163,15 @@ class Analytical:
             return None
         lo = self.spec.offsets[group]
         block = self._dense[k][:, lo:lo + self.spec.numels[group]]
-        return float(block.abs().max()) if block.numel() else 0.0
+        return _largest(block)
+
+
+def _largest(t: torch.Tensor) -> float:
+    """The largest finite ``|t|`` (0.0 if none): the scale of a Jacobian block, whose NaN entries (a NaN from the
+    backward) are judged on their own and must not make every tolerance NaN."""
+    a = t.abs()
+    a = a[torch.isfinite(a)]
+    return float(a.max()) if a.numel() else 0.0
 
 
 def _depends_on_inputs(func: Callable, clones: Sequence[torch.Tensor], k: int) -> bool:
@@ -238,6 +246,10 @@ class _Compressed:
 
 _COLORED_SAVING = 4  # the colored pass runs when it needs at most 1/4 of the exact columns' evaluations
 _JUDGED_PAIRS = 1 << 20  # pattern entries estimated and judged per block
+NOISE_PROBE = 256  # the noise probe's steps are this many times smaller than the first round's ...
+NOISE_PROBE_COLUMNS = 32  # ... on this many columns (a seeded random choice)
+_PROBE_SEED = 7
+PROBE_ZEROS = 0.1  # the probe's fourth differences of an output may be exactly zero for this fraction at most
 _PATTERNS = (0, 1)  # the hypothesised patterns, in order: elementwise/broadcast, row-wise (see _pattern)
 
 
@@ -448,21 +460,6 @@ class _Columns:
     finite: torch.Tensor
 
 
-def _segment_median(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
-    """``(count,)``: the (lower) median of ``values`` within each segment id, NaN for empty segments."""
-    out = torch.full((count,), math.nan, dtype=values.dtype, device=values.device)
-    if values.numel() == 0:
-        return out
-    order = torch.argsort(values)
-    v, s = values[order], segments[order]
-    order = torch.argsort(s, stable=True)
-    v, s = v[order], s[order]
-    counts = torch.bincount(s, minlength=count)
-    starts = torch.cumsum(counts, 0) - counts
-    mid = (starts + (counts - 1).clamp(min=0) // 2).clamp(max=v.numel() - 1)
-    return torch.where(counts > 0, v[mid], out)
-
-
 def _term_sizes(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` in float64 for the noise model's ``sum_i |J_oi x_i|``, with non-finite inputs (an ``-inf`` mask
     entry, whose derivative is 0) left out rather than turning the sum into NaN."""
@@ -484,7 +481,7 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
         out_eps: ``(n,)`` machine epsilon of each output's dtype.
         outputs: ``(n,)`` int64 output entry of each pair; ``n_outputs`` their number.
         noise: ``(n_outputs,)`` loss-noise per output entry to use, or None to measure it here: the median of the
-            fourth differences over the pairs that moved each output, never below the model ``eps * (|f| +
+            fourth differences over the pairs that moved each output (:func:`~gradfd.accuracy.noise_median`), never below the model ``eps * (|f| +
             magnitude)``.
         magnitude: ``(n_outputs,)`` size of the terms each output sums (``sum_i |J_oi x_i|``): an output that is a
             sum with cancellation rounds like its terms, not like its value.
@@ -519,7 +516,7 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
             noise = model
         else:
             moved = finite & (values != base).any(dim=0)
-            measured = _segment_median(fourth.abs()[moved], outputs[moved], n_outputs)
+            measured = accuracy.noise_median(fourth.abs()[moved], outputs[moved], n_outputs)
             moved_count = torch.bincount(outputs[moved], minlength=n_outputs)
             measured = measured.nan_to_num(0.0) * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
             reliable = moved_count >= accuracy.RELIABLE_MEDIAN
@@ -530,6 +527,50 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
     entries = _Columns(torch.where(finite, numerical, nan), torch.where(finite, truncation + rounding, nan), rounding,
                        torch.where(finite, kink, nan), finite)
     return entries, noise
+
+
+def _has_fourth(stencil: stencils.Stencil) -> bool:
+    return all(v in stencil.offsets for v in (1.0, -1.0, 2.0, -2.0))
+
+
+def probe_noise(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
+                out_eps: torch.Tensor, reliable_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss noise of each output measured by the noise probe: fourth differences at steps so small that kinks
+    inside the stencils are rare.
+
+    Args:
+        values: ``(S, c, O)`` float64 outputs at the stencil's nodes around ``c`` probe columns.
+        displacement: ``(S, c)`` float64 realised steps of the nodes.
+        base, out_eps, reliable_eps: ``(O,)`` as in :func:`entry_estimates` (per output entry).
+
+    Returns:
+        ``(noise, draws)``: ``(O,)`` float64 noise (as :func:`entry_estimates` measures it) and ``(O,)`` int64 number
+        of columns that moved each output (0 where the probe measured a rounding pattern: see below). Columns whose
+        realised nodes are off the stencil's grid by more than
+        1e-3 of a step (a step of a few ulps of its input) are left out: their fourth difference is no noise.
+    """
+    s_, c, o = values.shape
+    p1, m1 = stencil.offsets.index(1.0), stencil.offsets.index(-1.0)
+    unit = (displacement[p1] - displacement[m1]) / 2  # (c,)
+    offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=values.device).view(-1, 1)
+    on_grid = (unit != 0) & ((displacement - offsets * unit).abs() <= 1e-3 * unit.abs()).all(dim=0)
+    values, displacement = values[:, on_grid], displacement[:, on_grid]
+    c = values.shape[1]
+    outputs = torch.arange(o, device=values.device).repeat(c)
+    flat = values.reshape(s_, c * o)
+    pair_base = base.repeat(c)
+    _, noise = entry_estimates(flat, displacement.repeat_interleave(o, dim=1), pair_base, stencil, out_eps.repeat(c),
+                               outputs, o, None, None, reliable_eps.repeat(c) if reliable_eps is not None else None)
+    moved = torch.isfinite(flat).all(dim=0) & (flat != pair_base).any(dim=0)
+    draws = torch.bincount(outputs[moved], minlength=o)
+    # a fourth difference of exactly zero is a rounding pattern, not noise: at steps of a few thousand ulps the
+    # roundings of a polynomial (x**3 + x**2, elementwise) follow the nodes regularly, and half of them cancel
+    # exactly; an output with more than PROBE_ZEROS of them is not measured by the probe
+    offs = stencil.offsets
+    fourth = (flat[offs.index(2.0)] - 4 * flat[offs.index(1.0)] + 6 * pair_base - 4 * flat[offs.index(-1.0)]
+              + flat[offs.index(-2.0)])
+    zeros = torch.bincount(outputs[moved & (fourth == 0)], minlength=o)
+    return noise, torch.where(zeros > PROBE_ZEROS * draws, torch.zeros_like(draws), draws)
 
 
 def column_entries(values: torch.Tensor, displacement: torch.Tensor, base: torch.Tensor, stencil: stencils.Stencil,
@@ -599,7 +640,7 @@ def check_coordinates(
         # (a coordinate's nodes hold S x (outputs + a few activations of them) float64 values)
         per_coordinate = len(stencil.offsets) * 8 * (4 * size + n)
         chunk_size = max(1, min(max(64, -(-m // 16)), analytical.budget // per_coordinate))
-    state: dict = {"noise": None, "details": {}, "fallback": False,
+    state: dict = {"noise": None, "probe": None, "probe_noted": False, "details": {}, "fallback": False,
                    "compressed": _Compressed(analytical, k) if compress and not analytical.scalar and size >= 16
                    else None}
     store = {name: torch.empty(m, size, dtype=torch.float64, device=p.device) if keep_all else None
@@ -629,13 +670,32 @@ def check_coordinates(
         ev = _engine.evaluate(func, params, k, steps=base_steps[cols] / factor, stencil=stencil, coords=cols,
                               engine=engine, batching=batching, chunk_size=chunk_size, memory_budget=memory_budget,
                               problem=problem, sink=sink, progress=progress if report else None)
-        if not state["details"]:
+        if report:  # the first round's engine choices (not the probe's or the refinement's)
             state["details"] = {"engine": ev.engine, "batching": ev.batching, "chunk_size": ev.chunk_size,
                                 "notes": list(ev.notes)}
 
     base_values = None
 
+    pending: list = []
+
     def first_round(start, stop, values, disp):
+        """Judge a chunk of the first round; chunks of fewer than RELIABLE_MEDIAN columns (the engine's timing probe
+        evaluates 2 and 4) wait for the next, so that the noise is measured on enough columns."""
+        if pending and pending[-1][1] != start:
+            flush()
+        pending.append((start, stop, values, disp))
+        if stop - pending[0][0] >= accuracy.RELIABLE_MEDIAN or stop >= m:
+            flush()
+
+    def flush():
+        if pending:
+            start, stop = pending[0][0], pending[-1][1]
+            values = torch.cat([v for _, _, v, _ in pending], dim=1)
+            disp = torch.cat([d for _, _, _, d in pending], dim=1)
+            pending.clear()
+            judge_chunk(start, stop, values, disp)
+
+    def judge_chunk(start, stop, values, disp):
         if state["fallback"]:
             return  # the tensor will be redone with exact rows
         cols = coords[start:stop]
@@ -659,7 +719,7 @@ def check_coordinates(
         for j in range(len(spec.kept)):  # a chunk-local scale where the Jacobian is not held densely
             if scales[j] is None:
                 sel = group == j
-                scales[j] = float(ana[:, sel].abs().max()) if ana[:, sel].numel() else 0.0
+                scales[j] = _largest(ana[:, sel])
         # Pairs whose output no node moved (exactly) and whose analytical entry is exactly zero agree with zero
         # error: most of a Jacobian, for elementwise and row-wise ops. Only the others are estimated and judged.
         active = (moved if comp is not None else (values != base_values).any(dim=0)) | (ana != 0)
@@ -683,10 +743,18 @@ def check_coordinates(
         for j in range(len(spec.kept)):  # a chunk-local scale where the Jacobian is not held densely
             if scales[j] is None:
                 sel = g_pairs == j
-                scales[j] = float(ana_pairs[sel].abs().max()) if bool(sel.any()) else 0.0
+                scales[j] = _largest(ana_pairs[sel])
         est, noise = entry_estimates(vals, disp_pairs, base_values[oo], stencil, out_eps[oo], oo, size, None,
                                      magnitude, reliable_eps[oo] if reliable_eps is not None else None)
-        # each chunk measures its own noise; the refinement rounds use the largest seen per output entry
+        if state["probe"] is not None:  # a chunk's measurement far above the probe's measured kinks (see probe)
+            probed, draws = state["probe"]
+            measured = torch.bincount(oo, minlength=size) >= accuracy.RELIABLE_MEDIAN
+            kinked = measured & (draws >= accuracy.RELIABLE_MEDIAN) & (noise > accuracy.SEPARATION * probed)
+            if bool(kinked.any()):
+                note_probe(float(probed[kinked].max()), float(noise[kinked].max()))
+                noise = torch.where(kinked, probed, noise)
+                est, _ = entry_estimates(vals, disp_pairs, base_values[oo], stencil, out_eps[oo], oo, size, noise)
+        # each chunk measures its own noise (the largest seen per output entry is kept: see the refinement)
         state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
         e = _Entries((start + jj) * size + oo, est.numerical, ana_pairs, est.error, est.rounding, est.kink,
                      est.finite)
@@ -730,8 +798,31 @@ def check_coordinates(
         half_step = (disp_pairs[0] - disp_pairs[1]).abs() / 2  # the realised h of each pair's smallest level
         # the noise of an output measured from fewer pairs than a reliable median takes: judged again at the end
         few = torch.bincount(oo, minlength=size)[oo] < accuracy.RELIABLE_MEDIAN
-        return ((e.take(bad), verdict[bad], tol[bad], nonsmooth[bad], torch.where(few, half_step, 0.0)[bad])
+        return ((e.take(bad), verdict[bad], tol[bad], nonsmooth[bad], half_step[bad], few[bad])
                 if bad.numel() else None)
+
+    def probe():
+        """The noise probe's ``(noise, draws)`` per output (:func:`probe_noise`), measured once: fourth differences
+        at steps NOISE_PROBE times smaller on NOISE_PROBE_COLUMNS columns, where kinks inside the stencils are
+        rare. A kinked majority (a float32 ReLU network: most first-round stencils of a weight straddle a switch)
+        carries a chunk's measured noise far above the rounding, which widens its tolerances and blinds the kink
+        tests; where that is SEPARATION times the probe's, the probe's is used. None without fourth differences."""
+        if state["probe"] is None and _has_fourth(stencil):
+            gen = torch.Generator().manual_seed(_PROBE_SEED)
+            pick = torch.randperm(m, generator=gen)[:NOISE_PROBE_COLUMNS].sort().values.to(coords.device)
+            parts: list = []
+            evaluate_columns(coords[pick], float(NOISE_PROBE), lambda a, b, v, d: parts.append((v, d)))
+            state["probe"] = probe_noise(torch.cat([v for v, _ in parts], dim=1), torch.cat([d for _, d in parts], 1),
+                                         base_values, stencil, out_eps, reliable_eps)
+            state["probe_columns"] = int(pick.numel())
+        return state["probe"]
+
+    def note_probe(probed: float, first: float) -> None:
+        if not state["probe_noted"]:
+            state["probe_noted"] = True
+            state["probe_note"] = (f"rounding noise measured at 1/{NOISE_PROBE} of the steps on "
+                                   f"{state['probe_columns']} columns: {probed:.2g}, where the stencils of the first "
+                                   f"round measured up to {first:.2g} (kinks inside most stencils)")
 
     def set_base(problem_base):
         nonlocal base_values
@@ -764,7 +855,10 @@ def check_coordinates(
         state["details"] = {"engine": "colored", "batching": sparse.batching, "chunk_size": None,
                             "notes": [sparse.describe()]}
     else:
+        if analytical.scalar and m >= accuracy.RELIABLE_MEDIAN:
+            probe()  # before the first round: a loss's chunks are judged with it (a vector function's, if flagged)
         evaluate_columns(coords, 1.0, first_round, report=True)
+        flush()
         if state["fallback"]:
             return check_coordinates(func, params, k, analytical, coords, compress=False, colored=None,
                                      notes=notes, **redo)
@@ -776,17 +870,48 @@ def check_coordinates(
         verdict = torch.cat([f[1] for f in flagged])
         tol = torch.cat([f[2] for f in flagged])
         nonsmooth = torch.cat([f[3] for f in flagged])
-        # Each chunk was judged with the noise its own columns measured; a chunk of a few columns (one step size
-        # of several) has a median of a few draws, which can sit well below the noise. Judge the entries flagged
-        # that way again with the largest noise seen per output, as the refinement rounds do (matrix_exp: 4
-        # columns of 25 measured 1.5e-13 where all 25 measure 5.4e-13, and a correct entry failed at 1.6x its
-        # tolerance).
-        half_step = torch.cat([f[4] for f in flagged])  # 0 where the chunk's median was reliable
-        pooled = (accuracy.ROUNDING_SAFETY * state["noise"][e.index % size] * stencil.weight_norm
-                  / half_step.clamp(min=1e-300))
-        more = torch.where(e.finite & (half_step > 0), (pooled - e.rounding).clamp(min=0), torch.zeros_like(pooled))
-        e.rounding, e.error = e.rounding + more, e.error + more
-        verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, e.index % size))
+        half_step = torch.cat([f[4] for f in flagged])  # the realised h of each entry's smallest level
+        few = torch.cat([f[5] for f in flagged])
+        outs = e.index % size
+        # The noise each entry is judged with, from here on: its chunk's, measured on the chunk's columns. A median
+        # of a few draws can sit well below the noise: those entries get at least the largest noise seen for their
+        # output (matrix_exp: 4 columns of 25 measured 1.5e-13 where all 25 measure 5.4e-13, and a correct entry
+        # failed at 1.6x its tolerance).
+        gain = accuracy.ROUNDING_SAFETY * stencil.weight_norm / half_step.clamp(min=1e-300)
+        noise_e = torch.where(few, torch.maximum(e.rounding / gain, state["noise"][outs]), e.rounding / gain)
+        # A kinked majority (a float32 ReLU network: most first-round stencils of a weight straddle a switch)
+        # carries a chunk's measured noise far above the rounding and blinds the kink tests: the noise is measured
+        # again where kinks are rare, at steps NOISE_PROBE times smaller, and replaces a noise SEPARATION times
+        # larger.
+        if probe() is not None:
+            probed, draws = state["probe"]
+            # (only a measured noise: a chunk of a few draws took the model eps * (|f| + its terms), which is no
+            # kink, and which a smooth function's probe can undercut many times -- rounding at steps of a few
+            # thousand ulps follows the nodes regularly: the tanh network's W2 measured 20x less at h/16 than at h)
+            kinked = (~few & (draws[outs] >= accuracy.RELIABLE_MEDIAN)
+                      & (noise_e > accuracy.SEPARATION * probed[outs]))
+            if bool(kinked.any()):
+                note_probe(float(probed[outs[kinked]].max()), float(noise_e[kinked].max()))
+                noise_e = torch.where(kinked, probed[outs], noise_e)
+        # A median is the noise of a typical column; the terms of an elementwise sum round like themselves, and
+        # the largest-gradient entry of x**3 - 2x**2 + x is its noisiest: no entry is judged with less than a
+        # quarter of eps times the size of the terms its input enters, |x_i df/dx_i| (3x**3 for x**3)
+        terms = _term_sizes(flat_x[coords[torch.div(e.index, size, rounding_mode="floor")]]) * e.analytical.abs()
+        noise_e = torch.maximum(noise_e, out_eps[outs] / 4 * torch.where(terms.isfinite(), terms, 0.0))
+        e.rounding, e.error = (torch.where(e.finite, noise_e * gain, e.rounding),
+                               torch.where(e.finite, e.error - e.rounding + noise_e * gain, e.error))
+        verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, outs))
+        order = torch.argsort(e.index)
+        sorted_index = e.index[order]
+
+        def own_noise(pairs: torch.Tensor, entries: _Entries) -> _Entries:
+            """``entries`` (evaluated with the output's pooled noise) with the rounding of each pair's own noise."""
+            pooled = state["noise"][pairs % size]
+            mine = noise_e[order[torch.searchsorted(sorted_index, pairs)]]
+            rounding = torch.where(pooled > 0, entries.rounding * mine / pooled.clamp(min=1e-300), entries.rounding)
+            entries.error = entries.error - entries.rounding + rounding
+            entries.rounding = rounding
+            return entries
 
         def evaluator(pairs: torch.Tensor, factor: float) -> _Entries:
             positions = torch.div(pairs, size, rounding_mode="floor")
@@ -816,7 +941,8 @@ def check_coordinates(
             return _Entries(pairs, num[inverse, outs_], ana_pairs, err[inverse, outs_], rnd[inverse, outs_],
                             knk[inverse, outs_], fin[inverse, outs_])
 
-        e, verdict, tol, refined = refine(e, verdict, tol, nonsmooth, evaluator,
+        e, verdict, tol, refined = refine(e, verdict, tol, nonsmooth,
+                                          lambda pairs, factor: own_noise(pairs, evaluator(pairs, factor)),
                                           lambda entries: floor_of(entries.analytical, entries.index % size))
         if sparse is not None and bool((verdict == DISAGREE).any()):
             # a wrong pattern, or a wrong gradient: an entry of a colored pass may sum in an input outside the
@@ -835,6 +961,8 @@ def check_coordinates(
     if sparse is not None and progress is not None:
         progress(m)
 
+    if state["probe_noted"]:
+        state["details"]["notes"] = state["details"].get("notes", []) + [state["probe_note"]]
     details = {**state["details"], "stencil": stencil.name, "step": "automatic" if h is None else h,
                "refined": refined, "analytical": (f"{sparse.p} colored backward passes" if sparse is not None else
                               f"{state['compressed'].q} colored backward passes" if state["compressed"] is not None
