@@ -806,8 +806,10 @@ def check_coordinates(
         at steps NOISE_PROBE times smaller on NOISE_PROBE_COLUMNS columns, where kinks inside the stencils are
         rare. A kinked majority (a float32 ReLU network: most first-round stencils of a weight straddle a switch)
         carries a chunk's measured noise far above the rounding, which widens its tolerances and blinds the kink
-        tests; where that is SEPARATION times the probe's, the probe's is used. None without fourth differences."""
-        if state["probe"] is None and _has_fourth(stencil):
+        tests; where that is SEPARATION times the probe's, the probe's is used. None without fourth differences,
+        and for tensor-valued functions: an output is moved by few of the probe's columns (one, elementwise), and
+        their fourth differences cost a pass over every output (2x the time of a row-wise softmax's full check)."""
+        if state["probe"] is None and analytical.scalar and _has_fourth(stencil):
             gen = torch.Generator().manual_seed(_PROBE_SEED)
             pick = torch.randperm(m, generator=gen)[:NOISE_PROBE_COLUMNS].sort().values.to(coords.device)
             parts: list = []
@@ -855,8 +857,8 @@ def check_coordinates(
         state["details"] = {"engine": "colored", "batching": sparse.batching, "chunk_size": None,
                             "notes": [sparse.describe()]}
     else:
-        if analytical.scalar and m >= accuracy.RELIABLE_MEDIAN:
-            probe()  # before the first round: a loss's chunks are judged with it (a vector function's, if flagged)
+        if m >= accuracy.RELIABLE_MEDIAN:
+            probe()  # before the first round: a loss's chunks are judged with it
         evaluate_columns(coords, 1.0, first_round, report=True)
         flush()
         if state["fallback"]:
