@@ -216,7 +216,7 @@ def _relu_network(seed: int, n: int = 128, d: int = 16, k: int = 16, c: int = 4)
 
 def test_a_float32_relu_network_passes_though_most_stencils_straddle_a_switch(seed):
     # Kinks in most stencils carried the measured rounding noise ~100x above the rounding, which blinded the kink
-    # tests: 9 of 100 draws of this network failed a correct gradient (7 of 10 with 256 samples, 64-32-10); 0 of
+    # tests: 9 of 100 draws of this network failed a correct gradient (14 of 20 with 256 samples, 64-32-10); 0 of
     # 100 (0 of 20) since the noise is measured on the bottom cluster of the fourth differences, or again at
     # 1/256 of the steps where that is far below
     for draw in range(3):
