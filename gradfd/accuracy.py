@@ -86,10 +86,10 @@ def _fourth_difference(ev: Evaluation) -> torch.Tensor | None:
 def loss_noise(dtype: torch.dtype, base_loss: float, fourth: torch.Tensor | None) -> float:
     """Standard deviation of the rounding noise of one loss evaluation.
 
-    Measured from the fourth differences (robustly: their median absolute value, see :func:`noise_median`), but never below a quarter of
-    ``eps * |f(x)|``, or below ``eps * |f(x)|`` itself when there are fewer than ``RELIABLE_MEDIAN`` of them (a
-    median of a few draws can sit far below the spread); ``eps * |f(x)|`` (the rounding of the loss itself) when
-    there are none.
+    Measured from the fourth differences (robustly: their median absolute value, see :func:`noise_median`), but
+    never below a quarter of ``eps * |f(x)|``, or below ``eps * |f(x)|`` itself when there are fewer than
+    ``RELIABLE_MEDIAN`` of them (a median of a few draws can sit far below the spread); ``eps * |f(x)|`` (the
+    rounding of the loss itself) when there are none.
     """
     return loss_noise_from(eps(dtype) * abs(base_loss), fourth)
 

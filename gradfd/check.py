@@ -287,9 +287,10 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     A first-round disagreement stands when the estimate at the smaller step lies closer to the first estimate than
     to the analytical value (the discrepancy is reproduced) and the smaller stencil shows no kink; otherwise the
     first estimate was disturbed by something inside the larger stencil (a kink), and the smaller step's verdict
-    replaces it. A disagreement first seen in the last round is evaluated once more at a REFINE times smaller step,
-    and is unresolved unless that reproduces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps ``1/factor`` as
-    large. Returns the updated ``(entries, verdict, tolerance, number of re-evaluations)``.
+    replaces it. A disagreement first seen after a kinked step must be reproduced by a step that disagrees on its
+    own; one first seen in the last round is evaluated once more at a REFINE times smaller step, and is unresolved
+    unless that reproduces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps
+    ``1/factor`` as large. Returns the updated ``(entries, verdict, tolerance, number of re-evaluations)``.
     """
     refined = 0
     late = torch.zeros_like(nonsmooth)  # the disagreement was first seen at a step after a kinked one

@@ -481,8 +481,8 @@ def entry_estimates(values: torch.Tensor, displacement: torch.Tensor, base: torc
         out_eps: ``(n,)`` machine epsilon of each output's dtype.
         outputs: ``(n,)`` int64 output entry of each pair; ``n_outputs`` their number.
         noise: ``(n_outputs,)`` loss-noise per output entry to use, or None to measure it here: the median of the
-            fourth differences over the pairs that moved each output (:func:`~gradfd.accuracy.noise_median`), never below the model ``eps * (|f| +
-            magnitude)``.
+            fourth differences over the pairs that moved each output (:func:`~gradfd.accuracy.noise_median`), never
+            below the model ``eps * (|f| + magnitude)``.
         magnitude: ``(n_outputs,)`` size of the terms each output sums (``sum_i |J_oi x_i|``): an output that is a
             sum with cancellation rounds like its terms, not like its value.
         reliable_eps: ``(n,)`` the model's epsilon where the median is reliable (``RELIABLE_MEDIAN`` draws or
@@ -546,8 +546,8 @@ def probe_noise(values: torch.Tensor, displacement: torch.Tensor, base: torch.Te
     Returns:
         ``(noise, draws)``: ``(O,)`` float64 noise (as :func:`entry_estimates` measures it) and ``(O,)`` int64 number
         of columns that moved each output (0 where the probe measured a rounding pattern: see below). Columns whose
-        realised nodes are off the stencil's grid by more than
-        1e-3 of a step (a step of a few ulps of its input) are left out: their fourth difference is no noise.
+        realised nodes are off the stencil's grid by more than 1e-3 of a step (a step of a few ulps of its input)
+        are left out: their fourth difference is no noise.
     """
     s_, c, o = values.shape
     p1, m1 = stencil.offsets.index(1.0), stencil.offsets.index(-1.0)
@@ -806,9 +806,10 @@ def check_coordinates(
         at steps NOISE_PROBE times smaller on NOISE_PROBE_COLUMNS columns, where kinks inside the stencils are
         rare. A kinked majority (a float32 ReLU network: most first-round stencils of a weight straddle a switch)
         carries a chunk's measured noise far above the rounding, which widens its tolerances and blinds the kink
-        tests; where that is SEPARATION times the probe's, the probe's is used. None without fourth differences,
-        and for tensor-valued functions: an output is moved by few of the probe's columns (one, elementwise), and
-        their fourth differences cost a pass over every output (2x the time of a row-wise softmax's full check)."""
+        tests; where that is SEPARATION times the probe's, the probe's is used. Run before the first round of a
+        scalar loss with RELIABLE_MEDIAN columns or more; None without fourth differences, and for tensor-valued
+        functions: an output is moved by few of the probe's columns (one, elementwise), and their fourth differences
+        cost a pass over every output (2x the time of a row-wise softmax's full check)."""
         if state["probe"] is None and analytical.scalar and _has_fourth(stencil):
             gen = torch.Generator().manual_seed(_PROBE_SEED)
             pick = torch.randperm(m, generator=gen)[:NOISE_PROBE_COLUMNS].sort().values.to(coords.device)
@@ -885,7 +886,7 @@ def check_coordinates(
         # carries a chunk's measured noise far above the rounding and blinds the kink tests: the noise is measured
         # again where kinks are rare, at steps NOISE_PROBE times smaller, and replaces a noise SEPARATION times
         # larger.
-        if probe() is not None:
+        if state["probe"] is not None:  # (measured before the first round: see probe)
             probed, draws = state["probe"]
             # (only a measured noise: a chunk of a few draws took the model eps * (|f| + its terms), which is no
             # kink, and which a smooth function's probe can undercut many times -- rounding at steps of a few
