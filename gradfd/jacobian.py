@@ -640,7 +640,8 @@ def check_coordinates(
         # (a coordinate's nodes hold S x (outputs + a few activations of them) float64 values)
         per_coordinate = len(stencil.offsets) * 8 * (4 * size + n)
         chunk_size = max(1, min(max(64, -(-m // 16)), analytical.budget // per_coordinate))
-    state: dict = {"noise": None, "probe": None, "probe_noted": False, "details": {}, "fallback": False,
+    state: dict = {"noise": None, "probe": None, "probe_noted": False,
+                   "kinked": torch.zeros(size, dtype=torch.bool, device=p.device), "details": {}, "fallback": False,
                    "compressed": _Compressed(analytical, k) if compress and not analytical.scalar and size >= 16
                    else None}
     store = {name: torch.empty(m, size, dtype=torch.float64, device=p.device) if keep_all else None
@@ -676,26 +677,7 @@ def check_coordinates(
 
     base_values = None
 
-    pending: list = []
-
     def first_round(start, stop, values, disp):
-        """Judge a chunk of the first round; chunks of fewer than RELIABLE_MEDIAN columns (the engine's timing probe
-        evaluates 2 and 4) wait for the next, so that the noise is measured on enough columns."""
-        if pending and pending[-1][1] != start:
-            flush()
-        pending.append((start, stop, values, disp))
-        if stop - pending[0][0] >= accuracy.RELIABLE_MEDIAN or stop >= m:
-            flush()
-
-    def flush():
-        if pending:
-            start, stop = pending[0][0], pending[-1][1]
-            values = torch.cat([v for _, _, v, _ in pending], dim=1)
-            disp = torch.cat([d for _, _, _, d in pending], dim=1)
-            pending.clear()
-            judge_chunk(start, stop, values, disp)
-
-    def judge_chunk(start, stop, values, disp):
         if state["fallback"]:
             return  # the tensor will be redone with exact rows
         cols = coords[start:stop]
@@ -752,6 +734,7 @@ def check_coordinates(
             kinked = measured & (draws >= accuracy.RELIABLE_MEDIAN) & (noise > accuracy.SEPARATION * probed)
             if bool(kinked.any()):
                 note_probe(float(probed[kinked].max()), float(noise[kinked].max()))
+                state["kinked"] |= kinked
                 noise = torch.where(kinked, probed, noise)
                 est, _ = entry_estimates(vals, disp_pairs, base_values[oo], stencil, out_eps[oo], oo, size, noise)
         # each chunk measures its own noise (the largest seen per output entry is kept: see the refinement)
@@ -861,7 +844,6 @@ def check_coordinates(
         if m >= accuracy.RELIABLE_MEDIAN:
             probe()  # before the first round: a loss's chunks are judged with it
         evaluate_columns(coords, 1.0, first_round, report=True)
-        flush()
         if state["fallback"]:
             return check_coordinates(func, params, k, analytical, coords, compress=False, colored=None,
                                      notes=notes, **redo)
@@ -888,10 +870,11 @@ def check_coordinates(
         # larger.
         if state["probe"] is not None:  # (measured before the first round: see probe)
             probed, draws = state["probe"]
-            # (only a measured noise: a chunk of a few draws took the model eps * (|f| + its terms), which is no
-            # kink, and which a smooth function's probe can undercut many times -- rounding at steps of a few
-            # thousand ulps follows the nodes regularly: the tanh network's W2 measured 20x less at h/16 than at h)
-            kinked = (~few & (draws[outs] >= accuracy.RELIABLE_MEDIAN)
+            # (a measured noise; or the model eps * (|f| + its terms) of a chunk of a few draws -- the engine's
+            # timing probe evaluates 2 and 4 columns -- only where another chunk of the output measured kinks: a
+            # smooth function's probe can undercut that model many times, as rounding at steps of a few thousand
+            # ulps follows the nodes regularly: the tanh network's W2 measured 20x less at h/16 than at h)
+            kinked = ((~few | state["kinked"][outs]) & (draws[outs] >= accuracy.RELIABLE_MEDIAN)
                       & (noise_e > accuracy.SEPARATION * probed[outs]))
             if bool(kinked.any()):
                 note_probe(float(probed[outs[kinked]].max()), float(noise_e[kinked].max()))
