@@ -17,6 +17,11 @@ analytical value) without a kink of its own; otherwise the first stencil straddl
 jump -- and the smaller step's verdict replaces it. Correct ReLU networks in float32 are where this matters: at
 float32's steps, most entries of a first layer have a ReLU switching somewhere inside the stencil (which is also
 why the rounding noise is measured robustly: :func:`gradfd.accuracy.noise_median`, :func:`gradfd.jacobian.probe_noise`).
+
+An entry whose stencil has a non-finite value -- a node outside ``func``'s domain: ``log(x - 2h)`` for a small
+positive ``x``, or a node where ``func`` raised (``Normal(0, s)`` validating ``s > 0``; recorded by
+:class:`gradfd.engine.NodeErrors` as NaN) -- is first retried at steps REFINE times smaller until its stencil is
+finite, then :func:`domain_margin` REFINE-fold steps smaller again, and judged from there (``refine``).
 """
 
 from __future__ import annotations
@@ -51,9 +56,24 @@ KINK_BAND = 3.0  # unresolved when |numerical - analytical| <= KINK_BAND * trunc
 REFINE = 4  # entries that do not agree are re-evaluated with steps this many times smaller ...
 REFINE_ROUNDS = 3  # ... up to this many times (and once more to reproduce a disagreement first seen there)
 CLEAN_KINK = 3.0  # a refined stencil is kink-free when its kink statistic is below this many rounding estimates
+DOMAIN_ROUNDS = 16  # an entry whose stencil has a non-finite loss (or a node where func raised: a node outside
+# its domain, log(x - 2h) for 0 < x < 2h) is retried at steps REFINE times smaller, up to this many times (4^16 ~ 4e9:
+# float32's automatic step of 2^-5 down to ~1e-11); the first finite stencil's step is the entry's step from there
+MIN_STEP_ULPS = 16  # ... and never below this many ulps of its input (below 1 the nodes would not move)
 SECOND_LOOK = 0.25  # an agreeing entry whose discrepancy exceeds this fraction of its tolerance, and whose error
 # estimate is mostly the truncation spread, is evaluated again at a REFINE times smaller step: the spread of the
 # 4-point stencil is the error of central differences, generous enough to hide a 1e-3 error in float32
+
+
+def domain_margin(stencil: stencils.Stencil, dtype: torch.dtype) -> int:
+    """How many REFINE-fold steps a retreat from a domain's edge takes past the first finite stencil (see refine).
+
+    The first finite stencil's outer node sits within a step of the edge (log at 0 < x: h in [x/8, x/2)); the
+    stencil's best step at distance x from it is its automatic relative step times x (``~eps**(1/4) x`` for the
+    4-point stencil: x/32 in float32, x/8192 in float64), about ``log_REFINE(1 / (REFINE * relative step))``
+    REFINE-fold steps below h ~ x/4: 2 in float32, 6 in float64 (4-point stencil)."""
+    relative = stencil.step_scale * stencils.eps(dtype) ** stencil.step_exponent
+    return max(1, round(math.log(1.0 / relative, REFINE) - 1))
 
 
 @contextlib.contextmanager
@@ -190,6 +210,7 @@ class _Directions:
             self.grads = torch.stack([analytical.vjp(k, self.u[d]) for d in range(count)])  # (D, N): u_dᵀJ
         self.noise: float | None = None
         self.details: dict = {"directions": count}
+        self.errors = _engine.NodeErrors()  # what func raised at perturbed nodes (NaN values: see refine)
 
     def direction(self, d: int) -> torch.Tensor:
         """``(N,)`` float64 input direction ``d``: Gaussian, scaled entry-wise by the steps (drawn on demand, so that
@@ -200,7 +221,7 @@ class _Directions:
     def __call__(self, which: torch.Tensor, factor: float) -> _Entries:
         stencil = self.stencil
         problem = _engine.prepare(self.func, self.params, self.k, vector=not self.scalar,
-                                  skip_outputs=self.skip_outputs)
+                                  skip_outputs=self.skip_outputs, node_errors=self.errors)
         offsets = torch.tensor(stencil.offsets, dtype=torch.float64, device=self.steps.device)  # (S,)
         losses = torch.empty(len(offsets), len(which), dtype=torch.float64, device=self.steps.device)
         ana = torch.empty_like(losses)
@@ -280,9 +301,72 @@ def second_look(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor) -> torch.
     return (verdict == AGREE) & e.finite & (diff > SECOND_LOOK * tol) & (e.error - e.rounding > e.rounding)
 
 
+def _evaluate_at(evaluator, index: torch.Tensor, factors: torch.Tensor) -> _Entries:
+    """``evaluator`` on the entries ``index``, each with its own step divisor ``factors`` (one call per value)."""
+    values = torch.unique(factors)
+    if values.numel() == 1:
+        return evaluator(index, float(values[0]))
+    groups = [(factors == f).nonzero().flatten() for f in values]
+    parts = [evaluator(index[g], float(f)) for g, f in zip(groups, values)]
+    order = torch.argsort(torch.cat(groups))
+    return _Entries(*(torch.cat([getattr(part, name) for part in parts])[order]
+                      for name in _Entries.__dataclass_fields__))
+
+
+def _retreat(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: torch.Tensor, evaluator,
+             floor_of: Callable[[_Entries], torch.Tensor], limit: torch.Tensor | None, remeasure, margin: int):
+    """The entries of ``e`` whose stencil is not finite (a node outside func's domain), retried at steps REFINE
+    times smaller until it is (DOMAIN_ROUNDS times at most), then REFINE**margin times smaller again; ``e``,
+    ``verdict``, ``tol`` and ``nonsmooth`` are updated in place. Returns ``(base, evaluations, retreated,
+    smallest)``: each entry's step divisor from now on, the entries evaluated, how many needed a smaller step, and
+    the largest divisor taken."""
+    base = torch.ones(e.index.shape, dtype=torch.float64, device=e.index.device)
+    evaluations, retreated, smallest = 0, 0, 1.0
+
+    def take(which: torch.Tensor, e2: _Entries, factors: torch.Tensor) -> None:
+        ok = e2.finite
+        v2, tol2, ns2 = _verdicts(e2, floor_of(e2))
+        e.put(which, e2, ok)
+        got = which[ok]
+        verdict[got], tol[got], nonsmooth[got] = v2[ok], tol2[ok], ns2[ok]
+        base[got] = factors[ok]
+
+    out = (~e.finite).nonzero().flatten()
+    for round_ in range(1, DOMAIN_ROUNDS + 1):
+        factor = float(REFINE**round_)
+        if limit is not None:
+            out = out[factor <= limit[out]]
+        if out.numel() == 0:
+            break
+        evaluations += out.numel()
+        e2 = evaluator(e.index[out], factor)
+        take(out, e2, torch.full((out.numel(),), factor, dtype=torch.float64, device=base.device))
+        if bool(e2.finite.any()):
+            retreated, smallest = retreated + int(e2.finite.sum()), factor
+        out = out[~e2.finite]
+    moved = (base > 1).nonzero().flatten()
+    factors = base[moved] * REFINE**margin
+    if limit is not None:
+        moved, factors = moved[factors <= limit[moved]], factors[factors <= limit[moved]]
+    if moved.numel():  # a margin from the edge (see domain_margin)
+        evaluations += moved.numel()
+        e2 = _evaluate_at(evaluator, e.index[moved], factors)
+        take(moved, remeasure(e2, factors) if remeasure is not None else e2, factors)
+        smallest = max(smallest, float(base.max()))
+    return base, evaluations, retreated, smallest
+
+
 def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: torch.Tensor, evaluator,
-           floor_of: Callable[[_Entries], torch.Tensor]):
+           floor_of: Callable[[_Entries], torch.Tensor], limit: torch.Tensor | None = None,
+           stats: dict | None = None, remeasure: Callable[[_Entries, torch.Tensor], _Entries] | None = None,
+           margin: int = 2):
     """Re-evaluate every entry of ``e`` that did not agree at steps REFINE times smaller (up to REFINE_ROUNDS times).
+
+    First, an entry whose estimate is not finite (a node outside func's domain) is retried at steps REFINE times
+    smaller until its stencil is finite (DOMAIN_ROUNDS times at most), then REFINE**margin times smaller again
+    (:func:`domain_margin`); that step is the entry's from then on, and the rounds below divide it further.
+    ``remeasure(entries, factors)``, when given, returns those entries with their rounding re-measured from their
+    own fourth differences (the first round's noise measurement near a domain's edge is curvature, not rounding).
 
     A first-round disagreement stands when the estimate at the smaller step lies closer to the first estimate than
     to the analytical value (the discrepancy is reproduced) and the smaller stencil shows no kink; otherwise the
@@ -290,16 +374,25 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     replaces it. A disagreement first seen after a kinked step must be reproduced by a step that disagrees on its
     own; one first seen in the last round is evaluated once more at a REFINE times smaller step, and is unresolved
     unless that reproduces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps
-    ``1/factor`` as large. Returns the updated ``(entries, verdict, tolerance, number of re-evaluations)``.
+    ``1/factor`` as large; ``limit`` is each entry's largest factor (its step stays MIN_STEP_ULPS ulps of its
+    input or more), None for no limit. ``stats``, when given, receives ``retreated`` (entries that needed a smaller
+    step to be finite) and ``smallest`` (the largest factor they took). Returns the updated ``(entries, verdict,
+    tolerance, number of re-evaluations)``.
     """
-    refined = 0
+    base, refined, retreated, smallest = _retreat(e, verdict, tol, nonsmooth, evaluator, floor_of, limit, remeasure,
+                                                  margin)
+    if stats is not None:
+        stats.update(retreated=retreated, smallest=smallest)
+    allowed = (lambda idx, factor: idx) if limit is None else (lambda idx, factor: idx[factor[idx] <= limit[idx]])
     late = torch.zeros_like(nonsmooth)  # the disagreement was first seen at a step after a kinked one
-    todo = ((verdict != AGREE) | second_look(e, verdict, tol)).nonzero().flatten()
+    # (a stencil still not finite was tried at smaller steps than the rounds below take)
+    todo = (((verdict != AGREE) | second_look(e, verdict, tol)) & e.finite).nonzero().flatten()
     for round_ in range(1, REFINE_ROUNDS + 2):
+        todo = allowed(todo, base * REFINE**round_)
         if todo.numel() == 0:
             break
         refined += todo.numel()
-        e2 = evaluator(e.index[todo], float(REFINE**round_))
+        e2 = _evaluate_at(evaluator, e.index[todo], base[todo] * REFINE**round_)
         v2, tol2, ns2 = _verdicts(e2, floor_of(e2))
         # the second estimate sides with the first (reproduced) or with the analytical value (an artefact) ...
         # (and within the two estimates' error bounds of each other: a function still far from its asymptotic
@@ -339,11 +432,11 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     return e, verdict, tol, refined
 
 
-def _run(evaluator, index: torch.Tensor, floor_of: Callable[[_Entries], torch.Tensor]):
+def _run(evaluator, index: torch.Tensor, floor_of: Callable[[_Entries], torch.Tensor], stats: dict, margin: int):
     """Evaluate the entries ``index`` (a few: directions), judge them, and :func:`refine` those that do not agree."""
     e = evaluator(index, 1.0)
     verdict, tol, nonsmooth = _verdicts(e, floor_of(e))
-    return refine(e, verdict, tol, nonsmooth, evaluator, floor_of)
+    return refine(e, verdict, tol, nonsmooth, evaluator, floor_of, stats=stats, margin=margin)
 
 
 def _record(name: str, shape: tuple, dtype: torch.dtype, mode: str, total: int, e: _Entries, verdict: torch.Tensor,
@@ -414,9 +507,21 @@ def _directional_report(evaluator: _Directions, k: int, p: torch.Tensor, directi
         atol_ = floor * state["scale"] if atol is None else atol
         return atol_ + rtol_ * e.analytical.abs()
 
-    e, verdict, tol, refined = _run(evaluator, index, floor_of)
+    domain: dict = {}
+    e, verdict, tol, refined = _run(evaluator, index, floor_of, domain, domain_margin(stencil, p.dtype))
     details = {**evaluator.details, "stencil": stencil.name, "step": "automatic" if h is None else h, "rtol": rtol_,
                "atol": floor * state["scale"] if atol is None else atol, "refined": refined}
+    errors = evaluator.errors
+    if errors.count and not bool(e.finite.any()):
+        _engine._note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
+                                    f"perturbed node of params[{k}] ({errors.count} nodes) at every step tried")
+        raise errors.first
+    notes = ([errors.describe()] if errors.count else []) + (
+        [f"{domain['retreated']} directions had a non-finite value or an error of func at a node (outside its "
+         f"domain): checked at steps down to 1/{domain['smallest']:.0f} of the automatic ones"]
+        if domain["retreated"] else [])
+    if notes:
+        details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
     return _record(name, tuple(p.shape), p.dtype, "directional", p.numel(), e, verdict, tol, details)
 
@@ -477,8 +582,13 @@ def check(
     evaluate it, when that reproduces ``func``'s own loss: :mod:`gradfd.reductions`); TF32 is off during the check.
     The caller's RNG state is restored.
 
+    An entry whose stencil reaches outside ``func``'s domain (a NaN/inf value, or a node where ``func`` raises) is
+    checked at smaller steps, where its stencil is finite (see the module docstring); the report's notes say so.
+
     Raises:
         GradientCheckError: a gradient entry disagrees (and ``raise_on_failure``).
+        Exception: what ``func`` raised, when it raised at the unperturbed point, or at every perturbed node of a
+            tensor at every step tried (with a note saying so).
         TypeError / ValueError / IndexError: bad arguments, naming the argument and what was passed.
     """
     params, _ = check_params(params)

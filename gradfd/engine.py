@@ -110,6 +110,50 @@ class NonFiniteLossError(FloatingPointError):
         self.indices = indices or []
 
 
+DOMAIN_ERRORS = (ValueError, RuntimeError, ArithmeticError, AssertionError)  # what a domain check raises (NodeErrors)
+
+
+class NodeErrors:
+    """Exceptions that ``func`` raised at perturbed nodes, recorded instead of raised (:func:`gradfd.check` passes one
+    to the engine): the node's values are NaN, and the check retries the coordinate at smaller steps -- a node
+    outside ``func``'s domain (``Normal(0, s)`` validating ``s > 0`` at ``s - 2h``) is no error of the gradient.
+
+    An exception is taken for a domain edge only when it is of a kind a domain check raises (``DOMAIN_ERRORS``:
+    ``ValueError``, ``RuntimeError``, ``ArithmeticError``, ``AssertionError``; never out of memory or
+    ``NotImplementedError``) and ``func`` still runs at the unperturbed point right after (a sticky CUDA error, or a
+    ``func`` that fails from some call on, raises there too and propagates). Anything else propagates: a timeout
+    raised into ``func`` by a signal handler is no domain edge.
+
+    Attributes:
+        count: nodes that raised. first: the first exception recorded.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: Exception | None = None
+        self.where: str | None = None
+
+    def take(self, exc: Exception, where: str, base: Callable[[], object]) -> bool:
+        """Record ``exc``, raised by ``func`` at the node ``where``, and return True -- or return False (the caller
+        re-raises it) when it is out of memory or when ``base()``, ``func`` at the unperturbed point, raises too."""
+        if not isinstance(exc, DOMAIN_ERRORS) or isinstance(exc, _OOM_ERRORS + (MemoryError, NotImplementedError)):
+            return False
+        try:
+            base()
+        except Exception:
+            return False
+        if self.first is None:
+            self.first, self.where = exc, where
+        self.count += 1
+        return True
+
+    def describe(self) -> str:
+        """One line for a report: how many nodes raised, and the first exception's type and first line."""
+        exc = self.first
+        return (f"func raised at {self.count} perturbed node(s), taken as outside its domain (first, at "
+                f"{self.where}: {type(exc).__name__}: {_first_line(exc)})")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # argument checks
 
@@ -389,10 +433,13 @@ class Problem:
         params: the caller's tensors (never handed to ``func``).
         param_idx: the parameter being differentiated.
         vector: ``func`` returns a tensor or a tuple of tensors, compared entry by entry (see :class:`OutputSpec`).
+        skip_outputs: outputs left out of the comparison (see :class:`OutputSpec`).
+        node_errors: a :class:`NodeErrors` that records (as NaN values) what ``func`` raises at perturbed nodes;
+            None (default): such an exception propagates.
     """
 
     def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False,
-                 skip_outputs: Sequence[int] = ()):
+                 skip_outputs: Sequence[int] = (), node_errors: NodeErrors | None = None):
         if not callable(func):
             raise TypeError(f"func must be callable, got {_describe(func)}")
         self.plain_func = func
@@ -412,6 +459,7 @@ class Problem:
         self.vector = vector
         self.skip_outputs = tuple(skip_outputs)
         self.spec: OutputSpec | None = None
+        self.node_errors = node_errors  # record (NaN values) rather than raise what func raises at perturbed nodes
 
     @property
     def func(self) -> Callable:
@@ -492,6 +540,13 @@ class Problem:
         if not isinstance(out, torch.Tensor) or out.numel() != batch:
             raise ValueError(f"{what} returned {_describe(out)} for a batch; expected one loss per row")
         return out.reshape(batch)
+
+    def nan_values(self, on_cpu: bool):
+        """What the loop records for a node where ``func`` raised: a NaN loss (a float on the CPU, else a 0-d tensor
+        of the loss's dtype) or ``(size,)`` float64 NaN outputs."""
+        if self.vector:
+            return torch.full((self.spec.size,), math.nan, dtype=torch.float64, device=self.device)
+        return math.nan if on_cpu else torch.full((), math.nan, dtype=self.base_loss.dtype, device=self.device)
 
     def activation_bytes(self) -> int:
         """Bytes of the tensors one unbatched evaluation creates (an upper bound on its working memory)."""
@@ -667,10 +722,10 @@ class Evaluation:
 
 
 def prepare(func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False,
-            skip_outputs: Sequence[int] = ()) -> Problem:
+            skip_outputs: Sequence[int] = (), node_errors: NodeErrors | None = None) -> Problem:
     """A :class:`Problem` with its unperturbed loss (or outputs) evaluated and validated (arguments already
-    checked); ``skip_outputs`` as in :class:`OutputSpec`."""
-    problem = Problem(func, params, param_idx, vector, skip_outputs)
+    checked); ``skip_outputs`` as in :class:`OutputSpec`, ``node_errors`` as in :class:`Problem`."""
+    problem = Problem(func, params, param_idx, vector, skip_outputs, node_errors)
     try:
         problem.evaluate_base()
     except BaseException:
@@ -816,7 +871,8 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
         loop_rate = (time.perf_counter() - t0) / probe
         done = probe
     if engine in ("auto", "batched") and done < m:
-        done = _run_batched(problem, result, done, offsets, batching, chunk_size, budget, loop_rate)
+        done = _run_batched(problem, result, done, offsets, batching, chunk_size, budget, loop_rate,
+                            lambda a, b: _run_loop(problem, result, a, b, moved, x))
     if done < m:
         _run_loop(problem, result, done, m, moved, x)
     return result
@@ -849,6 +905,13 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
     reset = problem.rng.reset if problem.rng.consumed else None
     n_off = len(offsets)
     record = problem.spec.flatten if problem.vector else (lambda out: _scalar_now(out, on_cpu))
+    errors = problem.node_errors  # when given, a node that raises gets NaN values (see NodeErrors)
+    nan = problem.nan_values(on_cpu) if errors is not None else None
+
+    def unperturbed(i: int, value) -> None:  # func at the unperturbed point (the next node re-perturbs entry i)
+        target[i] = value
+        problem.rng.reset()
+        func(*args)
     # tensor-valued funcs: hand the values over in blocks whose (nodes x outputs) stay bounded
     block = len(index) if not problem.vector else max(1, _LOOP_BLOCK_VALUES // max(1, n_off * problem.spec.size))
     j = s = 0
@@ -863,7 +926,18 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
                         if reset is not None:
                             reset()
                         # copy the values now: an output may be a view of the buffer perturbed in place
-                        outs.append(record(func(*args)))
+                        if errors is None:
+                            outs.append(record(func(*args)))
+                            continue
+                        try:
+                            out = func(*args)
+                        except Exception as exc:  # (what func raised; its output is still validated)
+                            if not errors.take(exc, f"{entry_name(problem.param_idx, problem.shape, i)} "
+                                                    f"{offsets[s]:+g}*h", lambda: unperturbed(i, original[j])):
+                                raise
+                            outs.append(nan)
+                            continue
+                        outs.append(record(out))
                     target[i] = original[j]
             count = len(outs) // n_off
             if problem.vector:
@@ -972,8 +1046,10 @@ def verify_stacked(problem: Problem, rows: torch.Tensor, out: torch.Tensor) -> N
             )
 
 
-def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, loop_rate) -> int:
-    """Fill columns from ``start`` with batched calls; return how many columns are done."""
+def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, loop_rate, loop) -> int:
+    """Fill columns from ``start`` with batched calls; return how many columns are done. ``loop(a, b)`` fills
+    columns ``a:b`` one node at a time: a chunk that raises after batching worked (with ``problem.node_errors``:
+    a node outside func's domain, most likely) is redone by it."""
     m, s = result.coords.numel(), len(offsets)
     device = problem.device
     if chunk_size is None:
@@ -997,10 +1073,12 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
     probe_rates: list[float] = []
     pos = start
     layout_trial: tuple | None = None  # (inner tried, copies before) while a layout is being tried
+    retried = False  # the strategies were tried again after a chunk where func raised at a node
     while pos < m:
         limit = {"warmup": _PROBE_WARMUP, "probe": _PROBE_BATCH}.get(phase, chunk)
         this = min(chunk, m - pos, limit)
         t0 = time.perf_counter()
+        looped = False
         while True:
             if batch is None:
                 if not strategies:
@@ -1019,6 +1097,10 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                 batch.set_layout(batch.inner)  # drop the buffer before retrying smaller
                 result.notes.append(f"out of memory: chunk halved to {this}")
             except Exception as exc:  # cannot batch this func: try the next strategy
+                if pos > start and problem.node_errors is not None:
+                    loop(pos, pos + this)  # the nodes one at a time: those that raise are recorded
+                    looped = True
+                    break
                 if pos > start:  # batching worked on earlier chunks: a genuine error of func
                     _note(exc, f"gradfd: raised while evaluating a batch of coordinates "
                                f"{entry_name(problem.param_idx, problem.shape, int(idx[0]))} .. "
@@ -1026,6 +1108,20 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                     raise
                 reasons.append(f"{batch.strategy}: {type(exc).__name__}: {_first_line(exc)}")
                 batch = None
+        if looped:
+            pos += this
+            continue
+        if batch is None and problem.node_errors is not None and not retried:
+            # every strategy failed on this chunk: one node at a time, a node that raises is recorded; if one did,
+            # that (a node outside func's domain) may be what failed the batched calls: they are tried once more
+            before = problem.node_errors.count
+            loop(pos, pos + this)
+            pos += this
+            if problem.node_errors.count > before and pos < m:
+                retried, start = True, pos
+                strategies = ["vmap", "stack"] if batching == "auto" else [batching]
+                reasons.clear()
+                continue
         if batch is None:
             _warn("gradfd: func cannot be evaluated batched (" + "; ".join(reasons) + "); falling back to the "
                   "per-coordinate loop", stacklevel=5)
@@ -1093,6 +1189,9 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
             return out, strategy
         except Exception as exc:
             if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                if problem.node_errors is not None:  # the rest one point at a time: those that raise are recorded
+                    out[start:] = _points_loop(problem, points[start:], start, count)
+                    return out, strategy
                 # batching worked on earlier chunks: a genuine error of func
                 _note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
                            f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
@@ -1101,13 +1200,37 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
     if failures and warn:
         _warn(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
               "point", stacklevel=3)
-    with torch.no_grad():
-        for j in range(count):
-            problem.rng.reset()
-            with noting(f"gradfd: raised while evaluating func at perturbed point {j} of {count} of "
-                        f"params[{problem.param_idx}]"):
-                out[j] = problem.output_values(problem.func(*problem.with_param(points[j].view(problem.shape))))
+    out[:] = _points_loop(problem, points, 0, count)
     return out, "loop"
+
+
+def _points_loop(problem: Problem, points: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """``func`` at each of the ``(P, N)`` points, one call each (points ``first ..`` of ``count``): ``(P,)`` or
+    ``(P, size)`` float64; a point where func raises is NaN when ``problem.node_errors`` records it."""
+    errors = problem.node_errors
+    out = torch.empty(points.shape[0], *((problem.spec.size,) if problem.vector else ()), dtype=torch.float64,
+                      device=points.device)
+
+    def unperturbed() -> None:
+        problem.rng.reset()
+        problem.func(*problem.args)
+
+    with torch.no_grad():
+        for j in range(points.shape[0]):
+            problem.rng.reset()
+            where = f"perturbed point {first + j} of {count} of params[{problem.param_idx}]"
+            try:
+                value = problem.func(*problem.with_param(points[j].view(problem.shape)))
+            except BaseException as exc:
+                if (errors is None or not isinstance(exc, Exception)
+                        or not errors.take(exc, where, lambda: unperturbed())):
+                    _note(exc, f"gradfd: raised while evaluating func at {where}")
+                    raise
+                out[j] = math.nan
+                continue
+            with noting(f"gradfd: raised while evaluating func at {where}"):
+                out[j] = problem.output_values(value)
+    return out
 
 
 def _points_batched(problem: Problem, rows: torch.Tensor, strategy: str, verify: bool) -> torch.Tensor:

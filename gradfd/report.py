@@ -82,7 +82,11 @@ class TensorReport:
 
     @property
     def verdict(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+        """``"FAIL"`` (a disagreement, or nondeterminism), ``"UNRESOLVED"`` (none, but no entry could be compared
+        either: every one is unresolved) or ``"PASS"``."""
+        if not self.passed:
+            return "FAIL"
+        return "UNRESOLVED" if self.unresolved and not self.agree else "PASS"
 
     def disagreeing(self, limit: int = 10) -> list[tuple]:
         """Index tuples (or direction numbers) of up to ``limit`` disagreeing entries, worst first."""
@@ -110,6 +114,7 @@ class TensorReport:
         return {
             "name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
             "mode": self.mode, "checked": self.checked, "total": self.total, "passed": self.passed,
+            "verdict": self.verdict,
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "worst_index": _jsonable(self.worst_index), "output_shape": _jsonable(self.output_shape),
             "nondeterminism": self.nondeterminism,
@@ -175,7 +180,12 @@ class CheckReport:
                          f"{t.agree}/{t.disagree}/{t.unresolved}", t.verdict])
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        out = [f"gradfd.check: {'PASSED' if self.passed else 'FAILED'}", line(head), line(["-" * w for w in widths])]
+        headline = f"gradfd.check: {'PASSED' if self.passed else 'FAILED'}"
+        vacuous = [t.name for t in self.tensors if t.verdict == "UNRESOLVED"]
+        if vacuous:
+            headline += (f" (but nothing could be compared for {', '.join(vacuous)}: every entry is unresolved, "
+                         "see below)")
+        out = [headline, line(head), line(["-" * w for w in widths])]
         out += [line(r) for r in rows]
         for t in self.tensors:
             bad = t.disagreeing(5)

@@ -307,3 +307,57 @@ def test_auto_picks_the_loop_for_tiny_problems_and_batches_large_ones(seed):
     X = torch.randn(64, 400, dtype=torch.float64)
     big = engine.evaluate(lambda w: (X @ w).pow(2).mean(), (w,), 0, steps=1e-5)
     assert big.engine == "batched", big.notes
+
+
+_DATA = torch.linspace(-2, 2, 7, dtype=torch.float64)
+
+
+def _validating(x: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    """A Normal's log-likelihood in its scale: torch.distributions validates ``scale > 0`` and raises otherwise
+    (also under vmap)."""
+    return torch.distributions.Normal(0.0, x.unsqueeze(-1), validate_args=validate).log_prob(_DATA).sum()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["in the first chunk", "after batched chunks"])
+def test_a_node_that_raises_is_recorded_and_the_rest_stays_batched(seed, first):
+    # 400 entries at 1 .. 2; one small entry (whose nodes x - h, x - 2h are <= 0 at step 1e-2) early or late
+    x = 1 + torch.rand(400, dtype=torch.float64)
+    small = 2 if first else 300
+    x[small] = 5e-3
+    errors = engine.NodeErrors()
+    problem = engine.prepare(_validating, (x,), 0, node_errors=errors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", engine.FallbackWarning)  # no fallback to the loop for the whole tensor
+        ev = engine.evaluate(_validating, (x,), 0, steps=1e-2, stencil="four_point", engine="batched",
+                             batching="vmap", chunk_size=64, problem=problem)
+    assert ev.batching == "vmap" and ev.engine == "batched"
+    assert errors.count == 2 and "ValueError: Expected parameter scale" in errors.describe()  # x - h and x - 2h
+    bad = ~ev.finite()
+    assert bad.nonzero().flatten().tolist() == [small]
+    # every other coordinate is exactly what the reference loop computes
+    want = reference.numerical_gradient(lambda x: _validating(x, validate=False), (x,), 0, h=1e-2)
+    got, _ = ev.estimate()
+    ok = torch.arange(400) != small
+    assert _rel(got[ok], want[ok]) < 1e-3  # (four-point against central differences at h = 1e-2)
+    # and without a recorder, the exception propagates, naming where
+    with pytest.raises(ValueError, match="Expected parameter scale"):
+        gradfd.numerical_gradient(_validating, (x,), 0, h=1e-2, engine="batched", batching="vmap", chunk_size=64)
+
+
+def test_a_node_error_is_a_domain_edge_only_while_func_runs_at_the_unperturbed_point():
+    errors = engine.NodeErrors()
+    assert not errors.take(torch.OutOfMemoryError("simulated"), "a node", lambda: None)  # never out of memory
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")  # sticky: the base fails too
+
+    assert not errors.take(RuntimeError("CUDA error"), "a node", broken)
+
+    class Timeout(Exception):  # raised into func by a signal handler, say: no domain check raises that
+        pass
+
+    assert not errors.take(Timeout("exceeded 20 s"), "a node", lambda: None)
+    assert not errors.take(NotImplementedError("no kernel for this dtype"), "a node", lambda: None)
+    assert errors.count == 0 and errors.first is None
+    assert errors.take(ValueError("scale must be > 0"), "params[0][1] -2*h", lambda: None)
+    assert errors.count == 1 and "at params[0][1] -2*h: ValueError: scale must be > 0" in errors.describe()

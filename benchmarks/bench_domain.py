@@ -1,0 +1,99 @@
+"""Checks near the edge of a function's domain: log, sqrt and x log x of small positive entries, and a Normal
+distribution's scale (torch.distributions validates scale > 0 and raises at scale - 2h). At the automatic steps
+(2^-5 in float32) the stencils of such entries reach outside the domain; gradfd retries them at smaller steps
+(gradfd.check.refine). For each case and dtype: how many entries get a verdict, their error against the exact
+derivative (float64 autograd at the same point), the tolerance they were judged with, and whether a 1e-3 relative
+error planted on a small entry is flagged there.
+
+    uv run python benchmarks/bench_domain.py              # prints and records in RESULTS.md and README.md
+    uv run python benchmarks/bench_domain.py --no-record
+"""
+
+import argparse
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import gradfd
+from gradfd import bench
+
+HERE = Path(__file__).resolve().parent
+DATA = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _normal(s: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.Normal(0.0, s).log_prob(DATA.to(s.dtype).view(1, -1)).sum()
+
+
+# name, loss, lower and upper end of the entries' uniform draw
+CASES = [
+    ("log(x), x in (1e-7, 1e-4)", lambda x: torch.log(x).sum(), 1e-7, 1e-4),
+    ("log(x), x in (1e-4, 0.1)", lambda x: torch.log(x).sum(), 1e-4, 0.1),
+    ("sqrt(x), x in (1e-6, 0.05)", lambda x: torch.sqrt(x).sum(), 1e-6, 0.05),
+    ("x log x, x in (1e-6, 0.05)", lambda x: (x * torch.log(x)).sum(), 1e-6, 0.05),
+    ("Normal(0, s).log_prob, s in (1e-3, 0.05)", _normal, 1e-3, 0.05),
+]
+
+
+def run_case(func, lo: float, hi: float, dtype: torch.dtype, seed: int, n: int = 64) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x = (lo + (hi - lo) * torch.rand(n, 1, generator=gen, dtype=torch.float64)).to(dtype)
+    exact = torch.func.grad(func)(x.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradfd.FallbackWarning)
+        t0 = time.perf_counter()
+        report = gradfd.check(func, (x.clone().requires_grad_(),), raise_on_failure=False)
+        seconds = time.perf_counter() - t0
+        t = report.tensors[0]
+        e = t.entries
+        ok = e["verdict"] != 2
+        ex = exact.reshape(-1)[e["index"]]
+        rel = ((e["numerical"] - ex).abs() / ex.abs())[ok]
+        tol = (e["tolerance"] / ex.abs())[ok]
+        small = int(x.reshape(-1).argmin())
+        scale = torch.ones_like(x)
+        scale.view(-1)[small] = 1 + 1e-3
+        bad = gradfd.check(bench.plant(func, 0, scale), (x.clone().requires_grad_(),), raise_on_failure=False)
+    return dict(entries=n, verdicts=int(ok.sum()), false_failures=int(not report.passed),
+                error=float(rel.max()) if rel.numel() else math.nan,
+                tolerance=float(tol.median()) if tol.numel() else math.nan,
+                caught=int(bad.tensors[0].disagreeing() == [(small, 0)]), seconds=seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    info = bench.machine_info()
+    lines = [f"Machine: {bench.describe_machine(info)}. Command: `uv run python benchmarks/bench_domain.py`.", "",
+             f"{args.seeds} draws of 64 entries per case; automatic steps. \"with a verdict\": entries that agree or "
+             "disagree (the rest are unresolved); error and tolerance relative to the exact derivative, over the "
+             "entries with a verdict (max error, median tolerance); \"planted\": a 1e-3 relative error on the "
+             "smallest entry flagged there; time: one check.", "",
+             "| case | dtype | with a verdict | false failures | max rel. error | median tolerance | planted 1e-3 "
+             "flagged | time |", "|---|---|---|---|---|---|---|---|"]
+    for name, func, lo, hi in CASES:
+        for dtype in (torch.float32, torch.float64):
+            rows = [run_case(func, lo, hi, dtype, seed) for seed in range(args.seeds)]
+            total = sum(r["entries"] for r in rows)
+            err = max((r["error"] for r in rows if not math.isnan(r["error"])), default=math.nan)
+            tols = sorted(r["tolerance"] for r in rows if not math.isnan(r["tolerance"]))
+            tol = tols[len(tols) // 2] if tols else math.nan
+            lines.append(f"| {name} | {str(dtype).replace('torch.', '')} | {sum(r['verdicts'] for r in rows)} / "
+                         f"{total} | {sum(r['false_failures'] for r in rows)} / {len(rows)} | {err:.1e} | {tol:.1e} | "
+                         f"{sum(r['caught'] for r in rows)} / {len(rows)} | "
+                         f"{1e3 * sorted(r['seconds'] for r in rows)[len(rows) // 2]:.0f} ms |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        for path in (HERE / "RESULTS.md", HERE.parent / "README.md"):
+            bench.record_section(path, "domain", text)
+
+
+if __name__ == "__main__":
+    main()
