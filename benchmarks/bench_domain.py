@@ -63,9 +63,29 @@ def run_case(func, lo: float, hi: float, dtype: torch.dtype, seed: int, n: int =
                 caught=int(bad.tensors[0].disagreeing() == [(small, 0)]), seconds=seconds)
 
 
+def near_edge(case: str, seed: int) -> tuple[bool, bool]:
+    """Float64, 8 entries a few automatic steps from the edge among 24 farther away (the setting of
+    tests/test_check.py::test_entries_a_few_steps_from_a_domain_edge_are_judged_in_float64): whether every entry
+    agrees, and whether a 1e-3 relative error planted on the smallest entry is flagged there."""
+    gen = torch.Generator().manual_seed(seed)
+    edge, func = (3e-4, CASES[1][1]) if case == "log" else (1e-3, _normal)
+    x = torch.cat([torch.rand(8, generator=gen, dtype=torch.float64) * 2e-3 + edge,
+                   torch.rand(24, generator=gen, dtype=torch.float64) * 0.1 + 0.02])
+    x = x[torch.randperm(32, generator=gen)].view(32, 1)
+    small = int(x.argmin())
+    scale = torch.ones_like(x)
+    scale[small] = 1 + 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradfd.FallbackWarning)
+        report = gradfd.check(func, (x.clone().requires_grad_(),), raise_on_failure=False)
+        bad = gradfd.check(bench.plant(func, 0, scale), (x.clone().requires_grad_(),), raise_on_failure=False)
+    return report.passed and report.tensors[0].agree == 32, bad.tensors[0].disagreeing() == [(small, 0)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--edge-draws", type=int, default=100, help="draws of the float64 near-edge rows")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     info = bench.machine_info()
@@ -88,6 +108,14 @@ def main() -> None:
                          f"{sum(r['caught'] for r in rows)} / {len(rows)} | "
                          f"{1e3 * sorted(r['seconds'] for r in rows)[len(rows) // 2]:.0f} ms |")
             print(lines[-1], flush=True)
+    lines += ["", f"Float64, {args.edge_draws} draws of 8 entries a few steps from the edge (log: x in (3e-4, 2.3e-3); "
+              "Normal: s in (1e-3, 3e-3)) among 24 in (0.02, 0.12): checks where all 32 agree, and a 1e-3 error "
+              "planted on the smallest entry flagged there.", "",
+              "| case | all agree | planted 1e-3 flagged |", "|---|---|---|"]
+    for case in ("log", "normal"):
+        rows = [near_edge(case, seed) for seed in range(args.edge_draws)]
+        lines.append(f"| {case} | {sum(a for a, _ in rows)} / {len(rows)} | {sum(b for _, b in rows)} / {len(rows)} |")
+        print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

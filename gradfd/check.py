@@ -11,7 +11,8 @@ entry), which cover the rounding of the analytical gradient itself. ``|numerical
 a node, or a kink/jump whose size explains the discrepancy), and *disagree* otherwise. Only disagreements fail.
 
 Every entry that does not agree gets a second opinion: it is re-evaluated with a step ``REFINE`` times smaller
-(``REFINE_ROUNDS`` times at most, and once more to reproduce a disagreement first seen at the last). A
+(``REFINE_ROUNDS`` times at most -- up to ``CURVATURE_ROUNDS`` more while its fourth difference falls like curvature,
+not a kink -- and once more to reproduce a disagreement first seen at the last). A
 disagreement stands only when the smaller step reproduces the first estimate (lies closer to it than to the
 analytical value) without a kink of its own; otherwise the first stencil straddled something -- a ReLU switching, a
 jump -- and the smaller step's verdict replaces it. Correct ReLU networks in float32 are where this matters: at
@@ -55,6 +56,8 @@ KINK_EXPLAINS = 0.5  # unresolved when kink >= KINK_EXPLAINS * |numerical - anal
 KINK_BAND = 3.0  # unresolved when |numerical - analytical| <= KINK_BAND * truncation spread (+ rounding allowance)
 REFINE = 4  # entries that do not agree are re-evaluated with steps this many times smaller ...
 REFINE_ROUNDS = 3  # ... up to this many times (and once more to reproduce a disagreement first seen there)
+CURVATURE_ROUNDS = 5  # ... plus up to this many while the fourth difference falls like curvature, not a kink:
+CURVATURE_FALL = 64.0  # by this factor a round or more, relative to the rounding (curvature: REFINE**4, a kink: REFINE)
 CLEAN_KINK = 3.0  # a refined stencil is kink-free when its kink statistic is below this many rounding estimates
 DOMAIN_ROUNDS = 16  # an entry whose stencil has a non-finite loss (or a node where func raised: a node outside
 # its domain, log(x - 2h) for 0 < x < 2h) is retried at steps REFINE times smaller, up to this many times (4^16 ~ 4e9:
@@ -360,7 +363,10 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
            floor_of: Callable[[_Entries], torch.Tensor], limit: torch.Tensor | None = None,
            stats: dict | None = None, remeasure: Callable[[_Entries, torch.Tensor], _Entries] | None = None,
            margin: int = 2):
-    """Re-evaluate every entry of ``e`` that did not agree at steps REFINE times smaller (up to REFINE_ROUNDS times).
+    """Re-evaluate every entry of ``e`` that did not agree at steps REFINE times smaller (up to REFINE_ROUNDS times,
+    and up to CURVATURE_ROUNDS more for an entry whose stencil is not clean yet but whose fourth difference, relative
+    to its rounding, fell by CURVATURE_FALL or more in its last round: curvature, which falls REFINE**4-fold a
+    round, where a kink's falls REFINE-fold).
 
     First, an entry whose estimate is not finite (a node outside func's domain) is retried at steps REFINE times
     smaller until its stencil is finite (DOMAIN_ROUNDS times at most), then REFINE**margin times smaller again
@@ -385,9 +391,11 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         stats.update(retreated=retreated, smallest=smallest)
     allowed = (lambda idx, factor: idx) if limit is None else (lambda idx, factor: idx[factor[idx] <= limit[idx]])
     late = torch.zeros_like(nonsmooth)  # the disagreement was first seen at a step after a kinked one
+    # each entry's last regular round: REFINE_ROUNDS, or more while its fourth difference falls like curvature
+    last = torch.full(e.index.shape, REFINE_ROUNDS, dtype=torch.long, device=e.index.device)
     # (a stencil still not finite was tried at smaller steps than the rounds below take)
     todo = (((verdict != AGREE) | second_look(e, verdict, tol)) & e.finite).nonzero().flatten()
-    for round_ in range(1, REFINE_ROUNDS + 2):
+    for round_ in range(1, REFINE_ROUNDS + CURVATURE_ROUNDS + 2):
         todo = allowed(todo, base * REFINE**round_)
         if todo.numel() == 0:
             break
@@ -412,23 +420,29 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         confirmed = ((verdict[todo] == DISAGREE) & ~nonsmooth[todo] & reproduced & clean
                      & (~late[todo] | (v2 == DISAGREE)))
         replace = ~confirmed
-        if round_ > REFINE_ROUNDS:
-            # the extra step only reproduces the disagreements first seen at the last regular one; one it does not
-            # reproduce, no step did: the estimates contradict each other and the finite difference is unreliable
-            # there (a float32 layer_norm of a constant row: 37 -> 147 -> 468 -> 680 towards 689)
-            verdict[todo[replace]] = UNRESOLVED
-            break
+        # the extra step only reproduces the disagreements first seen at the last regular one; one it does not
+        # reproduce, no step did: the estimates contradict each other and the finite difference is unreliable
+        # there (a float32 layer_norm of a constant row: 37 -> 147 -> 468 -> 680 towards 689)
+        extra = round_ > last[todo]
+        verdict[todo[extra & replace]] = UNRESOLVED
+        replace &= ~extra
+        # Not clean yet, but the fourth difference (relative to the rounding) fell by CURVATURE_FALL or more in
+        # this round: that is curvature (it falls REFINE**4-fold a round; a kink's REFINE-fold) -- an entry a few
+        # steps from a domain's edge, log at x ~ 5e-4 in float64 -- and it gets another regular round
+        curving = (replace & (v2 != AGREE) & ~clean
+                   & (CURVATURE_FALL * e2.kink * e.rounding[todo] <= e.kink[todo] * e2.rounding))
+        grow = todo[curving & (last[todo] == round_) & (round_ < REFINE_ROUNDS + CURVATURE_ROUNDS)]
+        last[grow] += 1
         e.put(todo, e2, replace)
         verdict[todo[replace]] = v2[replace]
         tol[todo[replace]] = tol2[replace]
         late[todo[replace]] = (v2[replace] == DISAGREE) & nonsmooth[todo[replace]]
         nonsmooth[todo[replace]] = ns2[replace]
-        todo = todo[replace & (v2 != AGREE)]
-        if round_ == REFINE_ROUNDS:
-            # what is unresolved at the smallest step stays so; a disagreement first seen there (the larger
-            # stencils straddled a kink, 2.4e-3 from a float32 ReLU network's weight) gets one more step to be
-            # reproduced at
-            todo = todo[verdict[todo] == DISAGREE]
+        # what is unresolved at its last regular step stays so; a disagreement first seen there (the larger
+        # stencils straddled a kink, 2.4e-3 from a float32 ReLU network's weight) gets one more step to be
+        # reproduced at
+        keep = replace & (v2 != AGREE) & ((round_ < last[todo]) | (v2 == DISAGREE))
+        todo = todo[keep]
     return e, verdict, tol, refined
 
 

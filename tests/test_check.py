@@ -275,12 +275,76 @@ def test_a_stencil_outside_the_domain_is_retried_at_smaller_steps_and_checked(se
     err = ((t.entries["numerical"] - exact[t.entries["index"]]) / exact[t.entries["index"]]).abs().max()
     assert err < (1e-4 if dtype == torch.float32 else 1e-6), err
     assert any("outside its domain" in n for n in t.details["notes"]), t.details["notes"]
-    # and an error planted on a small entry is found there
-    small = int((x < 1e-3).nonzero()[0])
+    # and errors planted on 8 small entries are found there, and nowhere else. (In float32 such an entry is judged
+    # at steps where the rounding is ~1e-4 of the derivative, and a 1e-3 error on one entry went unseen in 4 of 200
+    # draws -- the refined stencil's noise-level fourth difference "explains" it; over 200 draws of this test at
+    # least 5 of the 8 were found in float32, 7 in float64, 8 in 178 and 197.)
+    small = (x < 1e-3).nonzero().flatten()[:8]
     scale = torch.ones(64, dtype=dtype)
     scale[small] = 1 + 1e-3
     bad = gradfd.check(planted(lambda x: torch.log(x).sum(), 0, scale), _leaf(x), raise_on_failure=False)
-    assert bad.tensors[0].disagreeing() == [(small,)], str(bad)
+    found = {i for (i,) in bad.tensors[0].disagreeing()}
+    assert found <= set(small.tolist()) and len(found) >= (5 if dtype == torch.float32 else 7), str(bad)
+
+
+@pytest.mark.parametrize("case", ["log", "normal"])
+def test_entries_a_few_steps_from_a_domain_edge_are_judged_in_float64(seed, case):
+    # float64 stencils that stay inside the domain but whose fourth difference is curvature far above the
+    # rounding at every regular refinement step (log at x ~ 5e-4: 24/x^5): more rounds, while it falls like
+    # curvature, until the stencil is clean -- so a planted error there is found, not left unresolved
+    from torch.distributions import Normal
+
+    data = torch.randn(100, dtype=torch.float64)
+    funcs = {"log": lambda x: torch.log(x).sum(), "normal": lambda s: Normal(0.0, s).log_prob(data).sum()}
+    func = funcs[case]
+    # (8 entries near the edge among 24 farther away, whose fourth differences measure the rounding noise)
+    edge = 3e-4 if case == "log" else 1e-3
+    x = torch.cat([torch.rand(8, dtype=torch.float64) * 2e-3 + edge, torch.rand(24, dtype=torch.float64) * 0.1 + 0.02])
+    x = x[torch.randperm(32)].view(32, 1)
+    report = gradfd.check(func, _leaf(x))
+    t = report.tensors[0]
+    assert report.passed and t.agree == 32, str(report)
+    small = int(x.argmin())
+    scale = torch.ones(32, 1, dtype=torch.float64)
+    scale[small] = 1 + 1e-3
+    bad = gradfd.check(planted(func, 0, scale), _leaf(x), raise_on_failure=False)
+    assert bad.tensors[0].disagreeing() == [(small, 0)], str(bad)
+
+
+def _synthetic(kink_power: float, relative_error: float):
+    """An evaluator for gradfd.check.refine: one entry whose estimate is off by ``relative_error`` at every step,
+    with a rounding estimate growing like the step divisor and a fourth difference (in derivative units) falling
+    like ``factor ** -kink_power`` -- 3 for curvature (h^4 / h), 0 for a kink inside the stencil (h / h)."""
+    check_module = __import__("gradfd.check", fromlist=["_Entries"])
+    calls = []
+
+    def evaluator(index, factor):
+        calls.append(factor)
+        n = len(index)
+        one = torch.ones(n, dtype=torch.float64)
+        rounding = 1e-12 * factor * one
+        kink = 1e-2 * factor**-kink_power * one
+        # (the stencil straddles what the fourth difference sees: it disturbs the estimate by as much)
+        return check_module._Entries(index, (1 + relative_error) * one + kink, one, 2 * rounding, rounding, kink,
+                                     torch.ones(n, dtype=torch.bool))
+
+    return check_module, evaluator, calls
+
+
+@pytest.mark.parametrize("kink_power, error, verdict, rounds", [
+    (3.0, 1e-3, "disagree", 5),  # curvature: kink / rounding = 1e10 / factor^4, clean at 4^4, confirmed at 4^5
+    (3.0, 0.0, "agree", 4),  # ... or agrees there
+    (0.0, 1e-3, "unresolved", 3),  # a kink: its ratio falls 4-fold a round, no extra rounds
+])
+def test_refinement_goes_on_while_the_fourth_difference_falls_like_curvature(kink_power, error, verdict, rounds):
+    C, evaluator, calls = _synthetic(kink_power, error)
+    e = evaluator(torch.tensor([0]), 1.0)
+    calls.clear()
+    v, tol, nonsmooth = C._verdicts(e, torch.zeros(1, dtype=torch.float64))
+    assert int(v[0]) == C.UNRESOLVED and bool(nonsmooth[0])
+    e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical))
+    names = {C.AGREE: "agree", C.DISAGREE: "disagree", C.UNRESOLVED: "unresolved"}
+    assert names[int(v[0])] == verdict and calls == [4.0**r for r in range(1, rounds + 1)], (v, calls)
 
 
 def test_a_check_where_nothing_could_be_compared_says_so(seed):
