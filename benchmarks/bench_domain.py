@@ -116,11 +116,7 @@ def main() -> None:
         rows = [near_edge(case, seed) for seed in range(args.edge_draws)]
         lines.append(f"| {case} | {sum(a for a, _ in rows)} / {len(rows)} | {sum(b for _, b in rows)} / {len(rows)} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        for path in (HERE / "RESULTS.md", HERE.parent / "README.md"):
-            bench.record_section(path, "domain", text)
+    bench.publish("domain", "\n".join(lines), HERE, record=not args.no_record)
 
 
 if __name__ == "__main__":

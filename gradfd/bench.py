@@ -23,7 +23,7 @@ import torch
 from . import problems, reference
 from .engine import numerical_gradient
 
-__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "record_section"]
+__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "record_section", "publish"]
 
 
 def machine_info() -> dict:
@@ -189,6 +189,16 @@ def markdown_table(rows: list[Row], baseline: str = "reference") -> str:
 
 def _fmt_time(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def publish(name: str, text: str, benchmarks: str | Path, record: bool = True) -> None:
+    """Print ``text`` and, when ``record``, put it in the ``name`` sections of ``benchmarks``/RESULTS.md and of the
+    README beside that folder (see :func:`record_section`)."""
+    print(text)
+    if record:
+        benchmarks = Path(benchmarks)
+        for path in (benchmarks / "RESULTS.md", benchmarks.parent / "README.md"):
+            record_section(path, name, text)
 
 
 def record_section(path: str | Path, name: str, text: str) -> None:
