@@ -311,10 +311,11 @@ def test_entries_a_few_steps_from_a_domain_edge_are_judged_in_float64(seed, case
     assert bad.tensors[0].disagreeing() == [(small, 0)], str(bad)
 
 
-def _synthetic(kink_power: float, relative_error: float):
+def _synthetic(kink_power: float, relative_error: float, ratios: dict | None = None):
     """An evaluator for gradfd.check.refine: one entry whose estimate is off by ``relative_error`` at every step,
     with a rounding estimate growing like the step divisor and a fourth difference (in derivative units) falling
-    like ``factor ** -kink_power`` -- 3 for curvature (h^4 / h), 0 for a kink inside the stencil (h / h)."""
+    like ``factor ** -kink_power`` -- 3 for curvature (h^4 / h), 0 for a kink inside the stencil (h / h) -- or,
+    where ``ratios`` is given, ``ratios[factor]`` rounding estimates (then the estimate is not disturbed by it)."""
     check_module = __import__("gradfd.check", fromlist=["_Entries"])
     calls = []
 
@@ -323,10 +324,13 @@ def _synthetic(kink_power: float, relative_error: float):
         n = len(index)
         one = torch.ones(n, dtype=torch.float64)
         rounding = 1e-12 * factor * one
-        kink = 1e-2 * factor**-kink_power * one
-        # (the stencil straddles what the fourth difference sees: it disturbs the estimate by as much)
-        return check_module._Entries(index, (1 + relative_error) * one + kink, one, 2 * rounding, rounding, kink,
-                                     torch.ones(n, dtype=torch.bool))
+        if ratios is not None:
+            kink, disturbance = ratios[factor] * rounding, 0.0
+        else:
+            # (the stencil straddles what the fourth difference sees: it disturbs the estimate by as much)
+            kink = disturbance = 1e-2 * factor**-kink_power * one
+        return check_module._Entries(index, (1 + relative_error) * one + disturbance, one, 2 * rounding, rounding,
+                                     kink, torch.ones(n, dtype=torch.bool))
 
     return check_module, evaluator, calls
 
@@ -342,6 +346,23 @@ def test_refinement_goes_on_while_the_fourth_difference_falls_like_curvature(kin
     calls.clear()
     v, tol, nonsmooth = C._verdicts(e, torch.zeros(1, dtype=torch.float64))
     assert int(v[0]) == C.UNRESOLVED and bool(nonsmooth[0])
+    e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical))
+    names = {C.AGREE: "agree", C.DISAGREE: "disagree", C.UNRESOLVED: "unresolved"}
+    assert names[int(v[0])] == verdict and calls == [4.0**r for r in range(1, rounds + 1)], (v, calls)
+
+
+@pytest.mark.parametrize("retry_ratio, verdict, rounds", [
+    (4.0, "disagree", 5),  # misses CLEAN_KINK (3) by noise: one more step, which confirms
+    (8.0, "unresolved", 4),  # above KINK_NOISE_FACTOR (6): a kink, no more steps
+])
+def test_a_reproduction_that_misses_the_clean_bar_by_noise_gets_one_more_step(retry_ratio, verdict, rounds):
+    # kinked (10 rounding estimates, not falling) at the first steps, clean and disagreeing at 4^3 (first seen
+    # after a kinked step: the next must reproduce it), then the reproducing step's fourth difference is at 4^4
+    ratios = {1.0: 10.0, 4.0: 10.0, 16.0: 10.0, 64.0: 0.0, 256.0: retry_ratio, 1024.0: 0.0}
+    C, evaluator, calls = _synthetic(0.0, 1e-3, ratios)
+    e = evaluator(torch.tensor([0]), 1.0)
+    calls.clear()
+    v, tol, nonsmooth = C._verdicts(e, torch.zeros(1, dtype=torch.float64))
     e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical))
     names = {C.AGREE: "agree", C.DISAGREE: "disagree", C.UNRESOLVED: "unresolved"}
     assert names[int(v[0])] == verdict and calls == [4.0**r for r in range(1, rounds + 1)], (v, calls)
