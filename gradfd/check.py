@@ -427,8 +427,7 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         # (unless it disagrees again, reproduces, and misses CLEAN_KINK by no more than noise does -- its kink
         # statistic is below KINK_NOISE_FACTOR rounding estimates, which 1.5|z| exceeds at 4% of smooth entries --
         # and takes another step: a planted error near a Normal's scale edge was left unresolved so)
-        retry = (extra & replace & (v2 == DISAGREE) & reproduced & ~ns2
-                 & (verdict[todo] == DISAGREE) & (round_ < REFINE_ROUNDS + CURVATURE_ROUNDS))
+        retry = extra & replace & (v2 == DISAGREE) & reproduced & ~ns2 & (round_ < REFINE_ROUNDS + CURVATURE_ROUNDS)
         last[todo[retry]] = round_
         extra &= ~retry
         verdict[todo[extra & replace]] = UNRESOLVED
