@@ -299,14 +299,50 @@ def test_without_kernels_batched_says_why_and_auto_uses_the_loop(monkeypatch, se
     torch.testing.assert_close(got, 2 * x, rtol=1e-8, atol=1e-8)
 
 
-def test_auto_picks_the_loop_for_tiny_problems_and_batches_large_ones(seed):
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that advances only when ``func`` runs: by ``loop_cost`` per call on a
+    single point and by ``batch_cost`` per call on a stacked chunk (a leading batch dimension), so the "auto"
+    engine's timed choice is deterministic however busy the machine is."""
+
+    def __init__(self, loop_cost: float, batch_cost: float) -> None:
+        self.now, self.loop_cost, self.batch_cost = 0.0, loop_cost, batch_cost
+        self.calls = {"loop": 0, "batch": 0}
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, w: torch.Tensor) -> None:
+        kind = "batch" if w.dim() == 3 else "loop"
+        self.calls[kind] += 1
+        self.now += self.batch_cost if kind == "batch" else self.loop_cost
+
+
+@pytest.mark.parametrize("faster", ["batched", "loop"])
+def test_auto_engine_keeps_whichever_its_probe_timed_faster(seed, monkeypatch, faster):
     tiny = engine.evaluate(lambda x: x.sum(), (torch.randn(3, dtype=torch.float64),), 0, steps=1e-5)
-    assert tiny.engine == "loop"
-    func, params, idx = FUNCTIONS["linear_regression_w"]("cpu", torch.float64)
-    w = torch.randn(400, 1, dtype=torch.float64)
+    assert tiny.engine == "loop"  # below the batching threshold: not even probed
+    # a call on a stacked chunk of up to 64 coordinates costs 8 single calls (batching wins) or 1000 (the loop wins)
+    clock = _Clock(loop_cost=1e-3, batch_cost=8e-3 if faster == "batched" else 1.0)
+    monkeypatch.setattr(engine, "time", clock)
     X = torch.randn(64, 400, dtype=torch.float64)
-    big = engine.evaluate(lambda w: (X @ w).pow(2).mean(), (w,), 0, steps=1e-5)
-    assert big.engine == "batched", big.notes
+
+    def func(w: torch.Tensor) -> torch.Tensor:
+        clock.tick(w)
+        return (X @ w).pow(2).mean(dim=(-2, -1))
+
+    w = torch.randn(400, 1, dtype=torch.float64)
+    ev = engine.evaluate(func, (w,), 0, steps=1e-5, batching="stack")
+    probe = [n for n in ev.notes if n.startswith("probe:")]
+    assert len(probe) == 1 and probe[0].endswith(f"{faster} chosen"), ev.notes
+    assert ev.engine == faster
+    if faster == "batched":  # the rest went batched: a few stacked calls; single calls only to probe and to
+        # check the stacking
+        assert clock.calls["loop"] < 16 and clock.calls["batch"] <= 8, clock.calls
+    else:  # the probe's chunks and then the loop for every coordinate left
+        assert clock.calls["loop"] >= 2 * (400 - 4 - 2 * 64), clock.calls
+    want = reference.numerical_gradient(lambda w: (X @ w).pow(2).mean(), (w,), 0, h=1e-5)
+    got, _ = ev.estimate()
+    assert _rel(got.view_as(want), want) < 1e-8
 
 
 _DATA = torch.linspace(-2, 2, 7, dtype=torch.float64)
