@@ -58,6 +58,9 @@ REFINE = 4  # entries that do not agree are re-evaluated with steps this many ti
 REFINE_ROUNDS = 3  # ... up to this many times (and once more to reproduce a disagreement first seen there)
 CURVATURE_ROUNDS = 5  # ... plus up to this many while the fourth difference falls like curvature, not a kink:
 CURVATURE_FALL = 64.0  # by this factor a round or more, relative to the rounding (curvature: REFINE**4, a kink: REFINE)
+STRUCTURE = 0.1  # an entry whose noise no reliable median measured shows structure where its kink exceeds this
+# share of its estimate (and the model's rounding): see _unsettled
+INFORMATIVE = 0.01  # ... and then agrees only within an allowance below this fraction of its analytical value
 CLEAN_KINK = 3.0  # a refined stencil is kink-free when its kink statistic is below this many rounding estimates
 DOMAIN_ROUNDS = 16  # an entry whose stencil has a non-finite loss (or a node where func raised: a node outside
 # its domain, log(x - 2h) for 0 < x < 2h) is retried at steps REFINE times smaller, up to this many times (4^16 ~ 4e9:
@@ -174,6 +177,11 @@ class _Entries:
     rounding: torch.Tensor
     kink: torch.Tensor
     finite: torch.Tensor
+    # where no reliable median measured an entry's noise (a parameter of a few entries, an output of an elementwise
+    # op), the rounding that the model eps * (|f| + terms) gives (at least the subnormals' spacing), in the units of
+    # ``rounding``; 0 elsewhere. Such an entry's rounding comes from its own fourth difference, which "rounding" then
+    # explains whatever the stencil straddles (a float32 tan's pole): see _unsettled
+    model: torch.Tensor
 
     def take(self, j: torch.Tensor) -> "_Entries":
         return _Entries(*(getattr(self, f)[j] for f in self.__dataclass_fields__))
@@ -276,17 +284,39 @@ class _Directions:
         truncation = spread if spread is not None else torch.zeros_like(numerical)
         # derivatives along v / factor: scale them back to the base direction v, so rounds compare directly
         return _Entries(which, numerical * factor, analytical * factor, (truncation + rounding) * factor,
-                        rounding * factor, kink * factor, finite)
+                        rounding * factor, kink * factor, finite, torch.zeros_like(numerical))
 
 
-def _verdicts(e: _Entries, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-entry verdicts, tolerances and non-smoothness flags (see the module docstring)."""
+def _unsettled(e: _Entries, settled: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries whose noise no reliable median measured (``e.model > 0``) and whose stencil shows structure: a kink
+    above both KINK_NOISE_FACTOR times the model's rounding and STRUCTURE times the estimate itself. A pole inside the
+    stencil gives a fourth difference of ~6 f(x) (kink 6e5 against an estimate of -1280 for a float32 tan 1.6e-4
+    from its pole); rounding or curvature that large leaves the estimate no meaning either. Rounding above the
+    model alone (a float32 gelu's tail, whose outputs are differences of terms ~1) is no structure while the
+    estimate stands out of it. ``settled`` exempts the entries whose fourth difference fell like curvature."""
+    out = (e.model > 0) & (e.kink > KINK_NOISE_FACTOR * e.model) & (e.kink > STRUCTURE * e.numerical.abs())
+    return out if settled is None else out & ~settled
+
+
+def _verdicts(e: _Entries, floor: torch.Tensor, settled: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-entry verdicts, tolerances and non-smoothness flags (see the module docstring); ``settled`` marks the
+    entries whose fourth difference fell like curvature since their previous step (see :func:`refine`)."""
     diff = (e.numerical - e.analytical).abs()
     truncation = e.error - e.rounding
     # Non-smooth within the stencil (kink well above what rounding noise can produce): the truncation spread is
     # contaminated, so such an entry agrees only within the rounding allowance, and is otherwise unresolved.
-    nonsmooth = e.kink > KINK_NOISE_FACTOR * e.rounding
-    tol = torch.where(nonsmooth, floor + TOLERANCE_SAFETY * e.rounding, floor + TOLERANCE_SAFETY * e.error)
+    own = e.kink > KINK_NOISE_FACTOR * e.rounding
+    tol = torch.where(own, floor + TOLERANCE_SAFETY * e.rounding, floor + TOLERANCE_SAFETY * e.error)
+    # An entry whose noise no reliable median measured is not settled while its stencil shows structure (see
+    # _unsettled: a pole or a jump inside it, strong curvature, or heavy rounding). It agrees only where the
+    # allowance it is judged with is informative (within INFORMATIVE of the analytical value), and never fails.
+    unsettled = _unsettled(e, settled)
+    nonsmooth = own | unsettled
+    # (the allowance it would agree within: its rounding where its own kink stands out of it -- a rounding measured
+    # where an earlier stencil straddled a pole, 1.7e6 for a float32 1/x at 1.9e-3 whose derivative is -2.8e5)
+    vague = unsettled & (torch.where(own, e.rounding, e.error) > INFORMATIVE * e.analytical.abs())
+    tol = torch.where(vague, floor, tol)
     agree = e.finite & (diff <= tol)
     # A kink inside the stencil that the fourth difference cannot see (a ReLU switching at 2/3 of a step) makes
     # the extrapolant miss by up to twice the truncation spread; a discrepancy that small is ambiguous.
@@ -299,9 +329,18 @@ def _verdicts(e: _Entries, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def second_look(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the agreeing entries that :func:`refine` looks at again (see ``SECOND_LOOK``)."""
+    """Boolean mask of the agreeing entries that :func:`refine` looks at again (see ``SECOND_LOOK``), and those
+    whose noise no reliable median measured while their kink is far above the model's rounding: CURVATURE_FALL
+    times it, or KINK_NOISE_FACTOR times it where the error estimate is not informative (above INFORMATIVE of the
+    value). That is curvature that smaller steps shed (2.5% for a float32 tan 0.3 from its pole, where a 1% error
+    went unseen; 1e-4 for float64 tans 1e-3 from it). A kink 6 to 50 times the model's, with a tight estimate, is
+    rounding the model underestimates (18% of a float64 gelu(x) * x's entries, whose second look doubled the
+    check's time)."""
     diff = (e.numerical - e.analytical).abs()
-    return (verdict == AGREE) & e.finite & (diff > SECOND_LOOK * tol) & (e.error - e.rounding > e.rounding)
+    truncated = (diff > SECOND_LOOK * tol) & (e.error - e.rounding > e.rounding)
+    curved = (e.model > 0) & ((e.kink > CURVATURE_FALL * e.model)
+                              | ((e.kink > KINK_NOISE_FACTOR * e.model) & (e.error > INFORMATIVE * e.analytical.abs())))
+    return (verdict == AGREE) & e.finite & (truncated | curved)
 
 
 def _evaluate_at(evaluator, index: torch.Tensor, factors: torch.Tensor) -> _Entries:
@@ -381,9 +420,19 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     own; one first seen in the last round is evaluated once more at a REFINE times smaller step, and is unresolved
     unless that reproduces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps
     ``1/factor`` as large; ``limit`` is each entry's largest factor (its step stays MIN_STEP_ULPS ulps of its
-    input or more), None for no limit. ``stats``, when given, receives ``retreated`` (entries that needed a smaller
-    step to be finite) and ``smallest`` (the largest factor they took). Returns the updated ``(entries, verdict,
-    tolerance, number of re-evaluations)``.
+    input or more), None for no limit; a disagreement that needed a step the limit forbids is unresolved. A step
+    whose estimate is exactly 0 where the larger one's was not is below the resolution of the output (or of an
+    intermediate): the entry keeps its verdict as if it had no such step.
+
+    An entry whose noise no reliable median measured (``e.model > 0``: a parameter of a few entries, an output of
+    an elementwise op) is not settled while its stencil shows structure (:func:`_unsettled`), or until its fourth
+    difference fell REFINE**2-fold in a round, as curvature's does; while it is not settled it never fails and
+    takes further rounds (up to CURVATURE_ROUNDS more: a float32 tan whose stencils straddled its pole), and once
+    settled it takes them while its kink is still far above the model's rounding (its error estimate is that
+    curvature's); a disagreement of such an entry first seen after it agreed must be reproduced by a step that
+    disagrees on its own. ``stats``, when given, receives ``retreated`` (entries that needed a smaller step to be
+    finite) and ``smallest`` (the largest factor they took). Returns the updated ``(entries, verdict, tolerance,
+    number of re-evaluations)``.
     """
     base, refined, retreated, smallest = _retreat(e, verdict, tol, nonsmooth, evaluator, floor_of, limit, remeasure,
                                                   margin)
@@ -395,13 +444,34 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     last = torch.full(e.index.shape, REFINE_ROUNDS, dtype=torch.long, device=e.index.device)
     # (a stencil still not finite was tried at smaller steps than the rounds below take)
     todo = (((verdict != AGREE) | second_look(e, verdict, tol)) & e.finite).nonzero().flatten()
+
+    def unreproduced(which: torch.Tensor, round_: int) -> None:
+        """Entries that get no step ``round_``: a disagreement that needed it to be reproduced (first seen after a
+        kinked step, or at the last regular one) is unresolved."""
+        pending = (verdict[which] == DISAGREE) & (late[which] | (round_ > last[which]))
+        verdict[which[pending]] = UNRESOLVED
+
     for round_ in range(1, REFINE_ROUNDS + CURVATURE_ROUNDS + 2):
-        todo = allowed(todo, base * REFINE**round_)
+        kept = allowed(todo, base * REFINE**round_)
+        unreproduced(todo[~torch.isin(todo, kept)], round_)  # (steps below MIN_STEP_ULPS ulps of the input)
+        todo = kept
         if todo.numel() == 0:
             break
         refined += todo.numel()
         e2 = _evaluate_at(evaluator, e.index[todo], base[todo] * REFINE**round_)
-        v2, tol2, ns2 = _verdicts(e2, floor_of(e2))
+        # A step whose estimate is exactly 0 where the larger step's was not fell below the resolution of the output
+        # or of an intermediate -- exp(0.3 x**2) in float32 at x = 0.07 does not move for steps below 3e-6; a
+        # float64 log_softmax entry of 1.7e-11 whose row sums terms of 22.5 stops moving at 1/1024 of the steps --
+        # and says nothing: the entry keeps its verdict as if it had no such step (a function that is constant,
+        # where the backward is not, estimates 0 at every step and fails)
+        stalled = (e2.numerical == 0) & (e.numerical[todo] != 0)
+        unreproduced(todo[stalled], round_)
+        # an entry whose noise no reliable median measured (e.model) is settled once its fourth difference fell
+        # REFINE**2-fold in derivative units: curvature's falls REFINE**3-fold; a kink's stays, and a jump's or
+        # rounding's grows REFINE-fold (and falls so by chance for ~1% of noise draws)
+        few = e2.model > 0
+        fell = few & (REFINE**2 * e2.kink <= e.kink[todo])
+        v2, tol2, ns2 = _verdicts(e2, floor_of(e2), fell)
         # the second estimate sides with the first (reproduced) or with the analytical value (an artefact) ...
         # (and within the two estimates' error bounds of each other: a function still far from its asymptotic
         # regime at these steps -- layer_norm of a constant row, whose scale is sqrt(its eps) -- moves its estimate
@@ -411,7 +481,7 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
             moved <= TOLERANCE_SAFETY * (e.error[todo] + e2.error))
         # ... and the smaller stencil shows no kink beyond what its rounding noise produces (1.5|z| rounding
         # estimates for z ~ N(0, 1): CLEAN_KINK = 3 is exceeded by chance for ~4% of smooth entries)
-        clean = e2.finite & (e2.kink < CLEAN_KINK * e2.rounding)
+        clean = e2.finite & (e2.kink < CLEAN_KINK * e2.rounding) & ~_unsettled(e2, fell)
         # (a NaN or inf analytical entry against a finite estimate is no artefact of the step)
         reproduced |= ~torch.isfinite(e2.analytical) & torch.isfinite(e2.numerical)
         # A disagreement first seen at a step after one whose stencil straddled a kink has no larger step behind
@@ -419,7 +489,8 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         # between the h/16 stencil's inner and outer nodes, where the fourth difference hardly sees it)
         confirmed = ((verdict[todo] == DISAGREE) & ~nonsmooth[todo] & reproduced & clean
                      & (~late[todo] | (v2 == DISAGREE)))
-        replace = ~confirmed
+        confirmed &= ~stalled
+        replace = ~confirmed & ~stalled
         # the extra step only reproduces the disagreements first seen at the last regular one; one it does not
         # reproduce, no step did: the estimates contradict each other and the finite difference is unreliable
         # there (a float32 layer_norm of a constant row: 37 -> 147 -> 468 -> 680 towards 689)
@@ -437,19 +508,33 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         # steps from a domain's edge, log at x ~ 5e-4 in float64 -- and it gets another regular round
         curving = (replace & (v2 != AGREE) & ~clean
                    & (CURVATURE_FALL * e2.kink * e.rounding[todo] <= e.kink[todo] * e2.rounding))
+        # (and so does an entry whose noise no reliable median measured while its stencil is not settled -- one that
+        # straddled a float32 tan's pole 1.6e-4 away, which steps REFINE**5 times smaller leave -- or whose fourth
+        # difference fell so, as curvature's does)
+        curving |= replace & (v2 != AGREE) & (_unsettled(e2, fell) | fell)
+        # (and one that agrees, or is ambiguous, where its fourth difference fell so but is still far above the
+        # model's rounding: it was judged within an error of that curvature -- 41% for a float32 tan 0.03 from its
+        # pole, right after its stencils stopped straddling the pole -- and takes the steps that tighten it)
+        tighten = replace & (v2 != DISAGREE) & fell & (e2.kink > KINK_NOISE_FACTOR * e2.model)
+        curving |= tighten
         grow = todo[curving & (last[todo] == round_) & (round_ < REFINE_ROUNDS + CURVATURE_ROUNDS)]
         last[grow] += 1
+        # A disagreement first seen after the entry agreed, where its noise no reliable median measured, has a
+        # step behind it that contradicts it: the next step must disagree on its own, too (a float64 layer_norm of
+        # sigmoid(sigmoid) entry agreed at h and h/16 and missed its tolerance by 2.8e-11 at h/4)
+        after_agreeing = (verdict[todo] == AGREE) & (e.model[todo] > 0)
         e.put(todo, e2, replace)
         verdict[todo[replace]] = v2[replace]
         tol[todo[replace]] = tol2[replace]
-        late[todo[replace]] = (v2[replace] == DISAGREE) & nonsmooth[todo[replace]]
+        late[todo[replace]] = (v2[replace] == DISAGREE) & (nonsmooth[todo[replace]] | after_agreeing[replace])
         late[todo[retry]] = True  # (the next step, too, must disagree on its own)
         nonsmooth[todo[replace]] = ns2[replace]
         # what is unresolved at its last regular step stays so; a disagreement first seen there (the larger
         # stencils straddled a kink, 2.4e-3 from a float32 ReLU network's weight) gets one more step to be
         # reproduced at
-        keep = replace & (v2 != AGREE) & ((round_ < last[todo]) | (v2 == DISAGREE))
+        keep = replace & ((v2 != AGREE) | tighten) & ((round_ < last[todo]) | (v2 == DISAGREE))
         todo = todo[keep]
+    unreproduced(todo, REFINE_ROUNDS + CURVATURE_ROUNDS + 2)
     return e, verdict, tol, refined
 
 

@@ -629,9 +629,15 @@ def check_coordinates(
     m = coords.numel()
     out_eps = torch.cat([torch.full((spec.numels[j],), stencils.eps(dt), dtype=torch.float64)
                          for j, dt in enumerate(spec.dtypes)]).to(p.device) if size else torch.zeros(0)
+    # the spacing of each output's subnormals: no value rounds more finely (the model's absolute floor)
+    out_tiny = torch.cat([torch.full((spec.numels[j],), torch.finfo(dt).smallest_normal * stencils.eps(dt),
+                                     dtype=torch.float64) for j, dt in enumerate(spec.dtypes)]
+                         ).to(p.device) if size else torch.zeros(0)
     group = torch.cat([torch.full((spec.numels[j],), j, dtype=torch.int64) for j in range(len(spec.kept))]
                       ).to(p.device) if size else torch.zeros(0, dtype=torch.int64)
-    floor = FLOOR_EPS * out_eps
+    # the dtype floor, of the coarser of each output and the input: backward rounds the Jacobian's entries to the
+    # input's dtype (softmax(x, dtype=torch.float64) of a float32 x: float32 entries, 3.6e-8 off the float64 ones)
+    floor = FLOOR_EPS * torch.clamp(out_eps, min=stencils.eps(p.dtype))
     rtol_ = floor if rtol is None else torch.full_like(floor, rtol)
     scales = [analytical.scale(k, j) for j in range(len(spec.kept))]
     flat_x = p.detach().reshape(-1)
@@ -649,6 +655,7 @@ def check_coordinates(
     state: dict = {"noise": None, "probe": None, "probe_noted": False,
                    "kinked": torch.zeros(size, dtype=torch.bool, device=p.device), "details": {}, "fallback": False,
                    "measured": torch.zeros(size, dtype=torch.float64, device=p.device),
+                   "magnitude": torch.zeros(size, dtype=torch.float64, device=p.device),
                    "compressed": _Compressed(analytical, k) if compress and not analytical.scalar and size >= 16
                    else None}
     store = {name: torch.empty(m, size, dtype=torch.float64, device=p.device) if keep_all else None
@@ -696,8 +703,8 @@ def check_coordinates(
                 ana, unused_sums = comp.entries(cols, moved)
                 h_col = (disp[0] - disp[1]).abs() / 2  # (c,)
                 lo_hi = [(spec.offsets[j], spec.offsets[j] + spec.numels[j]) for j in range(len(spec.kept))]
-                allowed = (FLOOR_EPS * float(out_eps.max()) * max((float(ana[:, a:b].abs().max()) if b > a else 0.0)
-                                                                  for a, b in lo_hi)
+                allowed = (float(floor.max()) * max((float(ana[:, a:b].abs().max()) if b > a else 0.0)
+                                                    for a, b in lo_hi)
                            + float((out_eps * base_values.abs()).sum()) / h_col.unsqueeze(1))
                 if bool((unused_sums.abs() > allowed).any()):
                     state["fallback"] = True  # a leak: redo with exact rows, which say where
@@ -749,8 +756,14 @@ def check_coordinates(
         state["noise"] = noise if state["noise"] is None else torch.maximum(state["noise"], noise)
         reliable = torch.bincount(oo, minlength=size) >= accuracy.RELIABLE_MEDIAN  # (a measured median, per output)
         state["measured"] = torch.maximum(state["measured"], torch.where(reliable, noise, 0.0))
+        # (an output no reliable median measured yet: the model's rounding, for check._unsettled)
+        unmeasured = ((torch.bincount(oo, minlength=size)[oo] < accuracy.RELIABLE_MEDIAN)
+                      & ~(state["measured"][oo] > 0))
+        state["magnitude"] += magnitude
+        model = out_eps[oo] * (base_values[oo].abs() + magnitude[oo]) + out_tiny[oo]
+        model = torch.where(unmeasured, est.rounding * model / noise[oo].clamp(min=1e-300), 0.0)
         e = _Entries((start + jj) * size + oo, est.numerical, ana_pairs, est.error, est.rounding, est.kink,
-                     est.finite)
+                     est.finite, model)
         verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, oo))
         if keep_all:
             zeros = torch.zeros(c, size, dtype=torch.float64, device=p.device)
@@ -845,7 +858,7 @@ def check_coordinates(
         # try the hypothesised patterns in turn (each in a fresh call, so that a refuted one leaves no state)
         following = colored + 1 if colored + 1 < len(_PATTERNS) else None
         atol_floor = (lambda scale: atol) if atol is not None else (
-            lambda scale: FLOOR_EPS * float(out_eps.max()) * scale)
+            lambda scale: float(floor.max()) * scale)
         sparse = _ColoredPass.build(analytical, k, base_steps, stencil, _PATTERNS[colored])
         why = None if sparse is None else sparse.analytical_entries(atol_floor)
         if sparse is not None and why is None:
@@ -906,8 +919,19 @@ def check_coordinates(
         # quarter of eps times the size of the terms its input enters, |x_i df/dx_i| (3x**3 for x**3)
         terms = _term_sizes(flat_x[coords[torch.div(e.index, size, rounding_mode="floor")]]) * e.analytical.abs()
         noise_e = torch.maximum(noise_e, out_eps[outs] / 4 * torch.where(terms.isfinite(), terms, 0.0))
+        # the entries whose output no chunk of a reliable median measured (nor the probe): the model's rounding
+        # eps * (|f| + its terms), as a share of the noise they are judged with (_Entries.model)
+        unmeasured = few & ~(state["measured"][outs] > 0)
+        if state["probe"] is not None and bool(kinked.any()):
+            unmeasured &= ~kinked
+        size_e = base_values[outs].abs() + torch.maximum(state["magnitude"][outs],
+                                                          torch.where(terms.isfinite(), terms, 0.0))
+        # (+ the subnormals' spacing: an attention weight of 1e-42 in float32 rounds to 1.4e-45)
+        model_share = torch.where(unmeasured, (out_eps[outs] * size_e + out_tiny[outs]) / noise_e.clamp(min=1e-300),
+                                  0.0)
         e.rounding, e.error = (torch.where(e.finite, noise_e * gain, e.rounding),
                                torch.where(e.finite, e.error - e.rounding + noise_e * gain, e.error))
+        e.model = e.rounding * model_share
         verdict, tol, nonsmooth = _verdicts(e, floor_of(e.analytical, outs))
         order = torch.argsort(e.index)
         sorted_index = e.index[order]
@@ -915,8 +939,17 @@ def check_coordinates(
         def own_noise(pairs: torch.Tensor, entries: _Entries) -> _Entries:
             """``entries`` (evaluated with the output's pooled noise) with the rounding of each pair's own noise."""
             pooled = state["noise"][pairs % size]
-            mine = noise_e[order[torch.searchsorted(sorted_index, pairs)]]
+            at = order[torch.searchsorted(sorted_index, pairs)]
+            mine = noise_e[at]
             rounding = torch.where(pooled > 0, entries.rounding * mine / pooled.clamp(min=1e-300), entries.rounding)
+            entries.model = rounding * model_share[at]
+            # (an entry no reliable median measured: the noise of its own fourth difference at this step where that
+            # is smaller than the first round's -- which may be a pole its stencil straddled then -- scaled to this
+            # step; both bound the rounding from above, curvature included; and never below the model's)
+            own = 2 * accuracy.ROUNDING_SAFETY * stencil.weight_norm * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
+            alone = (entries.model > 0) & entries.finite
+            rounding = torch.where(alone, torch.maximum(entries.model, torch.minimum(rounding, own * entries.kink)),
+                                   rounding)
             entries.error = entries.error - entries.rounding + rounding
             entries.rounding = rounding
             return entries
@@ -928,7 +961,8 @@ def check_coordinates(
                 values, disp, ana_pairs = sparse.pairs(problem, positions, outs_, factor)
                 est, _ = entry_estimates(values, disp, base_values[outs_], stencil, out_eps[outs_], outs_, size,
                                          state["noise"])
-                return _Entries(pairs, est.numerical, ana_pairs, est.error, est.rounding, est.kink, est.finite)
+                return _Entries(pairs, est.numerical, ana_pairs, est.error, est.rounding, est.kink, est.finite,
+                                torch.zeros_like(est.rounding))  # (model: see own_noise)
             uniq, inverse = torch.unique(positions, return_inverse=True)
             cols = coords[uniq]
             got: dict = {}
@@ -947,7 +981,7 @@ def check_coordinates(
             else:
                 ana_pairs = analytical.columns(k, cols)[inverse, outs_]
             return _Entries(pairs, num[inverse, outs_], ana_pairs, err[inverse, outs_], rnd[inverse, outs_],
-                            knk[inverse, outs_], fin[inverse, outs_])
+                            knk[inverse, outs_], fin[inverse, outs_], torch.zeros_like(ana_pairs))  # (see own_noise)
 
         def remeasure(entries: _Entries, factors: torch.Tensor) -> _Entries:
             """Entries moved to smaller steps by a non-finite first stencil (see refine), with each output's noise
@@ -968,7 +1002,10 @@ def check_coordinates(
             rounding = torch.where(ok, accuracy.ROUNDING_SAFETY * stencil.weight_norm * new / h_, entries.rounding)
             entries.error = entries.error - entries.rounding + rounding
             entries.rounding = rounding
-            noise_e[order[torch.searchsorted(sorted_index, entries.index[ok])]] = new[ok]  # for the later rounds
+            at = order[torch.searchsorted(sorted_index, entries.index[ok])]
+            noise_e[at] = new[ok]  # for the later rounds, which measure these kinks against it
+            model_share[at] = 0.0
+            entries.model = torch.where(ok, 0.0, entries.model)
             return entries
 
         entry_x = flat_x[coords[torch.div(e.index, size, rounding_mode="floor")]]

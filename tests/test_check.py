@@ -330,7 +330,7 @@ def _synthetic(kink_power: float, relative_error: float, ratios: dict | None = N
             # (the stencil straddles what the fourth difference sees: it disturbs the estimate by as much)
             kink = disturbance = 1e-2 * factor**-kink_power * one
         return check_module._Entries(index, (1 + relative_error) * one + disturbance, one, 2 * rounding, rounding,
-                                     kink, torch.ones(n, dtype=torch.bool))
+                                     kink, torch.ones(n, dtype=torch.bool), 0 * one)
 
     return check_module, evaluator, calls
 
@@ -366,6 +366,96 @@ def test_a_reproduction_that_misses_the_clean_bar_by_noise_gets_one_more_step(re
     e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical))
     names = {C.AGREE: "agree", C.DISAGREE: "disagree", C.UNRESOLVED: "unresolved"}
     assert names[int(v[0])] == verdict and calls == [4.0**r for r in range(1, rounds + 1)], (v, calls)
+
+
+def test_a_disagreement_that_needs_a_step_below_the_limit_is_unresolved():
+    # kinked at the first two steps, clean and disagreeing at 4^2 (first seen after a kinked step: the next step
+    # must reproduce it), and 4^3 is below the entry's smallest step (MIN_STEP_ULPS): it stays unreproduced
+    C, evaluator, calls = _synthetic(0.0, 1e-3, {1.0: 10.0, 4.0: 10.0, 16.0: 0.0, 64.0: 0.0})
+    e = evaluator(torch.tensor([0]), 1.0)
+    calls.clear()
+    v, tol, nonsmooth = C._verdicts(e, torch.zeros(1, dtype=torch.float64))
+    e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical),
+                                  limit=torch.tensor([16.0], dtype=torch.float64))
+    assert int(v[0]) == C.UNRESOLVED and calls == [4.0, 16.0], (v, calls)
+    # with the step allowed, it is reproduced there and fails
+    C, evaluator, calls = _synthetic(0.0, 1e-3, {1.0: 10.0, 4.0: 10.0, 16.0: 0.0, 64.0: 0.0})
+    e = evaluator(torch.tensor([0]), 1.0)
+    v, tol, nonsmooth = C._verdicts(e, torch.zeros(1, dtype=torch.float64))
+    e, v, tol, refined = C.refine(e, v, tol, nonsmooth, evaluator, lambda e: torch.zeros_like(e.numerical))
+    assert int(v[0]) == C.DISAGREE
+
+
+class _Tan(torch.autograd.Function):
+    """tan with its backward 1 / cos(x)**2 (computed in float64) off by the factor ``1 + error``."""
+
+    error = 0.0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tan(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / torch.cos(x.double()).pow(2).to(x.dtype) * (1 + _Tan.error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("distance", [1e-4, 1e-3, 0.03])
+@pytest.mark.parametrize("kind", ["loss", "elementwise"])
+def test_a_single_entry_whose_stencils_straddle_a_pole_is_measured_where_they_do_not(dtype, distance, kind):
+    # tan at `distance` below its pole: the first float32 steps (2^-5 of the entry) straddle the pole, with finite
+    # values on both sides (-1280 for 4e7 at 1.6e-4). A single entry measures its noise from its own fourth
+    # difference, so that was "rounding" and the step "clean": a confirmed false failure (float32, every distance
+    # up to 3e-3), or an agreement within an error estimate larger than the derivative (float64)
+    x = torch.tensor([math.pi / 2 - distance], dtype=dtype, requires_grad=True)
+    func = (lambda x: _Tan.apply(x).sum()) if kind == "loss" else _Tan.apply
+    exact = 1 / math.cos(float(x.detach().double())) ** 2
+    report = gradfd.check(func, (x,), raise_on_failure=False)
+    t, d = report.tensors[0], report.to_dict()["tensors"][0]
+    assert (t.agree, t.disagree, t.unresolved) == (1, 0, 0), report
+    # measured at steps that no longer straddle it: the estimate bounds the error against the exact derivative
+    assert abs(d["worst_numerical"] - exact) <= d["worst_error_estimate"] <= 0.1 * exact, report
+    if distance >= 0.03:  # and a 1% error in the backward is found there
+        _Tan.error = 1e-2
+        try:
+            report = gradfd.check(func, (x,), raise_on_failure=False)
+        finally:
+            _Tan.error = 0.0
+        assert report.tensors[0].disagree == 1, report
+
+
+@pytest.mark.parametrize("kind", ["loss", "elementwise"])
+def test_a_rounding_measured_across_a_pole_is_no_allowance_to_agree_within(kind):
+    # 1/x at 1.9e-3 in float32: the first steps (2^-5 of max(1, x)) straddle the pole. At 1/16 of them the
+    # stencil no longer does, but the rounding the first step measured (its fourth difference, across the pole),
+    # scaled to the step, was 1.7e6 against a derivative of -2.8e5: the estimate -2.2e6 agreed within it
+    x = torch.tensor([0.0019027443012939558], dtype=torch.float32, requires_grad=True)
+    func = (lambda x: torch.reciprocal(x).sum()) if kind == "loss" else torch.reciprocal
+    exact = -1 / float(x.detach().double()) ** 2
+    report = gradfd.check(func, (x,), raise_on_failure=False)
+    t, d = report.tensors[0], report.to_dict()["tensors"][0]
+    assert (t.agree, t.disagree, t.unresolved) == (1, 0, 0), report
+    assert abs(d["worst_numerical"] - exact) <= d["worst_error_estimate"] <= 1e-2 * abs(exact), report
+
+
+def test_a_step_below_an_intermediates_resolution_is_no_verdict():
+    # layer_norm of exp(0.3 x**2) over rows of 2, in float32: ill-conditioned (the rows' entries are close) and
+    # the outputs are moved by one input each, so their noise is unmeasured and the entries are refined while
+    # their fourth differences stay far above the model's; entry out[2, 2, 1] in[2, 2, 0] (x = 0.0714) agreed at
+    # -6.26 at the first steps, and at 1/65536 of them exp(0.3 x**2) no longer moves: the estimate 0, exactly,
+    # was judged against the model's rounding and failed. Found by the property test.
+    x = torch.randn((2, 3, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    x = x.transpose(0, -1).requires_grad_()
+
+    def func(x):
+        return torch.nn.functional.layer_norm(torch.exp(0.3 * x * x), x.shape[-1:])
+
+    for kwargs in ({}, {"batching": "vmap"}):  # by colors, and by exact columns
+        report = gradfd.check(func, (x,), raise_on_failure=False, **kwargs)
+        assert report.tensors[0].disagree == 0, report
 
 
 def test_a_check_where_nothing_could_be_compared_says_so(seed):

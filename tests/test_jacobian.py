@@ -12,7 +12,7 @@ from helpers import assert_unchanged, snapshot
 from torch.autograd.gradcheck import GradcheckError as TorchGradcheckError
 
 import gradfd
-from gradfd import custom_op, engine, ops
+from gradfd import bench, custom_op, engine, ops
 
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason=f"no kernels: {ops.unavailable_reason()}")
 
@@ -171,6 +171,31 @@ def test_noise_measured_on_a_few_columns_does_not_fail_a_correct_entry(planted):
         assert not report.passed and t.disagreeing(10) == [((0, 3), (0, 4))]
     else:  # the finite difference errs by 4.4e-9 there (autograd matches a complex-step derivative to 7e-13)
         assert report.passed, report
+
+
+@pytest.mark.parametrize("softmax", [torch.softmax, torch.log_softmax])
+def test_an_output_finer_than_its_input_is_judged_at_the_inputs_precision(seed, softmax):
+    # softmax(x, dtype=torch.float64) of a float32 x: the outputs are float64, the Jacobian's entries that backward
+    # returns are float32 (3.6e-8 off the float64 ones); judged with the float64 outputs' floor, and the few
+    # outputs' rounding the float64 model gives, correct entries failed (OpInfo's softmax.with_dtype)
+    x = torch.randn(5, dtype=torch.float64).float() * 3
+    func = lambda t: softmax(t, 0, dtype=torch.float64)  # noqa: E731
+    assert gradfd.check(func, _leaf(x)).passed
+    # and an error of 1e-4 (the float32 input resolves 1e-7) is still found
+    scale = torch.ones(5)
+    scale[2] = 1 + 1e-4
+    report = gradfd.check(bench.plant(func, 0, scale), _leaf(x), raise_on_failure=False)
+    assert not report.passed and all(pair[1] == (2,) for pair in report.tensors[0].disagreeing()), report
+
+
+def test_an_elementwise_check_looks_again_only_at_entries_whose_estimates_are_loose(seed):
+    # every output of an elementwise op is moved by one input: no median measures its rounding, and its kinks are
+    # measured against the model's eps * (|f| + terms). gelu(x) * x rounds 6 to 50 times above that model in
+    # float64, with error estimates of 5e-8: looking again at each such entry (18% of them) doubled the check's
+    # time and told nothing new. The second look is for kinks far above the model (a pole's curvature).
+    x = torch.randn(2000, dtype=torch.float64)
+    report = gradfd.check(lambda t: torch.nn.functional.gelu(t) * t, _leaf(x))
+    assert report.passed and report.tensors[0].details["refined"] <= 0.05 * x.numel(), report.tensors[0].details
 
 
 @pytest.mark.parametrize("width,chain", [(2, ["square"]), (6, ["exp", "sigmoid"])])
