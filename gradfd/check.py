@@ -333,9 +333,9 @@ def second_look(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor) -> torch.
     whose noise no reliable median measured while their kink is far above the model's rounding: CURVATURE_FALL
     times it, or KINK_NOISE_FACTOR times it where the error estimate is not informative (above INFORMATIVE of the
     value). That is curvature that smaller steps shed (2.5% for a float32 tan 0.3 from its pole, where a 1% error
-    went unseen; 1e-4 for float64 tans 1e-3 from it). A kink 6 to 50 times the model's, with a tight estimate, is
-    rounding the model underestimates (18% of a float64 gelu(x) * x's entries, whose second look doubled the
-    check's time)."""
+    went unseen; 1e-4 for float64 tans 1e-3 from it). A kink below CURVATURE_FALL times the model's, with a tight
+    estimate, is rounding the model underestimates (a float64 gelu(x) * x rounds 6 to 50 times above it at 18% of
+    its entries, whose second look doubled the check's time)."""
     diff = (e.numerical - e.analytical).abs()
     truncated = (diff > SECOND_LOOK * tol) & (e.error - e.rounding > e.rounding)
     curved = (e.model > 0) & ((e.kink > CURVATURE_FALL * e.model)
@@ -420,9 +420,10 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
     own; one first seen in the last round is evaluated once more at a REFINE times smaller step, and is unresolved
     unless that reproduces it. ``evaluator(index, factor)`` returns the entries ``index`` evaluated with steps
     ``1/factor`` as large; ``limit`` is each entry's largest factor (its step stays MIN_STEP_ULPS ulps of its
-    input or more), None for no limit; a disagreement that needed a step the limit forbids is unresolved. A step
-    whose estimate is exactly 0 where the larger one's was not is below the resolution of the output (or of an
-    intermediate): the entry keeps its verdict as if it had no such step.
+    input or more), None for no limit; a disagreement still to be reproduced (first seen after a kinked step, or
+    at the last regular one) whose next step the limit forbids is unresolved. A step whose estimate is exactly 0
+    where the larger, unkinked one's was not is below the resolution of the output (or of an intermediate): the
+    entry keeps its verdict as if it had no such step.
 
     An entry whose noise no reliable median measured (``e.model > 0``: a parameter of a few entries, an output of
     an elementwise op) is not settled while its stencil shows structure (:func:`_unsettled`), or until its fourth
@@ -440,6 +441,7 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         stats.update(retreated=retreated, smallest=smallest)
     allowed = (lambda idx, factor: idx) if limit is None else (lambda idx, factor: idx[factor[idx] <= limit[idx]])
     late = torch.zeros_like(nonsmooth)  # the disagreement was first seen at a step after a kinked one
+    was_blind = torch.zeros_like(nonsmooth)  # the entry's last step measured no rounding of its own (see blind)
     # each entry's last regular round: REFINE_ROUNDS, or more while its fourth difference falls like curvature
     last = torch.full(e.index.shape, REFINE_ROUNDS, dtype=torch.long, device=e.index.device)
     # (a stencil still not finite was tried at smaller steps than the rounds below take)
@@ -459,12 +461,27 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
             break
         refined += todo.numel()
         e2 = _evaluate_at(evaluator, e.index[todo], base[todo] * REFINE**round_)
+        # An entry whose noise no reliable median measured bounds its rounding by its own fourth difference; where
+        # that is exactly 0 (the five nodes' rounding errors cancelled, by chance: a sixth of draws where they are
+        # an ulp or so) it measured nothing. The last step's bound, REFINE times larger at this step, stands -- not
+        # the model's, which sees only |f| and the derivative's terms (not the 1e6 that (w + 1000)**2 - 2000 w - 1e6
+        # is computed from), nor the first step's, which may have straddled a pole (float32 1/x at x = 0.03 from
+        # steps of 2^-5) -- and the entry takes another step to measure it (see ``blind`` below)
+        blind = (e2.model > 0) & e2.finite & (e2.kink == 0)
+        if bool(blind.any()):
+            # (one within the model's tolerance needs no other step: sort's outputs, exact at every step, agree)
+            tight = floor_of(e2) + TOLERANCE_SAFETY * (e2.error - e2.rounding + e2.model)
+            blind &= (e2.numerical - e2.analytical).abs() > tight
+            bound = torch.maximum(e2.model, torch.minimum(e2.rounding, REFINE * e.rounding[todo]))
+            e2.error = torch.where(blind, e2.error - e2.rounding + bound, e2.error)
+            e2.rounding = torch.where(blind, bound, e2.rounding)
         # A step whose estimate is exactly 0 where the larger step's was not fell below the resolution of the output
         # or of an intermediate -- exp(0.3 x**2) in float32 at x = 0.07 does not move for steps below 3e-6; a
         # float64 log_softmax entry of 1.7e-11 whose row sums terms of 22.5 stops moving at 1/1024 of the steps --
         # and says nothing: the entry keeps its verdict as if it had no such step (a function that is constant,
         # where the backward is not, estimates 0 at every step and fails)
-        stalled = (e2.numerical == 0) & (e.numerical[todo] != 0)
+        # (a kinked larger step's nonzero estimate is no sign of that: ReLU's zero slope beside its kink is exact)
+        stalled = (e2.numerical == 0) & (e.numerical[todo] != 0) & ~nonsmooth[todo]
         unreproduced(todo[stalled], round_)
         # an entry whose noise no reliable median measured (e.model) is settled once its fourth difference fell
         # REFINE**2-fold in derivative units: curvature's falls REFINE**3-fold; a kink's stays, and a jump's or
@@ -516,19 +533,24 @@ def refine(e: _Entries, verdict: torch.Tensor, tol: torch.Tensor, nonsmooth: tor
         # model's rounding: it was judged within an error of that curvature -- 41% for a float32 tan 0.03 from its
         # pole, right after its stencils stopped straddling the pole -- and takes the steps that tighten it)
         tighten = replace & (v2 != DISAGREE) & fell & (e2.kink > KINK_NOISE_FACTOR * e2.model)
+        # (and one whose fourth difference was exactly 0: its bound is the last step's, curvature included -- 1.7e-3
+        # of a float32 1/x at x = 0.03, where a 0.1% error went unseen -- and the next step measures its own)
+        tighten |= replace & (v2 != DISAGREE) & blind
         curving |= tighten
         grow = todo[curving & (last[todo] == round_) & (round_ < REFINE_ROUNDS + CURVATURE_ROUNDS)]
         last[grow] += 1
         # A disagreement first seen after the entry agreed, where its noise no reliable median measured, has a
         # step behind it that contradicts it: the next step must disagree on its own, too (a float64 layer_norm of
         # sigmoid(sigmoid) entry agreed at h and h/16 and missed its tolerance by 2.8e-11 at h/4)
-        after_agreeing = (verdict[todo] == AGREE) & (e.model[todo] > 0)
+        # (an agreement within a bound carried over from a larger step, curvature included, is no such step)
+        after_agreeing = (verdict[todo] == AGREE) & (e.model[todo] > 0) & ~was_blind[todo]
         e.put(todo, e2, replace)
         verdict[todo[replace]] = v2[replace]
         tol[todo[replace]] = tol2[replace]
         late[todo[replace]] = (v2[replace] == DISAGREE) & (nonsmooth[todo[replace]] | after_agreeing[replace])
         late[todo[retry]] = True  # (the next step, too, must disagree on its own)
         nonsmooth[todo[replace]] = ns2[replace]
+        was_blind[todo[replace]] = blind[replace]
         # what is unresolved at its last regular step stays so; a disagreement first seen there (the larger
         # stencils straddled a kink, 2.4e-3 from a float32 ReLU network's weight) gets one more step to be
         # reproduced at

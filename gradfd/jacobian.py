@@ -421,15 +421,17 @@ class _ColoredPass:
             return f"output entry {out} moved under input color {color}, where the {self.name} pattern has no entry"
         x64 = problem.flat.to(torch.float64)
         n = x64.numel()
-        magnitude = torch.zeros(self.size, dtype=torch.float64, device=base.device).index_add_(
-            0, self.outs, self.vals.abs() * _term_sizes(x64)[self.ins])
-        # judged a block of inputs at a time (the pairs are sorted by input), so that memory stays bounded
+        terms = self.vals.abs() * _term_sizes(x64)[self.ins]
+        # judged a block of inputs at a time (the pairs are sorted by input), so that memory stays bounded; each
+        # block's terms are summed per output as the dense path sums a chunk's columns (judge accumulates them)
         bounds = torch.searchsorted(self.ins, torch.arange(0, n + 1, device=base.device)).tolist()
         start = 0
         while start < n:
             stop = min(n, max(start + 1, bisect.bisect_right(bounds, bounds[start] + _JUDGED_PAIRS) - 1))
             lo, hi = bounds[start], bounds[stop]
             ins, outs = self.ins[lo:hi], self.outs[lo:hi]
+            magnitude = torch.zeros(self.size, dtype=torch.float64, device=base.device).index_add_(
+                0, outs, terms[lo:hi])
             bad = judge(start, stop, ins - start, outs, values[:, self.colors[ins], outs], disp[:, ins],
                         self.vals[lo:hi], magnitude)
             if bad is not None:
@@ -862,6 +864,11 @@ def check_coordinates(
         sparse = _ColoredPass.build(analytical, k, base_steps, stencil, _PATTERNS[colored])
         why = None if sparse is None else sparse.analytical_entries(atol_floor)
         if sparse is not None and why is None:
+            # every analytical entry is known now: each block's scale is the whole block's, not its first judged
+            # block's (the floor, and so the verdicts, do not depend on _JUDGED_PAIRS)
+            for j in range(len(spec.kept)):
+                if scales[j] is None:
+                    scales[j] = _largest(sparse.vals[group[sparse.outs] == j])
             problem = _engine.prepare(func, params, k, vector=True, skip_outputs=analytical.nondifferentiable,
                                       node_errors=errors)
             why = sparse.first_round(problem, base_values, judge, flagged)
@@ -948,8 +955,10 @@ def check_coordinates(
             # step; both bound the rounding from above, curvature included; and never below the model's)
             own = 2 * accuracy.ROUNDING_SAFETY * stencil.weight_norm * accuracy.NOISE_FROM_FOURTH_DIFFERENCE
             alone = (entries.model > 0) & entries.finite
-            rounding = torch.where(alone, torch.maximum(entries.model, torch.minimum(rounding, own * entries.kink)),
-                                   rounding)
+            # (a fourth difference that is exactly 0 measured nothing -- (w + 1000)**2 - 2000 w - 1e6 in float64 rounds
+            # to the same few values at all five nodes -- and leaves the scaled first-round rounding in place)
+            mine_kink = torch.where(entries.kink > 0, own * entries.kink, rounding)
+            rounding = torch.where(alone, torch.maximum(entries.model, torch.minimum(rounding, mine_kink)), rounding)
             entries.error = entries.error - entries.rounding + rounding
             entries.rounding = rounding
             return entries

@@ -458,6 +458,74 @@ def test_a_step_below_an_intermediates_resolution_is_no_verdict():
         assert report.tensors[0].disagree == 0, report
 
 
+class _ShiftedSquare(torch.autograd.Function):
+    """(w + 1000)**2 - 2000 w - 1e6 = w**2, computed with values near 1e6: the loss rounds to 1.2e-10 steps."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return (w + 1000) ** 2 - 2000 * w - 1e6
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g * 2 * w
+
+
+def test_a_fourth_difference_of_exactly_zero_measures_no_rounding():
+    # a parameter of one entry has no median to measure its rounding: at a refined step its own fourth difference
+    # bounds it. Here the five nodes' losses rounded so that it was exactly 0, which collapsed the rounding to the
+    # model's (the float64 eps of |f| ~ 6.5, not of the terms ~ 1e6 it was computed from) and failed the correct
+    # gradient 2w by 2.4e-7 (found by review)
+    w = torch.tensor([2.5497893126064204], dtype=torch.float64)
+    report = gradfd.check(lambda w: _ShiftedSquare.apply(w).sum(), _leaf(w), raise_on_failure=False)
+    assert report.passed and report.tensors[0].agree == 1, report
+    # and a planted error of 1e-4 is still found
+    wrong = bench.plant(lambda w: _ShiftedSquare.apply(w).sum(), 0, torch.tensor([1 + 1e-4], dtype=torch.float64))
+    report = gradfd.check(wrong, _leaf(w), raise_on_failure=False)
+    assert report.tensors[0].disagree == 1, report
+
+
+@pytest.mark.parametrize("planted", [0.0, 1e-3])
+def test_a_fourth_difference_of_exactly_zero_near_a_pole_takes_another_step(planted):
+    # float32 1/x at x = 0.03: the first stencil (steps of 2^-5) straddles the pole, the next ones see its
+    # curvature, and at 1/64 of the step the fourth difference is exactly 0. The bound carried over from the step
+    # before (curvature included, 1.7e-3 of the value) hid a 0.1% error; the next step measures its own rounding
+    x = torch.tensor([0.029999180068487705])
+    func = lambda x: torch.reciprocal(x).sum()  # noqa: E731
+    if planted:
+        func = bench.plant(func, 0, torch.tensor([1 + planted]))
+    t = gradfd.check(func, _leaf(x), raise_on_failure=False).tensors[0]
+    assert (t.agree, t.disagree, t.unresolved) == ((0, 1, 0) if planted else (1, 0, 0)), t
+
+
+class _Relu(torch.autograd.Function):
+    """ReLU whose backward adds ``offset`` to its slope (0: correct)."""
+
+    offset = 0.0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ((x > 0).to(x.dtype) + _Relu.offset)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_a_zero_slope_beside_a_kink_is_a_verdict_not_a_stalled_step(monkeypatch, offset):
+    # float32 ReLU at x = -1e-2: the first stencils (steps of 2^-7) straddle the kink and estimate a nonzero slope;
+    # the smaller steps estimate 0, exactly, which is ReLU's slope there and no step below the output's
+    # resolution: it is judged (both the correct 0 and a planted 1 were unresolved; found by review)
+    monkeypatch.setattr(_Relu, "offset", offset)
+    x = torch.tensor([-1e-2])
+    t = gradfd.check(_Relu.apply, _leaf(x), raise_on_failure=False).tensors[0]
+    assert (t.agree, t.disagree, t.unresolved) == ((1, 0, 0) if offset == 0 else (0, 1, 0)), t
+
+
 def test_a_check_where_nothing_could_be_compared_says_so(seed):
     x = torch.zeros(3, dtype=torch.float64)  # sqrt(0 - h) for every entry and every step
     report = gradfd.check(lambda x: torch.sqrt(x).sum(), _leaf(x))
