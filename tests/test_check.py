@@ -386,20 +386,27 @@ def test_a_disagreement_that_needs_a_step_below_the_limit_is_unresolved():
     assert int(v[0]) == C.DISAGREE
 
 
-class _Tan(torch.autograd.Function):
+def _with_backward(forward, derivative):
+    """``forward`` (elementwise) as an autograd Function whose backward is ``g * derivative(x)``: a hand-written
+    backward, correct or with a planted error."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return forward(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * derivative(x)
+
+    return Function.apply
+
+
+def _tan(error: float = 0.0):
     """tan with its backward 1 / cos(x)**2 (computed in float64) off by the factor ``1 + error``."""
-
-    error = 0.0
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tan(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g / torch.cos(x.double()).pow(2).to(x.dtype) * (1 + _Tan.error)
+    return _with_backward(torch.tan, lambda x: (1 / torch.cos(x.double()).pow(2)).to(x.dtype) * (1 + error))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -411,7 +418,7 @@ def test_a_single_entry_whose_stencils_straddle_a_pole_is_measured_where_they_do
     # difference, so that was "rounding" and the step "clean": a confirmed false failure (float32, every distance
     # up to 3e-3), or an agreement within an error estimate larger than the derivative (float64)
     x = torch.tensor([math.pi / 2 - distance], dtype=dtype, requires_grad=True)
-    func = (lambda x: _Tan.apply(x).sum()) if kind == "loss" else _Tan.apply
+    func = (lambda x: _tan()(x).sum()) if kind == "loss" else _tan()
     exact = 1 / math.cos(float(x.detach().double())) ** 2
     report = gradfd.check(func, (x,), raise_on_failure=False)
     t, d = report.tensors[0], report.to_dict()["tensors"][0]
@@ -419,11 +426,9 @@ def test_a_single_entry_whose_stencils_straddle_a_pole_is_measured_where_they_do
     # measured at steps that no longer straddle it: the estimate bounds the error against the exact derivative
     assert abs(d["worst_numerical"] - exact) <= d["worst_error_estimate"] <= 0.1 * exact, report
     if distance >= 0.03:  # and a 1% error in the backward is found there
-        _Tan.error = 1e-2
-        try:
-            report = gradfd.check(func, (x,), raise_on_failure=False)
-        finally:
-            _Tan.error = 0.0
+        wrong = _tan(1e-2)
+        func = (lambda x: wrong(x).sum()) if kind == "loss" else wrong
+        report = gradfd.check(func, (x,), raise_on_failure=False)
         assert report.tensors[0].disagree == 1, report
 
 
@@ -458,18 +463,8 @@ def test_a_step_below_an_intermediates_resolution_is_no_verdict():
         assert report.tensors[0].disagree == 0, report
 
 
-class _ShiftedSquare(torch.autograd.Function):
-    """(w + 1000)**2 - 2000 w - 1e6 = w**2, computed with values near 1e6: the loss rounds to 1.2e-10 steps."""
-
-    @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
-        return (w + 1000) ** 2 - 2000 * w - 1e6
-
-    @staticmethod
-    def backward(ctx, g):
-        (w,) = ctx.saved_tensors
-        return g * 2 * w
+# (w + 1000)**2 - 2000 w - 1e6 = w**2, computed with values near 1e6: the loss rounds to 1.2e-10 steps
+_shifted_square = _with_backward(lambda w: (w + 1000) ** 2 - 2000 * w - 1e6, lambda w: 2 * w)
 
 
 def test_a_fourth_difference_of_exactly_zero_measures_no_rounding():
@@ -478,10 +473,10 @@ def test_a_fourth_difference_of_exactly_zero_measures_no_rounding():
     # model's (the float64 eps of |f| ~ 6.5, not of the terms ~ 1e6 it was computed from) and failed the correct
     # gradient 2w by 2.4e-7 (found by review)
     w = torch.tensor([2.5497893126064204], dtype=torch.float64)
-    report = gradfd.check(lambda w: _ShiftedSquare.apply(w).sum(), _leaf(w), raise_on_failure=False)
+    report = gradfd.check(lambda w: _shifted_square(w).sum(), _leaf(w), raise_on_failure=False)
     assert report.passed and report.tensors[0].agree == 1, report
     # and a planted error of 1e-4 is still found
-    wrong = bench.plant(lambda w: _ShiftedSquare.apply(w).sum(), 0, torch.tensor([1 + 1e-4], dtype=torch.float64))
+    wrong = bench.plant(lambda w: _shifted_square(w).sum(), 0, torch.tensor([1 + 1e-4], dtype=torch.float64))
     report = gradfd.check(wrong, _leaf(w), raise_on_failure=False)
     assert report.tensors[0].disagree == 1, report
 
@@ -499,30 +494,14 @@ def test_a_fourth_difference_of_exactly_zero_near_a_pole_takes_another_step(plan
     assert (t.agree, t.disagree, t.unresolved) == ((0, 1, 0) if planted else (1, 0, 0)), t
 
 
-class _Relu(torch.autograd.Function):
-    """ReLU whose backward adds ``offset`` to its slope (0: correct)."""
-
-    offset = 0.0
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * ((x > 0).to(x.dtype) + _Relu.offset)
-
-
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_a_zero_slope_beside_a_kink_is_a_verdict_not_a_stalled_step(monkeypatch, offset):
+def test_a_zero_slope_beside_a_kink_is_a_verdict_not_a_stalled_step(offset):
     # float32 ReLU at x = -1e-2: the first stencils (steps of 2^-7) straddle the kink and estimate a nonzero slope;
     # the smaller steps estimate 0, exactly, which is ReLU's slope there and no step below the output's
     # resolution: it is judged (both the correct 0 and a planted 1 were unresolved; found by review)
-    monkeypatch.setattr(_Relu, "offset", offset)
+    relu = _with_backward(torch.relu, lambda x: (x > 0).to(x.dtype) + offset)  # (offset 0: correct)
     x = torch.tensor([-1e-2])
-    t = gradfd.check(_Relu.apply, _leaf(x), raise_on_failure=False).tensors[0]
+    t = gradfd.check(relu, _leaf(x), raise_on_failure=False).tensors[0]
     assert (t.agree, t.disagree, t.unresolved) == ((1, 0, 0) if offset == 0 else (0, 1, 0)), t
 
 
