@@ -28,10 +28,14 @@ step "tests (CUDA cases included)"
 timeout 150 $py -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15 || status=1
 
 step "compute-sanitizer over the CUDA kernel tests"
+# every CUDA kernel: perturb_rows_/central_differences (test_kernels), linear_update/linear_update_mse and the
+# structured engine on CUDA (test_structured, test_cuda_kernels: every node-count bucket and tile edge), bias_gelu
+# (test_jacobian's custom_op tests). racecheck matters for linear_update, which stages its tiles in shared memory.
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck; do
-    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 $py -m pytest -q -x tests/test_kernels.py \
-      tests/test_jacobian.py -k "cuda or custom_op" -p no:cacheprovider > "$out/sanitizer-$tool.log" 2>&1
+    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 $py -m pytest -q -x tests/test_kernels.py \
+      tests/test_structured.py tests/test_cuda_kernels.py tests/test_jacobian.py -k "cuda or custom_op" \
+      -p no:cacheprovider > "$out/sanitizer-$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? (0 = clean)" | tee -a "$out/sanitizer.txt"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitizer-$tool.log" | tail -2 | tee -a "$out/sanitizer.txt"
   done

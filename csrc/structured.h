@@ -12,6 +12,8 @@
 #include <cmath>
 #include <utility>
 
+#include "rounding.h"
+
 namespace gradfd {
 
 // The elementwise activation applied to the perturbed column before the squared error (linear_update_mse).
@@ -33,7 +35,8 @@ C10_HOST_DEVICE inline scalar_t activate(scalar_t z, int64_t activation) {
     case kRelu:
       return static_cast<scalar_t>((v > opmath_t(0) || v != v) ? v : opmath_t(0));  // NaN propagates, as in relu
     case kSigmoid:
-      return static_cast<scalar_t>(opmath_t(1) / (opmath_t(1) + exp_of(-v)));
+      // rn::add: nvcc would otherwise fuse exp's final scaling multiply with this add (benchmarks/cuda_evidence.sh)
+      return static_cast<scalar_t>(opmath_t(1) / rn::add(opmath_t(1), exp_of(-v)));
     default:
       return z;
   }

@@ -48,10 +48,12 @@ def sources(with_cuda: bool) -> list[str]:
 def extension_kwargs(with_cuda: bool) -> dict:
     """Keyword arguments for ``CppExtension``/``CUDAExtension`` and ``torch.utils.cpp_extension.load``.
 
-    No fast-math anywhere: the finite differences depend on correctly rounded perturbations.
+    No fast-math anywhere, and no contraction of ``a + b*c`` into one fused multiply-add (``-ffp-contract=off``; the
+    CUDA kernels use the separately rounded helpers of ``csrc/rounding.h``): the finite differences depend on
+    correctly rounded perturbations, promised bitwise equal to PyTorch's separate multiply and add.
     """
     defines = ["-DGRADFD_WITH_CUDA"] if with_cuda else []
-    cxx = ["-O3", "-fopenmp", *defines]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", *defines]
     kwargs: dict = {
         "sources": sources(with_cuda),
         "extra_compile_args": {"cxx": cxx},

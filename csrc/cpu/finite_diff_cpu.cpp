@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../gradfd.h"
+#include "../rounding.h"
 
 namespace gradfd {
 namespace {
@@ -47,7 +48,7 @@ at::Tensor perturb_rows_cpu(at::Tensor& rows, at::Tensor& columns, const at::Ten
         dst[element_offset(r, col[r], layout.inner, layout.stride)] = src[col[r]];
         const int64_t j = idx[r % c];
         const double x = static_cast<double>(src[j]);
-        const scalar_t moved = static_cast<scalar_t>(x + off[r / c] * h[r % c]);
+        const scalar_t moved = moved_along<scalar_t>(x, off[r / c], h[r % c]);
         dst[element_offset(r, j, layout.inner, layout.stride)] = moved;
         col[r] = j;
         disp[r] = static_cast<double>(moved) - x;

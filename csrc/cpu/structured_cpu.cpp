@@ -42,8 +42,8 @@ at::Tensor linear_update_cpu(const at::Tensor& base, const at::Tensor& features,
     at::parallel_for(0, c, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         for (int64_t r = 0; r < n; ++r) {
-          o[e * n + r] = static_cast<scalar_t>(static_cast<double>(z[r * k + col[e]]) +
-                                               dl[e] * static_cast<double>(x[r * d + fi[e]]));
+          o[e * n + r] = moved_along<scalar_t>(static_cast<double>(z[r * k + col[e]]), dl[e],
+                                               static_cast<double>(x[r * d + fi[e]]));
         }
       }
     });
@@ -84,12 +84,13 @@ at::Tensor linear_update_mse_cpu(const at::Tensor& base, const at::Tensor& featu
             const double xr = static_cast<double>(x[r * d + fi[e]]);
             const double yr = static_cast<double>(y[r * k + col[e]]);
             // the element's squared error at the base point, subtracted term by term (the changed terms only)
-            const double d0 = static_cast<double>(activate<scalar_t, opmath_t>(z[r * k + col[e]], activation)) - yr;
-            const double e0 = d0 * d0;
+            const double d0 =
+                rn::sub(static_cast<double>(activate<scalar_t, opmath_t>(z[r * k + col[e]], activation)), yr);
+            const double e0 = rn::mul(d0, d0);
             for (int64_t q = 0; q < s; ++q) {
-              const scalar_t moved = static_cast<scalar_t>(zr + dl[q * c + e] * xr);
-              const double diff = static_cast<double>(activate<scalar_t, opmath_t>(moved, activation)) - yr;
-              acc[q * kTile + t] += diff * diff - e0;
+              const scalar_t moved = moved_along<scalar_t>(zr, dl[q * c + e], xr);
+              const double diff = rn::sub(static_cast<double>(activate<scalar_t, opmath_t>(moved, activation)), yr);
+              acc[q * kTile + t] = rn::add(acc[q * kTile + t], squared_minus(diff, e0));
             }
           }
         }

@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "../gradfd.h"
+#include "../rounding.h"
 
 namespace gradfd {
 namespace {
@@ -27,7 +28,7 @@ __global__ void perturb_rows_kernel(scalar_t* __restrict__ rows, int64_t* __rest
     rows[element_offset(r, columns[r], inner, stride)] = base[columns[r]];
     const int64_t j = index[r % c];
     const double x = static_cast<double>(base[j]);
-    const scalar_t moved = static_cast<scalar_t>(x + offsets[r / c] * step[r % c]);
+    const scalar_t moved = moved_along<scalar_t>(x, offsets[r / c], step[r % c]);  // bitwise: see rounding.h
     rows[element_offset(r, j, inner, stride)] = moved;
     columns[r] = j;
     displacement[r] = static_cast<double>(moved) - x;

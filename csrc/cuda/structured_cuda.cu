@@ -21,23 +21,56 @@ int blocks_for(int64_t work) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 65535)));
 }
 
-// One thread per output element, the coordinate fastest: neighbouring threads read neighbouring features.
+// linear_update stages its (C, n) output through shared memory in tiles of kTile coordinates x kTile rows, so that
+// both its gathers and its stores are coalesced; a block is kTile x kTileRows threads.
+constexpr int kTile = 32;
+constexpr int kTileRows = 8;
+
+// A tile is computed with threadIdx.x along the coordinates (neighbouring threads read neighbouring columns of base
+// or features: a weight's consecutive entries move consecutive output columns or feature columns) and stored with
+// threadIdx.x along the rows, so consecutive threads write consecutive addresses of out. The tile loop is uniform
+// across the block, so every thread reaches both barriers.
 template <typename scalar_t>
 __global__ void linear_update_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ features,
                                      const int64_t* __restrict__ column, const int64_t* __restrict__ feature,
                                      const double* __restrict__ delta, scalar_t* __restrict__ out, int64_t n,
                                      int64_t k, int64_t d, int64_t c) {
-  const int64_t total = n * c;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = e / c, q = e % c;
-    out[q * n + r] = static_cast<scalar_t>(static_cast<double>(base[r * k + column[q]]) +
-                                           delta[q] * static_cast<double>(features[r * d + feature[q]]));
+  __shared__ scalar_t tile[kTile][kTile + 1];  // [row][coordinate]; +1 keeps the transposed reads off one bank
+  const int64_t row_tiles = (n + kTile - 1) / kTile;
+  const int64_t tiles = row_tiles * ((c + kTile - 1) / kTile);
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t q0 = (t / row_tiles) * kTile, r0 = (t % row_tiles) * kTile;
+    const int64_t q = q0 + threadIdx.x;
+    if (q < c) {
+      const int64_t j = column[q], i = feature[q];
+      const double dq = delta[q];
+#pragma unroll
+      for (int y = threadIdx.y; y < kTile; y += kTileRows) {
+        const int64_t r = r0 + y;
+        if (r < n) {
+          tile[y][threadIdx.x] = moved_along<scalar_t>(static_cast<double>(base[r * k + j]), dq,
+                                                       static_cast<double>(features[r * d + i]));
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int y = threadIdx.y; y < kTile; y += kTileRows) {
+      const int64_t qy = q0 + y, r = r0 + threadIdx.x;
+      if (qy < c && r < n) {
+        out[qy * n + r] = tile[threadIdx.x][y];
+      }
+    }
+    __syncthreads();  // the tile is rewritten by the next iteration
   }
 }
 
-// One thread per coordinate, all stencil nodes in registers; the rows stream past once per coordinate.
-template <typename scalar_t>
+// One thread per coordinate, its stencil nodes in registers; the rows stream past once per coordinate. kNodes is a
+// compile-time bound on the node count s: every loop over the nodes runs to kNodes with a `q < s` guard and is
+// unrolled, so dl[] and acc[] are only ever indexed by constants and stay in registers (ptxas: 0 bytes stack
+// frame, benchmarks/cuda_evidence.sh). The launcher picks the smallest kNodes >= s, which keeps the register count
+// of the common 2- and 4-node stencils low.
+template <typename scalar_t, int kNodes>
 __global__ void linear_update_mse_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ features,
                                          const scalar_t* __restrict__ target, const int64_t* __restrict__ column,
                                          const int64_t* __restrict__ feature, const double* __restrict__ delta,
@@ -46,10 +79,10 @@ __global__ void linear_update_mse_kernel(const scalar_t* __restrict__ base, cons
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < c;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double dl[kMaxNodes];
-    double acc[kMaxNodes];
+    double dl[kNodes];
+    double acc[kNodes];
 #pragma unroll
-    for (int64_t q = 0; q < kMaxNodes; ++q) {
+    for (int q = 0; q < kNodes; ++q) {
       dl[q] = q < s ? delta[q * c + e] : 0.0;
       acc[q] = 0.0;
     }
@@ -59,21 +92,36 @@ __global__ void linear_update_mse_kernel(const scalar_t* __restrict__ base, cons
       const double xr = static_cast<double>(features[r * d + i]);
       const double yr = static_cast<double>(target[r * k + j]);
       // the element's squared error at the base point, subtracted term by term (the changed terms only)
-      const double d0 = static_cast<double>(activate<scalar_t, opmath_t>(base[r * k + j], activation)) - yr;
-      const double e0 = d0 * d0;
+      const double d0 = rn::sub(static_cast<double>(activate<scalar_t, opmath_t>(base[r * k + j], activation)), yr);
+      const double e0 = rn::mul(d0, d0);
 #pragma unroll
-      for (int64_t q = 0; q < kMaxNodes; ++q) {
+      for (int q = 0; q < kNodes; ++q) {
         if (q < s) {
-          const scalar_t moved = static_cast<scalar_t>(zr + dl[q] * xr);
-          const double diff = static_cast<double>(activate<scalar_t, opmath_t>(moved, activation)) - yr;
-          acc[q] += diff * diff - e0;
+          const scalar_t moved = moved_along<scalar_t>(zr, dl[q], xr);
+          const double diff = rn::sub(static_cast<double>(activate<scalar_t, opmath_t>(moved, activation)), yr);
+          acc[q] = rn::add(acc[q], squared_minus(diff, e0));
         }
       }
     }
-    for (int64_t q = 0; q < s; ++q) {
-      out[q * c + e] = acc[q];
+#pragma unroll
+    for (int q = 0; q < kNodes; ++q) {
+      if (q < s) {
+        out[q * c + e] = acc[q];
+      }
     }
   }
+}
+
+template <typename scalar_t, int kNodes>
+void launch_linear_update_mse(const at::Tensor& base, const at::Tensor& features, const at::Tensor& target,
+                              const at::Tensor& column, const at::Tensor& feature, const at::Tensor& delta,
+                              at::Tensor& out, int64_t activation, cudaStream_t stream) {
+  const int64_t n = base.size(0), k = base.size(1), d = features.size(1), c = column.numel(), s = delta.size(0);
+  linear_update_mse_kernel<scalar_t, kNodes><<<blocks_for(c), kThreads, 0, stream>>>(
+      base.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
+      column.data_ptr<int64_t>(), feature.data_ptr<int64_t>(), delta.data_ptr<double>(), out.data_ptr<double>(), n,
+      k, d, c, s, activation);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_range_cuda(const char* op, const char* name, const at::Tensor& v, int64_t n) {
@@ -94,9 +142,11 @@ at::Tensor linear_update_cuda(const at::Tensor& base, const at::Tensor& features
   }
   check_range_cuda("gradfd::linear_update: ", "column", column, k);
   check_range_cuda("gradfd::linear_update: ", "feature", feature, d);
+  const int64_t tiles = ((n + kTile - 1) / kTile) * ((c + kTile - 1) / kTile);
+  const int grid = static_cast<int>(std::min<int64_t>(tiles, 65535));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::linear_update", [&] {
-    linear_update_kernel<scalar_t><<<blocks_for(n * c), kThreads, 0, stream>>>(
+    linear_update_kernel<scalar_t><<<grid, dim3(kTile, kTileRows), 0, stream>>>(
         base.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), column.data_ptr<int64_t>(),
         feature.data_ptr<int64_t>(), delta.data_ptr<double>(), out.data_ptr<scalar_t>(), n, k, d, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -109,7 +159,7 @@ at::Tensor linear_update_mse_cuda(const at::Tensor& base, const at::Tensor& feat
                                   int64_t activation) {
   check_linear_update_mse_args(base, features, target, column, feature, delta, activation, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(base.device());
-  const int64_t n = base.size(0), k = base.size(1), d = features.size(1), c = column.numel(), s = delta.size(0);
+  const int64_t k = base.size(1), d = features.size(1), c = column.numel(), s = delta.size(0);
   auto out = at::zeros({s, c}, base.options().dtype(at::kDouble));
   if (c == 0) {
     return out;
@@ -117,12 +167,17 @@ at::Tensor linear_update_mse_cuda(const at::Tensor& base, const at::Tensor& feat
   check_range_cuda("gradfd::linear_update_mse: ", "column", column, k);
   check_range_cuda("gradfd::linear_update_mse: ", "feature", feature, d);
   auto stream = at::cuda::getCurrentCUDAStream();
+  static_assert(kMaxNodes == 16, "the node-count buckets below end at kMaxNodes");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::linear_update_mse", [&] {
-    linear_update_mse_kernel<scalar_t><<<blocks_for(c), kThreads, 0, stream>>>(
-        base.data_ptr<scalar_t>(), features.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
-        column.data_ptr<int64_t>(), feature.data_ptr<int64_t>(), delta.data_ptr<double>(), out.data_ptr<double>(),
-        n, k, d, c, s, activation);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (s <= 2) {
+      launch_linear_update_mse<scalar_t, 2>(base, features, target, column, feature, delta, out, activation, stream);
+    } else if (s <= 4) {
+      launch_linear_update_mse<scalar_t, 4>(base, features, target, column, feature, delta, out, activation, stream);
+    } else if (s <= 8) {
+      launch_linear_update_mse<scalar_t, 8>(base, features, target, column, feature, delta, out, activation, stream);
+    } else {
+      launch_linear_update_mse<scalar_t, 16>(base, features, target, column, feature, delta, out, activation, stream);
+    }
   });
   return out;
 }

@@ -1,4 +1,4 @@
-// A plain executable that drives every gradfd CPU kernel through the dispatcher -- valid inputs of many shapes
+// A plain executable that drives every gradfd CPU kernel (the structured engine's included) through the dispatcher -- valid inputs of many shapes
 // and dtypes, and invalid inputs that must raise -- built with AddressSanitizer and UndefinedBehaviorSanitizer
 // (and LeakSanitizer at exit) by .ci/sanitize.sh. No Python is involved, so the sanitizers see only C++.
 #include <ATen/ATen.h>
@@ -62,6 +62,46 @@ void perturb_rows(at::ScalarType dtype, int64_t n, int64_t inner, int64_t c, con
   }
 }
 
+
+// linear_update and linear_update_mse (csrc/structured.cpp, csrc/cpu/structured_cpu.cpp) against their formulas, written
+// with ATen ops as the Python twins in gradfd/structured.py are: the moved values bitwise, the sums to rounding.
+void linear_update(at::ScalarType dtype, int64_t n, int64_t k, int64_t d, int64_t c, int64_t s) {
+  auto base = at::randn({n, k}, at::kDouble).to(dtype);
+  auto features = at::randn({n, d}, at::kDouble).to(dtype);
+  auto target = at::randn({n, k}, at::kDouble).to(dtype);
+  auto column = at::randint(0, k, {c}, at::kLong);
+  auto feature = at::randint(0, d, {c}, at::kLong);
+  auto delta = at::randn({s, c}, at::kDouble) * 1e-2;
+  auto zc = base.index_select(1, column).t().to(at::kDouble);     // (c, n)
+  auto xc = features.index_select(1, feature).t().to(at::kDouble);  // (c, n)
+  auto out = call("gradfd::linear_update", {base, features, column, feature, delta[0].contiguous()})[0].toTensor();
+  auto want = (zc + delta[0].unsqueeze(1) * xc).to(dtype);
+  expect(out.sizes() == at::IntArrayRef({c, n}) && out.scalar_type() == dtype, "linear_update: shape and dtype");
+  expect(at::equal(out, want), "linear_update matches its formula bitwise");
+  const double scale = ((1 + base.to(at::kDouble).abs() + target.to(at::kDouble).abs()).pow(2)).sum().item<double>();
+  for (int64_t activation = 0; activation <= 3; ++activation) {
+    auto got = call("gradfd::linear_update_mse", {base, features, target, column, feature, delta, activation})[0]
+                   .toTensor();
+    expect(got.sizes() == at::IntArrayRef({s, c}) && got.scalar_type() == at::kDouble,
+           "linear_update_mse: shape and dtype");
+    auto moved = (zc.unsqueeze(0) + delta.unsqueeze(2) * xc.unsqueeze(0)).to(dtype);  // (s, c, n)
+    auto at_base = base.index_select(1, column).t();
+    auto act = [&](const at::Tensor& v) {
+      switch (activation) {
+        case 1: return at::tanh(v);
+        case 2: return at::relu(v);
+        case 3: return at::sigmoid(v);
+        default: return v;
+      }
+    };
+    auto y = target.index_select(1, column).t().to(at::kDouble);
+    auto diff = act(moved).to(at::kDouble) - y.unsqueeze(0), diff0 = act(at_base).to(at::kDouble) - y;
+    auto want_mse = (diff * diff - (diff0 * diff0).unsqueeze(0)).sum(-1);
+    const double tol = 8 * (dtype == at::kDouble ? 2.3e-16 : dtype == at::kFloat ? 1.2e-7 : 7.9e-3) * scale;
+    expect(at::allclose(got, want_mse, 0, tol), "linear_update_mse matches its formula, activation " +
+                                                    std::to_string(activation));
+  }
+}
 }  // namespace
 
 int main() {
@@ -81,6 +121,22 @@ int main() {
     auto ref = (losses.to(at::kDouble).slice(0, 0, 4, 2) - losses.to(at::kDouble).slice(0, 1, 4, 2)) /
                (disp.slice(0, 0, 4, 2) - disp.slice(0, 1, 4, 2));
     expect(at::allclose(out, ref, 0, 0), "central_differences matches its formula");
+  }
+  // the structured engine's kernels: every dtype, one and many rows, every node count up to kMaxNodes (16)
+  for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    linear_update(dtype, 13, 5, 7, 40, 4);
+    linear_update(dtype, 1, 1, 1, 3, 1);
+    linear_update(dtype, 70, 3, 300, 100, 16);
+    linear_update(dtype, 33, 64, 9, 75, 2);  // more coordinates than one tile of the CPU kernel (32)
+  }
+  {
+    auto z = at::randn({4, 3}, at::kDouble);
+    auto empty = call("gradfd::linear_update", {z, z, at::zeros({0}, at::kLong), at::zeros({0}, at::kLong),
+                                                at::zeros({0}, at::kDouble)})[0].toTensor();
+    expect(empty.sizes() == at::IntArrayRef({0, 4}), "linear_update: no coordinates");
+    auto none = call("gradfd::linear_update_mse", {z, z, z, at::zeros({0}, at::kLong), at::zeros({0}, at::kLong),
+                                                   at::zeros({2, 0}, at::kDouble), int64_t{0}})[0].toTensor();
+    expect(none.sizes() == at::IntArrayRef({2, 0}), "linear_update_mse: no coordinates");
   }
   // the example op
   for (auto shape : {std::vector<int64_t>{5, 3}, std::vector<int64_t>{2, 4, 8}, std::vector<int64_t>{0, 3}}) {
@@ -114,6 +170,27 @@ int main() {
   expect_error("gradfd::bias_gelu", {at::randn({3, 2}), at::randn({3})}, "last dimension");
   expect_error("gradfd::bias_gelu_backward", {at::randn({3, 3}), at::randn({3, 2}), at::randn({2})},
                "grad must be a contiguous float32 tensor");
+  {
+    auto z = at::randn({13, 5}, at::kDouble);
+    auto x = at::randn({13, 7}, at::kDouble);
+    auto col = at::randint(0, 5, {4}, at::kLong);
+    auto fi = at::randint(0, 7, {4}, at::kLong);
+    auto dl = at::randn({2, 4}, at::kDouble);
+    expect_error("gradfd::linear_update", {z, x, at::full({4}, 5, at::kLong), fi, dl[0].contiguous()},
+                 "column values must lie in [0, 5)");
+    expect_error("gradfd::linear_update", {z, x, col, at::full({4}, -1, at::kLong), dl[0].contiguous()},
+                 "feature values must lie in [0, 7)");
+    expect_error("gradfd::linear_update", {z, x, col, fi, dl}, "delta must be a contiguous 1-D float64 tensor");
+    expect_error("gradfd::linear_update", {z, x.narrow(0, 0, 12), col, fi, dl[0].contiguous()}, "n = 13");
+    expect_error("gradfd::linear_update_mse", {z, x, z, col, fi, at::randn({17, 4}, at::kDouble), int64_t{0}},
+                 "between 1 and 16 rows");
+    expect_error("gradfd::linear_update_mse", {z, x, z, col, fi, dl, int64_t{7}}, "activation must be 0");
+    expect_error("gradfd::linear_update_mse", {z, x, z.narrow(1, 0, 4), col, fi, dl, int64_t{0}},
+                 "target must have base's shape");
+    expect_error("gradfd::linear_update_mse", {z, x, z, at::full({4}, 9, at::kLong), fi, dl, int64_t{1}},
+                 "column values must lie in [0, 5)");
+    expect_error("gradfd::linear_update_mse", {z.t(), x, z, col, fi, dl, int64_t{0}}, "must be 2-D (n, D) with n = 5");
+  }
   if (failures == 0) {
     std::printf("sanitize_main: all kernel checks passed\n");
   }
