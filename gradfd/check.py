@@ -46,7 +46,7 @@ MODES = ("full", "sample", "directional")
 DEFAULT_SAMPLES = 256
 DEFAULT_DIRECTIONS = 8
 # The constants below were calibrated on benchmarks/bench_accuracy.py's suites (smooth functions, planted 1e-3
-# errors, ReLU networks), float32 and float64; RESULTS.md has the measured rates.
+# errors, ReLU networks), float32 and float64; docs/benchmarks.md has the measured rates.
 FLOOR_EPS = 64  # the dtype floor: 64 eps relative to the entry, and to the tensor's largest analytical entry
 TOLERANCE_SAFETY = 1.5  # margin over the estimated finite-difference error
 # kink > KINK_NOISE_FACTOR * rounding estimate: non-smooth. For a smooth function the kink statistic is noise,
@@ -613,12 +613,72 @@ def _progress(progress, total: int):
     return (lambda n: None), (lambda: None)
 
 
-def _backward_spread(analytical: _jacobian.Analytical, k: int, seed: int) -> float:
-    """Largest difference between two backward passes of the same graph, for one random cotangent (a backward
-    that accumulates with atomics can differ run to run)."""
-    gen = torch.Generator().manual_seed(seed + 7919 * (k + 1))
-    u = torch.randn(analytical.spec.size, generator=gen, dtype=torch.float64).to(analytical.device)
-    return float((analytical.vjp(k, u) - analytical.vjp(k, u)).abs().max())
+def _cotangents(analytical: _jacobian.Analytical, seed: int) -> list[torch.Tensor | None]:
+    """The output gradients of the reentrancy check, one per compared output (None where it has no gradient): 1 for a
+    one-element output, else torch's fast-mode vector -- uniform in [0, 1), scaled to unit norm -- in the output's
+    dtype, so that ``nondet_tol`` bounds the same absolute differences as in ``torch.autograd.gradcheck``."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    cots: list[torch.Tensor | None] = []
+    for o in analytical.outputs:
+        if not o.requires_grad:
+            cots.append(None)
+        elif o.numel() == 1:
+            cots.append(torch.ones_like(o))
+        else:
+            v = torch.rand(o.numel(), generator=gen, dtype=torch.float64)
+            cots.append((v / v.norm()).to(dtype=o.dtype, device=o.device).view(o.shape))
+    return cots
+
+
+def _difference(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Largest ``|a - b|`` over entries, in float64: identical values (equal infinities, NaN at the same place) differ
+    by 0, a NaN against a number by inf (torch's ``(a - b).abs().max() > tol`` would let that NaN through)."""
+    if a is None and b is None:
+        return 0.0
+    a = torch.zeros_like(b) if a is None else a
+    b = torch.zeros_like(a) if b is None else b
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    if a.numel() == 0:
+        return 0.0
+    same = (a == b) | (a.isnan() & b.isnan())
+    d = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    return float(torch.nan_to_num(d, nan=math.inf).max())
+
+
+def _backward_spreads(analytical: _jacobian.Analytical, wrt: Sequence[int], seed: int) -> dict[int, float]:
+    """Reentrancy, as ``torch.autograd.gradcheck`` checks it: the backward of the same graph run twice with the same
+    output gradients (:func:`_cotangents`), and for each checked input the largest absolute difference between the
+    two results (0.0: identical). A backward that accumulates with atomics can differ run to run. torch compares
+    every row of the Jacobian in its slow mode and this one combination of rows in its fast mode; both backwards
+    here cover every checked input at once (two backward passes in all)."""
+    outs, cots = [], []
+    for o, c in zip(analytical.outputs, _cotangents(analytical, seed)):
+        if c is not None:
+            outs.append(o)
+            cots.append(c)
+    if not outs:
+        return {k: 0.0 for k in wrt}
+    inputs = [analytical.clones[k] for k in wrt]
+
+    def backward():
+        with _engine.noting("gradfd: raised in autograd's backward of func at the unperturbed params (the "
+                            "reentrancy check, nondet_tol)"):
+            grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True)
+        return [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
+
+    first, second = backward(), backward()
+    return {k: _difference(a, b) for k, a, b in zip(wrt, first, second)}
+
+
+def _nondeterminism(spread: float, nondet_tol: float) -> str:
+    """The report's sentence for a backward whose two runs differ by ``spread > nondet_tol``."""
+    if nondet_tol == 0:
+        bound = ("nondet_tol=0.0 (the default of gradfd.gradcheck and torch.autograd.gradcheck) asks for identical "
+                 "results; pass nondet_tol=<tol> where the backward is non-deterministic by design (atomics)")
+    else:
+        bound = f"> nondet_tol={nondet_tol:g}"
+    return (f"two backward passes of the same graph, with the same output gradients, differ by {spread:.3g} "
+            f"(largest absolute difference); {bound}")
 
 
 def _directional_report(evaluator: _Directions, k: int, p: torch.Tensor, directions: int, atol, rtol, stencil, h,
@@ -686,7 +746,9 @@ def check(
             Jacobian, checked by colors -- many inputs perturbed together, a few backward passes -- when both sides
             confirm the pattern, else by exact columns), ``"sample"`` (``samples`` entries per tensor: the largest
             |gradient| entries and a seeded uniform sample of the rest) or ``"directional"`` (``directions``
-            random Gaussian directions, comparing d/dt f(x + t u) with <grad, u>; cost independent of the size).
+            random Gaussian directions, comparing d/dt f(x + t u) with <grad, u>; cost independent of the size; an
+            error on one of N entries moves each directional derivative by that entry's share only, which a float32
+            loss's rounding can hide: docs/benchmarks.md, "What directional mode can see").
         samples: entries per tensor in sample mode (default 256). directions: directions in directional mode
             (default 8).
         h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``.
@@ -697,13 +759,21 @@ def check(
         engine, batching, chunk_size, memory_budget: as in :func:`gradfd.numerical_gradient`.
         seed: seeds the sample and the directions.
         raise_on_failure: raise :class:`GradientCheckError` (carrying the report) when an entry disagrees.
-        nondet_tol: when given, run the backward twice on the same graph (one random cotangent) and fail the
-            tensors whose two results differ by more than this (atomics in CUDA backward kernels).
+        nondet_tol: None (default) skips the reentrancy check. A float runs the backward twice on the same graph,
+            with the same output gradients (1 for a loss; a fixed random unit vector per output otherwise), and fails
+            the tensors whose two results differ by more than this, absolutely, in any entry (atomics in CUDA
+            backward kernels); ``0.0`` asks for identical results, as ``torch.autograd.gradcheck``'s default
+            does. Each record's ``details["backward_spread"]`` holds the measured difference. Costs two backward
+            passes in all.
         progress: True for a progress bar with the time left (tqdm, on stderr), or a ``callable(done, total)``
             counting checked coordinates (directions in directional mode).
 
     Returns:
-        A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict.
+        A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees and no
+        backward was non-deterministic beyond ``nondet_tol``. Unresolved entries do not fail, so a tensor whose
+        every entry is unresolved passes (the headline says "PASSED (but nothing could be compared for ...)");
+        ``report.uncompared`` lists such tensors and ``report.verified`` is ``passed`` without any, the verdict of
+        :func:`gradfd.gradcheck` and :func:`gradfd.testing.assert_gradients_match`.
 
     float32, float16 and bfloat16 functions are evaluated in their own dtype; differences and reductions are in
     float64 (a scalar loss's full ``sum``/``mean`` and loss reductions are widened while the finite differences
@@ -714,7 +784,8 @@ def check(
     checked at smaller steps, where its stencil is finite (see the module docstring); the report's notes say so.
 
     Raises:
-        GradientCheckError: a gradient entry disagrees (and ``raise_on_failure``).
+        GradientCheckError: a gradient entry disagrees, or the backward is non-deterministic beyond ``nondet_tol``
+            (and ``raise_on_failure``); not when nothing could be compared (see Returns).
         Exception: what ``func`` raised, when it raised at the unperturbed point, or at every perturbed node of a
             tensor at every step tried (with a note saying so).
         TypeError / ValueError / IndexError: bad arguments, naming the argument and what was passed.
@@ -750,7 +821,7 @@ def check(
             elif not analytical.spec.kept:
                 raise ValueError(f"func returned no floating-point output to compare (outputs "
                                  f"{[d for _, d in analytical.spec.skipped]} have no gradient)")
-            nondet = {k: _backward_spread(analytical, k, seed) for k in wrt_idx} if nondet_tol is not None else {}
+            nondet = _backward_spreads(analytical, wrt_idx, seed) if nondet_tol is not None else {}
             rng.close()  # the finite differences see the random draws autograd saw
             for k in wrt_idx:
                 p = params[k]
@@ -772,10 +843,11 @@ def check(
                         func, params, k, analytical, coords, h=h, stencil=sten, engine=engine, batching=batching,
                         chunk_size=chunk_size, memory_budget=memory_budget, atol=atol, rtol=rtol, mode=mode,
                         progress=tick)
-                if k in nondet and nondet[k] > nondet_tol:
+                if k in nondet:
                     for r in reports:
-                        r.nondeterminism = (f"two backward passes of the same graph differ by {nondet[k]:.3g} > "
-                                            f"nondet_tol={nondet_tol:g}")
+                        r.details["backward_spread"] = nondet[k]
+                        if nondet[k] > nondet_tol:
+                            r.nondeterminism = _nondeterminism(nondet[k], nondet_tol)
                 records.extend(reports)
     finally:
         rng.close()

@@ -3,41 +3,97 @@
 Replacing ``from torch.autograd import gradcheck`` by ``from gradfd import gradcheck`` keeps the call sites and
 the return value (True, or False / an exception on failure). Unlike torch's, it checks float32 (and half)
 functions in their own dtype with tolerances derived from the finite difference's error estimate, and in
-``fast_mode`` its directional check keeps full mode's per-entry sensitivity.
+``fast_mode`` its directional check's tolerance is not inflated by sqrt(N) (it still cannot resolve one wrong entry
+among many in float32: docs/benchmarks.md, "What directional mode can see").
+
+What torch's defaults check, it checks too, or says it did not: the backward is run twice and must agree exactly
+(``nondet_tol=0.0``); a tensor where nothing could be compared fails; and the undefined-gradient check that
+``check_undefined_grad=True`` asks for, which gradfd does not perform yet, is announced by a
+:class:`~gradfd.GradfdWarning` on every call that asks for it (and a note in the report).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
-from .report import GradientCheckError
+from .engine import GradfdWarning, _describe, check_step
+from .report import CheckReport, GradientCheckError
 
-__all__ = ["gradcheck", "GradcheckError"]
+__all__ = ["gradcheck", "GradcheckError", "UNDEFINED_GRAD_WARNING"]
 
 
 class GradcheckError(_TorchGradcheckError, GradientCheckError):
     """Raised by :func:`gradcheck` on failure: both torch's ``GradcheckError`` (so existing ``except`` clauses
-    work) and gradfd's :class:`GradientCheckError` (``.report`` holds the :class:`CheckReport`)."""
+    work) and gradfd's :class:`GradientCheckError` (``.report`` holds the :class:`CheckReport`). The message is the
+    report's table, after ``headline`` when one is given (what failed, when the table alone does not say)."""
 
-    def __init__(self, report):
+    def __init__(self, report: CheckReport, headline: str | None = None):
         GradientCheckError.__init__(self, report)
+        if headline:
+            self.args = (f"{headline}\n{report}",)
 
 
-# torch.autograd.gradcheck's other options, with the values that mean "not asked for". gradfd checks the
-# backward (reverse-mode) gradient only; asking for anything else raises NotImplementedError.
-_UNSUPPORTED = {
-    "check_undefined_grad": True,  # torch's default; gradfd does not test undefined output grads
-    "check_grad_dtypes": False,
-    "check_batched_grad": False,
-    "check_batched_forward_grad": False,
-    "check_forward_ad": False,
-    "check_backward_ad": True,
-    "masked": None,
+# torch.autograd.gradcheck's other options: the values gradfd performs (or, for check_undefined_grad=True, accepts
+# with a warning), keyed by option. Any other value raises NotImplementedError naming the option.
+_SUPPORTED: dict[str, tuple] = {
+    "check_undefined_grad": (True, False),  # True: torch's default; not performed yet, so it warns (see below)
+    "check_grad_dtypes": (False,),
+    "check_batched_grad": (False,),
+    "check_batched_forward_grad": (False,),
+    "check_forward_ad": (False,),
+    "check_backward_ad": (True,),  # False (with check_forward_ad=False) is torch's AssertionError, raised first
+    "masked": (None, False),  # gradfd takes dense tensors only, for which torch treats None as False
 }
+_BOOL_OPTIONS = ("check_undefined_grad", "check_grad_dtypes", "check_batched_grad", "check_batched_forward_grad",
+                 "check_forward_ad", "check_backward_ad")
+
+UNDEFINED_GRAD_WARNING = (
+    "gradfd.gradcheck: the undefined-gradient check was not performed: check_undefined_grad=True (torch's default) "
+    "asks for it (the backward must treat undefined output gradients as zeros), and gradfd does not implement it "
+    "yet; only the gradients were checked. Pass check_undefined_grad=False to skip it explicitly and silence this "
+    "warning, or use torch.autograd.gradcheck for that check."
+)
+_UNDEFINED_GRAD_NOTE = ("undefined-gradient check not performed: check_undefined_grad=True asks for it, and gradfd "
+                        "does not implement it yet (pass check_undefined_grad=False to skip it explicitly)")
+
+
+def _validate_options(options: dict, raise_exception, fast_mode) -> dict:
+    """torch's options with their defaults filled in; raise as torch does for inconsistent ones and
+    NotImplementedError for those gradfd does not perform."""
+    for name in options:
+        if name not in _SUPPORTED:
+            raise TypeError(f"gradcheck() got an unexpected keyword argument {name!r}")
+    for name, value in (("raise_exception", raise_exception), ("fast_mode", fast_mode),
+                        *((n, options[n]) for n in _BOOL_OPTIONS if n in options)):
+        if not isinstance(value, bool):
+            raise TypeError(f"gradcheck(): {name} must be a bool, got {_describe(value)}")
+    masked = options.get("masked")
+    if masked is not None and not isinstance(masked, bool):
+        raise TypeError(f"gradcheck(): masked must be a bool or None, got {_describe(masked)}")
+    opts = {"check_undefined_grad": True, "check_grad_dtypes": False, "check_batched_grad": False,
+            "check_batched_forward_grad": False, "check_forward_ad": False, "check_backward_ad": True,
+            "masked": None, **options}
+    # torch.autograd.gradcheck's own consistency checks, with its exception type (AssertionError) and message: with
+    # check_backward_ad=False and check_forward_ad=False, torch does not return True; it refuses the call
+    if not (opts["check_forward_ad"] or opts["check_backward_ad"]):
+        raise AssertionError("Expected at least one of check_forward_ad or check_backward_ad to be True "
+                             "(gradcheck() got check_backward_ad=False and check_forward_ad=False: nothing to check)")
+    if opts["check_batched_grad"] and not opts["check_backward_ad"]:
+        raise AssertionError("Setting check_batched_grad=True requires check_backward_ad to be True")
+    if opts["check_batched_forward_grad"] and not opts["check_forward_ad"]:
+        raise AssertionError("Setting check_batched_forward_grad=True requires check_forward_ad to be True")
+    for name, value in opts.items():
+        if value not in _SUPPORTED[name]:
+            raise NotImplementedError(
+                f"gradfd.gradcheck does not support {name}={value!r} (it checks the reverse-mode gradient only); "
+                "use torch.autograd.gradcheck for that check"
+            )
+    return opts
 
 
 def gradcheck(
@@ -49,7 +105,7 @@ def gradcheck(
     rtol: float | None = None,
     raise_exception: bool = True,
     fast_mode: bool = False,
-    nondet_tol: float = 0.0,
+    nondet_tol: float | None = 0.0,
     **options,
 ) -> bool:
     """Check the gradients of ``func`` at ``inputs`` with gradfd; same signature and return value as
@@ -58,37 +114,54 @@ def gradcheck(
     Args:
         func: returns a tensor or a tuple of tensors.
         inputs: a tensor or a tuple of tensors; those that are floating with ``requires_grad=True`` are checked.
+            Never modified (nor their ``.grad``).
         eps: finite-difference step; None (default) picks it per dtype and entry (torch's fixed 1e-6 is built for
             float64 only).
         atol, rtol: replace gradfd's dtype floors; the finite difference's own error estimate is always allowed.
         raise_exception: raise :class:`GradcheckError` on failure (default), else return False.
         fast_mode: compare random directional derivatives (``uᵀJv``) instead of the full Jacobian.
-        nondet_tol: tolerance for non-determinism: the backward is run twice and must agree within it.
-        **options: torch's other options (``check_forward_ad``, ``check_batched_grad``, ``masked`` ...). Values
-            other than torch's "off" raise NotImplementedError; ``check_undefined_grad`` and ``check_backward_ad``
-            are accepted at their defaults (gradfd checks the backward gradient itself).
+        nondet_tol: as in torch: the backward is run twice on the same graph with the same output gradients, and the
+            two results must agree within this absolute tolerance in every entry; the default 0.0 asks for
+            identical results. None skips this reentrancy check (a gradfd extension; torch has no such value).
+        **options: torch's other options. ``check_undefined_grad`` (default True, as in torch): gradfd does not
+            perform the undefined-gradient check yet, so True issues one :class:`~gradfd.GradfdWarning` per call
+            (and a note in the report) saying it was not performed; pass False to skip it without a warning. Under
+            ``warnings.simplefilter("error")`` that warning is raised like any other, before the check runs.
+            ``check_backward_ad=False`` with ``check_forward_ad=False`` raises AssertionError, as torch does.
+            ``masked`` may be None or False (dense tensors). ``check_forward_ad``, ``check_batched_grad``,
+            ``check_batched_forward_grad``, ``check_grad_dtypes`` set to True (and ``check_backward_ad=False``
+            with ``check_forward_ad=True``) raise NotImplementedError.
 
     Returns:
-        True when every entry agrees (unresolved entries -- kinks -- do not fail).
+        True when no entry disagrees, the backward is reentrant (within ``nondet_tol``), and every checked tensor
+        had at least one entry compared (``report.verified``): partly unresolved tensors (kinks) pass; a tensor
+        whose every entry is unresolved (``sqrt`` at 0: every stencil leaves the domain) fails, naming the tensor.
 
     Raises:
         GradcheckError: on failure, with ``raise_exception``.
         NotImplementedError: an option gradfd does not support.
-        TypeError: an option torch's gradcheck does not have.
+        AssertionError: options torch refuses together (``check_backward_ad=False`` with ``check_forward_ad=False``).
+        TypeError: an option torch's gradcheck does not have, or an option of the wrong type.
+        ValueError, TypeError, IndexError: bad ``eps``, ``atol``, ``rtol``, ``nondet_tol`` or ``inputs``, named (from
+            :func:`gradfd.check`).
     """
-    for name, value in options.items():
-        if name not in _UNSUPPORTED:
-            raise TypeError(f"gradcheck() got an unexpected keyword argument {name!r}")
-        if value != _UNSUPPORTED[name]:
-            raise NotImplementedError(
-                f"gradfd.gradcheck does not support {name}={value!r} (it checks the reverse-mode gradient only); "
-                "use torch.autograd.gradcheck for that check"
-            )
-    params = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    opts = _validate_options(options, raise_exception, fast_mode)
+    if isinstance(inputs, torch.Tensor):
+        params = (inputs,)
+    elif isinstance(inputs, (tuple, list)):
+        params = tuple(inputs)
+    else:
+        raise TypeError(f"gradcheck(): inputs must be a tensor or a tuple of tensors, got {_describe(inputs)}")
+    if eps is not None:
+        eps = check_step(eps, "eps")
+    if opts["check_undefined_grad"]:
+        warnings.warn(UNDEFINED_GRAD_WARNING, GradfdWarning, stacklevel=2)
     report = check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                   raise_on_failure=False, nondet_tol=nondet_tol if nondet_tol else None)
-    if report.passed:
+                   raise_on_failure=False, nondet_tol=nondet_tol)
+    if opts["check_undefined_grad"]:
+        report.notes.append(_UNDEFINED_GRAD_NOTE)
+    if report.verified:
         return True
     if raise_exception:
-        raise GradcheckError(report)
+        raise GradcheckError(report, report.uncompared_message())
     return False

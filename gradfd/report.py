@@ -78,7 +78,15 @@ class TensorReport:
 
     @property
     def passed(self) -> bool:
+        """No checked entry disagrees and the backward was not found non-deterministic. Unresolved entries do not
+        fail: a tensor whose every entry is unresolved passes (see :attr:`nothing_compared`)."""
         return self.disagree == 0 and self.nondeterminism is None
+
+    @property
+    def nothing_compared(self) -> bool:
+        """Entries were checked, but every one is unresolved: no numerical value could be set against an analytical
+        one (``sqrt`` at 0, where every stencil leaves the domain). An empty tensor (0 entries) is not this."""
+        return self.checked > 0 and self.unresolved == self.checked
 
     @property
     def verdict(self) -> str:
@@ -154,7 +162,38 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
+        """No checked entry of any tensor disagrees, and no backward was found non-deterministic (``nondet_tol``).
+
+        This is "no disagreement", not "verified": a tensor whose every entry is unresolved (a kink, a jump or a
+        non-finite value of ``func`` within every step tried) passes, and the table's headline then reads
+        ``PASSED (but nothing could be compared for ...)``. :attr:`uncompared` lists such tensors, and
+        :attr:`verified` requires that there be none (``gradfd.gradcheck`` and
+        ``gradfd.testing.assert_gradients_match`` fail unless the report is verified). Partly unresolved tensors
+        (a ReLU's kinks among agreeing entries) pass either way. ``notes`` never change the verdict."""
         return all(t.passed for t in self.tensors)
+
+    @property
+    def uncompared(self) -> list[str]:
+        """Names of the checked tensors (records) whose every entry is unresolved: nothing was compared there."""
+        return [t.name for t in self.tensors if t.nothing_compared]
+
+    @property
+    def verified(self) -> bool:
+        """:attr:`passed`, and at least one entry of every checked tensor was compared (:attr:`uncompared` is
+        empty): what ``gradfd.gradcheck`` returns."""
+        return self.passed and not self.uncompared
+
+    def uncompared_message(self) -> str:
+        """One line per tensor in :attr:`uncompared` saying that nothing could be compared there and why; "" when
+        there is none."""
+        lines = []
+        for t in self.tensors:
+            if t.nothing_compared:
+                what = "directions" if t.mode == "directional" else "entries"
+                lines.append(f"nothing could be compared for {t.name} (all {t.checked} {what} unresolved: a kink, "
+                             "a discontinuity or a non-finite value of func within every step tried); check at a "
+                             "point where func is differentiable")
+        return "\n".join(lines)
 
     def __getitem__(self, key: int | str) -> TensorReport:
         if isinstance(key, int):
@@ -165,7 +204,8 @@ class CheckReport:
         raise KeyError(f"no checked tensor named {key!r}; have {[t.name for t in self.tensors]}")
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "tensors": [t.to_dict() for t in self.tensors], "notes": list(self.notes)}
+        return {"passed": self.passed, "verified": self.verified, "uncompared": self.uncompared,
+                "tensors": [t.to_dict() for t in self.tensors], "notes": list(self.notes)}
 
     def __str__(self) -> str:
         head = ["tensor", "shape", "dtype", "checked", "max abs err", "max rel err", "worst index", "analytical",

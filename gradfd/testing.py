@@ -22,10 +22,12 @@ def assert_gradients_match(op: Callable, inputs: torch.Tensor | Sequence[torch.T
         **check_options: passed to :func:`gradfd.check` (``mode``, ``samples``, ``nondet_tol``, ``atol`` ...).
 
     Returns:
-        The :class:`CheckReport` when it passes.
+        The :class:`CheckReport` when it passes and is verified (``report.verified``).
 
     Raises:
-        AssertionError: with the report's table as its message, when an entry disagrees.
+        AssertionError: with the report's table as its message, when an entry disagrees (or the backward is
+            non-deterministic beyond ``nondet_tol``), or when nothing could be compared for a tensor (every entry
+            unresolved: ``sqrt`` at 0), naming that tensor. Partly unresolved tensors (kinks) pass.
 
     Example (pytest)::
 
@@ -37,4 +39,6 @@ def assert_gradients_match(op: Callable, inputs: torch.Tensor | Sequence[torch.T
     report = check(op, params, raise_on_failure=False, **check_options)
     if not report.passed:
         raise AssertionError("gradients do not match finite differences\n" + str(report))
+    if not report.verified:
+        raise AssertionError(report.uncompared_message() + "\n" + str(report))
     return report

@@ -39,6 +39,10 @@ TARGETS = textwrap.dedent('''
 
     def not_a_problem():
         return 42
+
+    def nothing_compared():
+        x = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # sqrt at 0: every stencil leaves the domain
+        return (lambda x: torch.sqrt(x).sum()), (x,)
 ''')
 
 
@@ -62,6 +66,11 @@ def test_check_exit_codes_and_table(targets, capsys):
     assert code == 1 and "FAILED" in out and "disagreeing entries" in out
     code, out, _ = run(["check", f"{targets}:ready_report"], capsys)
     assert code == 0 and "PASSED" in out
+
+
+def test_nothing_compared_exits_1(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:nothing_compared", "--no-progress"], capsys)
+    assert code == 1 and "PASSED (but nothing could be compared for params[0]" in out
 
 
 def test_check_json_output(targets, capsys):

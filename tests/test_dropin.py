@@ -1,0 +1,282 @@
+"""gradfd.gradcheck does what torch.autograd.gradcheck's defaults do, or says it did not (issue 17, part 3):
+reentrancy (nondet_tol=0.0 means identical backward passes), tensors where nothing could be compared fail the
+drop-in and the pytest helper, and the undefined-gradient check is announced as not performed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError as TorchGradcheckError
+
+import gradfd
+from gradfd.check import _difference
+from gradfd.dropin import UNDEFINED_GRAD_WARNING
+from helpers import assert_unchanged, snapshot
+
+UNDEFINED = "undefined-gradient check was not performed"
+
+
+def _sine(jitter: float = 0.0, scale: float = 1.0):
+    """``scale * sin(x)`` with a hand-written backward that multiplies its result by ``1 + jitter * N(0, 1)``: a
+    backward whose last bits change from run to run, like one that accumulates with atomics."""
+
+    class Sine(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return scale * torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            g = grad * scale * torch.cos(x)
+            return g * (1 + jitter * torch.randn_like(g)) if jitter else g
+
+    return Sine.apply
+
+
+def _leaf(*tensors):
+    return tuple(t.detach().clone().requires_grad_(True) for t in tensors)
+
+
+def _quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the undefined-gradient warning silenced (the tests below that are not about it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="gradfd.gradcheck: the undefined-gradient check")
+        return fn(*args, **kwargs)
+
+
+# ---- 1. reentrancy -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_a_backward_with_1e13_relative_jitter_fails_by_default_like_torch(seed, fast_mode):
+    x = _leaf(torch.randn(6, dtype=torch.float64))
+    snap = snapshot(x)
+    jittery = _sine(jitter=1e-13)
+    assert torch.autograd.gradcheck(jittery, x, fast_mode=fast_mode, raise_exception=False) is False
+    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, raise_exception=False) is False
+    with pytest.raises(gradfd.GradcheckError, match="backward is not deterministic") as err:
+        _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode)
+    assert "nondet_tol=0.0" in str(err.value) and isinstance(err.value, TorchGradcheckError)
+    t = err.value.report.tensors[0]
+    assert t.disagree == 0 and 0 < t.details["backward_spread"] < 1e-11  # the gradient itself is right
+    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, nondet_tol=1e-10) is True
+    assert torch.autograd.gradcheck(jittery, x, fast_mode=fast_mode, nondet_tol=1e-10) is True
+    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, nondet_tol=None) is True  # gradfd's "off"
+    assert _quiet(gradfd.gradcheck, _sine(), x, fast_mode=fast_mode) is True  # deterministic: exact agreement
+    assert_unchanged(x, snap)
+
+
+@pytest.mark.parametrize("nondet_tol", [1e-10, 1e-4])
+def test_nondet_tol_is_an_absolute_bound_as_in_torch(seed, nondet_tol):
+    # a gradient of size ~1e6 with 1e-13 relative jitter differs by ~1e-7 absolutely: beyond 1e-10, within 1e-4
+    x = _leaf(torch.randn(5, dtype=torch.float64))
+    jittery = _sine(jitter=1e-13, scale=1e6)
+    expected = torch.autograd.gradcheck(jittery, x, nondet_tol=nondet_tol, raise_exception=False)
+    assert expected is (nondet_tol == 1e-4)
+    assert _quiet(gradfd.gradcheck, jittery, x, nondet_tol=nondet_tol, raise_exception=False) is expected
+    loss = lambda x: jittery(x).sum()  # noqa: E731  (a loss: output gradient 1, as torch's)
+    assert torch.autograd.gradcheck(loss, x, nondet_tol=nondet_tol, raise_exception=False) is expected
+    assert _quiet(gradfd.gradcheck, loss, x, nondet_tol=nondet_tol, raise_exception=False) is expected
+
+
+def test_check_nondet_tol_zero_means_exact_and_none_means_off(seed):
+    x = _leaf(torch.randn(6, dtype=torch.float64))
+    snap = snapshot(x)
+    jittery = _sine(jitter=1e-13)
+    report = gradfd.check(jittery, x, nondet_tol=0.0, raise_on_failure=False)
+    assert not report.passed and "not deterministic" in str(report) and report.tensors[0].disagree == 0
+    with pytest.raises(gradfd.GradientCheckError, match="not deterministic"):
+        gradfd.check(jittery, x, nondet_tol=0.0)
+    off = gradfd.check(jittery, x)  # check()'s own default: None, no reentrancy check
+    assert off.passed and "backward_spread" not in off.tensors[0].details
+    exact = gradfd.check(_sine(), x, nondet_tol=0.0)
+    assert exact.passed and exact.tensors[0].details["backward_spread"] == 0.0
+    # two checked tensors: only the one whose backward jitters fails
+    two = gradfd.check(lambda a, b: (jittery(a) * b).sum(), _leaf(torch.randn(4, dtype=torch.float64),
+                                                                    torch.randn(4, dtype=torch.float64)),
+                       nondet_tol=0.0, raise_on_failure=False)
+    assert [t.nondeterminism is not None for t in two.tensors] == [True, False]
+    assert_unchanged(x, snap)
+
+
+def test_a_nan_against_a_number_is_a_difference():
+    nan, inf = float("nan"), float("inf")
+    a = torch.tensor([1.0, nan, inf, -0.0])
+    assert _difference(a, a.clone()) == 0.0  # the same NaN, the same infinity, 0.0 against -0.0: identical
+    assert _difference(a, torch.tensor([1.0, nan, inf, 0.0])) == 0.0
+    assert _difference(a, torch.tensor([1.0, 2.0, inf, 0.0])) == inf  # torch's (a - b).abs().max() > tol misses it
+    assert _difference(a, torch.tensor([1.5, nan, inf, 0.0])) == 0.5
+    assert _difference(None, None) == 0.0 and _difference(None, torch.tensor([0.0, 2.0])) == 2.0
+
+
+# ---- 2. nothing compared -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_a_tensor_where_nothing_could_be_compared_fails_the_drop_in(seed, fast_mode):
+    z = _leaf(torch.zeros(3, dtype=torch.float64))  # sqrt at 0: every stencil leaves the domain
+    snap = snapshot(z)
+    assert _quiet(gradfd.gradcheck, torch.sqrt, z, fast_mode=fast_mode, raise_exception=False) is False
+    with pytest.raises(gradfd.GradcheckError) as err:
+        _quiet(gradfd.gradcheck, torch.sqrt, z, fast_mode=fast_mode)
+    what = "directions" if fast_mode else "entries"
+    name = "outputs wrt params[0] (u^T J v)" if fast_mode else "output[0] wrt params[0]"
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"nothing could be compared for {name} (all ") and f" {what} unresolved: " in first
+    assert err.value.report.passed and err.value.report.uncompared == [name]
+    assert_unchanged(z, snap)
+
+
+def test_a_tensor_where_nothing_could_be_compared_fails_assert_gradients_match(seed):
+    z, y = _leaf(torch.zeros(3, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+    snap = snapshot((z, y))
+
+    def loss(z, y):
+        return torch.sqrt(z).sum() + (y * y).sum()
+
+    with pytest.raises(AssertionError) as err:
+        gradfd.testing.assert_gradients_match(loss, (z, y))
+    message = str(err.value)
+    assert message.startswith("nothing could be compared for params[0] (all 3 entries unresolved: ")
+    assert "for params[1]" not in message  # params[1] was compared, and agrees
+    # check() itself keeps its verdict: passed means "no disagreement", and says what could not be compared
+    report = gradfd.check(loss, (z, y))
+    assert report.passed and not report.verified and report.uncompared == ["params[0]"]
+    assert str(report).startswith("gradfd.check: PASSED (but nothing could be compared for params[0]")
+    assert report.to_dict()["uncompared"] == ["params[0]"] and report.to_dict()["verified"] is False
+    assert_unchanged((z, y), snap)
+
+
+def test_partly_unresolved_tensors_still_pass(seed):
+    # ReLU at exactly 0: that entry's stencil straddles the kink (unresolved), the others are compared
+    x = _leaf(torch.tensor([0.0, 0.5, -0.25, 1.5], dtype=torch.float64))
+    snap = snapshot(x)
+    report = gradfd.testing.assert_gradients_match(lambda x: torch.relu(x).sum(), x)
+    t = report.tensors[0]
+    assert t.unresolved >= 1 and t.agree >= 1 and report.verified and report.uncompared == []
+    assert _quiet(gradfd.gradcheck, torch.relu, x) is True
+    assert_unchanged(x, snap)
+
+
+# ---- 3. undefined gradients --------------------------------------------------------------------------------------
+
+class _Buggy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 3 * grad
+
+
+def _record(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, [w for w in caught if issubclass(w.category, gradfd.GradfdWarning) and UNDEFINED in str(w.message)]
+
+
+def test_the_undefined_gradient_check_is_announced_once_per_call(seed):
+    x = _leaf(torch.randn(5, dtype=torch.float64))
+    snap = snapshot(x)
+    for _ in range(2):  # each call warns (once), not only the first
+        ok, caught = _record(gradfd.gradcheck, torch.sin, x)
+        assert ok is True and len(caught) == 1 and caught[0].category is gradfd.GradfdWarning
+        assert str(caught[0].message) == UNDEFINED_GRAD_WARNING
+        assert "check_undefined_grad=False" in UNDEFINED_GRAD_WARNING
+        assert caught[0].filename == __file__  # points at the caller's line
+    _, caught = _record(gradfd.gradcheck, torch.sin, x, fast_mode=True)
+    assert len(caught) == 1
+    with warnings.catch_warnings(record=True) as caught:  # a failing call warns too
+        warnings.simplefilter("always")
+        with pytest.raises(gradfd.GradcheckError):
+            gradfd.gradcheck(_Buggy.apply, x)
+    assert sum(UNDEFINED in str(w.message) for w in caught) == 1
+    assert_unchanged(x, snap)
+
+
+def test_a_failing_report_carries_the_undefined_gradient_note(seed):
+    x = _leaf(torch.randn(4, dtype=torch.float64))
+    with pytest.raises(gradfd.GradcheckError) as err:
+        _quiet(gradfd.gradcheck, _Buggy.apply, x)
+    assert any("undefined-gradient check not performed" in n for n in err.value.report.notes)
+    assert "undefined-gradient check not performed" in str(err.value)
+    with pytest.raises(gradfd.GradcheckError) as err:
+        gradfd.gradcheck(_Buggy.apply, x, check_undefined_grad=False)
+    assert not any("undefined" in n for n in err.value.report.notes)
+
+
+def test_check_undefined_grad_false_is_silent(seed):
+    x = _leaf(torch.randn(5, dtype=torch.float64))
+    snap = snapshot(x)
+    ok, caught = _record(gradfd.gradcheck, torch.sin, x, check_undefined_grad=False)
+    assert ok is True and caught == []
+    assert_unchanged(x, snap)
+
+
+def test_the_warning_is_an_error_under_simplefilter_error(seed):
+    x = _leaf(torch.randn(5, dtype=torch.float64))
+    calls = []
+
+    def func(x):
+        calls.append(1)
+        return torch.sin(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(gradfd.GradfdWarning, match=UNDEFINED):
+            gradfd.gradcheck(func, x)
+        assert calls == []  # raised before the check runs
+        assert gradfd.gradcheck(func, x, check_undefined_grad=False) is True
+
+
+# ---- torch's other options and bad input -------------------------------------------------------------------------
+
+def test_check_backward_ad_false_is_refused_as_torch_refuses_it(seed):
+    x = _leaf(torch.randn(3, dtype=torch.float64))
+    snap = snapshot(x)
+    with pytest.raises(AssertionError, match="check_forward_ad or check_backward_ad"):
+        torch.autograd.gradcheck(torch.sin, x, check_backward_ad=False)
+    with pytest.raises(AssertionError, match="check_forward_ad or check_backward_ad"):
+        gradfd.gradcheck(torch.sin, x, check_backward_ad=False)
+    with pytest.raises(NotImplementedError, match="check_forward_ad=True"):  # forward AD only: not gradfd's
+        gradfd.gradcheck(torch.sin, x, check_backward_ad=False, check_forward_ad=True)
+    with pytest.raises(AssertionError, match="check_batched_grad=True requires check_backward_ad"):
+        gradfd.gradcheck(torch.sin, x, check_backward_ad=False, check_forward_ad=True, check_batched_grad=True)
+    assert gradfd.gradcheck(torch.sin, x, masked=False, check_undefined_grad=False) is True
+    assert_unchanged(x, snap)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"check_undefined_grad": "no"}, TypeError, "check_undefined_grad must be a bool, got str"),
+    ({"check_backward_ad": 1}, TypeError, "check_backward_ad must be a bool"),
+    ({"fast_mode": None}, TypeError, "fast_mode must be a bool"),
+    ({"raise_exception": "yes"}, TypeError, "raise_exception must be a bool"),
+    ({"masked": "dense"}, TypeError, "masked must be a bool or None"),
+    ({"masked": True}, NotImplementedError, "masked=True"),
+    ({"check_grad_dtypes": True}, NotImplementedError, "check_grad_dtypes=True"),
+    ({"frobnicate": True}, TypeError, "unexpected keyword argument 'frobnicate'"),
+    ({"eps": 0.0}, ValueError, "eps must be a positive finite float"),
+    ({"eps": "1e-6"}, TypeError, "eps must be a positive finite float"),
+    ({"nondet_tol": -1.0}, ValueError, "nondet_tol must be a finite float >= 0"),
+    ({"atol": float("nan")}, ValueError, "atol must be a finite float >= 0"),
+])
+def test_bad_options_name_the_argument(kwargs, error, match):
+    x = _leaf(torch.randn(3, dtype=torch.float64))
+    snap = snapshot(x)
+    with pytest.raises(error, match=match):
+        _quiet(gradfd.gradcheck, torch.sin, x, **kwargs)
+    assert_unchanged(x, snap)
+
+
+@pytest.mark.parametrize("inputs, error, match", [
+    (3, TypeError, "inputs must be a tensor or a tuple of tensors, got int"),
+    ((torch.randn(3, dtype=torch.float64),), ValueError, "no tensor to check"),
+    ((torch.randn(3, dtype=torch.float64, requires_grad=True), "x"), TypeError, r"params\[1\] must be a torch.Tensor"),
+])
+def test_bad_inputs_name_the_argument(inputs, error, match):
+    with pytest.raises(error, match=match):
+        _quiet(gradfd.gradcheck, torch.sin, inputs)
