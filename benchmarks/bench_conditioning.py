@@ -5,19 +5,18 @@ small enough to shed truncation -- a rounding error correlated over the nodes, w
 measures the rounding with do not see (README, "A known false failure"). This benchmark counts how often a correct
 gradient fails, by exact columns (``batching="vmap"``) and through the default (colored) pass.
 
-    uv run python benchmarks/bench_conditioning.py              # prints and records in RESULTS.md and README.md
+    uv run python benchmarks/bench_conditioning.py              # records benchmarks/results/conditioning.json
     uv run python benchmarks/bench_conditioning.py --no-record
 """
 
 import argparse
-from pathlib import Path
 
 import torch
+from sections import caption, record
 
 import gradfd
 from gradfd import bench
 
-HERE = Path(__file__).resolve().parent
 MAPS = {
     "sigmoid(sigmoid(x))": lambda t: torch.sigmoid(torch.sigmoid(t)),
     "sigmoid(x)": torch.sigmoid,
@@ -27,11 +26,11 @@ MAPS = {
 SHAPES = [(7, 4), (4, 7), (3, 8, 5)]
 
 
-def failures(inner, dtype: torch.dtype, seeds: int, **options) -> list[str]:
+def failures(inner, dtype: torch.dtype, seeds: list[int], **options) -> list[str]:
     """The checks of ``layer_norm(inner(x))`` over the last dimension that fail, as ``shape/seed`` strings."""
     failed = []
     for shape in SHAPES:
-        for seed in range(seeds):
+        for seed in seeds:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
             func = lambda t: torch.nn.functional.layer_norm(inner(t), t.shape[-1:])  # noqa: E731
             report = gradfd.check(func, (x.requires_grad_(),), raise_on_failure=False, **options)
@@ -40,26 +39,40 @@ def failures(inner, dtype: torch.dtype, seeds: int, **options) -> list[str]:
     return failed
 
 
+def render(data: dict) -> str:
+    lines = [caption(data), "", "Correct gradients of `layer_norm(map(x))` over the last dimension, shapes "
+             f"{', '.join(data['shapes'])}, seeds " + "; ".join(
+                 f"{name} {bench.span(seeds)}" for name, seeds in data["ranges"].items())
+             + " for each shape: checks that fail (shape/seed of the failures).", "",
+             "| map | dtype | seeds | exact columns fail | colored pass (default) fails |", "|---|---|---|---|---|"]
+    cell = lambda f, n: f"{len(f)} / {n}" + (f" ({', '.join(f)})" if f else "")  # noqa: E731
+    for r in data["rows"]:
+        lines.append(f"| {r['map']} | {r['dtype']} | {r['seeds']} | {cell(r['exact'], r['checks'])} | "
+                     f"{cell(r['colored'], r['checks'])} |")
+    return "\n".join(lines)
+
+
+RENDER = {"conditioning": render}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=15)
+    ap.add_argument("--seeds", type=int, default=15, help="seeds per shape from each seed range")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    n = len(SHAPES) * args.seeds
-    lines = [f"Machine: {bench.describe_machine(bench.machine_info())}. Command: "
-             "`uv run python benchmarks/bench_conditioning.py`.", "",
-             f"Correct gradients of `layer_norm(map(x))` over the last dimension, shapes "
-             f"{', '.join('x'.join(map(str, s)) for s in SHAPES)}, {args.seeds} seeds each: checks that fail "
-             "(shape/seed of the failures).", "",
-             "| map | dtype | exact columns fail | colored pass (default) fails |", "|---|---|---|---|"]
+    ranges = bench.seed_ranges(args.seeds)
+    rows = []
     for name, inner in MAPS.items():
         for dtype in (torch.float32, torch.float64):
-            exact = failures(inner, dtype, args.seeds, batching="vmap")
-            colored = failures(inner, dtype, args.seeds)
-            cell = lambda f: f"{len(f)} / {n}" + (f" ({', '.join(f)})" if f else "")  # noqa: E731
-            lines.append(f"| {name} | {str(dtype).replace('torch.', '')} | {cell(exact)} | {cell(colored)} |")
-            print(lines[-1], flush=True)
-    bench.publish("conditioning", "\n".join(lines), HERE, record=not args.no_record)
+            for label, seeds in ranges.items():
+                rows.append({"map": name, "dtype": str(dtype).replace("torch.", ""), "seeds": label,
+                             "checks": len(SHAPES) * len(seeds),
+                             "exact": failures(inner, dtype, seeds, batching="vmap"),
+                             "colored": failures(inner, dtype, seeds)})
+                print(rows[-1], flush=True)
+    data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_conditioning.py",
+            "shapes": ["x".join(map(str, s)) for s in SHAPES], "ranges": ranges, "rows": rows}
+    print(record("conditioning", data, write=not args.no_record))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ distribution's scale (torch.distributions validates scale > 0 and raises at scal
 derivative (float64 autograd at the same point), the tolerance they were judged with, and whether a 1e-3 relative
 error planted on a small entry is flagged there.
 
-    uv run python benchmarks/bench_domain.py              # prints and records in RESULTS.md and README.md
+    uv run python benchmarks/bench_domain.py              # records benchmarks/results/domain.json, renders it
     uv run python benchmarks/bench_domain.py --no-record
 """
 
@@ -13,14 +13,13 @@ import argparse
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from sections import caption, record
 
 import gradfd
 from gradfd import bench
 
-HERE = Path(__file__).resolve().parent
 DATA = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
@@ -82,41 +81,70 @@ def near_edge(case: str, seed: int) -> tuple[bool, bool]:
     return report.passed and report.tensors[0].agree == 32, bad.tensors[0].disagreeing() == [(small, 0)]
 
 
+def render(data: dict) -> str:
+    ranges = data["ranges"]
+    lines = [caption(data), "", "Draws of 64 entries per case (seeds: "
+             + "; ".join(f"{name} {bench.span(seeds)}" for name, seeds in ranges.items())
+             + "; the verdict rules were tuned on the first range only); automatic steps. \"with a verdict\": entries "
+             "that agree or disagree (the rest are unresolved); error and tolerance relative to the exact derivative, "
+             "over the entries with a verdict (max error, median tolerance); \"planted\": a 1e-3 relative error on "
+             "the smallest entry flagged there; time: one check (median).", "",
+             "| case | dtype | seeds | with a verdict | false failures | max rel. error | median tolerance | planted "
+             "1e-3 flagged | time |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["cases"]:
+        err = "-" if r["error"] is None else f"{r['error']:.1e}"
+        tol = "-" if r["tolerance"] is None else f"{r['tolerance']:.1e}"
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['seeds']} | {r['verdicts']} / {r['entries']} | "
+                     f"{r['false_failures']} / {r['draws']} | {err} | {tol} | {r['caught']} / {r['draws']} | "
+                     f"{1e3 * r['seconds']:.0f} ms |")
+    edge = data["edge_ranges"]
+    lines += ["", "Float64, draws of 8 entries a few steps from the edge (log: x in (3e-4, 2.3e-3); Normal: s in "
+              "(1e-3, 3e-3)) among 24 in (0.02, 0.12), seeds " + "; ".join(
+                  f"{name} {bench.span(seeds)}" for name, seeds in edge.items())
+              + ": checks where all 32 agree, and a 1e-3 error planted on the smallest entry flagged there.", "",
+              "| case | seeds | all agree | planted 1e-3 flagged |", "|---|---|---|---|"]
+    for r in data["edge"]:
+        lines.append(f"| {r['case']} | {r['seeds']} | {r['agree']} / {r['draws']} | {r['caught']} / {r['draws']} |")
+    return "\n".join(lines)
+
+
+RENDER = {"domain": render}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--edge-draws", type=int, default=100, help="draws of the float64 near-edge rows")
+    ap.add_argument("--seeds", type=int, default=5, help="draws per case from each seed range")
+    ap.add_argument("--edge-draws", type=int, default=100, help="draws of the float64 near-edge rows per range")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    info = bench.machine_info()
-    lines = [f"Machine: {bench.describe_machine(info)}. Command: `uv run python benchmarks/bench_domain.py`.", "",
-             f"{args.seeds} draws of 64 entries per case; automatic steps. \"with a verdict\": entries that agree or "
-             "disagree (the rest are unresolved); error and tolerance relative to the exact derivative, over the "
-             "entries with a verdict (max error, median tolerance); \"planted\": a 1e-3 relative error on the "
-             "smallest entry flagged there; time: one check.", "",
-             "| case | dtype | with a verdict | false failures | max rel. error | median tolerance | planted 1e-3 "
-             "flagged | time |", "|---|---|---|---|---|---|---|---|"]
+    ranges = bench.seed_ranges(args.seeds)
+    edge_ranges = bench.seed_ranges(args.edge_draws)
+    cases = []
     for name, func, lo, hi in CASES:
         for dtype in (torch.float32, torch.float64):
-            rows = [run_case(func, lo, hi, dtype, seed) for seed in range(args.seeds)]
-            total = sum(r["entries"] for r in rows)
-            err = max((r["error"] for r in rows if not math.isnan(r["error"])), default=math.nan)
-            tols = sorted(r["tolerance"] for r in rows if not math.isnan(r["tolerance"]))
-            tol = tols[len(tols) // 2] if tols else math.nan
-            lines.append(f"| {name} | {str(dtype).replace('torch.', '')} | {sum(r['verdicts'] for r in rows)} / "
-                         f"{total} | {sum(r['false_failures'] for r in rows)} / {len(rows)} | {err:.1e} | {tol:.1e} | "
-                         f"{sum(r['caught'] for r in rows)} / {len(rows)} | "
-                         f"{1e3 * sorted(r['seconds'] for r in rows)[len(rows) // 2]:.0f} ms |")
-            print(lines[-1], flush=True)
-    lines += ["", f"Float64, {args.edge_draws} draws of 8 entries a few steps from the edge (log: x in (3e-4, 2.3e-3); "
-              "Normal: s in (1e-3, 3e-3)) among 24 in (0.02, 0.12): checks where all 32 agree, and a 1e-3 error "
-              "planted on the smallest entry flagged there.", "",
-              "| case | all agree | planted 1e-3 flagged |", "|---|---|---|"]
+            for label, seeds in ranges.items():
+                rows = [run_case(func, lo, hi, dtype, seed) for seed in seeds]
+                errs = [r["error"] for r in rows if not math.isnan(r["error"])]
+                tols = sorted(r["tolerance"] for r in rows if not math.isnan(r["tolerance"]))
+                cases.append({"case": name, "dtype": str(dtype).replace("torch.", ""), "seeds": label,
+                              "draws": len(rows), "entries": sum(r["entries"] for r in rows),
+                              "verdicts": sum(r["verdicts"] for r in rows),
+                              "false_failures": sum(r["false_failures"] for r in rows),
+                              "error": max(errs) if errs else None,
+                              "tolerance": tols[len(tols) // 2] if tols else None,
+                              "caught": sum(r["caught"] for r in rows),
+                              "seconds": sorted(r["seconds"] for r in rows)[len(rows) // 2]})
+                print(cases[-1], flush=True)
+    edge = []
     for case in ("log", "normal"):
-        rows = [near_edge(case, seed) for seed in range(args.edge_draws)]
-        lines.append(f"| {case} | {sum(a for a, _ in rows)} / {len(rows)} | {sum(b for _, b in rows)} / {len(rows)} |")
-        print(lines[-1], flush=True)
-    bench.publish("domain", "\n".join(lines), HERE, record=not args.no_record)
+        for label, seeds in edge_ranges.items():
+            rows = [near_edge(case, seed) for seed in seeds]
+            edge.append({"case": case, "seeds": label, "draws": len(rows), "agree": sum(a for a, _ in rows),
+                         "caught": sum(b for _, b in rows)})
+            print(edge[-1], flush=True)
+    data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_domain.py", "ranges": ranges,
+            "edge_ranges": edge_ranges, "cases": cases, "edge": edge}
+    print(record("domain", data, write=not args.no_record))
 
 
 if __name__ == "__main__":

@@ -10,21 +10,20 @@ For each case, band of distances and dtype, over draws of d log-uniform in the b
 verdict, their largest error against the exact derivative and median error estimate (relative), and how often a 1%
 and a 0.1% error planted on one entry (the single entry; the entry nearest the pole) is flagged there.
 
-    uv run python benchmarks/bench_poles.py              # prints and records in RESULTS.md and README.md
+    uv run python benchmarks/bench_poles.py              # records benchmarks/results/poles.json, renders it
     uv run python benchmarks/bench_poles.py --no-record
 """
 
 import argparse
 import math
 import warnings
-from pathlib import Path
 
 import torch
+from sections import caption, record
 
 import gradfd
 from gradfd import bench
 
-HERE = Path(__file__).resolve().parent
 
 # name, func, the point at distance d from the pole, its exact derivative (float64, at the point as rounded)
 CASES = [
@@ -67,44 +66,64 @@ def run(func, at, derivative, d: torch.Tensor, dtype: torch.dtype, loss: bool) -
     return out
 
 
+def render(data: dict) -> str:
+    lines = [caption(data), "", "Draws of d log-uniform in each band (seeds: " + "; ".join(
+                 f"{name} {bench.span(seeds)}" for name, seeds in data["ranges"].items())
+             + "; the verdict rules were tuned on the first range only), for a loss of one entry and for the "
+             "elementwise op on 8 entries (one at d, the others in (d, 10 d)): checks that fail (correct gradients); "
+             "entries with a verdict (agree or disagree; the rest are unresolved); their largest error against the "
+             "exact derivative and median error estimate, relative, and how many of them the estimate bounds; a 1% "
+             "and a 0.1% error planted on the entry nearest the pole, flagged there.", "",
+             "| case | d | dtype | kind | seeds | false failures | with a verdict | max rel. error | median estimate | "
+             "estimate bounds the error | planted 1% flagged | planted 0.1% flagged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
+    for r in data["rows"]:
+        lines.append(f"| {r['case']} | {r['lo']:g} .. {r['hi']:g} | {r['dtype']} | {r['kind']} | {r['seeds']} | "
+                     f"{r['failed']} / {r['draws']} | {r['verdicts']} / {r['entries']} | {fmt(r['error'])} | "
+                     f"{fmt(r['estimate'])} | {r['bounded']} / {r['verdicts']} | {r['planted_1e-2']} / {r['draws']} | "
+                     f"{r['planted_1e-3']} / {r['draws']} |")
+    return "\n".join(lines)
+
+
+RENDER = {"poles": render}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draws", type=int, default=10, help="draws per case, band, dtype and kind")
+    ap.add_argument("--draws", type=int, default=10, help="draws per case, band, dtype and kind, per seed range")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    info = bench.machine_info()
-    lines = [f"Machine: {bench.describe_machine(info)}. Command: `uv run python benchmarks/bench_poles.py`.", "",
-             f"{args.draws} draws of d log-uniform in each band, for a loss of one entry and for the elementwise op "
-             "on 8 entries (one at d, the others in (d, 10 d)): checks that fail (correct gradients); entries with a "
-             "verdict (agree or disagree; the rest are unresolved); their largest error against the exact "
-             "derivative and median error estimate, relative, and how many of them the estimate bounds; a 1% and a "
-             "0.1% error planted on the entry nearest the pole, flagged there.", "",
-             "| case | d | dtype | kind | false failures | with a verdict | max rel. error | median estimate | "
-             "estimate bounds the error | planted 1% flagged | planted 0.1% flagged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ranges = bench.seed_ranges(args.draws)
+    out = []
     for name, func, at, derivative in CASES:
         for lo, hi in BANDS:
             for dtype in (torch.float32, torch.float64):
                 for loss in (True, False):
-                    rows = []
-                    for draw in range(args.draws):
-                        gen = torch.Generator().manual_seed(draw)
-                        d = lo * (hi / lo) ** torch.rand(1, generator=gen, dtype=torch.float64)
-                        if not loss:  # the others farther away, up to 10 d
-                            d = torch.cat([d, d * 10 ** torch.rand(7, generator=gen, dtype=torch.float64)])
-                        rows.append(run(func, at, derivative, d, dtype, loss))
-                    errors = [v for r in rows for v in r["error"]]
-                    estimates = sorted(v for r in rows for v in r["estimate"])
-                    lines.append(
-                        f"| {name} | {lo:g} .. {hi:g} | {str(dtype).replace('torch.', '')} | "
-                        f"{'loss' if loss else 'elementwise'} | {sum(r['failed'] for r in rows)} / {len(rows)} | "
-                        f"{sum(r['verdicts'] for r in rows)} / {sum(r['entries'] for r in rows)} | "
-                        f"{max(errors, default=math.nan):.1e} | "
-                        f"{estimates[len(estimates) // 2] if estimates else math.nan:.1e} | "
-                        f"{sum(r['bounded'] for r in rows)} / {sum(r['verdicts'] for r in rows)} | "
-                        f"{sum(r[1e-2] for r in rows)} / {len(rows)} | {sum(r[1e-3] for r in rows)} / {len(rows)} |")
-                    print(lines[-1], flush=True)
-    bench.publish("poles", "\n".join(lines), HERE, record=not args.no_record)
+                    for label, seeds in ranges.items():
+                        rows = []
+                        for draw in seeds:
+                            gen = torch.Generator().manual_seed(draw)
+                            d = lo * (hi / lo) ** torch.rand(1, generator=gen, dtype=torch.float64)
+                            if not loss:  # the others farther away, up to 10 d
+                                d = torch.cat([d, d * 10 ** torch.rand(7, generator=gen, dtype=torch.float64)])
+                            rows.append(run(func, at, derivative, d, dtype, loss))
+                        errors = [v for r in rows for v in r["error"]]
+                        estimates = sorted(v for r in rows for v in r["estimate"])
+                        out.append({"case": name, "lo": lo, "hi": hi, "dtype": str(dtype).replace("torch.", ""),
+                                    "kind": "loss" if loss else "elementwise", "seeds": label, "draws": len(rows),
+                                    "failed": sum(r["failed"] for r in rows),
+                                    "verdicts": sum(r["verdicts"] for r in rows),
+                                    "entries": sum(r["entries"] for r in rows),
+                                    "error": max(errors) if errors else None,
+                                    "estimate": estimates[len(estimates) // 2] if estimates else None,
+                                    "bounded": sum(r["bounded"] for r in rows),
+                                    "planted_1e-2": sum(r[1e-2] for r in rows),
+                                    "planted_1e-3": sum(r[1e-3] for r in rows)})
+                        print(out[-1], flush=True)
+    data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_poles.py", "ranges": ranges,
+            "rows": out}
+    print(record("poles", data, write=not args.no_record))
 
 
 if __name__ == "__main__":

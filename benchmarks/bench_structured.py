@@ -1,7 +1,7 @@
 """Issue 5's measurements: the structured engine against the generic engine and the reference loop.
 
     uv run python benchmarks/bench_structured.py                # CPU: scaling, the 1024x1024 bar, float32 accuracy;
-                                                                # records in RESULTS.md, plot in benchmarks/results/
+                                                                # records results/structured-cpu.json, plot in results/
     uv run python benchmarks/bench_structured.py --no-record
     python benchmarks/bench_structured.py --device cuda         # GPU bar: a 4096x4096 Linear weight, batch 64, MSE,
                                                                 # with the kernel's achieved bandwidth and FLOP rate
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import statistics
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from sections import caption, record
 
 from gradfd import bench, engine, structured
 from gradfd.engine import numerical_gradient
@@ -201,7 +202,7 @@ def scaling_table(rows: list[dict]) -> str:
             def fmt(r):
                 return _fmt(r["seconds"]) + (" (extrap.)" if r["extrapolated"] else "")
 
-            errs = f"structured {s['error']:.1e}" + (f", generic {g['error']:.1e}" if not g["extrapolated"] else "")
+            errs = f"structured {s['error']:.1e}" + (f", generic {g['error']:.1e}" if g["error"] is not None else "")
             out.append(f"| {n:,} | {fmt(s)} | {s['seconds'] / n * 1e9:.0f} ns | {fmt(g)} | {fmt(ref)} | "
                        f"{g['seconds'] / s['seconds']:,.0f}x | {ref['seconds'] / s['seconds']:,.0f}x | {errs} |")
         out.append("")
@@ -373,6 +374,53 @@ def accuracy_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def render(data: dict) -> str:
+    """The bar, the kernel's roofline on a GPU, the scaling tables and the float32 accuracy, from the record."""
+    r, device, limit = data["bar"], data["device"], data["bar_limit"]
+    size = r["size"]
+    out = [caption(data), "", f"**Bar ({device}):** full numerical gradient of a {size}x{size} Linear weight "
+           f"(`mse_loss(F.linear(X, W, b), Y)`, batch {BATCH}, float64, h = 1e-5): {r['losses']:,} perturbed "
+           "losses, no subsampling.", "",
+           "| time (warm) | first call in the process (incl. trace) | target | max rel. error vs autograd | "
+           "reference (extrap.) | speed-up vs reference | peak memory | chunk |", "|---|---|---|---|---|---|---|---|",
+           f"| {_fmt(r['seconds'])} | {_fmt(r['first_call'])} | < {limit:g} s "
+           f"({'met' if r['seconds'] < limit else 'NOT met'}) | {r['error']:.1e} | "
+           f"{_fmt(r['reference_extrapolated'])} | {r['reference_extrapolated'] / r['seconds']:,.0f}x | "
+           f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['chunk']:,} coordinates |", "",
+           "The reference time is its per-coordinate cost on 20 coordinates times N (extrapolated). Peak memory: "
+           + ("torch.cuda.max_memory_allocated above what was allocated before the call." if device == "cuda"
+              else "the process's resident set during a warm call above what it was before (sampled every ms); "
+              "it includes the engine's O(N) arrays (node values, displacements and losses: 8 bytes per "
+              "perturbed loss each).")]
+    k = data.get("kernel")
+    if k:
+        line = (f"Kernel alone (`gradfd::linear_update_mse`, float32, {k['size'] ** 2:,} coordinates x 2 nodes x "
+                f"{BATCH} rows): {k['seconds'] * 1e3:.2f} ms, {k['bandwidth'] / 1e9:.0f} GB/s of DRAM traffic, "
+                f"{k['flop_rate'] / 1e12:.2f} TFLOP/s FP64")
+        if "card" in k:
+            bw, fl = k["bandwidth"] / k["bandwidth_ceiling"], k["flop_rate"] / k["fp64_ceiling"]
+            line += (f" = {100 * bw:.0f}% of the {k['card']}'s {k['bandwidth_ceiling'] / 1e12:.2f} TB/s and "
+                     f"{100 * fl:.0f}% of its {k['fp64_ceiling'] / 1e12:.0f} TFLOP/s FP64 (non-tensor) nominal "
+                     f"ceilings: nearer its {'FP64' if fl > bw else 'bandwidth'} ceiling")
+        out += ["", line + "."]
+    if data.get("scaling"):
+        out += ["", "**Scaling** (time per full numerical gradient against N, float64, h = 1e-5; batch 64; plot: "
+                "`benchmarks/results/structured-cpu.png`). The reference is always timed on 100 coordinates and "
+                "extrapolated (x N); the generic engine is timed in full up to N = 2 x 10^4 and on 256 "
+                "coordinates (extrapolated) above. Per coordinate: structured time / N.", "",
+                scaling_table(data["scaling"])]
+    if data.get("float32"):
+        out += ["", "**float32 accuracy** (5 draws each; error of the numerical gradient of a float32 function "
+                "against the float64 derivative at the same float32 point; automatic steps). The structured "
+                "engine evaluates every perturbed value in float32 like the function, but sums only the changed "
+                "terms, in float64; the generic engine evaluates the whole float32 function and takes its loss's "
+                "reduction in float64 (gradfd/reductions.py).", "", accuracy_table(data["float32"])]
+    return "\n".join(out)
+
+
+RENDER = {"structured": render, "structured-cuda": render}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -381,62 +429,20 @@ def main() -> None:
     ap.add_argument("--skip-scaling", action="store_true")
     args = ap.parse_args()
     progress = lambda msg: print("  ..", msg, file=sys.stderr, flush=True)  # noqa: E731
-    info = bench.machine_info()
     command = "uv run python benchmarks/bench_structured.py" + (" --device cuda" if args.device == "cuda" else "")
-    head = f"Machine: {bench.describe_machine(info)}. Command: `{command}`."
-    sections = [head]
     size = args.size or (4096 if args.device == "cuda" else 1024)
-
+    data = {"machine": bench.machine_info(), "command": command, "device": args.device,
+            "bar_limit": 1.0 if args.device == "cuda" else 10.0}
     progress(f"bar: {size}x{size} Linear weight on {args.device}")
-    r = bar(args.device, size)
-    bar_limit = 1.0 if args.device == "cuda" else 10.0
-    sections += ["", f"**Bar ({args.device}):** full numerical gradient of a {size}x{size} Linear weight "
-                 f"(`mse_loss(F.linear(X, W, b), Y)`, batch {BATCH}, float64, h = 1e-5): {r['losses']:,} perturbed "
-                 f"losses, no subsampling.", "",
-                 "| time (warm) | first call (incl. trace) | target | max rel. error vs autograd | "
-                 "reference (extrap.) | "
-                 "speed-up vs reference | peak memory | chunk |", "|---|---|---|---|---|---|---|---|",
-                 f"| {_fmt(r['seconds'])} | {_fmt(r['first_call'])} | < {bar_limit:g} s "
-                 f"({'met' if r['seconds'] < bar_limit else 'NOT met'}) | {r['error']:.1e} | "
-                 f"{_fmt(r['reference_extrapolated'])} | {r['reference_extrapolated'] / r['seconds']:,.0f}x | "
-                 f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['chunk']:,} coordinates |", "",
-                 "The reference time is its per-coordinate cost on 20 coordinates times N (extrapolated). Peak memory: "
-                 + ("torch.cuda.max_memory_allocated above what was allocated before the call." if args.device == "cuda"
-                    else "the process's resident set during a warm call above what it was before (sampled every ms); "
-                    "it includes the engine's O(N) arrays (node values, displacements and losses: 8 bytes per "
-                    "perturbed loss each).")]
+    data["bar"] = bar(args.device, size)
     if args.device == "cuda":
-        k = kernel_roofline("cuda", size)
-        line = (f"Kernel alone (`gradfd::linear_update_mse`, float32, {size * size:,} coordinates x 2 nodes x "
-                f"{BATCH} rows): {k['seconds'] * 1e3:.2f} ms, {k['bandwidth'] / 1e9:.0f} GB/s of DRAM traffic, "
-                f"{k['flop_rate'] / 1e12:.2f} TFLOP/s FP64")
-        if "card" in k:
-            line += (f" = {100 * k['bandwidth'] / k['bandwidth_ceiling']:.0f}% of the {k['card']}'s "
-                     f"{k['bandwidth_ceiling'] / 1e12:.2f} TB/s and {100 * k['flop_rate'] / k['fp64_ceiling']:.0f}% "
-                     f"of its {k['fp64_ceiling'] / 1e12:.0f} TFLOP/s FP64 (non-tensor) nominal ceilings")
-        sections += ["", line + ". The kernel is FP64-bound: every squared error is formed in float64."]
+        data["kernel"] = kernel_roofline("cuda", size)
     if args.device == "cpu" and not args.skip_scaling:
-        rows = scaling(progress)
-        plot(rows, HERE / "results" / "structured-cpu.png")
-        sections += ["", "**Scaling** (time per full numerical gradient against N, float64, h = 1e-5; batch 64; plot: "
-                     "`benchmarks/results/structured-cpu.png`). The reference is always timed on 100 coordinates and "
-                     "extrapolated (x N); the generic engine is timed in full up to N = 2 x 10^4 and on 256 "
-                     "coordinates (extrapolated) above. Per coordinate: structured time / N.", "", scaling_table(rows)]
+        data["scaling"] = scaling(progress)
+        plot(data["scaling"], HERE / "results" / "structured-cpu.png")
         progress("float32 accuracy")
-        acc = float32_accuracy()
-        sections += ["", "**float32 accuracy** (5 draws each; error of the numerical gradient of a float32 function "
-                     "against the float64 derivative at the same float32 point; automatic steps). The structured "
-                     "engine evaluates every perturbed value in float32 like the function, but sums only the changed "
-                     "terms, in float64; the generic engine evaluates the whole float32 function and takes its loss's "
-                     "reduction in float64 (gradfd/reductions.py).", "", accuracy_table(acc)]
-        (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "structured-cpu.json").write_text(json.dumps(
-            {"machine": info, "bar": r, "scaling": rows, "float32": acc}, indent=2, default=str))
-    text = "\n".join(sections)
-    print(text)
-    if not args.no_record:
-        for path in (HERE / "RESULTS.md", HERE.parent / "README.md"):
-            bench.record_section(path, "structured" if args.device == "cpu" else "structured-cuda", text)
+        data["float32"] = float32_accuracy()
+    print(record("structured" if args.device == "cpu" else "structured-cuda", data, write=not args.no_record))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark harness: timing, machine description, and the tables recorded in benchmarks/RESULTS.md and the README.
+"""Benchmark harness: timing, machine description, the seed ranges, and the measurements behind the tables in
+docs/ and the README (each rendered by its script in benchmarks/ from a JSON record: benchmarks/sections.py).
 
 Every method's gradient is compared with autograd before it is timed; the tables carry that error.
 """
@@ -320,7 +321,7 @@ def accuracy_floor(dtype: torch.dtype = torch.float32, stencils_: Sequence[str] 
         sten = st.get_stencil(stencil)
         per_func: dict = {}
         for seed in range(seeds):
-            for func, params in smooth_suite(seed).values():
+            for name, (func, params) in smooth_suite(seed).items():
                 params = tuple(p.to(dtype) for p in params)
                 for k in range(len(params)):
                     exact = _exact_gradient(func, params, k)
@@ -390,17 +391,45 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
                                                          if p.dim() else ())
 
 
-def verdict_table(seeds: int = 20) -> list[dict]:
+# The draws of the verdict benchmarks. The verdict rules were tuned on TUNED_SEEDS; HELD_OUT_SEEDS were never
+# looked at while tuning them, so the held-out rows are the evidence a rule generalises. Rule: a change to a verdict
+# rule or threshold is judged on a fresh range (the next unused block, 2000.. then 3000..), named in its commit; a
+# range that judged a change is no longer held out for the next one.
+TUNED_SEEDS = range(0, 20)
+HELD_OUT_SEEDS = range(1000, 1100)
+
+
+def seed_ranges(tuned: int, held_out: int | None = None) -> dict[str, list[int]]:
+    """The first ``tuned`` seeds of TUNED_SEEDS and the first ``held_out`` (default: as many) of HELD_OUT_SEEDS,
+    keyed ``"tuned"`` and ``"held-out"``; an empty range is left out. A benchmark whose draws were always
+    ``range(n)`` keeps those as its tuned range, even past 20."""
+    held_out = tuned if held_out is None else held_out
+    if held_out > len(HELD_OUT_SEEDS):
+        raise ValueError(f"held_out: at most {len(HELD_OUT_SEEDS)} held-out draws, got {held_out}")
+    ranges = {"tuned": list(range(tuned)), "held-out": list(HELD_OUT_SEEDS)[:held_out]}
+    return {k: v for k, v in ranges.items() if v}
+
+
+def span(seeds: Sequence[int]) -> str:
+    """``"1000-1099"`` for a contiguous run of seeds, else the seeds listed."""
+    seeds = list(seeds)
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+
+
+def verdict_table(seeds: Sequence[int] | int = TUNED_SEEDS) -> list[dict]:
     """False failures of ``gradfd.check`` on correct gradients and detection of a planted 1e-3 relative error on the
     largest-gradient entry of each tensor (smooth suite) and on the largest of the first 6 entries of W1 of a tanh
     MLP (64 samples, 30-20-4); false failures on ReLU MLPs (64 samples, 30-20-4, and
-    256 samples, 64-32-10) and detection of the planted error on the first layer of the smaller one."""
+    256 samples, 64-32-10) and detection of the planted error on the first layer of the smaller one.
+
+    ``seeds``: the draws (an int n means seeds 0..n-1). Returns one row per dtype."""
     from .check import check
 
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     rows = []
     for dtype in (torch.float64, torch.float32):
         false_fail = checks = caught = planted = first = 0
-        for seed in range(seeds):
+        for seed in seeds:
             for func, params in smooth_suite(seed).values():
                 params = tuple(p.to(dtype).requires_grad_() for p in params)
                 checks += 1
@@ -410,7 +439,7 @@ def verdict_table(seeds: int = 20) -> list[dict]:
                     caught += _caught(func, params, k, dtype)
 
         relu_fail = relu_big_fail = relu_caught = 0
-        for seed in range(seeds):
+        for seed in seeds:
             func, params = relu_mlp(seed)
             params = tuple(p.to(dtype).requires_grad_() for p in params)
             relu_fail += not check(func, params, raise_on_failure=False).passed
@@ -424,7 +453,7 @@ def verdict_table(seeds: int = 20) -> list[dict]:
         rows.append({"dtype": str(dtype).replace("torch.", ""), "false_failures": false_fail, "checks": checks,
                      "planted_caught": caught, "planted": planted, "relu_false_failures": relu_fail,
                      "relu_big_false_failures": relu_big_fail, "relu_planted_caught": relu_caught,
-                     "relu_checks": seeds, "first_caught": first})
+                     "relu_checks": len(seeds), "first_caught": first})
     return rows
 
 

@@ -80,7 +80,7 @@ def test_a_single_entry_off_by_1e_3_is_flagged_and_located_in_float64(seed, buil
 @pytest.mark.parametrize("build,k", CASES, ids=CASE_IDS)
 def test_a_single_entry_off_by_1e_3_is_flagged_and_located_in_float32(seed, build, k):
     # In float32 a 1e-3 error is only ~5 to 20 standard deviations of the loss's rounding noise on these losses:
-    # detection is statistical (measured ~98%, benchmarks/RESULTS.md), so this asserts the rate on 10 fresh draws.
+    # detection is statistical (measured ~98%, docs/benchmarks.md), so this asserts the rate on 10 fresh draws.
     flagged = sum(_flags_a_planted_1e_3_error(build, k, torch.float32) for _ in range(10))
     assert flagged >= 8, f"flagged {flagged} of 10"
 

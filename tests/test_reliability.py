@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import gradfd
 from gradfd import custom_op, engine, ops, reference
 
-PROPERTY_EXAMPLES = 80  # recorded in tests/RELIABILITY.md
+PROPERTY_EXAMPLES = 80  # recorded in docs/reliability.md
 
 UNARY = {
     "sin": torch.sin,
