@@ -663,7 +663,7 @@ def _backward_spreads(analytical: _jacobian.Analytical, wrt: Sequence[int], seed
     def backward():
         with _engine.noting("gradfd: raised in autograd's backward of func at the unperturbed params (the "
                             "reentrancy check, nondet_tol)"):
-            grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True)
+            grads = _jacobian.grad(outs, inputs, cots)
         return [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
 
     first, second = backward(), backward()

@@ -34,6 +34,18 @@ DENSE_ENTRIES = 1 << 21  # keep every entry's values in the report up to this ma
 _VJP_ROW_BYTES = 1 << 26  # bytes of analytical rows computed per batched backward
 
 
+def grad(outs: list[torch.Tensor], inputs: list[torch.Tensor], cots: list[torch.Tensor]) -> tuple:
+    """``torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True)``.
+
+    Rule: one-element outputs whose cotangents are all exactly 1 (a loss) are differentiated without
+    ``grad_outputs``: the same values, and torch then does not import sympy (``torch.autograd._make_grads`` imports
+    ``torch.fx.experimental.symbolic_shapes`` for any ``grad_outputs``: ~1.5 s of a process's first check;
+    ``tests/test_first_call.py``)."""
+    if all(o.numel() == 1 and c.numel() == 1 and bool(c.reshape(()) == 1) for o, c in zip(outs, cots)):
+        return torch.autograd.grad(outs, inputs, retain_graph=True, allow_unused=True)
+    return torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True)
+
+
 class Analytical:
     """Autograd's Jacobian of ``func`` at the unperturbed point, for the checked inputs, row-chunk by row-chunk.
 
@@ -87,14 +99,15 @@ class Analytical:
         outs = [o for o, d in zip(self.outputs, depends) if d]
         cots = [c for c, d in zip(cots, depends) if d]
         try:
+            if r == 1:  # one row: no batching (a loss's gradient takes grad's path without grad_outputs)
+                raise RuntimeError
             (g,) = torch.autograd.grad(outs, [x], grad_outputs=cots, retain_graph=True, allow_unused=True,
                                        is_grads_batched=True)
             grads = torch.zeros_like(x).expand(r, *x.shape) if g is None else g
         except RuntimeError:  # a backward that cannot be batched: one backward per row
             grads = []
             for q in range(r):
-                (g,) = torch.autograd.grad(outs, [x], grad_outputs=[c[q] for c in cots], retain_graph=True,
-                                           allow_unused=True)
+                (g,) = grad(outs, [x], [c[q] for c in cots])
                 grads.append(torch.zeros_like(x) if g is None else g)
             grads = torch.stack(grads)
         return grads.reshape(r, -1).to(torch.float64)
@@ -133,7 +146,7 @@ class Analytical:
                 cots.append(cotangent[lo:lo + o.numel()].to(o.dtype).view(o.shape))
         if not outs:
             return torch.zeros(x.numel(), dtype=torch.float64, device=x.device)
-        (g,) = torch.autograd.grad(outs, [x], grad_outputs=cots, retain_graph=True, allow_unused=True)
+        (g,) = grad(outs, [x], cots)
         return torch.zeros(x.numel(), dtype=torch.float64, device=x.device) if g is None else \
             g.reshape(-1).to(torch.float64)
 

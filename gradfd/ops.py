@@ -2,17 +2,25 @@
 reference for each.
 
 The extension is found in this order: a compiled ``gradfd._C`` (``pip install --no-build-isolation -e .``),
-then a JIT build of the same sources with the same flags (``torch.utils.cpp_extension.load``, cached by
-torch). If neither works -- no compiler, say -- importing gradfd still works; :func:`kernels_available`
-returns False and :func:`unavailable_reason` says why. Nothing falls back silently: callers that need the
+then a JIT build of the same sources with the same flags (``torch.utils.cpp_extension.load``), in a build
+directory keyed to this environment (:func:`build_directory`): switching between virtual environments never
+rebuilds. Once built, later processes import the built module directly while the sources are unchanged. If neither
+works -- no compiler, say -- importing gradfd still works; :func:`kernels_available` returns False and
+:func:`unavailable_reason` says why. Nothing falls back silently: callers that need the
 kernels call :func:`require_kernels`, which raises :class:`KernelsUnavailableError` with that reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -49,29 +57,136 @@ def _load_compiled():
     return _C
 
 
-def _load_jit():
+# What a failed JIT build raises: torch.utils.cpp_extension.load raises RuntimeError when ninja or the compiler fails
+# (or ninja is missing), subprocess.CalledProcessError from the compiler probes, OSError when a tool or a directory is
+# missing, ImportError when the built module cannot be loaded. Anything else (a KeyboardInterrupt, a signal handler's
+# timeout, a bug) is not a build failure: it propagates and leaves the loader unlatched, so a later call retries
+# (tests/test_kernels.py::test_jit_loader_lets_unrelated_exceptions_through_and_retries).
+_BUILD_FAILURES = (RuntimeError, subprocess.CalledProcessError, OSError, ImportError)
+_NOT_BUILD_FAILURES = (TimeoutError, InterruptedError)  # OSError subclasses that say nothing about the build
+
+_STAMP = "gradfd-build.json"
+# environment variables that change what torch's JIT build produces or which variant gradfd picks
+_BUILD_ENV = ("CXX", "CC", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "FORCE_CUDA", "FORCE_ONLY_CPU")
+
+
+def _extensions_root() -> Path:
+    """``TORCH_EXTENSIONS_DIR`` when set, else torch's default extensions root (``~/.cache/torch_extensions``)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    from torch import _appdirs  # what torch.utils.cpp_extension.get_default_build_root uses, without its imports
+
+    return Path(os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")))
+
+
+def build_key(name: str, with_cuda: bool, kwargs: dict) -> str:
+    """A short hash of everything that makes a JIT build of the extension usable in this process but not in
+    another: the environment (``sys.prefix``), the Python and torch builds, the sources' paths and compiler flags,
+    and the build's environment variables. Source *contents* are not in it: ninja rebuilds when they change."""
+    parts = {
+        "prefix": os.path.realpath(sys.prefix),
+        "python": sys.version,
+        "abi": sys.implementation.cache_tag,
+        "torch": [torch.__version__, torch.version.cuda, torch.version.hip, torch.version.git_version],
+        "name": name,
+        "with_cuda": with_cuda,
+        "kwargs": kwargs,
+        "env": {v: os.environ.get(v) for v in _BUILD_ENV},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_directory(name: str, with_cuda: bool, kwargs: dict) -> Path:
+    """Where the JIT build of the extension lives: ``<root>/gradfd/<name>-<key>``, ``root`` as torch's
+    (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and ``key`` from :func:`build_key`. torch's own
+    ``<root>/py311_cu132/<name>`` is shared by every environment with the same Python and CUDA versions, so two
+    virtual environments (or two checkouts) would rebuild each other's extension at every switch (~30 s each)."""
+    return _extensions_root() / "gradfd" / f"{name}-{build_key(name, with_cuda, kwargs)}"
+
+
+def _sources_digest(key_dir: Path) -> str:
+    """Hash of every file under ``csrc/`` (names and contents) and the build directory's key."""
+    h = hashlib.sha256(str(key_dir).encode())
+    for path in sorted(p for p in _build.CSRC.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(_build.CSRC)).encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _import_built(stamp: dict, digest: str):
+    """The module a previous build recorded in its stamp, when the sources it was built from are the current ones;
+    else None. Skips importing torch.utils.cpp_extension (setuptools) and running ninja (~0.3 s of CPU)."""
+    if stamp.get("digest") != digest or not os.path.isfile(stamp.get("file", "")):
+        return None
+    spec = importlib.util.spec_from_file_location(stamp["module"], stamp["file"])
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cpp_extension():
     # torch.utils.cpp_extension logs "No CUDA runtime is found" at import on GPU-less machines with a CUDA
     # build of torch; that is expected here (the CPU kernels are built), so keep it out of the user's output.
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import CUDA_HOME, load
+        from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
+    return cpp_extension
 
-    with_cuda = _build.want_cuda(torch.version.cuda, CUDA_HOME, gpu_visible=torch.cuda.is_available())
+
+def _want_cuda() -> bool:
+    gpu_visible = torch.cuda.is_available()
+    if not _build.env_flag("FORCE_ONLY_CPU") and not _build.env_flag("FORCE_CUDA") and torch.version.cuda \
+            and gpu_visible:
+        cuda_home = _cpp_extension().CUDA_HOME  # only here does the toolkit's presence decide
+    else:
+        cuda_home = None
+    return _build.want_cuda(torch.version.cuda, cuda_home, gpu_visible=gpu_visible)
+
+
+def _load_jit():
+    """The extension built from ``csrc/`` by torch's JIT (``torch.utils.cpp_extension.load``) in
+    :func:`build_directory`, or, when a stamp there says the sources have not changed since the last build, the
+    module that build produced, imported directly."""
+    with_cuda = _want_cuda()
     kwargs = _build.extension_kwargs(with_cuda)
-    return load(
-        name="gradfd_C_cuda" if with_cuda else "gradfd_C",
+    name = "gradfd_C_cuda" if with_cuda else "gradfd_C"
+    directory = build_directory(name, with_cuda, kwargs)
+    digest = _sources_digest(directory)
+    stamp_path = directory / _STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    try:
+        module = _import_built(stamp, digest)
+    except (ImportError, OSError):  # a stale or broken file: rebuild below
+        module = None
+    if module is not None:
+        return module
+    directory.mkdir(parents=True, exist_ok=True)
+    module = _cpp_extension().load(
+        name=name,
         sources=kwargs["sources"],
         extra_cflags=kwargs["extra_compile_args"]["cxx"],
         extra_cuda_cflags=kwargs["extra_compile_args"].get("nvcc", []),
         extra_ldflags=kwargs["extra_link_args"],
         extra_include_paths=kwargs["include_dirs"],
+        build_directory=str(directory),
         with_cuda=with_cuda,
         verbose=_build.env_flag("GRADFD_VERBOSE_BUILD"),
     )
+    if _sources_digest(directory) == digest:  # the sources did not change during the build
+        tmp = stamp_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"digest": digest, "module": module.__name__, "file": module.__file__}))
+        os.replace(tmp, stamp_path)
+    return module
 
 
 def _ensure_loaded() -> None:
@@ -92,7 +207,9 @@ def _ensure_loaded() -> None:
             if module is None and not _build.env_flag("GRADFD_NO_JIT"):
                 try:
                     module = _load_jit()
-                except Exception as exc:  # compiler missing, build error, ...
+                except _NOT_BUILD_FAILURES:
+                    raise
+                except _BUILD_FAILURES as exc:  # compiler missing, build error, ...
                     first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     reasons.append(f"JIT build of csrc/ failed: {type(exc).__name__}: {first}")
             elif module is None:

@@ -5,16 +5,17 @@ A generic engine evaluates the whole function once per perturbed coordinate. Yet
 operand); elementwise ops keep the change inside column ``j``; a sum turns it into a scalar correction. This module
 exploits that structure:
 
-1. **Analysis.** ``func`` is traced once per call to an aten-level graph (``make_fx`` over
-   ``torch.func.functionalize``). Nothing is cached across calls: a function closing over tensors that change between
+1. **Analysis.** ``func`` is traced once per call to an aten-level graph by :class:`_GraphRecorder` (a light
+   dispatch mode that builds the graph ``make_fx`` would, without importing torch's compiler stack) over
+   ``torch.func.functionalize``. Nothing is cached across calls: a function closing over tensors that change between
    calls is re-traced, so it is never evaluated stale. Functions that draw random numbers, have data-dependent control
    flow (``.item()``, ``if tensor:``) or use an op the engine does not understand on a value that depends on the
    checked parameter are refused with :class:`StructuredUnsupported`, which names the op.
 2. **Delta propagation.** The graph is interpreted on :class:`Perturbed` values: for a batch of ``B`` perturbations
    (``S`` stencil nodes times a chunk of coordinates) a value is its unperturbed ``base`` plus, for each perturbation,
    the new values of the *region* that changed -- the entries whose indices along ``axes`` equal ``pos[b]``. Every
-   op computes the region's new values by running the op's own forward on them (restricted to the region), never a
-   derivative. Elementwise ops, broadcasting, views, ``sum``/``mean``, ``mse_loss``,
+   op other than the identities below computes the region's new values by running the op's own forward on them
+   (restricted to the region), never a derivative. Elementwise ops, broadcasting, views, ``sum``/``mean``, ``mse_loss``,
    ``binary_cross_entropy_with_logits``, ``log_softmax``/``nll_loss`` (cross-entropy) and products with a constant are
    understood. Where an op mixes the changed entries into a whole fibre (a softmax across the changed column, a second
    matmul over it) the region widens to that fibre -- it densifies, but only as far as the op reaches.
@@ -28,8 +29,13 @@ exploits that structure:
    a Linear layer under MSE), the perturbed values are never materialised: ``gradfd::linear_update_mse`` computes every
    perturbed squared-error sum of a chunk in one pass. Elsewhere ``gradfd::linear_update`` produces the moved columns.
 
-Honesty: every loss is a forward evaluation at the perturbed point (in the parameter's dtype up to the reductions,
-which accumulate in float64); the difference of two perturbed losses is never simplified into a derivative.
+Honesty: every loss is the function at the perturbed point, evaluated with three exact identities instead of a fresh
+forward pass, and no derivative formula: (a) ``mm``/``addmm``/``mv`` are linear in each operand (a moved column is
+``round(z + delta * feature)`` from the forward's own product ``z``; a replaced row moves every output by an outer
+product, in float64); (b) the unchanged terms of a full sum cancel (item 3); (c) changes propagate through ``add``,
+products with a constant and views as the changed region alone. The identities change only the rounding, and never
+add to it: every node shares the forward's rounding of ``z`` (a fresh forward would re-round the whole dot product
+at each node) and the rounding of the full sum drops out of the differences (docs/engine.md, "The structured engine").
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import autograd_would_have_decomposed
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
+from .engine import _LightDispatchMode
 
 __all__ = [
     "StructuredUnsupported",
@@ -380,25 +388,114 @@ def _with_unaffected(p: Perturbed, affected: torch.Tensor) -> Perturbed:
 # tracing
 
 
+class _GraphRecorder(_LightDispatchMode):
+    """Records the aten ops that run while it is active into a ``torch.fx`` graph of the shape ``make_fx`` builds in
+    real mode: a placeholder per input, a ``get_attr`` per tensor the function closes over (or creates from Python
+    data), a ``call_function`` node per ``OpOverload`` (``operator.getitem`` nodes for ops returning several tensors)
+    and one output node. Unlike ``make_fx`` it never imports ``torch._inductor``, ``torch._dynamo`` or sympy (about
+    3.5 s on a first call; tests/test_first_call.py).
+
+    Tensors are matched to nodes by identity; the recorder keeps every tensor it saw alive until the trace ends, so
+    an identity is never reused. What ``make_fx`` does to an op that reaches it, the recorder does too: a
+    ``CompositeImplicitAutograd`` op that autograd would have decomposed is decomposed (and its parts recorded),
+    ``lift_fresh`` becomes ``lift_fresh_copy``, and reading the value of a tensor that depends on an input
+    (``.item()``, ``if tensor:``) raises, since the graph would bake the value in. (``make_fx`` also refuses to read
+    values computed from constants alone; the recorder lets the graph hold those, which are the same at every point.)
+    """
+
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.graph = torch.fx.Graph()
+        self.constants: dict[str, torch.Tensor] = {}
+        self._nodes: dict[int, tuple[torch.Tensor, torch.fx.Node]] = {}  # id(tensor) -> (tensor, node)
+        self._traced: set[torch.fx.Node] = set()  # nodes whose value depends on an input
+        for k, t in enumerate(inputs):
+            node = self.graph.placeholder(f"arg{k}_1")
+            self._track(t, node, traced=True)
+
+    def _track(self, t: torch.Tensor, node: torch.fx.Node, traced: bool) -> None:
+        self._nodes[id(t)] = (t, node)
+        if traced:
+            self._traced.add(node)
+
+    def node_of(self, t: torch.Tensor) -> torch.fx.Node:
+        """The node that produced ``t``, or a new ``get_attr`` constant for a tensor the trace did not produce."""
+        entry = self._nodes.get(id(t))
+        if entry is not None and entry[0] is t:
+            return entry[1]
+        name = f"_tensor_constant{len(self.constants)}"
+        self.constants[name] = t
+        node = self.graph.get_attr(name)
+        self._track(t, node, traced=False)
+        return node
+
+    def _arg(self, v):
+        return self.node_of(v) if isinstance(v, torch.Tensor) else v
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = tree_flatten((args, kwargs))[0]
+        if func not in (aten.size.default, aten.stride.default, aten.storage_offset.default) \
+                and autograd_would_have_decomposed(func, flat):
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        if func is aten.is_nonzero.default:
+            with self:
+                return bool((args[0] != 0).item())
+        node_args, node_kwargs = tree_map(self._arg, (args, kwargs))
+        traced = any(isinstance(v, torch.fx.Node) and v in self._traced
+                     for v in tree_flatten((node_args, node_kwargs))[0])
+        if torch.Tag.data_dependent_output in func.tags:
+            if traced:
+                raise RuntimeError(f"func reads the value of a traced tensor with {func} (data-dependent control "
+                                   "flow or .item()): the graph would bake that value in")
+            return func(*args, **kwargs)  # a value of constants only: the same at every point
+        if func is aten.lift_fresh.default:  # as make_fx: the lifted constant is copied, so it is never mutated
+            func = aten.lift_fresh_copy.default
+        node = self.graph.create_node("call_function", func, tuple(node_args), node_kwargs,
+                                      name=self.graph._target_to_str(func.overloadpacket.__name__))
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            self._track(out, node, traced)
+        elif isinstance(out, (tuple, list)):
+            for k, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    self._track(t, self.graph.call_function(operator.getitem, (node, k)), traced)
+        return out
+
+    def module(self, outputs) -> torch.fx.GraphModule:
+        """The graph module, its output node made from ``outputs`` (a pytree of tensors and constants)."""
+        self.graph.output(tree_map(self._arg, outputs))
+        self._nodes = {}  # let the trace's intermediate values go
+        return torch.fx.GraphModule(self.constants, self.graph)
+
+
+def _record(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
+    recorder = _GraphRecorder(args)
+    with recorder:
+        out = func(*args)
+    return recorder.module(out)
+
+
 def trace(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
     """``func`` traced to an aten-level graph on ``args`` (functionalized where possible: in-place ops of ``func``
-    become out-of-place ops).
+    become out-of-place ops), by :class:`_GraphRecorder` (a light stand-in for ``make_fx``).
 
     Raises:
         StructuredUnsupported: when tracing fails (data-dependent control flow, ``.item()``, ...).
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     try:
         with torch.no_grad():
             try:
-                return make_fx(torch.func.functionalize(func, remove="mutations"), tracing_mode="real")(*args)
+                return _record(torch.func.functionalize(func, remove="mutations"), args)
             except Exception as exc:
                 if "_local_scalar_dense" in str(exc):
                     raise
             # functionalization is unavailable for some calls (autograd.Function): trace as is; the in-place ops
             # left in the graph are rewritten out of place or refused by Analysis
-            return make_fx(func, tracing_mode="real")(*args)
+            return _record(func, args)
     except Exception as exc:  # the trace is only a means: say why it failed and let the caller fall back
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         op = "aten._local_scalar_dense (data-dependent control flow or .item())" if "_local_scalar_dense" in text \
@@ -1133,6 +1230,14 @@ def _h_softmax(an: Analysis, node, base, p, dim, half_to_float):
     return Perturbed(base, p.axes, p.pos, slab.to(base.dtype), promoted=p.promoted)
 
 
+def _broadcasts_to(small: tuple, shape: tuple) -> bool:
+    """Whether ``small`` broadcasts to exactly ``shape`` (``torch.broadcast_shapes(small, shape) == shape``, without
+    the sympy import that ``torch.broadcast_shapes`` costs on its first call)."""
+    if len(small) > len(shape):
+        return False
+    return all(a in (1, b) for a, b in zip(small[::-1], shape[::-1]))
+
+
 def _h_loss(an: Analysis, node, base, p, target, *args, **kwargs):
     """Elementwise losses (mse, BCE-with-logits, BCE, smooth L1, Huber): the op's own forward with reduction 'none' on
     the region, then a float64 changed-terms sum (or mean)."""
@@ -1156,7 +1261,7 @@ def _h_loss(an: Analysis, node, base, p, target, *args, **kwargs):
     shape = tuple(p.base.shape)
     if op is aten.mse_loss.default and p.lineage is not None and p.slab_ is None and \
             p.lineage.stage in ("linear", "activated") and reduction in (1, 2) and \
-            torch.broadcast_shapes(target.shape, shape) == shape and target.dtype == p.base.dtype:
+            _broadcasts_to(tuple(target.shape), shape) and target.dtype == p.base.dtype:
         tcols = an._cached((node.name, "target"), lambda: columns(target.expand(shape), p.axes))
         return _fused_sum(an, node, replace(p, lineage=replace(p.lineage, squared=True)), tcols, reduction == 1, [])
     none_args = list(all_args)

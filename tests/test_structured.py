@@ -53,7 +53,7 @@ def test_linear_update_matches_reference(seed, device, dtype):
     got = structured.linear_update(base, features, column, feature, delta[0].contiguous())
     want = structured.linear_update_reference(base, features, column, feature, delta[0])
     assert got.shape == (column.numel(), base.shape[0]) and got.dtype == dtype
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # one float64 fma, rounded once: exact
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # a float64 multiply and add, each rounded, then one conversion: exact
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
