@@ -52,6 +52,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
 }
 
 MARKERS = re.compile(r"<!-- ([a-z0-9-]+):begin -->\n(.*?)\n?<!-- \1:end -->", re.S)
+ANY_MARKER = re.compile(r"<!--\s*([^>]*?):(begin|end)\s*-->")
 
 
 def documents() -> list[Path]:
@@ -132,7 +133,12 @@ def _replace(body: str, texts: dict[str, str]) -> str:
 def update(names: list[str] | None = None) -> list[Path]:
     """Re-render ``names`` (default: every section with a record) in every document; returns the changed files."""
     names = [n for n in (names or SECTIONS) if (RESULTS / SECTIONS[n][1]).exists()]
-    texts = {n: render(n) for n in names}
+    texts = {}
+    for n in names:
+        try:
+            texts[n] = render(n)
+        except Exception as exc:  # an older record's format: left as it stands, and `--check` lists it
+            print(f"sections: {n!r} not re-rendered ({type(exc).__name__}: {exc})", file=sys.stderr)
     changed = []
     for path in documents():
         body = path.read_text()
@@ -149,7 +155,13 @@ def problems() -> list[str]:
     out = []
     for path in documents():
         rel = path.relative_to(ROOT)
-        for m in MARKERS.finditer(path.read_text()):
+        body = path.read_text()
+        paired = [f"<!-- {m.group(1)}:{end} -->" for m in MARKERS.finditer(body) for end in ("begin", "end")]
+        for m in ANY_MARKER.finditer(body):  # a marker whose partner is missing or misspelt guards nothing
+            if m.group(0) not in paired:
+                out.append(f"{rel}: marker {m.group(0)!r} has no partner (a section is <!-- x:begin --> ... "
+                           "<!-- x:end -->, x in a-z0-9-)")
+        for m in MARKERS.finditer(body):
             name, text = m.group(1), m.group(2)
             if name not in SECTIONS:
                 out.append(f"{rel}: section {name!r} has no entry in benchmarks/sections.py SECTIONS")
@@ -158,6 +170,9 @@ def problems() -> list[str]:
                 want = render(name)
             except FileNotFoundError:
                 out.append(f"{rel}: section {name!r} has no record (benchmarks/results/{SECTIONS[name][1]})")
+                continue
+            except Exception as exc:  # a record the renderer cannot read (an older format): listed, not fatal
+                out.append(f"{rel}: section {name!r} cannot be rendered from its record: {type(exc).__name__}: {exc}")
                 continue
             if text.rstrip() != want:
                 diff = "\n".join(difflib.unified_diff(text.rstrip().splitlines(), want.splitlines(),

@@ -14,9 +14,11 @@ What torch's defaults check, it checks too, or says it did not: the backward is 
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
@@ -68,10 +70,14 @@ def _validate_options(options: dict, raise_exception, fast_mode) -> dict:
     for name in options:
         if name not in _SUPPORTED:
             raise TypeError(f"gradcheck() got an unexpected keyword argument {name!r}")
-    for name, value in (("raise_exception", raise_exception), ("fast_mode", fast_mode),
-                        *((n, options[n]) for n in _BOOL_OPTIONS if n in options)):
-        if not isinstance(value, bool):
+    flags = {"raise_exception": raise_exception, "fast_mode": fast_mode,
+             **{n: options[n] for n in _BOOL_OPTIONS if n in options}}
+    for name, value in flags.items():
+        # torch takes any truthy value: bools, 0/1 and numpy bools keep their call sites working; other types are
+        # a mistake (a string "no" is truthy)
+        if not isinstance(value, (bool, numbers.Integral, np.bool_)):
             raise TypeError(f"gradcheck(): {name} must be a bool, got {_describe(value)}")
+    options = {**options, **{n: bool(flags[n]) for n in _BOOL_OPTIONS if n in options}}
     masked = options.get("masked")
     if masked is not None and not isinstance(masked, bool):
         raise TypeError(f"gradcheck(): masked must be a bool or None, got {_describe(masked)}")

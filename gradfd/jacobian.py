@@ -98,13 +98,15 @@ class Analytical:
             cots.append(cot.view(r, *o.shape))
         outs = [o for o, d in zip(self.outputs, depends) if d]
         cots = [c for c, d in zip(cots, depends) if d]
-        try:
-            if r == 1:  # one row: no batching (a loss's gradient takes grad's path without grad_outputs)
-                raise RuntimeError
-            (g,) = torch.autograd.grad(outs, [x], grad_outputs=cots, retain_graph=True, allow_unused=True,
-                                       is_grads_batched=True)
-            grads = torch.zeros_like(x).expand(r, *x.shape) if g is None else g
-        except RuntimeError:  # a backward that cannot be batched: one backward per row
+        grads = None
+        if r > 1:  # one row goes unbatched (a loss's gradient then takes grad's path without grad_outputs)
+            try:
+                (g,) = torch.autograd.grad(outs, [x], grad_outputs=cots, retain_graph=True, allow_unused=True,
+                                           is_grads_batched=True)
+                grads = torch.zeros_like(x).expand(r, *x.shape) if g is None else g
+            except RuntimeError:  # a backward that cannot be batched: one backward per row
+                pass
+        if grads is None:
             grads = []
             for q in range(r):
                 (g,) = grad(outs, [x], [c[q] for c in cots])

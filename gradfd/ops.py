@@ -61,7 +61,7 @@ def _load_compiled():
 # (or ninja is missing), subprocess.CalledProcessError from the compiler probes, OSError when a tool or a directory is
 # missing, ImportError when the built module cannot be loaded. Anything else (a KeyboardInterrupt, a signal handler's
 # timeout, a bug) is not a build failure: it propagates and leaves the loader unlatched, so a later call retries
-# (tests/test_kernels.py::test_jit_loader_lets_unrelated_exceptions_through_and_retries).
+# (tests/test_first_call.py::test_jit_loader_lets_unrelated_exceptions_through_and_retries).
 _BUILD_FAILURES = (RuntimeError, subprocess.CalledProcessError, OSError, ImportError)
 _NOT_BUILD_FAILURES = (TimeoutError, InterruptedError)  # OSError subclasses that say nothing about the build
 
@@ -163,6 +163,8 @@ def _load_jit():
     try:
         stamp = json.loads(stamp_path.read_text())
     except (OSError, ValueError):
+        stamp = {}
+    if not isinstance(stamp, dict):  # a stamp written by something else: ignore it, rebuild below
         stamp = {}
     try:
         module = _import_built(stamp, digest)

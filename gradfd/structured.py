@@ -44,6 +44,7 @@ import functools
 import math
 import operator
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -395,8 +396,9 @@ class _GraphRecorder(_LightDispatchMode):
     and one output node. Unlike ``make_fx`` it never imports ``torch._inductor``, ``torch._dynamo`` or sympy (about
     3.5 s on a first call; tests/test_first_call.py).
 
-    Tensors are matched to nodes by identity; the recorder keeps every tensor it saw alive until the trace ends, so
-    an identity is never reused. What ``make_fx`` does to an op that reaches it, the recorder does too: a
+    Tensors are matched to nodes by identity, through weak references: the recorder keeps no intermediate alive (a
+    trace's peak memory is the function's own), and an identity reused after a tensor died never matches the dead
+    tensor's node (tests/test_first_call.py::test_the_recorder_keeps_no_intermediate_alive). What ``make_fx`` does to an op that reaches it, the recorder does too: a
     ``CompositeImplicitAutograd`` op that autograd would have decomposed is decomposed (and its parts recorded),
     ``lift_fresh`` becomes ``lift_fresh_copy``, and reading the value of a tensor that depends on an input
     (``.item()``, ``if tensor:``) raises, since the graph would bake the value in. (``make_fx`` also refuses to read
@@ -407,21 +409,21 @@ class _GraphRecorder(_LightDispatchMode):
         super().__init__()
         self.graph = torch.fx.Graph()
         self.constants: dict[str, torch.Tensor] = {}
-        self._nodes: dict[int, tuple[torch.Tensor, torch.fx.Node]] = {}  # id(tensor) -> (tensor, node)
+        self._nodes: dict[int, tuple[weakref.ref, torch.fx.Node]] = {}  # id(tensor) -> (weak tensor, node)
         self._traced: set[torch.fx.Node] = set()  # nodes whose value depends on an input
         for k, t in enumerate(inputs):
             node = self.graph.placeholder(f"arg{k}_1")
             self._track(t, node, traced=True)
 
     def _track(self, t: torch.Tensor, node: torch.fx.Node, traced: bool) -> None:
-        self._nodes[id(t)] = (t, node)
+        self._nodes[id(t)] = (weakref.ref(t), node)
         if traced:
             self._traced.add(node)
 
     def node_of(self, t: torch.Tensor) -> torch.fx.Node:
         """The node that produced ``t``, or a new ``get_attr`` constant for a tensor the trace did not produce."""
         entry = self._nodes.get(id(t))
-        if entry is not None and entry[0] is t:
+        if entry is not None and entry[0]() is t:
             return entry[1]
         name = f"_tensor_constant{len(self.constants)}"
         self.constants[name] = t
@@ -468,15 +470,17 @@ class _GraphRecorder(_LightDispatchMode):
     def module(self, outputs) -> torch.fx.GraphModule:
         """The graph module, its output node made from ``outputs`` (a pytree of tensors and constants)."""
         self.graph.output(tree_map(self._arg, outputs))
-        self._nodes = {}  # let the trace's intermediate values go
         return torch.fx.GraphModule(self.constants, self.graph)
 
 
 def _record(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
     recorder = _GraphRecorder(args)
-    with recorder:
-        out = func(*args)
-    return recorder.module(out)
+    try:
+        with recorder:
+            out = func(*args)
+        return recorder.module(out)
+    finally:
+        recorder._nodes.clear()  # a raised exception's traceback holds this frame: let it hold no map either
 
 
 def trace(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:

@@ -252,7 +252,7 @@ def test_check_backward_ad_false_is_refused_as_torch_refuses_it(seed):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"check_undefined_grad": "no"}, TypeError, "check_undefined_grad must be a bool, got str"),
-    ({"check_backward_ad": 1}, TypeError, "check_backward_ad must be a bool"),
+    ({"check_backward_ad": 1.0}, TypeError, "check_backward_ad must be a bool"),
     ({"fast_mode": None}, TypeError, "fast_mode must be a bool"),
     ({"raise_exception": "yes"}, TypeError, "raise_exception must be a bool"),
     ({"masked": "dense"}, TypeError, "masked must be a bool or None"),
@@ -280,3 +280,14 @@ def test_bad_options_name_the_argument(kwargs, error, match):
 def test_bad_inputs_name_the_argument(inputs, error, match):
     with pytest.raises(error, match=match):
         _quiet(gradfd.gradcheck, torch.sin, inputs)
+
+
+def test_truthy_flags_keep_torchs_call_sites_working():
+    # torch takes any truthy value for its flags (configs hand over 0/1 or numpy bools); so does the drop-in
+    import numpy as np
+
+    x = _leaf(torch.randn(6, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # check_undefined_grad=0 is False: no warning
+        assert gradfd.gradcheck(_sine(), x, fast_mode=np.bool_(False), raise_exception=1,
+                                check_undefined_grad=0) is True

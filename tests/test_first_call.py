@@ -127,6 +127,32 @@ def test_the_value_of_a_constant_may_be_read():
     assert float((got - want).abs().max()) <= 1e-8 * float(want.abs().max())
 
 
+def test_the_recorder_keeps_no_intermediate_alive():
+    # make_fx holds its proxies weakly, so a loop over large temporaries peaks at one of them; the recorder must too,
+    # on success and when the trace raises (the exception's traceback holds the recorder's frame)
+    import weakref
+
+    alive = []
+
+    def func(w, fail=False):
+        y = w
+        for _ in range(5):
+            t = torch.sin(y) + 1.0
+            alive.append(weakref.ref(t))
+            y = t * 0.5
+        if fail:
+            y.sum().item()
+        return y.sum()
+
+    gm = structured._record(func, [torch.randn(64, dtype=torch.float64)])
+    assert isinstance(gm, torch.fx.GraphModule) and sum(r() is not None for r in alive) == 0
+    alive.clear()
+    with pytest.raises(RuntimeError, match="value of a traced tensor") as caught:
+        structured._record(lambda w: func(w, fail=True), [torch.randn(64, dtype=torch.float64)])
+    # the traceback holds func's own frame, whose local t is the last temporary: nothing else may be alive
+    assert caught.value.__traceback__ is not None and [r() is not None for r in alive] == [False] * 4 + [True]
+
+
 def test_reading_a_traced_value_is_refused_naming_the_op():
     X = torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(structured.StructuredUnsupported, match=r"aten\._local_scalar_dense"):

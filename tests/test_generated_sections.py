@@ -27,6 +27,7 @@ def test_every_recorded_section_stands_in_a_document():
 def test_a_hand_edited_section_is_caught(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     name = next(m.group(1) for m in sections.MARKERS.finditer(readme))
+    assert not [p for p in sections.problems() if f"section {name!r}" in p and p.startswith("README.md")]
     edited = readme.replace(f"<!-- {name}:begin -->\n", f"<!-- {name}:begin -->\nedited by hand\n", 1)
     (tmp_path / "README.md").write_text(edited)
     monkeypatch.setattr(sections, "documents", lambda: [tmp_path / "README.md"])
@@ -40,6 +41,19 @@ def test_an_unknown_section_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(sections, "documents", lambda: [tmp_path / "README.md"])
     monkeypatch.setattr(sections, "ROOT", tmp_path)
     assert sections.problems() == ["README.md: section 'made-up' has no entry in benchmarks/sections.py SECTIONS"]
+
+
+@pytest.mark.parametrize("body", [
+    "<!-- domain:begin -->\n| a table |\n",  # its end deleted: the text below it would be unguarded
+    "<!-- domain:begin -->\n| a table |\n<!-- domian:end -->\n",  # misspelt
+    "| a table |\n<!-- domain:end -->\n",
+])
+def test_an_unpaired_marker_is_caught(tmp_path, monkeypatch, body):
+    (tmp_path / "README.md").write_text(body)
+    monkeypatch.setattr(sections, "documents", lambda: [tmp_path / "README.md"])
+    monkeypatch.setattr(sections, "ROOT", tmp_path)
+    found = sections.problems()
+    assert found and all("has no partner" in f for f in found)
 
 
 def _outside_sections(text: str) -> str:
