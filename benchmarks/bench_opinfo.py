@@ -9,7 +9,8 @@ require grad (TensorList inputs flattened) are the inputs, and a wrapper puts th
 ``op.gradcheck_wrapper(op.get_op(), *args, **kwargs)`` (then ``sample.output_process_fn_grad``). Both tools get the
 same wrapper and the same tensors.
 
-    uv run python benchmarks/bench_opinfo.py                 # all entries; writes benchmarks/results/opinfo.{md,json}
+    uv run python benchmarks/bench_opinfo.py                 # all entries; writes benchmarks/results/opinfo.json and
+                                                             # the sections "opinfo" (README) and "opinfo-full"
     uv run python benchmarks/bench_opinfo.py --limit 40      # the first 40 entries
     uv run python benchmarks/bench_opinfo.py --only sin,nn.functional.softplus --no-record -v   # a few, verbose
 
@@ -21,6 +22,15 @@ past ``--gradcheck-timeout`` (60 s) is recorded as a timeout. Complex outputs re
 pairs. Where gradfd does not pass, an untimed diagnostic rerun with two benchmark-side workarounds (outputs cloned;
 only differentiable outputs compared) records what is left once the gradfd issues this benchmark found are fixed.
 Importing ``op_db`` freezes ``torch.backends`` flags, which gradfd.check cannot run under: the script lifts the freeze.
+
+Where gradfd fails a float64 sample that gradcheck passes, the run also records evidence (untimed): at gradfd's worst
+flagged entry, autograd's value and gradfd's estimate beside the exact derivative of the function the entry computes,
+by mpmath (``EXACT``: entry -> formula; entries without one get "no exact reference"), and the float64 forward's own
+error there. The evidence is shown next to the count; it never changes the count or the bar.
+
+Both generated sections are pure functions of the record (``RENDER``; ``benchmarks/sections.py``): "opinfo", the
+README's summary, and "opinfo-full", the tables of ``benchmarks/results/opinfo.md``. ``--limit``/``--only`` runs record
+too (use ``--no-record`` while developing).
 """
 
 from __future__ import annotations
@@ -38,11 +48,14 @@ import warnings
 import zlib
 from itertools import chain
 from pathlib import Path
+from typing import Callable
 
+import mpmath
 import torch
 
 import gradfd
 from gradfd import bench
+from sections import caption, record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -239,8 +252,11 @@ def report_summary(report) -> dict:
     }
 
 
-def run_gradfd(fn, inputs, timeout: float, seed: int, verbose: bool = False, mode: str = "full") -> dict:
+def run_gradfd(fn, inputs, timeout: float, seed: int, verbose: bool = False, mode: str = "full"):
+    """gradfd.check of ``fn`` at ``inputs``: ``(row, report)``; the report is None where the check raised or timed
+    out."""
     row: dict = {"mode": mode}
+    report = None
     t0 = time.perf_counter()
 
     def attempt(mode: str, limit: float):
@@ -272,11 +288,112 @@ def run_gradfd(fn, inputs, timeout: float, seed: int, verbose: bool = False, mod
         if verbose:
             traceback.print_exc()
     row["seconds"] = time.perf_counter() - t0
-    return row
+    return row, report
 
 
 def describe_inputs(inputs) -> str:
     return ", ".join("x".join(map(str, t.shape)) or "scalar" for t in inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evidence: where gradfd fails and gradcheck passes, both tools' values beside the exact derivative (mpmath)
+
+MP_DIGITS = 50  # mpmath's working precision: far beyond float64's 16 digits, so the reference adds no error of its own
+
+
+def _hardsigmoid(x):
+    return min(max(x / 6 + mpmath.mpf(1) / 2, mpmath.mpf(0)), mpmath.mpf(1))
+
+
+def _hardsigmoid_slope(x):
+    if x == -3 or x == 3:
+        return None  # a kink: no derivative
+    return mpmath.mpf(1) / 6 if -3 < x < 3 else mpmath.mpf(0)
+
+
+# entry -> (the derivative's formula, f, f'): the mathematical function an entry computes and its exact derivative, for
+# the entries where gradfd has failed and gradcheck passed. An entry missing here gets "no exact reference".
+EXACT: dict[str, tuple[str, Callable, Callable]] = {
+    "nn.functional.hardsigmoid": ("1/6 on (-3, 3), 0 outside", _hardsigmoid, _hardsigmoid_slope),
+    "special.bessel_j0": ("-J1(x)", lambda x: mpmath.besselj(0, x), lambda x: -mpmath.besselj(1, x)),
+    "special.bessel_j1": ("(J0(x) - J2(x)) / 2", lambda x: mpmath.besselj(1, x),
+                          lambda x: (mpmath.besselj(0, x) - mpmath.besselj(2, x)) / 2),
+    "special.bessel_y0": ("-Y1(x)", lambda x: mpmath.bessely(0, x), lambda x: -mpmath.bessely(1, x)),
+    "special.bessel_y1": ("(Y0(x) - Y2(x)) / 2", lambda x: mpmath.bessely(1, x),
+                          lambda x: (mpmath.bessely(0, x) - mpmath.bessely(2, x)) / 2),
+}
+
+
+def _flat(index: tuple, shape: tuple) -> int:
+    flat = 0
+    for i, n in zip(index, shape):
+        flat = flat * n + i
+    return flat
+
+
+def exact_evidence(name: str, fn, inputs, report) -> dict:
+    """At gradfd's worst flagged entry (the largest |numerical - analytical| / tolerance) of a failed check: the input
+    value x, autograd's derivative, gradfd's estimate and its tolerance, beside the exact derivative of the function
+    the entry computes (``EXACT``, mpmath at ``MP_DIGITS`` digits) and the error of torch's own forward at x.
+
+    Only a diagonal entry of an elementwise function of one tensor has a derivative that one formula gives; elsewhere,
+    and for entries not in ``EXACT``, the dict says why there is no reference."""
+    flagged = [t for t in report.tensors if t.disagree]
+    if not flagged:
+        return {"reference": None, "why": "no disagreeing entry"}
+    t = max(flagged, key=lambda t: abs(t.worst_numerical - t.worst_analytical) / max(t.worst_tolerance, 1e-300))
+    ev: dict = {"tensor": t.name, "index": str(t.worst_index), "analytical": t.worst_analytical,
+                "numerical": t.worst_numerical, "tolerance": t.worst_tolerance, "reference": None}
+    if name not in EXACT:
+        return {**ev, "why": "no exact reference"}
+    idx = t.worst_index
+    shape = tuple(inputs[0].shape)
+    if not (len(inputs) == 1 and t.output_shape is not None and tuple(t.output_shape) == shape
+            and isinstance(idx, tuple) and len(idx) == 2 and tuple(idx[0]) == tuple(idx[1])):
+        return {**ev, "why": "not a diagonal entry of an elementwise function of one tensor"}
+    formula, f, slope = EXACT[name]
+    flat = _flat(tuple(idx[1]), shape)
+    x = float(inputs[0].detach().reshape(-1)[flat])
+    with torch.no_grad():
+        out = fn(*[p.detach() for p in inputs])
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    forward = float(out.reshape(-1)[flat])
+    with mpmath.workdps(MP_DIGITS):
+        X = mpmath.mpf(x)
+        value, exact = f(X), slope(X)
+        if exact is None or isinstance(exact, mpmath.mpc) or isinstance(value, mpmath.mpc):
+            return {**ev, "x": x, "why": f"no real derivative at x = {x!r}"}
+
+        def rel(err):
+            return float(err / abs(exact)) if exact != 0 else None
+
+        err_a, err_n = abs(t.worst_analytical - exact), abs(t.worst_numerical - exact)
+        return {**ev, "reference": formula, "x": x, "exact": float(exact),
+                "analytical_abs_error": float(err_a), "numerical_abs_error": float(err_n),
+                "analytical_rel_error": rel(err_a), "numerical_rel_error": rel(err_n),
+                "forward": forward, "forward_exact": float(value),
+                "forward_abs_error": float(abs(forward - value)),
+                "forward_rel_error": float(abs(forward - value) / abs(value)) if value != 0 else None}
+
+
+TRUE_ALARM, FORWARD_ERROR = "true alarm", "the forward's error"
+UNDECIDED, NO_REFERENCE = "undecided", "no exact reference"
+
+
+def finding(ev: dict | None) -> str:
+    """What the evidence shows. A true alarm: autograd's value misses the exact derivative by more than gradfd's
+    tolerance at that entry and by more than gradfd's estimate does. The forward's error: gradfd's estimate (the slope
+    of torch's forward) is further from the exact derivative than autograd's value. Otherwise undecided."""
+    if not ev or ev.get("reference") is None:
+        return NO_REFERENCE
+    err_a, err_n, tol = ev["analytical_abs_error"], ev["numerical_abs_error"], ev["tolerance"]
+    if None in (err_a, err_n, tol):  # a non-finite value (stored as null)
+        return UNDECIDED
+    if err_a > tol and err_a > err_n:
+        return TRUE_ALARM
+    if err_n > err_a:
+        return FORWARD_ERROR
+    return UNDECIDED
 
 
 def check_entry(op, dtype: torch.dtype, timeout: float, gc_timeout: float, verbose: bool = False,
@@ -304,7 +421,11 @@ def check_entry(op, dtype: torch.dtype, timeout: float, gc_timeout: float, verbo
     if "gradcheck" in tools:
         row["gradcheck"] = run_gradcheck(fn, inputs, gc_timeout, seed)
     if "gradfd" in tools:
-        row["gradfd"] = run_gradfd(gradfd_wrapper(fn), inputs, timeout, seed, verbose)
+        row["gradfd"], report = run_gradfd(gradfd_wrapper(fn), inputs, timeout, seed, verbose)
+        if (dtype == torch.float64 and report is not None and not report.passed
+                and verdict(row, "gradcheck") in (PASS, None)):
+            # not timed: gradfd fails where gradcheck passes; set both tools against the exact derivative
+            row["evidence"] = exact_evidence(name, gradfd_wrapper(fn), inputs, report)
         if diagnose and row["gradfd"]["verdict"] != PASS:
             # not timed, not counted: the same check with the benchmark-side workarounds for gradfd's aliasing and
             # non-differentiable-output issues, to see what is left
@@ -312,8 +433,8 @@ def check_entry(op, dtype: torch.dtype, timeout: float, gc_timeout: float, verbo
                 keep = differentiable_outputs(fn, inputs)
             except Exception:  # noqa: BLE001
                 keep = None
-            diag = run_gradfd(gradfd_wrapper(fn, clone_outputs=True, differentiable_only=keep), inputs, timeout, seed,
-                              verbose, mode=row["gradfd"]["mode"])
+            diag, _ = run_gradfd(gradfd_wrapper(fn, clone_outputs=True, differentiable_only=keep), inputs, timeout,
+                                 seed, verbose, mode=row["gradfd"]["mode"])
             diag["dropped_outputs"] = [k for k, v in enumerate(keep or []) if not v]
             row["gradfd_workaround"] = diag
     return row
@@ -369,7 +490,8 @@ def summarise(rows64: list[dict], rows32: list[dict], entries: int, skipped_entr
         if "skipped" in r:
             skip_reasons[f"float32: {r['skipped']}"] = skip_reasons.get(f"float32: {r['skipped']}", 0) + 1
     fallbacks = [(r["entry"], r["dtype"]) for r in rows64 + rows32 if r.get("gradfd", {}).get("fallback")]
-    gf64_false_alarms = matrix["gradcheck passes, gradfd fails"]
+    # every sample gradcheck passes in float64 and gradfd does not (fails, raises or times out)
+    gf64_false_alarms = matrix["gradcheck passes, gradfd fails"] + matrix["gradfd error/timeout, gradcheck passes"]
     s = {
         "entries_considered": entries,
         "entries_with_autograd": entries - len(skipped_entries),
@@ -421,26 +543,135 @@ def summarise(rows64: list[dict], rows32: list[dict], entries: int, skipped_entr
     return s
 
 
-def clean(o):
-    """JSON-safe: non-finite floats become strings."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [clean(v) for v in o]
-    return o
+def summary_of(data: dict) -> dict:
+    """:func:`summarise` of a record's rows: the renderers count from the rows themselves."""
+    rows64 = [r for r in data["rows"] if r["dtype"] == "float64"]
+    rows32 = [r for r in data["rows"] if r["dtype"] == "float32"]
+    return summarise(rows64, rows32, data["entries_considered"], data["skipped_entries"])
 
 
 def fmt_s(x: float) -> str:
     return f"{x:.1f} s"
 
 
-def markdown(s: dict, rows64: list[dict], rows32: list[dict], info: dict, command: str, wall: float) -> str:
-    la0, la1 = info.get("loadavg_start"), info.get("loadavg_end")
-    load = (f" 1-min load average {la0[0]:.1f} at the start, {la1[0]:.1f} at the end (the 2 cores are shared with "
-            "other work: absolute times are noisy, the two tools run interleaved, entry by entry)") if la0 and la1 else ""
-    L = [f"Machine: {bench.describe_machine(info)}. Command: `{command}` (wall time {wall / 60:.1f} min);{load}.", ""]
+def fmt(x, spec: str = ".10g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ticks(entries) -> str:
+    return ", ".join(f"`{e}`" for e in entries) or "none"
+
+
+def yes_no(met: bool) -> str:
+    return "yes" if met else "NO"
+
+
+def head(data: dict) -> str:
+    """The first line: the caption, then the run's wall time and load."""
+    facts = f" Wall time {data['wall_seconds'] / 60:.1f} min"
+    la0, la1 = data["machine"].get("loadavg_start"), data["machine"].get("loadavg_end")
+    if la0 and la1:
+        facts += f"; 1-min load average {la0[0]:.1f} at the start, {la1[0]:.1f} at the end"
+    return caption(data) + facts + "."
+
+
+def pass_table(s: dict) -> list[str]:
+    p64, p32, g, sec = s["float64_pass"], s["float32_pass"], s["float32_on_gradcheck64_pass"], s["seconds"]
+    n64, n32 = s["float64_samples_checked"], s["float32_samples_checked"]
+    return ["| | gradcheck (slow) | gradfd.check |", "|---|---|---|",
+            f"| float64 passes | {p64['gradcheck']} / {n64} | {p64['gradfd']} / {n64} |",
+            f"| float32 passes | {p32['gradcheck']} / {n32} | {p32['gradfd']} / {n32} |",
+            f"| float32 passes, on the samples gradcheck passes in float64 | {g['gradcheck']} / {g['samples']} | "
+            f"{g['gradfd']} / {g['samples']} ({100 * g['gradfd'] / max(1, g['samples']):.1f}%) |",
+            f"| total time, float64 | {fmt_s(sec['float64']['gradcheck'])} | {fmt_s(sec['float64']['gradfd'])} |",
+            f"| total time, float32 | {fmt_s(sec['float32']['gradcheck'])} | {fmt_s(sec['float32']['gradfd'])} |"]
+
+
+def bars_table(s: dict) -> list[str]:
+    b, g = s["bars"], s["float32_on_gradcheck64_pass"]
+    fa, t = b["no_float64_false_alarm"], b["faster_than_gradcheck_slow"]
+    return ["| bar | met | measured |", "|---|---|---|",
+            f"| no float64 false alarm where gradcheck (slow) passes | {yes_no(fa['met'])} | "
+            f"{len(fa['false_alarms'])} gradfd failures among {fa['of_gradcheck_passes']} gradcheck passes"
+            + (" (evidence below)" if fa["false_alarms"] else "") + " |",
+            f"| ≥ 95% of those samples pass in float32 | {yes_no(b['float32_pass_rate_ge_95']['met'])} | "
+            f"{100 * b['float32_pass_rate_ge_95']['rate']:.1f}% ({g['gradfd']} / {g['samples']}) |",
+            f"| less total time than gradcheck (slow), float64 | {yes_no(t['met'])} | "
+            f"gradfd {fmt_s(t['gradfd_s'])} vs gradcheck {fmt_s(t['gradcheck_s'])} "
+            f"({t['gradfd_s'] / t['gradcheck_s']:.2f}x) |"]
+
+
+def evidence_lines(data: dict, s: dict) -> list[str]:
+    """The float64 samples gradfd does not pass and gradcheck does, counted, then each beside the exact derivative."""
+    alarms = s["bars"]["no_float64_false_alarm"]["false_alarms"]
+    if not alarms:
+        return ["**0 gradfd failures where gradcheck passes (float64).**"]
+    by_entry = {r["entry"]: r for r in data["rows"] if r["dtype"] == "float64"}
+    found = {e: finding(by_entry[e].get("evidence")) for e in alarms}
+
+    def named(kind):
+        es = [e for e in alarms if found[e] == kind]
+        return f"{len(es)}" + (f" ({ticks(es)})" if es else "")
+
+    L = [f"**{len(alarms)} gradfd failures where gradcheck passes (float64): evidence below.** At gradfd's worst "
+         f"flagged entry of each, autograd's value (analytical) and gradfd's estimate (numerical) beside the exact "
+         f"derivative of the function the entry computes (mpmath, {MP_DIGITS} digits, from the formula in "
+         "`bench_opinfo.EXACT`), and the error of torch's float64 forward at the same x. A *true alarm* is an "
+         "analytical value further from the exact derivative than both gradfd's tolerance at that entry and gradfd's "
+         "numerical value; *the forward's error* is a numerical value (the slope of torch's forward) further from the "
+         "exact derivative than the analytical one: forward and backward disagree, and it is the forward that misses "
+         f"the function. The evidence shows {named(TRUE_ALARM)} to be true alarms; {named(FORWARD_ERROR)} to be the "
+         f"forward's error; {named(UNDECIDED)} undecided; {named(NO_REFERENCE)} without an exact reference. "
+         "The count and the bar above stand as counted.", "",
+         "| entry | x | analytical | gradfd numerical | mpmath derivative | \\|analytical − exact\\| / \\|exact\\| | "
+         "\\|numerical − exact\\| / \\|exact\\| | forward rel. error | finding |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for e in alarms:
+        ev = by_entry[e].get("evidence") or {}
+        if ev.get("reference") is None:
+            why = ev.get("why", "gradfd raised: no report")
+            L.append(f"| `{e}` | {fmt(ev.get('x'))} | {fmt(ev.get('analytical'))} | {fmt(ev.get('numerical'))} | "
+                     f"- | - | - | - | {NO_REFERENCE} ({why}) |")
+            continue
+        L.append(f"| `{e}` | {fmt(ev['x'])} | {fmt(ev['analytical'])} | {fmt(ev['numerical'])} | "
+                 f"{fmt(ev['exact'])} ({ev['reference']}) | {fmt(ev['analytical_rel_error'], '.1e')} | "
+                 f"{fmt(ev['numerical_rel_error'], '.1e')} | {fmt(ev['forward_rel_error'], '.1e')} | "
+                 f"{found[e]} |")
+    return L
+
+
+def render_summary(data: dict) -> str:
+    """The README's short section: pass counts and times of both tools, issue 4's bars, the disagreements by name
+    and the evidence for gradfd's failures where gradcheck passes."""
+    s = summary_of(data)
+    m, g = s["float64_matrix"], s["float32_on_gradcheck64_pass"]
+    neither = (m["both fail"] + m["gradfd error/timeout, gradcheck fails"] + m["gradcheck error/timeout, gradfd fails"]
+               + m["both error/timeout"])
+    L = [head(data), "",
+         f"`gradfd.check` beside `torch.autograd.gradcheck` (slow mode, default tolerances) on one sample of every "
+         f"differentiable `op_db` entry ({s['float64_samples_checked']} samples in float64, "
+         f"{s['float32_samples_checked']} in float32). Full tables: `benchmarks/results/opinfo.md`.", ""]
+    L += pass_table(s)
+    L += ["", "Issue 4's bars:", ""] + bars_table(s)
+    L += ["", "Where the verdicts differ (float64):", "",
+          f"- gradcheck passes, gradfd does not: {ticks(s['bars']['no_float64_false_alarm']['false_alarms'])};",
+          f"- gradfd passes, gradcheck does not: "
+          f"{ticks(m['gradfd passes, gradcheck fails'] + m['gradcheck error/timeout, gradfd passes'])};",
+          f"- neither passes: {ticks(neither)}.",
+          "",
+          f"float32, among the samples gradcheck passes in float64, gradfd does not pass: "
+          + (", ".join(f"`{e}` ({v})" for e, v in g["gradfd_not_passing"]) or "none") + ".", ""]
+    L += evidence_lines(data, s)
+    return "\n".join(L)
+
+
+def render_full(data: dict) -> str:
+    """``results/opinfo.md``'s generated section: counts, the float64 agreement matrix, pass rates and time, the bars
+    with the evidence, the workaround rerun and every row to analyse."""
+    s = summary_of(data)
+    rows = [r for r in data["rows"] if r["dtype"] == "float64"] + [r for r in data["rows"] if r["dtype"] == "float32"]
+    L = [head(data) + " The 2 cores are shared with other work: absolute times are noisy; the two tools run "
+         "interleaved, entry by entry.", ""]
     L += ["One sample per op_db entry (the first of `op.sample_inputs('cpu', dtype, requires_grad=True)`, seeded "
           "per entry), gradcheck inputs built as in `test/test_ops_gradients.py`. gradcheck: "
           "`torch.autograd.gradcheck(fn, inputs, raise_exception=False)` (slow mode, default eps/atol/rtol, "
@@ -456,38 +687,13 @@ def markdown(s: dict, rows64: list[dict], rows32: list[dict], info: dict, comman
         L.append(f"| skipped: {reason} | {n} |")
     L += ["", "**float64 agreement matrix**", "", "| gradcheck (slow) \\ gradfd | count | entries |", "|---|---|---|"]
     for k, v in s["float64_matrix"].items():
-        if k in ("both pass",):
-            L.append(f"| {k} | {len(v)} | |")
-        else:
-            L.append(f"| {k} | {len(v)} | {', '.join(f'`{e}`' for e in v)} |")
-    p64, p32, g = s["float64_pass"], s["float32_pass"], s["float32_on_gradcheck64_pass"]
-    sec = s["seconds"]
-    L += ["", "**Pass rates and time**", "",
-          "| | gradcheck (slow) | gradfd.check |", "|---|---|---|",
-          f"| float64 passes | {p64['gradcheck']} / {s['float64_samples_checked']} | {p64['gradfd']} / "
-          f"{s['float64_samples_checked']} |",
-          f"| float32 passes | {p32['gradcheck']} / {s['float32_samples_checked']} | {p32['gradfd']} / "
-          f"{s['float32_samples_checked']} |",
-          f"| float32 passes, on the entries gradcheck passes in float64 | {g['gradcheck']} / {g['samples']} | "
-          f"{g['gradfd']} / {g['samples']} ({100 * g['gradfd'] / max(1, g['samples']):.1f}%) |",
-          f"| total time, float64 | {fmt_s(sec['float64']['gradcheck'])} | {fmt_s(sec['float64']['gradfd'])} |",
-          f"| total time, float32 | {fmt_s(sec['float32']['gradcheck'])} | {fmt_s(sec['float32']['gradfd'])} |"]
+        L.append(f"| {k} | {len(v)} | {'' if k == 'both pass' else ', '.join(f'`{e}`' for e in v)} |")
+    L += ["", "**Pass rates and time**", ""] + pass_table(s)
     if s["gradfd_sample_mode_fallbacks"]:
         L += ["", "gradfd checks redone in sample mode after the timeout: " +
               ", ".join(f"`{e}` ({d})" for e, d in s["gradfd_sample_mode_fallbacks"])]
-    b = s["bars"]
-    L += ["", "**Issue 4's bar**", "", "| bar | met | measured |", "|---|---|---|",
-          f"| no float64 false alarm where gradcheck (slow) passes | {'yes' if b['no_float64_false_alarm']['met'] else 'NO'} | "
-          f"{len(b['no_float64_false_alarm']['false_alarms'])} gradfd failures among "
-          f"{b['no_float64_false_alarm']['of_gradcheck_passes']} gradcheck passes"
-          + (f" ({', '.join(b['no_float64_false_alarm']['false_alarms'])})" if b['no_float64_false_alarm']['false_alarms'] else "")
-          + " |",
-          f"| ≥ 95% of those samples pass in float32 | {'yes' if b['float32_pass_rate_ge_95']['met'] else 'NO'} | "
-          f"{100 * b['float32_pass_rate_ge_95']['rate']:.1f}% ({g['gradfd']} / {g['samples']}) |",
-          f"| less total time than gradcheck (slow), float64 | {'yes' if b['faster_than_gradcheck_slow']['met'] else 'NO'} | "
-          f"gradfd {fmt_s(b['faster_than_gradcheck_slow']['gradfd_s'])} vs gradcheck "
-          f"{fmt_s(b['faster_than_gradcheck_slow']['gradcheck_s'])} |"]
-    a = s["after_workarounds"]
+    L += ["", "**Issue 4's bars**", ""] + bars_table(s) + [""] + evidence_lines(data, s)
+    a, g = s["after_workarounds"], s["float32_on_gradcheck64_pass"]
     L += ["", "**The same, with benchmark-side workarounds for two gradfd issues** (diagnostic only, untimed: outputs "
           "cloned, so that gradfd's loop engine does not read views of the perturbed input after restoring it; only "
           "the outputs autograd marks differentiable compared, as gradcheck does)", "",
@@ -497,11 +703,11 @@ def markdown(s: dict, rows64: list[dict], rows32: list[dict], info: dict, comman
           f"| float64 gradfd passes | {a['float64_gradfd_pass']} / {s['float64_samples_checked']} |",
           f"| float32 passes on the entries gradcheck passes in float64 | {a['float32_on_gradcheck64_pass']} / "
           f"{g['samples']} ({100 * a['float32_rate']:.1f}%); not passing: "
-          + ", ".join(f"`{e}` ({v})" for e, v in a["float32_gradfd_not_passing"]) + " |"]
+          + (", ".join(f"`{e}` ({v})" for e, v in a["float32_gradfd_not_passing"]) or "none") + " |"]
     # every float64 row where the tools differ or either errs, and every float32 gradfd non-pass
     L += ["", "**Rows to analyse** (float64 rows where the verdicts differ or a tool errs; float32 rows where gradfd "
-          "does not pass)", "", "| entry | dtype | inputs | gradcheck | gradfd | gradfd detail | gradfd with workarounds | PyTorch's test_fn_grad |",
-          "|---|---|---|---|---|---|---|---|"]
+          "does not pass)", "", "| entry | dtype | inputs | gradcheck | gradfd | gradfd detail | gradfd with workarounds "
+          "| PyTorch's test_fn_grad |", "|---|---|---|---|---|---|---|---|"]
 
     def detail(r):
         gf = r.get("gradfd", {})
@@ -511,10 +717,10 @@ def markdown(s: dict, rows64: list[dict], rows32: list[dict], info: dict, comman
         if worst is None:
             return ""
         return (f"{gf['disagree']} disagree, {gf['unresolved']} unresolved; worst {worst['name']} "
-                f"{worst['worst_index']}: analytical {worst['worst_analytical']:.6g}, numerical "
-                f"{worst['worst_numerical']:.6g}").replace("|", "\\|")
+                f"{worst['worst_index']}: analytical {fmt(worst['worst_analytical'], '.6g')}, numerical "
+                f"{fmt(worst['worst_numerical'], '.6g')}").replace("|", "\\|")
 
-    for r in rows64 + rows32:
+    for r in rows:
         if "skipped" in r:
             continue
         gc, gf = verdict(r, "gradcheck"), verdict(r, "gradfd")
@@ -525,6 +731,9 @@ def markdown(s: dict, rows64: list[dict], rows32: list[dict], info: dict, comman
             L.append(f"| `{r['entry']}` | {r['dtype']} | {r.get('inputs', '')} | {gc} | {gf} | {detail(r)} | {wtext} | "
                      f"{', '.join(r.get('torch_test_fn_grad', [])) or '-'} |")
     return "\n".join(L)
+
+
+RENDER = {"opinfo": render_summary, "opinfo-full": render_full}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -696,17 +905,16 @@ def main() -> None:
     info["loadavg_end"] = os.getloadavg()
     rows64 = rows.get(torch.float64, [])
     rows32 = rows.get(torch.float32, [])
-    s = summarise(rows64, rows32, considered, skipped_entries)
-    text = markdown(s, rows64, rows32, info, command, wall)
-    print("\n" + text)
+    data = {"machine": info, "command": command, "wall_seconds": wall, "entries_considered": considered,
+            "summary": summarise(rows64, rows32, considered, skipped_entries),
+            "skipped_entries": skipped_entries, "rows": rows64 + rows32}
+    data = json.loads(json.dumps(data, default=str))  # what the record will hold (sections.record stores NaN as null)
+    # both sections render from the one record, benchmarks/results/opinfo.json
+    full = record("opinfo-full", data, write=not args.no_record)
+    summary = record("opinfo", data, write=not args.no_record)
+    print("\n" + full + "\n\n---- the README's summary ----\n\n" + summary)
     if not args.no_record:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "opinfo.json").write_text(json.dumps(clean(
-            {"machine": info, "command": command, "wall_seconds": wall, "summary": s,
-             "skipped_entries": skipped_entries, "rows": rows64 + rows32}), indent=1, default=str))
-        bench.record_section(RESULTS / "opinfo.md", "opinfo", text)
-        print(f"wrote {RESULTS / 'opinfo.md'} and {RESULTS / 'opinfo.json'}")
-
+        print(f"wrote {RESULTS / 'opinfo.json'} and the sections 'opinfo' and 'opinfo-full' where their markers stand")
 
 if __name__ == "__main__":
     main()
