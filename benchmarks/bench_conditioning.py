@@ -2,7 +2,7 @@
 after elementwise maps. ``sigmoid(sigmoid(x))`` squeezes a row into (0.6, 0.73), the norm divides by the row's small
 spread, and the float32 finite differences of some entries settle on a value 1e-3 off the derivative at every step
 small enough to shed truncation -- a rounding error correlated over the nodes, which the fourth differences gradfd
-measures the rounding with do not see (README, "A known false failure"). This benchmark counts how often a correct
+measures the rounding with do not see (docs/verdicts.md, "A known false failure"). This benchmark counts how often a correct
 gradient fails, by exact columns (``batching="vmap"``) and through the default (colored) pass.
 
     uv run python benchmarks/bench_conditioning.py              # records benchmarks/results/conditioning.json

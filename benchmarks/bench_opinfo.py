@@ -10,7 +10,7 @@ require grad (TensorList inputs flattened) are the inputs, and a wrapper puts th
 same wrapper and the same tensors.
 
     uv run python benchmarks/bench_opinfo.py                 # all entries; writes benchmarks/results/opinfo.json and
-                                                             # the sections "opinfo" (README) and "opinfo-full"
+                                                             # the sections "opinfo" (docs/benchmarks.md) and "opinfo-full"
     uv run python benchmarks/bench_opinfo.py --limit 40      # the first 40 entries
     uv run python benchmarks/bench_opinfo.py --only sin,nn.functional.softplus --no-record -v   # a few, verbose
 
@@ -29,7 +29,7 @@ by mpmath (``EXACT``: entry -> formula; entries without one get "no exact refere
 error there. The evidence is shown next to the count; it never changes the count or the bar.
 
 Both generated sections are pure functions of the record (``RENDER``; ``benchmarks/sections.py``): "opinfo", the
-README's summary, and "opinfo-full", the tables of ``benchmarks/results/opinfo.md``. ``--limit``/``--only`` runs record
+summary in docs/benchmarks.md, and "opinfo-full", the tables of ``benchmarks/results/opinfo.md``. ``--limit``/``--only`` runs record
 too (use ``--no-record`` while developing).
 """
 
@@ -641,7 +641,7 @@ def evidence_lines(data: dict, s: dict) -> list[str]:
 
 
 def render_summary(data: dict) -> str:
-    """The README's short section: pass counts and times of both tools, issue 4's bars, the disagreements by name
+    """The short section (docs/benchmarks.md): pass counts and times of both tools, issue 4's bars, the disagreements by name
     and the evidence for gradfd's failures where gradcheck passes."""
     s = summary_of(data)
     m, g = s["float64_matrix"], s["float32_on_gradcheck64_pass"]
@@ -912,7 +912,7 @@ def main() -> None:
     # both sections render from the one record, benchmarks/results/opinfo.json
     full = record("opinfo-full", data, write=not args.no_record)
     summary = record("opinfo", data, write=not args.no_record)
-    print("\n" + full + "\n\n---- the README's summary ----\n\n" + summary)
+    print("\n" + full + "\n\n---- the summary (docs/benchmarks.md) ----\n\n" + summary)
     if not args.no_record:
         print(f"wrote {RESULTS / 'opinfo.json'} and the sections 'opinfo' and 'opinfo-full' where their markers stand")
 

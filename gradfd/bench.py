@@ -11,12 +11,10 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +22,7 @@ import torch
 from . import problems, reference
 from .engine import numerical_gradient
 
-__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "record_section", "publish"]
+__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "TUNED_SEEDS", "HELD_OUT_SEEDS"]
 
 
 def machine_info() -> dict:
@@ -190,30 +188,6 @@ def markdown_table(rows: list[Row], baseline: str = "reference") -> str:
 
 def _fmt_time(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def publish(name: str, text: str, benchmarks: str | Path, record: bool = True) -> None:
-    """Print ``text`` and, when ``record``, put it in the ``name`` sections of ``benchmarks``/RESULTS.md and of the
-    README beside that folder (see :func:`record_section`)."""
-    print(text)
-    if record:
-        benchmarks = Path(benchmarks)
-        for path in (benchmarks / "RESULTS.md", benchmarks.parent / "README.md"):
-            record_section(path, name, text)
-
-
-def record_section(path: str | Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` (appending the markers
-    if absent)."""
-    path = Path(path)
-    body = path.read_text() if path.exists() else ""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in body and end in body:
-        body = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    path.write_text(body)
 
 
 def rows_to_json(rows: list[Row], info: dict) -> str:

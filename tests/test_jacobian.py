@@ -235,7 +235,7 @@ def test_a_finite_difference_that_has_not_converged_is_unresolved_not_a_failure(
         assert report.tensors[0].disagree == 0
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float16])  # (bfloat16's dtype floor, 64 eps, is 50%: see README)
+@pytest.mark.parametrize("out_dtype", [torch.float16])  # (bfloat16's dtype floor, 64 eps, is 50%: see docs/verdicts.md)
 def test_an_output_coarser_than_its_input_is_checked_at_steps_it_can_resolve(seed, out_dtype):
     class Cast(torch.autograd.Function):  # a cast whose backward scales by ``factor``
         factor = 1.0
