@@ -111,6 +111,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 DOMAIN_ERRORS = (ValueError, RuntimeError, ArithmeticError, AssertionError)  # what a domain check raises (NodeErrors)
+# What a function that cannot run some way raises (vmap without a batching rule, a leading batch dimension it does not
+# take, .item() under vmap, an op the tracer cannot follow): the engine then tries the next way. Anything else -- a
+# timeout a signal handler raised, an exception of func's own -- propagates at once instead of sending the check to a
+# slower path (tests/test_engine.py::test_an_exception_of_another_kind_is_not_taken_for_a_batching_failure).
+CANNOT_RUN_THAT_WAY = (RuntimeError, TypeError, ValueError, NotImplementedError, LookupError, AttributeError,
+                       AssertionError, ArithmeticError)
 
 
 class NodeErrors:
@@ -520,7 +526,7 @@ class Problem:
         try:
             with torch.no_grad(), mode:
                 wide = self.plain_func(*self.args)
-        except Exception:  # func cannot run that way: it is evaluated as written
+        except CANNOT_RUN_THAT_WAY:  # func cannot run that way: it is evaluated as written
             return
         finally:
             self.rng.reset()
@@ -1096,7 +1102,7 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                 this = chunk = max(1, this // 2)
                 batch.set_layout(batch.inner)  # drop the buffer before retrying smaller
                 result.notes.append(f"out of memory: chunk halved to {this}")
-            except Exception as exc:  # cannot batch this func: try the next strategy
+            except CANNOT_RUN_THAT_WAY as exc:  # cannot batch this func: try the next strategy
                 if pos > start and problem.node_errors is not None:
                     loop(pos, pos + this)  # the nodes one at a time: those that raise are recorded
                     looped = True
@@ -1108,6 +1114,11 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                     raise
                 reasons.append(f"{batch.strategy}: {type(exc).__name__}: {_first_line(exc)}")
                 batch = None
+            except Exception as exc:  # not a batching failure (CANNOT_RUN_THAT_WAY): func's own, propagated
+                _note(exc, f"gradfd: raised while evaluating a batch of coordinates "
+                           f"{entry_name(problem.param_idx, problem.shape, int(idx[0]))} .. "
+                           f"{entry_name(problem.param_idx, problem.shape, int(idx[-1]))}")
+                raise
         if looped:
             pos += this
             continue
@@ -1187,7 +1198,7 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                 rows = points[start:start + 256]
                 out[start:start + rows.shape[0]] = _points_batched(problem, rows, strategy, verify=start == 0)
             return out, strategy
-        except Exception as exc:
+        except CANNOT_RUN_THAT_WAY + _OOM_ERRORS + (MemoryError,) as exc:
             if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 if problem.node_errors is not None:  # the rest one point at a time: those that raise are recorded
                     out[start:] = _points_loop(problem, points[start:], start, count)
@@ -1197,6 +1208,10 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                            f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
                 raise
             failures.append(f"{strategy}: {type(exc).__name__}: {_first_line(exc)}")
+        except Exception as exc:  # not a batching failure (CANNOT_RUN_THAT_WAY): func's own, propagated
+            _note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
+                       f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
+            raise
     if failures and warn:
         _warn(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
               "point", stacklevel=3)

@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import autograd_would_have_decomposed
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
-from .engine import _LightDispatchMode
+from .engine import CANNOT_RUN_THAT_WAY, _LightDispatchMode, _note
 
 __all__ = [
     "StructuredUnsupported",
@@ -494,18 +494,21 @@ def trace(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
         with torch.no_grad():
             try:
                 return _record(torch.func.functionalize(func, remove="mutations"), args)
-            except Exception as exc:
+            except CANNOT_RUN_THAT_WAY as exc:
                 if "_local_scalar_dense" in str(exc):
                     raise
             # functionalization is unavailable for some calls (autograd.Function): trace as is; the in-place ops
             # left in the graph are rewritten out of place or refused by Analysis
             return _record(func, args)
-    except Exception as exc:  # the trace is only a means: say why it failed and let the caller fall back
+    except CANNOT_RUN_THAT_WAY as exc:  # the trace is only a means: say why it failed and let the caller fall back
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         op = "aten._local_scalar_dense (data-dependent control flow or .item())" if "_local_scalar_dense" in text \
             else "tracing"
         raise StructuredUnsupported(op, f"func could not be traced to an aten graph ({type(exc).__name__}: {text})") \
             from exc
+    except Exception as exc:  # not a tracing failure (CANNOT_RUN_THAT_WAY): func's own, propagated
+        _note(exc, "gradfd: raised while tracing func for the structured engine (at the unperturbed params)")
+        raise
 
 
 def _op_name(target) -> str:

@@ -397,3 +397,32 @@ def test_a_node_error_is_a_domain_edge_only_while_func_runs_at_the_unperturbed_p
     assert errors.count == 0 and errors.first is None
     assert errors.take(ValueError("scale must be > 0"), "params[0][1] -2*h", lambda: None)
     assert errors.count == 1 and "at params[0][1] -2*h: ValueError: scale must be > 0" in errors.describe()
+
+
+class _Timeout(Exception):
+    """What a signal handler raises into func (a per-test time guard); not a sign that func cannot be batched."""
+
+
+@pytest.mark.parametrize("where", ["vmap", "trace"])
+def test_an_exception_of_another_kind_is_not_taken_for_a_batching_failure(where):
+    # the engine tries vmap, then a leading batch dimension, then the loop, when func cannot run batched; an exception
+    # of another kind raised during the first batched call (or the structured engine's trace) must propagate, not
+    # send the check to a slower path where the time guard that raised it is lost
+    X = torch.randn(32, 16, dtype=torch.float64)
+    w = torch.randn(16, 4, dtype=torch.float64)
+    traced = []
+
+    def func(w):
+        inside = torch._C._functorch.is_batchedtensor(w) if where == "vmap" else \
+            torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python)
+        if inside:
+            traced.append(True)
+            raise _Timeout("time is up")
+        return torch.tanh(X @ w).pow(2).sum()
+
+    before = snapshot((w,))
+    eng = "batched" if where == "vmap" else "structured"
+    with pytest.raises(_Timeout, match="time is up") as err:
+        gradfd.numerical_gradient(func, (w,), 0, engine=eng)
+    assert traced and [n for n in err.value.__notes__ if n.startswith("gradfd: raised while")]
+    assert_unchanged((w,), before)
