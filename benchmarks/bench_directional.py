@@ -61,9 +61,9 @@ def render(data: dict) -> str:
     lines = [caption(data), "", f"`sum(sin(x)**2)`, a relative error planted on the largest-gradient entry of x; "
              f"{data['draws']} draws per cell (seeds {bench.span(data['seeds'])}), default settings of each mode. "
              "\"caught\": the planted check fails (full mode: at that entry alone); \"correct passes\": the correct "
-             "twin passes; time: the correct check (median). Full mode runs at the smaller size only; gradcheck's fast mode in "
-             "float64 only (in float32 it fails correct gradients too, and its failure message forms the dense N x N "
-             "Jacobian).", "",
+             "twin passes; time: the correct check (median). Full mode runs at the smaller size only; gradcheck's "
+             "fast mode in float64 only (in float32 it fails correct gradients too, and its failure message forms the "
+             "dense N x N Jacobian).", "",
              "| dtype | N | planted error | method | caught | correct passes | time |", "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['dtype']} | {r['n']:,} | {r['error']:g} | {r['method']} | {r['caught']} / {r['draws']} | "
