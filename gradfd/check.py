@@ -37,7 +37,8 @@ import torch
 from . import accuracy, stencils
 from . import jacobian as _jacobian
 from . import engine as _engine
-from .engine import _describe, check_checkable, check_choice, check_params, check_positive_int, check_step
+from .errors import note
+from .validation import check_checkable, check_choice, check_params, check_positive_int, check_step, describe
 from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, TensorReport, relative_errors
 
 __all__ = ["check", "MODES", "FLOOR_EPS", "TOLERANCE_SAFETY", "no_tf32", "analytical_gradients"]
@@ -114,7 +115,7 @@ def _resolve_wrt(params: list[torch.Tensor], wrt) -> list[int]:
     if isinstance(wrt, int) and not isinstance(wrt, bool):
         wrt = (wrt,)
     if not isinstance(wrt, (tuple, list)) or not all(isinstance(k, int) and not isinstance(k, bool) for k in wrt):
-        raise TypeError(f"wrt must be an int or a tuple of ints indexing params, got {_describe(wrt)}")
+        raise TypeError(f"wrt must be an int or a tuple of ints indexing params, got {describe(wrt)}")
     if not wrt:
         raise ValueError("no tensor to check: wrt is empty")
     out = []
@@ -701,7 +702,7 @@ def _directional_report(evaluator: _Directions, k: int, p: torch.Tensor, directi
                "atol": floor * state["scale"] if atol is None else atol, "refined": refined}
     errors = evaluator.errors
     if errors.count and not bool(e.finite.any()):
-        _engine._note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
+        note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
                                     f"perturbed node of params[{k}] ({errors.count} nodes) at every step tried")
         raise errors.first
     notes = ([errors.describe()] if errors.count else []) + (
@@ -803,9 +804,9 @@ def check(
                                   or not math.isfinite(value) or value < 0):
             raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {_describe(seed)}")
+        raise TypeError(f"seed must be an int, got {describe(seed)}")
     if not callable(func):
-        raise TypeError(f"func must be callable, got {_describe(func)}")
+        raise TypeError(f"func must be callable, got {describe(func)}")
 
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()

@@ -23,7 +23,8 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
-from .engine import GradfdWarning, _describe, check_step
+from .errors import GradfdWarning
+from .validation import check_step, describe
 from .report import CheckReport, GradientCheckError
 
 __all__ = ["gradcheck", "GradcheckError", "UNDEFINED_GRAD_WARNING"]
@@ -76,11 +77,11 @@ def _validate_options(options: dict, raise_exception, fast_mode) -> dict:
         # torch takes any truthy value: bools, 0/1 and numpy bools keep their call sites working; other types are
         # a mistake (a string "no" is truthy)
         if not isinstance(value, (bool, numbers.Integral, np.bool_)):
-            raise TypeError(f"gradcheck(): {name} must be a bool, got {_describe(value)}")
+            raise TypeError(f"gradcheck(): {name} must be a bool, got {describe(value)}")
     options = {**options, **{n: bool(flags[n]) for n in _BOOL_OPTIONS if n in options}}
     masked = options.get("masked")
     if masked is not None and not isinstance(masked, bool):
-        raise TypeError(f"gradcheck(): masked must be a bool or None, got {_describe(masked)}")
+        raise TypeError(f"gradcheck(): masked must be a bool or None, got {describe(masked)}")
     opts = {"check_undefined_grad": True, "check_grad_dtypes": False, "check_batched_grad": False,
             "check_batched_forward_grad": False, "check_forward_ad": False, "check_backward_ad": True,
             "masked": None, **options}
@@ -157,7 +158,7 @@ def gradcheck(
     elif isinstance(inputs, (tuple, list)):
         params = tuple(inputs)
     else:
-        raise TypeError(f"gradcheck(): inputs must be a tensor or a tuple of tensors, got {_describe(inputs)}")
+        raise TypeError(f"gradcheck(): inputs must be a tensor or a tuple of tensors, got {describe(inputs)}")
     if eps is not None:
         eps = check_step(eps, "eps")
     if opts["check_undefined_grad"]:

@@ -19,22 +19,24 @@ restored on exit.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-import os
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import ops, reductions, stencils
+from .budget import GENERIC_CPU_MIN_CHUNK, GENERIC_CPU_WORKING_SET, default_memory_budget, parse_memory_budget
+from .dispatch import LightDispatchMode
+from .errors import (CANNOT_RUN_THAT_WAY, OOM_ERRORS, FallbackWarning, GradfdWarning, NodeErrors, NonFiniteLossError,
+                     first_line, note, noting, warn_fallback, warnings_once)
+from .report import entry_name, unravel
 from .stencils import Stencil
+from .validation import (check_checkable, check_choice, check_params, check_positive_int, check_step, describe,
+                         validate_scalar_output)
 
 __all__ = [
     "ENGINES",
@@ -58,272 +60,14 @@ _STRUCTURED_MIN_EVALUATIONS = 256  # evaluations at or below which "auto" does n
 _PROBE_LOOP = 2  # coordinates the "auto" probe times with the loop
 _PROBE_BATCH = 64  # coordinates the "auto" probe times batched ...
 _PROBE_WARMUP = 4  # ... after an untimed batched call on this many
-_CPU_WORKING_SET = 16 << 20  # bytes of rows and activations per batched call on a CPU
-_CPU_MIN_CHUNK = 16
-_OOM_ERRORS = tuple(
-    t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
-)
-
-
-class GradfdWarning(UserWarning):
-    """Base class of gradfd's warnings."""
-
-
-class FallbackWarning(GradfdWarning):
-    """gradfd fell back to a slower but correct path (and says why)."""
-
-
-_warned: contextvars.ContextVar[set | None] = contextvars.ContextVar("gradfd_warned", default=None)
-
-
-@contextlib.contextmanager
-def warnings_once() -> Iterator[None]:
-    """Within this context (one :func:`gradfd.check` call), each distinct fallback warning is issued once."""
-    token = _warned.set(set())
-    try:
-        yield
-    finally:
-        _warned.reset(token)
-
-
-def _warn(message: str, stacklevel: int) -> None:
-    seen = _warned.get()
-    if seen is not None:
-        if message in seen:
-            return
-        seen.add(message)
-    warnings.warn(message, FallbackWarning, stacklevel=stacklevel + 1)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """``func`` returned NaN or inf at a point gradfd evaluated.
-
-    Attributes:
-        gradient: the estimate with NaN at the affected entries (shape of the parameter), or None when the
-            unperturbed loss itself is not finite.
-        indices: the affected entries' indices into the parameter.
-    """
-
-    def __init__(self, message: str, gradient: torch.Tensor | None = None, indices: list | None = None):
-        super().__init__(message)
-        self.gradient = gradient
-        self.indices = indices or []
-
-
-DOMAIN_ERRORS = (ValueError, RuntimeError, ArithmeticError, AssertionError)  # what a domain check raises (NodeErrors)
-# What a function that cannot run some way raises (vmap without a batching rule, a leading batch dimension it does not
-# take, .item() under vmap, an op the tracer cannot follow): the engine then tries the next way. Anything else -- a
-# timeout a signal handler raised, an exception of func's own -- propagates at once instead of sending the check to a
-# slower path (tests/test_engine.py::test_an_exception_of_another_kind_is_not_taken_for_a_batching_failure).
-CANNOT_RUN_THAT_WAY = (RuntimeError, TypeError, ValueError, NotImplementedError, LookupError, AttributeError,
-                       AssertionError, ArithmeticError)
-
-
-class NodeErrors:
-    """Exceptions that ``func`` raised at perturbed nodes, recorded instead of raised (:func:`gradfd.check` passes one
-    to the engine): the node's values are NaN, and the check retries the coordinate at smaller steps -- a node
-    outside ``func``'s domain (``Normal(0, s)`` validating ``s > 0`` at ``s - 2h``) is no error of the gradient.
-
-    An exception is taken for a domain edge only when it is of a kind a domain check raises (``DOMAIN_ERRORS``:
-    ``ValueError``, ``RuntimeError``, ``ArithmeticError``, ``AssertionError``; never out of memory or
-    ``NotImplementedError``) and ``func`` still runs at the unperturbed point right after (a sticky CUDA error, or a
-    ``func`` that fails from some call on, raises there too and propagates). Anything else propagates: a timeout
-    raised into ``func`` by a signal handler is no domain edge.
-
-    Attributes:
-        count: nodes that raised. first: the first exception recorded.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first: Exception | None = None
-        self.where: str | None = None
-
-    def take(self, exc: Exception, where: str, base: Callable[[], object]) -> bool:
-        """Record ``exc``, raised by ``func`` at the node ``where``, and return True -- or return False (the caller
-        re-raises it) when it is out of memory or when ``base()``, ``func`` at the unperturbed point, raises too."""
-        if not isinstance(exc, DOMAIN_ERRORS) or isinstance(exc, _OOM_ERRORS + (MemoryError, NotImplementedError)):
-            return False
-        try:
-            base()
-        except Exception:
-            return False
-        if self.first is None:
-            self.first, self.where = exc, where
-        self.count += 1
-        return True
-
-    def describe(self) -> str:
-        """One line for a report: how many nodes raised, and the first exception's type and first line."""
-        exc = self.first
-        return (f"func raised at {self.count} perturbed node(s), taken as outside its domain (first, at "
-                f"{self.where}: {type(exc).__name__}: {_first_line(exc)})")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # argument checks
 
 
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
-    return f"{type(x).__name__} {x!r}" if not isinstance(x, (list, tuple)) else type(x).__name__
-
-
-def check_params(params, param_idx: int | None = None) -> tuple[list[torch.Tensor], int | None]:
-    """Validate ``params`` (and ``param_idx``); return them as a list and the normalised index.
-
-    Raises:
-        TypeError / ValueError / IndexError naming the argument, what was expected and what was passed.
-    """
-    if isinstance(params, torch.Tensor) or not isinstance(params, (tuple, list)):
-        raise TypeError(
-            f"params must be a tuple or list of tensors (the arguments of func), got {_describe(params)}; "
-            "wrap a single tensor as (tensor,)"
-        )
-    params = list(params)
-    for k, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{k}] must be a torch.Tensor, got {_describe(p)}")
-        if p.layout != torch.strided or p.is_nested or p.is_quantized:
-            raise TypeError(f"params[{k}] is a {p.layout} tensor; gradfd supports dense (strided) tensors only")
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        where = ", ".join(f"params[{k}] on {p.device}" for k, p in enumerate(params))
-        raise ValueError(f"params must all be on one device, got {where}; move them with .to(device)")
-    if param_idx is None:
-        return params, None
-    if isinstance(param_idx, bool) or not isinstance(param_idx, int):
-        raise TypeError(f"param_idx must be an int, got {_describe(param_idx)}")
-    if not -len(params) <= param_idx < len(params):
-        raise IndexError(f"param_idx must be in [0, {len(params)}) for {len(params)} params, got {param_idx}")
-    param_idx %= len(params)
-    check_checkable(params[param_idx], f"params[{param_idx}]")
-    return params, param_idx
-
-
-def check_checkable(p: torch.Tensor, name: str) -> None:
-    """Raise unless ``p`` is a real floating-point tensor that finite differences can perturb."""
-    if p.is_complex():
-        raise TypeError(
-            f"{name} is complex ({p.dtype}); gradfd checks real tensors only: pass torch.view_as_real({name}) "
-            "and adapt func"
-        )
-    if not p.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float64, float32, float16 or bfloat16) to be "
-            f"differentiated, got dtype {p.dtype}"
-        )
-
-
-def check_positive_int(value, name: str, allow_none: bool = True) -> int | None:
-    """``value`` as an int > 0 (or None when allowed); TypeError/ValueError naming ``name`` otherwise."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {_describe(value)}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def check_step(h, name: str = "h") -> float:
-    """``h`` as a finite float > 0; TypeError/ValueError naming the argument otherwise."""
-    if isinstance(h, bool) or not isinstance(h, (int, float)):
-        raise TypeError(f"{name} must be a positive finite float, got {_describe(h)}")
-    h = float(h)
-    if not math.isfinite(h) or h <= 0:
-        raise ValueError(f"{name} must be a positive finite float, got {h}")
-    return h
-
-
-def check_choice(value, name: str, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``; ValueError naming the argument otherwise."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
-          "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-
-
-def parse_memory_budget(value) -> int | None:
-    """Parse a memory budget: an int number of bytes, or a string such as ``"512MB"`` or ``"2GiB"``.
-
-    Raises:
-        TypeError / ValueError naming ``memory_budget`` when the value is not a positive size.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"memory_budget must be bytes (int) or a size like '512MB' or '2GiB', got {value!r}")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"memory_budget must be an int number of bytes or a size string, got {_describe(value)}")
-    if value <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value} bytes")
-    return value
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Default working-memory budget for one chunk: half the free GPU memory, or a quarter of the available
-    RAM capped at 2 GiB on the CPU (larger chunks stop paying there)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(int(free * 0.5), 1 << 20)
-    avail = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 8 << 30
-    return max(min(avail // 4, 2 << 30), 1 << 20)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the function under test, on private copies
-
-
-def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
-    """Index tuple of flat (row-major) position ``flat`` in ``shape``."""
-    out = []
-    for n in reversed(shape):
-        out.append(flat % n)
-        flat //= n
-    return tuple(reversed(out))
-
-
-def entry_name(param_idx: int, shape: Sequence[int], flat: int) -> str:
-    """``params[k][i, j]`` for the flat entry ``flat`` of a parameter of ``shape``."""
-    idx = unravel(flat, shape)
-    return f"params[{param_idx}][{', '.join(map(str, idx))}]" if idx else f"params[{param_idx}]"
-
-
-def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):
-        exc.add_note(text)
-
-
-@contextlib.contextmanager
-def noting(text: str):
-    """Re-raise whatever the block raises (KeyboardInterrupt included) unchanged, with ``text`` added as a note
-    (PEP 678), so that a traceback out of ``func`` says what gradfd was doing when it came."""
-    try:
-        yield
-    except BaseException as exc:
-        _note(exc, text)
-        raise
 
 
 class RngGuard:
@@ -375,7 +119,7 @@ class OutputSpec:
         self.skipped: list[tuple[int, str]] = []  # (output number, why)
         for k, o in enumerate(outs):
             if not isinstance(o, torch.Tensor):
-                raise TypeError(f"func must return a tensor or a tuple of tensors; output[{k}] is {_describe(o)}")
+                raise TypeError(f"func must return a tensor or a tuple of tensors; output[{k}] is {describe(o)}")
             if o.layout != torch.strided or o.is_nested:
                 raise TypeError(f"func's output[{k}] is a {o.layout}{' nested' if o.is_nested else ''} tensor; gradfd "
                                 "compares dense (strided) outputs only: return output.to_dense()")
@@ -447,7 +191,7 @@ class Problem:
     def __init__(self, func: Callable, params: Sequence[torch.Tensor], param_idx: int, vector: bool = False,
                  skip_outputs: Sequence[int] = (), node_errors: NodeErrors | None = None):
         if not callable(func):
-            raise TypeError(f"func must be callable, got {_describe(func)}")
+            raise TypeError(f"func must be callable, got {describe(func)}")
         self.plain_func = func
         self.reduce64 = False  # evaluate under reductions.Float64Reductions (decided by evaluate_base)
         self.reductions = 0  # how many reductions one evaluation takes in float64
@@ -544,7 +288,7 @@ class Problem:
         if self.vector:
             return self.spec.flatten_batched(out, batch)
         if not isinstance(out, torch.Tensor) or out.numel() != batch:
-            raise ValueError(f"{what} returned {_describe(out)} for a batch; expected one loss per row")
+            raise ValueError(f"{what} returned {describe(out)} for a batch; expected one loss per row")
         return out.reshape(batch)
 
     def nan_values(self, on_cpu: bool):
@@ -563,31 +307,7 @@ class Problem:
         return meter.total
 
 
-def validate_scalar_output(out, detach: bool = True) -> torch.Tensor:
-    """``out`` as a 0-d tensor (detached unless ``detach=False``); TypeError/ValueError naming ``func`` when it is
-    not one floating value."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"func must return a scalar tensor (the loss), got {_describe(out)}")
-    if out.numel() != 1:
-        raise ValueError(
-            f"func must return a scalar tensor (one element), got shape {tuple(out.shape)}; reduce it (e.g. "
-            ".sum() or .mean()), or use gradfd.check for tensor-valued functions"
-        )
-    if not out.is_floating_point():
-        raise TypeError(f"func must return a floating-point loss, got dtype {out.dtype}")
-    return (out.detach() if detach else out).reshape(())
-
-
-class _LightDispatchMode(TorchDispatchMode):
-    """A dispatch mode whose handler is not wrapped to disable TorchDynamo (which would import torch._dynamo,
-    about 3 s, on first use); gradfd's handlers never compile anything."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-
-class _AllocationMeter(_LightDispatchMode):
+class _AllocationMeter(LightDispatchMode):
     """Sums the bytes of every new storage created while active."""
 
     def __init__(self) -> None:
@@ -606,7 +326,7 @@ class _AllocationMeter(_LightDispatchMode):
         return out
 
 
-class SharedOperandMatmul(_LightDispatchMode):
+class SharedOperandMatmul(LightDispatchMode):
     """Rewrites a batched matrix product whose one operand is the same for every batch member into one ``mm``.
 
     ``vmap(lambda w: X @ w)`` over rows of a ``(d, 1)`` parameter lowers to ``bmm(X.expand(B, n, d), W)``, which
@@ -842,7 +562,7 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     if engine in ("batched", "structured"):
         ops.require_kernels()
     elif engine == "auto" and not ops.kernels_available():
-        _warn(f"gradfd: native kernels unavailable ({ops.unavailable_reason()}); using the per-coordinate loop",
+        warn_fallback(f"gradfd: native kernels unavailable ({ops.unavailable_reason()}); using the per-coordinate loop",
               stacklevel=4)
         engine = "loop"
     if m == 0:
@@ -954,7 +674,7 @@ def _run_loop(problem: Problem, result: Evaluation, start: int, stop: int, moved
             result.store(start + first, start + first + count, vals)
     except BaseException as exc:
         target[index[j]] = original[j]
-        _note(exc, f"gradfd: raised while evaluating func at "
+        note(exc, f"gradfd: raised while evaluating func at "
                    f"{entry_name(problem.param_idx, problem.shape, index[j])} {offsets[s]:+g}*h")
         raise
 
@@ -1018,7 +738,7 @@ class _Batched:
                     out = torch.func.vmap(single, in_dims=in_dim, randomness="same")(rows)
                 slow = [w for w in caught if "batching rule" in str(w.message)]
                 if slow:  # vmap ran a per-sample loop internally (an op without a batching rule): not batched
-                    raise RuntimeError(f"vmap has no batching rule for an op of func ({_first_line(slow[0].message)})")
+                    raise RuntimeError(f"vmap has no batching rule for an op of func ({first_line(slow[0].message)})")
                 for w in caught:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 what = "vmap(func)"
@@ -1065,7 +785,7 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
         chunk = max(1, budget // per_coord)
         if device.type == "cpu":  # measured: chunks whose working set stays cache-sized run fastest on a CPU
             # (tensor-valued funcs: at least 64, as each chunk also pays for comparing its Jacobian columns)
-            chunk = min(chunk, max(64 if problem.vector else _CPU_MIN_CHUNK, _CPU_WORKING_SET // per_coord))
+            chunk = min(chunk, max(64 if problem.vector else GENERIC_CPU_MIN_CHUNK, GENERIC_CPU_WORKING_SET // per_coord))
         chunk = min(m, chunk)
         result.notes.append(f"chunk of {chunk} coordinates ({per_coord * chunk / 2**20:.1f} MiB; budget "
                             f"{budget / 2**20:.0f} MiB)")
@@ -1096,7 +816,7 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
             try:
                 out = batch(s * this)
                 break
-            except _OOM_ERRORS as exc:
+            except OOM_ERRORS as exc:
                 if this == 1:
                     raise MemoryError(f"gradfd: out of memory evaluating a single perturbed point: {exc}") from exc
                 this = chunk = max(1, this // 2)
@@ -1108,14 +828,14 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                     looped = True
                     break
                 if pos > start:  # batching worked on earlier chunks: a genuine error of func
-                    _note(exc, f"gradfd: raised while evaluating a batch of coordinates "
+                    note(exc, f"gradfd: raised while evaluating a batch of coordinates "
                                f"{entry_name(problem.param_idx, problem.shape, int(idx[0]))} .. "
                                f"{entry_name(problem.param_idx, problem.shape, int(idx[-1]))}")
                     raise
-                reasons.append(f"{batch.strategy}: {type(exc).__name__}: {_first_line(exc)}")
+                reasons.append(f"{batch.strategy}: {type(exc).__name__}: {first_line(exc)}")
                 batch = None
             except Exception as exc:  # not a batching failure (CANNOT_RUN_THAT_WAY): func's own, propagated
-                _note(exc, f"gradfd: raised while evaluating a batch of coordinates "
+                note(exc, f"gradfd: raised while evaluating a batch of coordinates "
                            f"{entry_name(problem.param_idx, problem.shape, int(idx[0]))} .. "
                            f"{entry_name(problem.param_idx, problem.shape, int(idx[-1]))}")
                 raise
@@ -1134,7 +854,7 @@ def _run_batched(problem, result, start, offsets, batching, chunk_size, budget, 
                 reasons.clear()
                 continue
         if batch is None:
-            _warn("gradfd: func cannot be evaluated batched (" + "; ".join(reasons) + "); falling back to the "
+            warn_fallback("gradfd: func cannot be evaluated batched (" + "; ".join(reasons) + "); falling back to the "
                   "per-coordinate loop", stacklevel=5)
             result.notes.append("batching failed: " + "; ".join(reasons))
             return pos
@@ -1198,22 +918,22 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                 rows = points[start:start + 256]
                 out[start:start + rows.shape[0]] = _points_batched(problem, rows, strategy, verify=start == 0)
             return out, strategy
-        except CANNOT_RUN_THAT_WAY + _OOM_ERRORS + (MemoryError,) as exc:
+        except CANNOT_RUN_THAT_WAY + OOM_ERRORS + (MemoryError,) as exc:
             if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 if problem.node_errors is not None:  # the rest one point at a time: those that raise are recorded
                     out[start:] = _points_loop(problem, points[start:], start, count)
                     return out, strategy
                 # batching worked on earlier chunks: a genuine error of func
-                _note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
+                note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
                            f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
                 raise
-            failures.append(f"{strategy}: {type(exc).__name__}: {_first_line(exc)}")
+            failures.append(f"{strategy}: {type(exc).__name__}: {first_line(exc)}")
         except Exception as exc:  # not a batching failure (CANNOT_RUN_THAT_WAY): func's own, propagated
-            _note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
+            note(exc, f"gradfd: raised while evaluating func at perturbed points {start} .. "
                        f"{min(start + 256, count) - 1} of {count} of params[{problem.param_idx}]")
             raise
     if failures and warn:
-        _warn(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
+        warn_fallback(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
               "point", stacklevel=3)
     out[:] = _points_loop(problem, points, 0, count)
     return out, "loop"
@@ -1239,7 +959,7 @@ def _points_loop(problem: Problem, points: torch.Tensor, first: int, count: int)
             except BaseException as exc:
                 if (errors is None or not isinstance(exc, Exception)
                         or not errors.take(exc, where, lambda: unperturbed())):
-                    _note(exc, f"gradfd: raised while evaluating func at {where}")
+                    note(exc, f"gradfd: raised while evaluating func at {where}")
                     raise
                 out[j] = math.nan
                 continue
@@ -1268,11 +988,6 @@ def _points_batched(problem: Problem, rows: torch.Tensor, strategy: str, verify:
         if verify:
             verify_stacked(problem, rows, vals)
         return vals
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 # --------------------------------------------------------------------------------------------------------------

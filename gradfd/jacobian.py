@@ -26,6 +26,7 @@ import torch
 
 from . import accuracy, stencils
 from . import engine as _engine
+from .errors import note
 from .report import AGREE, DISAGREE, REL_FLOOR, UNRESOLVED, TensorReport, relative_errors
 
 __all__ = ["Analytical", "column_entries", "check_coordinates", "DENSE_ENTRIES"]
@@ -1067,7 +1068,7 @@ def check_coordinates(
     if errors.count:
         if e is not None and not bool(e.finite.any()) and not any(a["agree"] for a in agg):
             # not one perturbed evaluation succeeded, at any step: no domain boundary, an error of func
-            _engine._note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
+            note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
                                         f"perturbed node of params[{k}] ({errors.count} nodes) at every step tried")
             raise errors.first
         state["details"]["notes"] = state["details"].get("notes", []) + [errors.describe()]

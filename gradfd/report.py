@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,21 @@ __all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "Gr
 
 AGREE, DISAGREE, UNRESOLVED = 0, 1, 2
 VERDICT_NAMES = {AGREE: "agree", DISAGREE: "disagree", UNRESOLVED: "unresolved"}
+
+
+def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """Index tuple of flat (row-major) position ``flat`` in ``shape``."""
+    out = []
+    for n in reversed(shape):
+        out.append(flat % n)
+        flat //= n
+    return tuple(reversed(out))
+
+
+def entry_name(param_idx: int, shape: Sequence[int], flat: int) -> str:
+    """``params[k][i, j]`` for the flat entry ``flat`` of a parameter of ``shape``."""
+    idx = unravel(flat, shape)
+    return f"params[{param_idx}][{', '.join(map(str, idx))}]" if idx else f"params[{param_idx}]"
 
 
 def _fmt_index(index) -> str:
@@ -109,8 +124,6 @@ class TensorReport:
     def _index_of(self, flat: int):
         if self.mode == "directional":
             return flat
-        from .engine import unravel
-
         if self.output_shape is None:
             return unravel(flat, self.shape)
         n_out = math.prod(self.output_shape)

@@ -53,7 +53,9 @@ from torch.utils._python_dispatch import autograd_would_have_decomposed
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
-from .engine import CANNOT_RUN_THAT_WAY, _LightDispatchMode, _note
+from .budget import STRUCTURED_CPU_WORKING_SET, default_memory_budget
+from .dispatch import LightDispatchMode
+from .errors import CANNOT_RUN_THAT_WAY, note
 
 __all__ = [
     "StructuredUnsupported",
@@ -77,7 +79,6 @@ _ACTIVATION_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
 _MAX_NODES = 16  # stencil nodes per coordinate in linear_update_mse (kMaxNodes in csrc/structured.h)
 _PROBE_COORDS = 64  # coordinates of the first chunk, which measures the bytes per coordinate
-_CPU_WORKING_SET = 64 << 20  # bytes of perturbed values per chunk on a CPU
 
 
 class StructuredUnsupported(RuntimeError):
@@ -389,7 +390,7 @@ def _with_unaffected(p: Perturbed, affected: torch.Tensor) -> Perturbed:
 # tracing
 
 
-class _GraphRecorder(_LightDispatchMode):
+class _GraphRecorder(LightDispatchMode):
     """Records the aten ops that run while it is active into a ``torch.fx`` graph of the shape ``make_fx`` builds in
     real mode: a placeholder per input, a ``get_attr`` per tensor the function closes over (or creates from Python
     data), a ``call_function`` node per ``OpOverload`` (``operator.getitem`` nodes for ops returning several tensors)
@@ -507,7 +508,7 @@ def trace(func: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
         raise StructuredUnsupported(op, f"func could not be traced to an aten graph ({type(exc).__name__}: {text})") \
             from exc
     except Exception as exc:  # not a tracing failure (CANNOT_RUN_THAT_WAY): func's own, propagated
-        _note(exc, "gradfd: raised while tracing func for the structured engine (at the unperturbed params)")
+        note(exc, "gradfd: raised while tracing func for the structured engine (at the unperturbed params)")
         raise
 
 
@@ -1367,7 +1368,6 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
     Raises:
         StructuredUnsupported: naming the op (or step) that stopped the analysis; ``result`` is then incomplete.
     """
-    from .engine import default_memory_budget
 
     analysis = Analysis(problem)
     s, m = moved.shape
@@ -1375,7 +1375,7 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
     if budget is None:
         budget = default_memory_budget(device)
         if device.type == "cpu":
-            budget = min(budget, _CPU_WORKING_SET)
+            budget = min(budget, STRUCTURED_CPU_WORKING_SET)
     chunk = chunk_size or min(m, _PROBE_COORDS)
     start = 0
     base = None
