@@ -49,6 +49,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "opinfo-full": ("bench_opinfo", "opinfo.json"),
     "first-call": ("bench_first_call", "first-call.json"),
     "directional": ("bench_directional", "directional.json"),
+    "models": ("bench_models", "models.json"),
 }
 
 MARKERS = re.compile(r"<!-- ([a-z0-9-]+):begin -->\n(.*?)\n?<!-- \1:end -->", re.S)

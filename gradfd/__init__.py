@@ -2,6 +2,7 @@
 
 Public API:
     check               numerical vs analytical gradients (or Jacobians) with a per-entry verdict and a report
+    check_module        check on a torch.nn.Module's parameters (and inputs), rows named by parameter
     gradcheck           a drop-in for torch.autograd.gradcheck backed by check
     testing             assert_gradients_match, for op authors' test suites
     numerical_gradient  the batched engine, with the signature of gradfd.reference.numerical_gradient
@@ -11,7 +12,9 @@ Public API:
 from . import reference, stencils, testing
 from .check import check
 from .dropin import GradcheckError, gradcheck
-from .engine import FallbackWarning, GradfdWarning, NonFiniteLossError, numerical_gradient
+from .engine import numerical_gradient
+from .errors import FallbackWarning, GradfdWarning, NonFiniteLossError
+from .module import check_module
 from .report import CheckReport, GradientCheckError, TensorReport
 from .sweep import SweepResult, step_sweep
 
@@ -19,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "check",
+    "check_module",
     "gradcheck",
     "GradcheckError",
     "testing",

@@ -66,3 +66,20 @@ def default_memory_budget(device: torch.device) -> int:
         except (ValueError, OSError, AttributeError):
             avail = 8 << 30
     return max(min(avail // 4, 2 << 30), 1 << 20)
+
+# Jacobian checks (gradfd.jacobian, gradfd.verdict): memory and performance constants, not verdict thresholds.
+# None of them changes a verdict: tests/test_jacobian.py::test_a_colored_check_judged_in_blocks_judges_as_one.
+DENSE_ENTRIES = 1 << 21  # keep every entry's values in the report up to this many (output, input) pairs
+VJP_ROW_BYTES = 1 << 26  # bytes of analytical rows computed per batched backward
+JUDGED_PAIRS = 1 << 20  # pattern entries of a colored pass estimated and judged per block
+COLORED_SAVING = 4  # the colored pass runs when it needs at most 1/4 of the exact columns' evaluations
+PATTERN_ENTRY_BYTES = 64  # bytes a colored pass holds per pattern entry (indices, keys, values)
+COLORED_NODE_COPIES = 16  # float64 copies of a color's nodes and outputs a colored pass holds at once
+COLORING_TRIES = 9  # colorings q = lower .. lower + 8 are tried, then 2 lower + 1 and 4 lower + 1 (COLORING_WIDE)
+COLORING_WIDE = 4
+COMPRESSION_SHARE = 10  # colored backward passes pay while there are at most 1/10 as many colors as outputs
+COMPRESSION_MIN_OUTPUTS = 16  # ... and the function has this many output entries or more
+SEQUENTIAL_VJPS = 4  # up to this many colors' backward passes run one by one, more as one batched backward
+NODE_ACTIVATIONS = 4  # a coordinate's nodes hold S x (this x outputs + inputs) float64 values (chunk sizing)
+MIN_RECOMPUTED_CHUNK = 64  # where analytical rows are recomputed per chunk: chunks of this many columns or more,
+RECOMPUTED_CHUNKS = 16  # ... and at most this many chunks, as far as the budget allows

@@ -213,26 +213,36 @@ def run_check(args, stream=None) -> int:
 
     stream = stream or sys.stdout
     result = _load_target(args.target)
+    options = dict(mode=args.mode, samples=args.samples, directions=args.directions, engine=args.engine,
+                   raise_on_failure=False, progress=not args.no_progress)
+
+    def convert(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        q = x.detach()
+        if args.device:
+            q = q.to(args.device)
+        if args.dtype and q.is_floating_point():
+            q = q.to(getattr(torch, args.dtype))
+        return q.requires_grad_(x.requires_grad) if q.is_floating_point() else q
+
     if isinstance(result, CheckReport):
         report = result
-    else:
-        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[0])):
-            raise UsageError(f"{args.target} must return (func, params) or a CheckReport, got {type(result).__name__}")
+    elif isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module):
+        module, inputs, loss = (*result, None)[:3]
+        if args.device:
+            module.to(args.device)
+        if args.dtype:
+            module.to(getattr(torch, args.dtype))
+        inputs = tuple(map(convert, inputs)) if isinstance(inputs, (tuple, list)) else convert(inputs)
+        report = gradfd.check_module(module, inputs, loss=loss, **options)
+    elif isinstance(result, tuple) and len(result) == 2 and callable(result[0]):
         func, params = result
         params = tuple(params) if isinstance(params, (tuple, list)) else (params,)
-        moved = []
-        for p in params:
-            if isinstance(p, torch.Tensor):
-                q = p.detach()
-                if args.device:
-                    q = q.to(args.device)
-                if args.dtype and q.is_floating_point():
-                    q = q.to(getattr(torch, args.dtype))
-                moved.append(q.requires_grad_(p.requires_grad) if q.is_floating_point() else q)
-            else:
-                moved.append(p)
-        report = gradfd.check(func, tuple(moved), mode=args.mode, samples=args.samples, directions=args.directions,
-                              engine=args.engine, raise_on_failure=False, progress=not args.no_progress)
+        report = gradfd.check(func, tuple(map(convert, params)), **options)
+    else:
+        raise UsageError(f"{args.target} must return (func, params), (module, inputs), (module, inputs, loss) or a "
+                         f"CheckReport, got {type(result).__name__}")
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2), file=stream)
     else:
@@ -253,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="a smaller suite (under 2 minutes on 2 CPU cores)")
     p_bench.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
     p_check = sub.add_parser("check", help="check a function from a file: path/to/file.py:function returning "
-                                           "(func, params) or a CheckReport")
+                                           "(func, params), (module, inputs), (module, inputs, loss) or a "
+                                           "CheckReport")
     p_check.add_argument("target", help="path/to/file.py:function")
     p_check.add_argument("--mode", default="full", choices=["full", "sample", "directional"])
     p_check.add_argument("--samples", type=int, default=None, help="entries per tensor in sample mode")

@@ -59,7 +59,7 @@ class TensorReport:
         mode: ``"full"``, ``"sample"`` or ``"directional"``.
         checked, total: entries (or directions) checked, out of how many entries.
         max_abs_error, max_rel_error: over checked entries; the relative error is taken over entries whose
-            analytical value is at least ``REL_FLOOR`` (1e-3) of the largest (see :func:`relative_errors`).
+            analytical value is at least ``Policy.rel_floor`` (1e-3) of the largest (see :func:`relative_errors`).
         worst_index: index tuple of the worst entry (largest error over tolerance), or a direction number.
         worst_analytical, worst_numerical, worst_error_estimate, worst_tolerance: values there.
         agree, disagree, unresolved: counts.
@@ -148,14 +148,15 @@ class TensorReport:
         }
 
 
-REL_FLOOR = 1e-3  # relative errors are taken over entries at least this fraction of the tensor's largest
+TINY = 1e-300  # the guard against division by zero: far below any tolerance, above float64's smallest normal
 
 
-def relative_errors(diff: torch.Tensor, analytical: torch.Tensor, scale: float) -> torch.Tensor:
-    """``|numerical - analytical| / |analytical|`` where ``|analytical| >= REL_FLOOR * scale``, else 0: a relative
-    error of an entry that is (numerically) zero says nothing, and most Jacobian entries are zero."""
-    big = analytical.abs() >= REL_FLOOR * scale
-    return torch.where(big & (analytical != 0), diff / analytical.abs().clamp(min=1e-300), torch.zeros_like(diff))
+def relative_errors(diff: torch.Tensor, analytical: torch.Tensor, scale: float, rel_floor: float) -> torch.Tensor:
+    """``|numerical - analytical| / |analytical|`` where ``|analytical| >= rel_floor * scale``, else 0: a relative
+    error of an entry that is (numerically) zero says nothing, and most Jacobian entries are zero (``rel_floor``:
+    :attr:`gradfd.verdict.policy.Policy.rel_floor`)."""
+    big = analytical.abs() >= rel_floor * scale
+    return torch.where(big & (analytical != 0), diff / analytical.abs().clamp(min=TINY), torch.zeros_like(diff))
 
 
 def _jsonable(x):

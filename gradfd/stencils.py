@@ -83,6 +83,9 @@ STENCILS: dict[str, Stencil] = {
     "richardson": Stencil("richardson", (1, 2, 4), 6, 1 / 7, step_scale=0.5),
 }
 DEFAULT_STENCIL = "four_point"
+# the fourth difference f(x+2h) - 4f(x+h) + 6f(x) - 4f(x-h) + f(x-2h): its binomial weights (1, -4, 6, -4, 1)
+FOURTH_DIFFERENCE_INNER, FOURTH_DIFFERENCE_CENTRE = 4, 6
+DEPENDENCE_NUDGE = 2.0**-10  # an output depends on the inputs when it moves as every input moves by this (relative)
 _ALIASES = {"4-point": "four_point", "4point": "four_point", "fourpoint": "four_point", "2-point": "central"}
 
 

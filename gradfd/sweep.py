@@ -15,7 +15,7 @@ import torch
 
 from . import engine, stencils
 from .check import analytical_gradients, no_tf32
-from .engine import check_params
+from .validation import check_params
 
 __all__ = ["step_sweep", "SweepResult"]
 

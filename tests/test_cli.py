@@ -40,6 +40,14 @@ TARGETS = textwrap.dedent('''
     def not_a_problem():
         return 42
 
+    def module_only():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()), torch.randn(2, 3)
+
+    def module_and_loss():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2), (torch.randn(5, 3),), lambda out: out.pow(2).mean()
+
     def nothing_compared():
         x = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # sqrt at 0: every stencil leaves the domain
         return (lambda x: torch.sqrt(x).sum()), (x,)
@@ -68,6 +76,13 @@ def test_check_exit_codes_and_table(targets, capsys):
     assert code == 0 and "PASSED" in out
 
 
+def test_check_takes_a_module(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:module_only", "--no-progress", "--dtype", "float64"], capsys)
+    assert code == 0 and "0.weight" in out and "float64" in out and "projection" in out
+    code, out, _ = run(["check", f"{targets}:module_and_loss", "--no-progress"], capsys)
+    assert code == 0 and "weight" in out and "bias" in out and "projection" not in out
+
+
 def test_nothing_compared_exits_1(targets, capsys):
     code, out, _ = run(["check", f"{targets}:nothing_compared", "--no-progress"], capsys)
     assert code == 1 and "PASSED (but nothing could be compared for params[0]" in out
@@ -90,7 +105,7 @@ def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
     (["check", "no_colon_here"], "expected path/to/file.py:function"),
     (["check", "/nonexistent/file.py:f"], "no such file"),
     (["check", "{targets}:missing"], "has no function 'missing'"),
-    (["check", "{targets}:not_a_problem"], "must return (func, params) or a CheckReport, got int"),
+    (["check", "{targets}:not_a_problem"], "must return (func, params), (module, inputs), (module, inputs, loss) or a CheckReport, got int"),
     (["check", "{targets}:good", "--samples", "0"], "--samples and --directions must be positive"),
     (["bench", "--device", "tpu"], "--device takes cpu and/or cuda"),
 ])

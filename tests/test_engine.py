@@ -426,3 +426,17 @@ def test_an_exception_of_another_kind_is_not_taken_for_a_batching_failure(where)
         gradfd.numerical_gradient(func, (w,), 0, engine=eng)
     assert traced and [n for n in err.value.__notes__ if n.startswith("gradfd: raised while")]
     assert_unchanged((w,), before)
+
+
+def test_the_allocation_meter_is_repeatable():
+    """Every new storage is counted, whatever addresses the allocator reuses (chunk sizes must not vary by run)."""
+    x = torch.randn(1000, dtype=torch.float64)
+
+    def func(x):
+        for _ in range(20):
+            x = x * 1.0001  # 8000 new bytes each; the allocator reuses freed addresses
+        return x.sum()  # 8 bytes
+
+    problem = engine.prepare(func, (x,), 0)
+    sizes = {problem.activation_bytes() for _ in range(5)}
+    assert sizes == {20 * 8000 + 8}

@@ -1,6 +1,6 @@
 """A fast first call (issue 17, part 4): the structured engine's tracer, and the JIT loader of the native kernels.
 
-The tracer (gradfd.structured._GraphRecorder) replaces make_fx, whose first call imports torch._inductor,
+The tracer (gradfd/structured/tracer.py) replaces make_fx, whose first call imports torch._inductor,
 torch._dynamo and sympy (~3.5 s); its graphs must be make_fx's, and the gradients computed from them bitwise the same.
 The JIT loader keys its build directory to the environment and lets exceptions that are not build failures through.
 """
@@ -8,7 +8,6 @@ The JIT loader keys its build directory to the environment and lets exceptions t
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap

@@ -1,4 +1,4 @@
-"""The structured engine (gradfd/structured.py): its kernels against their pure-PyTorch twins, its losses against the
+"""The structured engine (gradfd/structured/): its kernels against their pure-PyTorch twins, its losses against the
 generic engine and the reference on every supported pattern, its refusals, and its input checks."""
 
 from __future__ import annotations
@@ -513,3 +513,29 @@ def test_check_flags_a_wrong_gradient_on_the_structured_engine(seed):
     report = gradfd.check(lambda W: F.mse_loss(Bad.apply(W), Y), (W,), engine="structured", raise_on_failure=False)
     assert not report.passed
     assert report.tensors[0].worst_index == (2, 1)
+
+
+def test_the_slab_count_is_repeatable():
+    """The bytes a chunk's perturbed values take (which size the chunks) do not depend on reused addresses."""
+    from gradfd import engine
+    from gradfd.structured import Analysis
+
+    g = torch.Generator().manual_seed(11)
+    X, Y = torch.randn(32, 24, generator=g, dtype=torch.float64), torch.randn(32, 24, generator=g, dtype=torch.float64)
+    W = torch.randn(24, 24, generator=g, dtype=torch.float64) / 5
+
+    def loss(W):
+        z = X @ W
+        for _ in range(6):
+            z = torch.tanh(z) * 1.5 + 0.1
+        return ((z - Y) ** 2).mean()
+
+    problem = engine.prepare(loss, (W,), 0)
+    analysis = Analysis(problem)
+    coords = torch.arange(48)
+    moved = torch.linspace(-1e-3, 1e-3, 4, dtype=torch.float64)[:, None].expand(4, 48).contiguous()
+    counts = set()
+    for _ in range(5):
+        analysis.run(coords, moved)
+        counts.add(analysis.bytes)
+    assert len(counts) == 1 and counts.pop() > 0

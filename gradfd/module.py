@@ -1,0 +1,267 @@
+"""``gradfd.check_module``: check the gradients of a ``torch.nn.Module``'s parameters (and optionally its inputs).
+
+The module runs through ``torch.func.functional_call`` on private copies of its parameters and buffers, so that
+its parameters, their ``.grad``, its buffers and every submodule's ``training`` flag are bitwise unchanged after
+every call, failed ones included. Rules:
+
+- **Which tensors.** ``wrt=None`` checks every parameter with ``requires_grad``; frozen ones are listed in the
+  report's notes, never silently dropped. Names and ``fnmatch`` patterns select others. A parameter shared by
+  several names (tied weights) is checked once and its row carries every name.
+- **Which loss.** ``loss(output)`` when given. Otherwise a one-element floating output is the loss, and any other
+  output (a tensor, or a tuple such as an RNN's ``(out, h)``) is reduced with a fixed seeded random projection
+  ``sum_i <v_i, out_i>`` in float64, with ``v_i`` standard normal over sqrt(numel); the report's notes say so.
+- **Batch statistics.** A BatchNorm layer in training mode normalises with the batch's statistics and only
+  updates its running statistics as a side effect; gradfd runs it without running statistics (the output is the
+  same), so that the side effect neither leaks into the module nor stops batched evaluation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from .check import check
+from .engine import RngGuard
+from .report import CheckReport, GradientCheckError
+from .validation import describe
+
+__all__ = ["check_module"]
+
+PROJECTION_SEED = 0x5EED  # seeds the random projection of a non-scalar output (loss=None); fixed, so reruns agree
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One checked tensor: its names (several for a tied parameter) and the tensor itself."""
+
+    names: tuple[str, ...]
+    tensor: torch.Tensor
+    kind: str  # "parameter", "input" or "kwarg"
+
+    @property
+    def label(self) -> str:
+        return " = ".join(self.names)
+
+
+def _as_inputs(inputs) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, tuple):
+        return inputs
+    if isinstance(inputs, list):
+        return tuple(inputs)
+    raise TypeError(f"inputs must be a tensor or a tuple of the module's positional inputs, got {describe(inputs)}")
+
+
+def _parameters(module: torch.nn.Module) -> list[_Target]:
+    """Every distinct parameter once, with all the names it goes by (tied weights)."""
+    by_id: dict[int, list] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        entry = by_id.setdefault(id(p), [[], p])
+        entry[0].append(name)
+    return [_Target(tuple(names), p, "parameter") for names, p in by_id.values()]
+
+
+def _select(params: list[_Target], wrt) -> tuple[list[_Target], list[str]]:
+    """The parameters ``wrt`` selects, and the frozen ones skipped by default."""
+    if wrt is None:
+        chosen = [t for t in params if t.tensor.requires_grad]
+        frozen = [t.label for t in params if not t.tensor.requires_grad]
+        return chosen, frozen
+    patterns = (wrt,) if isinstance(wrt, str) else wrt
+    if not isinstance(patterns, (tuple, list)) or not all(isinstance(w, str) for w in patterns) or not patterns:
+        raise TypeError(f"wrt must be a parameter name, a glob pattern, or a non-empty sequence of them, got "
+                        f"{describe(wrt)}")
+    chosen = [t for t in params if any(fnmatch.fnmatchcase(n, w) for n in t.names for w in patterns)]
+    unmatched = [w for w in patterns if not any(fnmatch.fnmatchcase(n, w) for t in params for n in t.names)]
+    if unmatched:
+        names = [n for t in params for n in t.names]
+        raise ValueError(f"wrt: {unmatched} match no parameter of the module; its parameters are {names}")
+    return chosen, []
+
+
+def _floating_inputs(args: tuple, kwargs: dict) -> list[_Target]:
+    found = [_Target((f"inputs[{i}]",), a, "input") for i, a in enumerate(args)
+             if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    found += [_Target((f"kwargs[{k!r}]",), v, "kwarg") for k, v in kwargs.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return found
+
+
+def _projection(output) -> tuple[Callable[[Any], torch.Tensor], str]:
+    """A seeded random projection of every floating tensor in ``output`` to one float64 number."""
+    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ValueError(f"the module's output has no floating tensor to check (got {describe(output)}); pass loss=")
+    gen = torch.Generator().manual_seed(PROJECTION_SEED)
+    weights = [(torch.randn(t.shape, generator=gen, dtype=torch.float64) / max(t.numel(), 1) ** 0.5).to(t.device)
+               for t in leaves]
+
+    def project(out) -> torch.Tensor:
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return sum((o.to(torch.float64) * v).sum() for o, v in zip(outs, weights))
+
+    shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in leaves)
+    return project, (f"loss=None: the module's floating outputs ({shapes}) were reduced to one number by a fixed "
+                     f"random projection sum_i <v_i, out_i> (float64, v_i ~ N(0, 1/numel), seed {PROJECTION_SEED})")
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """Private copies of the buffers; a training BatchNorm's running statistics are left out (None)."""
+    skip = set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
+            skip.update(f"{prefix}.{b}" if prefix else b for b in ("running_mean", "running_var", "num_batches_tracked"))
+    return {name: None if name in skip else b.detach().clone()
+            for name, b in module.named_buffers(remove_duplicate=False)}
+
+
+def _renamed(report: CheckReport, targets: list[_Target]) -> CheckReport:
+    """Rows and notes named by parameter names instead of ``params[k]``."""
+    labels = {f"params[{k}]": t.label for k, t in enumerate(targets)}
+    pattern = re.compile(r"params\[\d+\]")
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: labels.get(m.group(0), m.group(0)), text)
+
+    for t in report.tensors:
+        t.name = sub(t.name)
+        t.details = {k: sub(v) if isinstance(v, str) else v for k, v in t.details.items()}
+    report.notes = [sub(n) for n in report.notes]
+    return report
+
+
+def check_module(
+    module: torch.nn.Module,
+    inputs: torch.Tensor | Sequence[Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+    wrt: str | Sequence[str] | None = None,
+    check_inputs: bool = False,
+    **check_options: Any,
+) -> CheckReport:
+    """Check autograd's gradients of a module's parameters (and optionally inputs) against finite differences.
+
+    Args:
+        module: the ``torch.nn.Module``; its mode (train/eval) is used as it is.
+        inputs: a tensor, or a tuple of the module's positional inputs, on the parameters' device.
+        kwargs: keyword inputs of ``module.forward`` (masks, for instance); default none.
+        loss: ``loss(output) -> one-element floating tensor``, where ``output`` is what the module returns. Default:
+            a one-element floating output is the loss; any other output is reduced by a fixed seeded random
+            projection (see the module docstring), and the report's notes say so.
+        wrt: parameter names or ``fnmatch`` glob patterns (``"0.*"``, ``"*.weight"``); default every parameter
+            with ``requires_grad`` (frozen ones are skipped and listed in the notes).
+        check_inputs: also check the floating tensors among ``inputs`` and ``kwargs``.
+        **check_options: passed to :func:`gradfd.check` (``mode``, ``samples``, ``directions``, ``atol``,
+            ``rtol``, ``engine``, ``batching``, ``progress``, ``policy``, ``raise_on_failure``, ...).
+
+    Returns:
+        The :class:`CheckReport`, its rows named by parameter name (``"0.weight"``), ``"inputs[i]"`` or
+        ``"kwargs['name']"``; a tied parameter's row carries every name (``"embed.weight = head.weight"``).
+
+    Raises:
+        TypeError: ``module`` is not a Module, ``inputs``/``kwargs``/``wrt``/``loss`` of the wrong kind, or a
+            ``check_options`` key that :func:`gradfd.check` does not take (``func``, ``params`` and ``wrt``
+            belong to check_module).
+        ValueError: ``wrt`` matches no parameter, nothing to check, inputs on another device than the parameters,
+            or a loss that is not one floating value.
+        GradientCheckError: an entry disagrees (unless ``raise_on_failure=False``).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {describe(module)}")
+    args = _as_inputs(inputs)
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"kwargs must be a dict of the module's keyword inputs, got {describe(kwargs)}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a callable taking the module's output, got {describe(loss)}")
+    for bad in ("func", "params"):
+        if bad in check_options:
+            raise TypeError(f"check_module got {bad}=: the module and its inputs are the function and the params")
+    raise_on_failure = check_options.pop("raise_on_failure", True)
+
+    params = _parameters(module)
+    chosen, frozen = _select(params, wrt)
+    if check_inputs:
+        chosen = chosen + _floating_inputs(args, kwargs)
+    if not chosen:
+        raise ValueError("nothing to check: the module has no parameter with requires_grad (and check_inputs is "
+                         "False); pass wrt= names, set requires_grad, or check_inputs=True")
+    devices = {t.tensor.device for t in params} | {a.device for a in tree_flatten((args, kwargs))[0]
+                                                    if isinstance(a, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"inputs must be on the module's device: got tensors on {sorted(map(str, devices))}; "
+                         "move them with .to(device)")
+
+    fixed = {n: t.tensor.detach() for t in params for n in t.names}  # parameters not checked stay as they are
+    buffers = _buffers(module)
+    input_pos = {id(a): i for i, a in enumerate(args)}
+    kwarg_key = {id(v): k for k, v in kwargs.items()}
+    notes = []
+    if frozen:
+        notes.append(f"not checked (requires_grad=False): {', '.join(frozen)}")
+
+    def call(*tensors):
+        state = dict(fixed)
+        call_args, call_kwargs = list(args), dict(kwargs)
+        for t, x in zip(chosen, tensors):
+            if t.kind == "parameter":
+                state.update((n, x) for n in t.names)
+            elif t.kind == "input":
+                call_args[input_pos[id(t.tensor)]] = x
+            else:
+                call_kwargs[kwarg_key[id(t.tensor)]] = x
+        state.update(buffers)
+        return torch.func.functional_call(module, state, tuple(call_args), call_kwargs, tie_weights=False,
+                                          strict=False)
+
+    with torch.no_grad():
+        out = _guarded(module, lambda: call(*(t.tensor.detach() for t in chosen)))
+    reduce = loss
+    if reduce is None:
+        if isinstance(out, torch.Tensor) and out.numel() == 1 and out.is_floating_point():
+            reduce = _identity
+        else:
+            reduce, note = _projection(out)
+            notes.append(note)
+    else:
+        with torch.no_grad():
+            value = reduce(out)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+            raise ValueError(f"loss must return a one-element floating tensor (the loss) from the module's output, "
+                             f"got {describe(value)}")
+
+    def func(*tensors):
+        return reduce(call(*tensors))
+
+    tensors = tuple(t.tensor.detach().requires_grad_() for t in chosen)
+    report = _guarded(module, lambda: check(func, tensors, raise_on_failure=False, **check_options))
+    report = _renamed(report, chosen)
+    report.notes = notes + report.notes
+    if raise_on_failure and not report.passed:
+        raise GradientCheckError(report)
+    return report
+
+
+def _identity(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+def _guarded(module: torch.nn.Module, run: Callable[[], Any]) -> Any:
+    """Run ``run()`` and put every submodule's ``training`` flag and the RNG states back afterwards, whatever
+    happens (dropout draws in the calls gradfd makes leave no trace)."""
+    flags = [(m, m.training) for m in module.modules()]
+    rng = RngGuard()
+    try:
+        return run()
+    finally:
+        rng.close()
+        for m, flag in flags:
+            m.training = flag

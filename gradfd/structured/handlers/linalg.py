@@ -1,0 +1,72 @@
+"""Handlers of the products: ``mm``, ``addmm`` and ``mv``, with the parameter on either side.
+
+A product is linear in each operand: one moved entry ``W[i, j]`` moves column ``j`` of ``X @ W`` by
+``delta * X[:, i]`` (kept lazy as a :class:`~gradfd.structured.values.Lineage` for the fused kernel); a replaced
+column is recomputed alone; a replaced row moves every output by an outer product, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..unsupported import StructuredUnsupported, op_name
+from ..values import Lineage, Perturbed, base_value, columns, full, permute, squeeze, unit_axes, unsqueeze
+from .pointwise import pointwise
+
+__all__ = ["mm", "mm_right", "handle_addmm", "handle_mv"]
+
+aten = torch.ops.aten
+
+
+def mm(an, node, base, a, b) -> Perturbed:
+    """``a @ b`` with either operand (or both) perturbed; ``base`` is the product's base."""
+    if isinstance(a, Perturbed) and isinstance(b, Perturbed):
+        an.densified.add(node.name)
+        slab = torch.matmul(full(a), full(b))
+        return Perturbed(base, (), a.pos.new_zeros((a.batch, 0)), slab.to(base.dtype))
+    if isinstance(b, Perturbed):
+        return mm_right(an, node, base, a, b)
+    # a @ b = (b^T @ a^T)^T: the parameter on the left is the right-hand case transposed
+    out_t = mm_right(an, node, base.t(), b.t(), permute(a, [1, 0], a.base.t()))
+    return permute(out_t, [1, 0], base)
+
+
+def mm_right(an, node, base, a: torch.Tensor, p: Perturbed) -> Perturbed:
+    """``a @ p`` with ``a`` (n, d) constant and ``p`` (d, k) perturbed; ``base`` (n, k)."""
+    if p.promoted or a.dtype != p.base.dtype:
+        raise StructuredUnsupported(op_name(node.target), "operands of different dtypes")
+    p = unit_axes(p)
+    b = p.batch
+    dtype = base.dtype
+    if p.axes == (0, 1):  # one entry W[i, j]: column j moves by delta * a[:, i]
+        i, j = p.pos[:, 0], p.pos[:, 1]
+        delta = p.slab.reshape(b).double() - p.base[i, j].double()
+        features = an.cached((node.name, "a", base.shape), lambda: a.contiguous())
+        z = an.cached((node.name, "z", base.shape), lambda: columns(base, (1,)))
+        return Perturbed(base, (1,), j.unsqueeze(1), None, Lineage(z, features, j, i, delta))
+    if p.axes == (1,):  # column j replaced: recompute that column of the product
+        return Perturbed(base, (1,), p.pos, torch.mm(p.slab, a.t()).to(dtype))
+    an.densified.add(node.name)
+    if p.axes == (0,):  # row i replaced: every output moves by a[:, i] (x) (new row - old row)
+        i = p.pos[:, 0]
+        drow = p.slab.double() - p.base[i].double()  # (B, k)
+        slab = torch.addcmul(base.double().unsqueeze(0), a.t()[i].double().unsqueeze(2), drow.unsqueeze(1))
+        slab = slab.to(dtype)
+        return Perturbed(base, (), p.pos[:, :0], slab)
+    return Perturbed(base, (), p.pos, torch.matmul(a, p.slab).to(dtype))
+
+
+def handle_addmm(an, node, base, bias, a, b, *, beta=1, alpha=1) -> Perturbed:
+    """``bias + a @ b`` (``beta = alpha = 1`` only): the product, then the pointwise add."""
+    if beta != 1 or alpha != 1:
+        raise StructuredUnsupported(op_name(node.target), f"beta={beta}, alpha={alpha} (only 1 is supported)")
+    mm_base = an.cached((node.name, "mm"), lambda: torch.mm(base_value(a), base_value(b)))
+    product = mm(an, node, mm_base, a, b) if isinstance(a, Perturbed) or isinstance(b, Perturbed) else mm_base
+    return pointwise(an, node, aten.add.Tensor, base, (product, bias), {})
+
+
+def handle_mv(an, node, base, a, v) -> Perturbed:
+    """``a @ v``: the product with ``v`` as a one-column matrix."""
+    col = unsqueeze(v, 1, base_value(v).unsqueeze(1)) if isinstance(v, Perturbed) else v.unsqueeze(1)
+    out = mm(an, node, base.unsqueeze(1), a, col)
+    return squeeze(out, [1], base)

@@ -1,0 +1,212 @@
+"""The verdict policy: every threshold of :func:`gradfd.check`'s verdicts, with why it has its value and which
+benchmark calibrated it, in one frozen dataclass (:class:`Policy`), plus the seeds and the statistics of Gaussian
+noise that the pipeline uses.
+
+What lives here: :class:`Policy` and :data:`DEFAULT_POLICY`; :func:`resolve_policy` (``check(..., policy=...)``'s
+validation); :func:`policy_table` (the table of docs/verdicts.md, generated from the fields); :class:`Seeds`
+(every seed offset and random weight of the pipeline); the constants of |N(0, 1)| the noise measurement divides by;
+check()'s argument defaults. What does not: memory and performance constants (:mod:`gradfd.budget`), the
+guard :data:`gradfd.report.TINY` (re-exported here).
+
+The pipeline reads thresholds only from the Policy it is handed, never from module globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..report import TINY
+from ..validation import describe
+
+__all__ = ["Policy", "DEFAULT_POLICY", "resolve_policy", "policy_table", "Seeds", "SEEDS", "TINY",
+           "DEFAULT_SAMPLES", "DEFAULT_DIRECTIONS", "SAMPLE_LARGEST_SHARE", "MEDIAN_ABS_NORMAL", "MEDIAN_QUANTILE",
+           "NOISE_FROM_FOURTH_DIFFERENCE"]
+
+ACCURACY = "benchmarks/bench_accuracy.py"
+DOMAIN = "benchmarks/bench_domain.py"
+POLES = "benchmarks/bench_poles.py"
+JACOBIAN = "benchmarks/bench_jacobian.py"
+
+# check()'s argument defaults (not thresholds)
+DEFAULT_SAMPLES = 256  # entries per tensor in sample mode
+DEFAULT_DIRECTIONS = 8  # directions in directional mode
+SAMPLE_LARGEST_SHARE = 4  # sample mode takes samples // this of the largest-|gradient| entries, the rest uniformly
+
+# Statistics of Gaussian noise (facts, not thresholds): median |N(0,1)| = 0.6745, and the |fourth difference| of
+# i.i.d. noise sigma has spread sqrt(1 + 16 + 36 + 16 + 1) = sqrt(70) sigma
+MEDIAN_ABS_NORMAL = 0.6745
+MEDIAN_QUANTILE = 0.5  # the (lower) median is this quantile
+NOISE_FROM_FOURTH_DIFFERENCE = 1.0 / (math.sqrt(70.0) * 0.6745)
+
+
+def _f(default, why: str, calibrated_by: str = ACCURACY, *, minimum: float = 0.0, strict: bool = True):
+    """A policy field: its default, the rule behind its value, the benchmark that calibrated it and its range
+    (``> minimum`` when ``strict``, else ``>= minimum``)."""
+    return field(default=default, metadata={"why": why, "calibrated_by": calibrated_by, "minimum": minimum,
+                                            "strict": strict})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every verdict threshold (docs/verdicts.md explains the rules; ``policy_table()`` lists them).
+
+    Pass an instance, or a mapping of field overrides, as ``gradfd.check(..., policy=...)``. Integer fields take
+    ints; float fields take ints or floats. An explicit ``atol``/``rtol`` of ``check`` replaces the dtype floors
+    that ``floor_eps`` sets.
+    """
+
+    # tolerance
+    floor_eps: int = _f(64, "the dtype floor: this many eps relative to the entry and to the tensor's largest "
+                            "analytical entry, covering the rounding of the analytical gradient itself")
+    tolerance_safety: float = _f(1.5, "margin over the estimated finite-difference error")
+    rounding_safety: float = _f(3.0, "sigma multiples of the rounding part: bounds ~99.7% of Gaussian-like noise")
+    # kinks
+    kink_noise_factor: float = _f(6.0, "kink > this x rounding estimate is non-smooth: a smooth function's kink "
+                                       "statistic is ~1.5|z| rounding estimates, exceeded by chance at ~1 in 25000")
+    kink_explains: float = _f(0.5, "unresolved when kink >= this x |numerical - analytical|")
+    kink_band: float = _f(3.0, "unresolved when |numerical - analytical| <= this x truncation spread (+ rounding): "
+                               "a kink the fourth difference cannot see moves the extrapolant up to 2 spreads")
+    clean_kink: float = _f(3.0, "a refined stencil is kink-free below this many rounding estimates (1.5|z| exceeds "
+                                "3 for ~4% of smooth entries)")
+    # refinement
+    refine: int = _f(4, "entries that do not agree are re-evaluated at steps this many times smaller", minimum=1)
+    refine_rounds: int = _f(3, "... up to this many times (and once more to reproduce a disagreement seen there)")
+    curvature_rounds: int = _f(5, "... plus up to this many while the fourth difference falls like curvature",
+                               POLES, strict=False)
+    curvature_fall: float = _f(64.0, "curvature's fourth difference (relative to the rounding) falls refine**3 "
+                                     "a round, a kink's refine-fold: a fall by this factor or more is curvature",
+                               POLES)
+    second_look: float = _f(0.25, "an agreeing entry whose discrepancy exceeds this share of its tolerance, with an "
+                                  "estimate mostly truncation spread, is looked at again at a smaller step")
+    # entries whose noise no reliable median measured
+    structure: float = _f(0.1, "such an entry shows structure where its kink exceeds this share of its estimate",
+                          POLES)
+    informative: float = _f(0.01, "... and then agrees only within an allowance below this share of its "
+                                  "analytical value", POLES)
+    # domain edges
+    domain_rounds: int = _f(16, "a non-finite stencil is retried at refine-fold smaller steps up to this many "
+                                "times (4^16 ~ 4e9: float32's automatic 2^-5 down to ~1e-11)", DOMAIN)
+    min_step_ulps: int = _f(16, "a refined step is never below this many ulps of its input (below 1 the nodes "
+                                "would not move)", DOMAIN)
+    # noise measurement
+    reliable_median: int = _f(8, "a median of fewer fourth differences can sit far below the noise: fewer draws "
+                                 "fall back on the model eps * (|f| + terms)")
+    noise_floor_divisor: float = _f(4.0, "a measured noise is never taken below eps * (|f| + terms) / this (the "
+                                         "rounding of the loss itself)")
+    low_quantile: float = _f(0.1, "sigma clipping starts at this quantile of the draws (tolerates 90% outliers)")
+    low_abs_normal: float = _f(0.1257, "|N(0,1)|'s low_quantile quantile, scaling that start to a median")
+    clip: float = _f(6.0, "sigma clipping keeps draws within this many medians (~4 standard deviations)")
+    clip_iterations: int = _f(3, "rounds of sigma clipping")
+    cluster_min: int = _f(5, "a clipped cluster needs this many draws to measure the noise")
+    separation: float = _f(16.0, "the clipped median (or the probe's) replaces the median when that is this many "
+                                 "times larger: a kinked majority (62% of a float32 ReLU net's W1 stencils)")
+    # the noise probe (scalar losses)
+    noise_probe: int = _f(256, "the probe's steps are this many times smaller than the first round's", minimum=1)
+    noise_probe_columns: int = _f(32, "... on this many columns (a seeded choice)")
+    probe_zeros: float = _f(0.1, "an output whose probe fourth differences are exactly 0 for more than this share "
+                                 "is not measured by the probe (a rounding pattern, not noise)", strict=False)
+    probe_grid_tolerance: float = _f(1e-3, "probe columns whose nodes are off the stencil's grid by more than this "
+                                           "share of a step are left out")
+    # report
+    rel_floor: float = _f(1e-3, "relative errors are taken over entries at least this share of the tensor's "
+                                "largest (most Jacobian entries are zero)", JACOBIAN)
+
+
+DEFAULT_POLICY = Policy()
+
+
+def _check_value(name: str, value, kind: type, meta: Mapping) -> None:
+    """Raise a TypeError/ValueError naming the field, what was expected and what came."""
+    ok_type = (isinstance(value, int) if kind is int else isinstance(value, (int, float))) and not isinstance(
+        value, bool)
+    expected = "an int" if kind is int else "a float"
+    if not ok_type:
+        raise TypeError(f"policy field {name!r} must be {expected}, got {describe(value)}")
+    bound = meta["minimum"]
+    if not math.isfinite(value) or (value <= bound if meta["strict"] else value < bound):
+        relation = ">" if meta["strict"] else ">="
+        raise ValueError(f"policy field {name!r} must be finite and {relation} {bound:g}, got {value!r}")
+
+
+_TYPES = {"int": int, "float": float}
+
+
+def resolve_policy(policy) -> Policy:
+    """``check``'s ``policy`` argument as a :class:`Policy`: None -> :data:`DEFAULT_POLICY`; a Policy (validated);
+    or a mapping of field overrides applied to the default.
+
+    Raises:
+        TypeError: ``policy`` is neither, a field name is not a string, or a value has the wrong type.
+        ValueError: an unknown field (the message lists the valid ones), or a value out of range.
+    """
+    if policy is None:
+        return DEFAULT_POLICY
+    fields = {f.name: f for f in dataclasses.fields(Policy)}
+    if isinstance(policy, Policy):
+        overrides = {name: getattr(policy, name) for name in fields}
+    elif isinstance(policy, Mapping):
+        overrides = dict(policy)
+    else:
+        raise TypeError(f"policy must be a gradfd.verdict.policy.Policy, a mapping of field overrides or None, "
+                        f"got {describe(policy)}")
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"policy has no field {name!r}; valid fields: {', '.join(fields)}")
+        f = fields[name]
+        _check_value(name, value, _TYPES[f.type] if isinstance(f.type, str) else f.type, f.metadata)
+    return policy if isinstance(policy, Policy) else dataclasses.replace(DEFAULT_POLICY, **overrides)
+
+
+def policy_table(policy: Policy = DEFAULT_POLICY) -> str:
+    """A markdown table of the policy's fields: field, value, rule, calibrated by (docs/verdicts.md's generated
+    section)."""
+    rows = ["| field | value | rule | calibrated by |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Policy):
+        rows.append(f"| `{f.name}` | {getattr(policy, f.name)!r} | {f.metadata['why']} | "
+                    f"`{f.metadata['calibrated_by']}` |")
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds and random weights of the pipeline (none of them a threshold).
+
+    Rule: every seeded draw uses its own ``torch.Generator`` seeded from the caller's ``seed``, the input's index
+    ``k`` and ``stride``, a prime, so that the draws of different inputs and purposes never share a seed for fewer
+    than ``stride`` inputs; random weights lie in ``[weight_low, weight_low + weight_span)``, within 30% of 1, so
+    that weighted sums never cancel and every step stays within 1.3 of the automatic one.
+    """
+
+    stride: int = 7919
+    probe: int = 7  # the noise probe's column choice
+    weight_low: float = 0.7
+    weight_span: float = 0.6
+
+    def directions(self, seed: int, k: int) -> int:
+        """The seed of input ``k``'s directions (directional mode)."""
+        return seed + self.stride * k
+
+    def reentrancy(self, seed: int) -> int:
+        """The seed of the reentrancy check's output gradients."""
+        return seed + self.stride
+
+    def colored_inputs(self, k: int, whole: int) -> int:
+        """The seed of the colored pass's input weights (pattern ``whole``)."""
+        return self.stride * (k + 1) + whole
+
+    def colored_outputs(self, k: int) -> int:
+        """The seed of the colored pass's cotangent weights."""
+        return self.stride * (k + 2)
+
+    def weights(self, n: int, seed: int) -> torch.Tensor:
+        """``(n,)`` float64 (CPU) random weights in ``[weight_low, weight_low + weight_span)``."""
+        gen = torch.Generator().manual_seed(seed)
+        return self.weight_low + self.weight_span * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+SEEDS = Seeds()
