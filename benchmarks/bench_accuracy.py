@@ -14,7 +14,7 @@ import argparse
 
 from sections import caption, record
 
-from gradfd import bench
+from gradfd.demo import bench
 
 COMMAND = "uv run python benchmarks/bench_accuracy.py"
 

@@ -15,7 +15,7 @@ import torch
 from sections import caption, record
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 
 MAPS = {
     "sigmoid(sigmoid(x))": lambda t: torch.sigmoid(torch.sigmoid(t)),

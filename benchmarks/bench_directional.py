@@ -3,7 +3,7 @@ twins, in float64 and float32 (``mode="directional"`` with its defaults), beside
 ``torch.autograd.gradcheck(fast_mode=True)``.
 
 The loss is ``sum(sin(x)**2)``; the planted error multiplies autograd's gradient at one entry (the one with the
-largest gradient) by 1 + err (``gradfd.bench.plant``). Seeds: the held-out range (``gradfd.bench.HELD_OUT_SEEDS``).
+largest gradient) by 1 + err (``gradfd.demo.bench.plant``). Seeds: the held-out range (``gradfd.demo.bench.HELD_OUT_SEEDS``).
 
     uv run python benchmarks/bench_directional.py            # records results/directional.json, renders it
     uv run python benchmarks/bench_directional.py --draws 2 --no-record
@@ -17,7 +17,7 @@ import torch
 from sections import caption, record
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 
 SIZES = (10**4, 10**5)
 ERRORS = (1e-2, 1e-3)

@@ -1,7 +1,7 @@
 """Checks near the edge of a function's domain: log, sqrt and x log x of small positive entries, and a Normal
 distribution's scale (torch.distributions validates scale > 0 and raises at scale - 2h). At the automatic steps
 (2^-5 in float32) the stencils of such entries reach outside the domain; gradfd retries them at smaller steps
-(gradfd.check.refine). For each case and dtype: how many entries get a verdict, their error against the exact
+(gradfd.verdict.refine). For each case and dtype: how many entries get a verdict, their error against the exact
 derivative (float64 autograd at the same point), the tolerance they were judged with, and whether a 1e-3 relative
 error planted on a small entry is flagged there.
 
@@ -18,7 +18,7 @@ import torch
 from sections import caption, record
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 
 DATA = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from sections import caption, record
 
-from gradfd import bench
+from gradfd.demo import bench
 
 
 def render(data: dict) -> str:

@@ -43,7 +43,7 @@ CASES = {
 
 # the command-line case's target: problems.mlp(d=8, k=8, c=8) has 64 + 8 + 64 + 8 = 144 entries
 CLI_TARGET = textwrap.dedent('''
-    from gradfd import problems
+    from gradfd.demo import problems
 
     def mlp():
         return problems.mlp(d=8, k=8, c=8, n=64)
@@ -153,7 +153,8 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
-    from gradfd import bench, ops
+    from gradfd import ops
+    from gradfd.demo import bench
 
     ops.kernels_available()  # build (or load) the extension once, before any child is timed
     if not ops.kernels_available():

@@ -10,7 +10,8 @@ import sys
 
 from sections import caption, record
 
-from gradfd import bench, ops
+from gradfd import ops
+from gradfd.demo import bench
 
 
 BAR_N, BAR_RATIO = 10**4, 20.0  # issue 4: full mode >= 20x faster than gradcheck's slow mode at 1e4 inputs

@@ -3,7 +3,7 @@ basic block with BatchNorm and a GRU, in float32 and float64, in directional, sa
 naive loop (two timed evaluations of the loss per entry) and `torch.autograd.gradcheck` (slow mode, float64, where it fits
 the time cap).
 
-Each model is built from a held-out seed (``gradfd.bench.HELD_OUT_SEEDS``), never one used to tune a rule. A full
+Each model is built from a held-out seed (``gradfd.demo.bench.HELD_OUT_SEEDS``), never one used to tune a rule. A full
 check whose estimated time (its rate in sample mode, times the entries) exceeds ``--cap`` seconds is not run, and
 the table says so with the estimate.
 
@@ -21,7 +21,7 @@ import torch
 from sections import caption, record
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 
 SEED = bench.HELD_OUT_SEEDS[0]
 MODES = ("directional", "sample", "full")

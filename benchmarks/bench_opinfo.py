@@ -54,7 +54,7 @@ import mpmath
 import torch
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 from sections import caption, record
 
 HERE = Path(__file__).resolve().parent

@@ -3,7 +3,7 @@ At the automatic steps (2^-5 of max(1, |x|) in float32, 2^-8 in float64 for the 
 entries closer than about two steps straddle the pole, with finite values on both sides. A parameter of one entry,
 or an output moved by one input (an elementwise op), measures its rounding from its own fourth difference, so that
 alone cannot tell the pole from rounding: gradfd measures such an entry's kinks against the rounding the model
-eps * (|f| + terms) gives, and refines it until its stencils settle (gradfd.check.refine).
+eps * (|f| + terms) gives, and refines it until its stencils settle (gradfd.verdict.refine).
 
 For each case, band of distances and dtype, over draws of d log-uniform in the band: checks of a single-entry loss
 ``func(x).sum()`` and of the elementwise ``func(x)`` of 8 entries that fail (correct gradients), entries with a
@@ -22,7 +22,7 @@ import torch
 from sections import caption, record
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 
 
 # name, func, the point at distance d from the pole, its exact derivative (float64, at the point as rounded)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from sections import caption, record
 
-from gradfd import bench, engine, structured
+from gradfd import engine, structured
+from gradfd.demo import bench
 from gradfd.engine import numerical_gradient
 
 HERE = Path(__file__).resolve().parent

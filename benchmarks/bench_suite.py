@@ -13,7 +13,7 @@ import math
 
 from sections import RESULTS, update
 
-from gradfd import bench
+from gradfd.demo import bench
 
 COMMAND = "uv run gradfd bench --out benchmarks/results/cpu"
 

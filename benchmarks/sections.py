@@ -50,6 +50,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "first-call": ("bench_first_call", "first-call.json"),
     "directional": ("bench_directional", "directional.json"),
     "models": ("bench_models", "models.json"),
+    "policy": ("policy_table", "policy.json"),
 }
 
 MARKERS = re.compile(r"<!-- ([a-z0-9-]+):begin -->\n(.*?)\n?<!-- \1:end -->", re.S)
@@ -88,7 +89,7 @@ def render(name: str) -> str:
 
 def caption(data: dict) -> str:
     """The first line of every section: the machine and date of the run, and the command that reproduces it."""
-    from gradfd.bench import describe_machine
+    from gradfd.demo.bench import describe_machine
 
     return f"Machine: {describe_machine(data['machine'])}. Command: `{data['command']}`."
 
@@ -108,7 +109,7 @@ def record(name: str, data: dict, *, write: bool = True) -> str:
     """Render section ``name`` from ``data``; with ``write``, save ``data`` as its record and put the text in every
     document that holds the section's markers. Returns the text (scripts print it).
 
-    ``data`` should carry ``machine`` (``gradfd.bench.machine_info()``) and ``command``; NaN and inf are stored
+    ``data`` should carry ``machine`` (``gradfd.demo.bench.machine_info()``) and ``command``; NaN and inf are stored
     as null, so the renderer sees exactly what a later re-render will see.
     """
     data = json.loads(json.dumps(_clean(data)))

@@ -342,7 +342,7 @@ def check(
     return report
 
 
-# The pre-pipeline signatures, for tests/test_check.py's synthetic evaluators (the default policy).
+# judge and refine as tests/test_check.py's synthetic evaluators call them: the default policy, tuples returned.
 _Entries = Entries
 
 

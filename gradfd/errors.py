@@ -83,7 +83,8 @@ class NodeErrors:
     ``ValueError``, ``RuntimeError``, ``ArithmeticError``, ``AssertionError``; never out of memory or
     ``NotImplementedError``) and ``func`` still runs at the unperturbed point right after (a sticky CUDA error, or a
     ``func`` that fails from some call on, raises there too and propagates). Anything else propagates: a timeout
-    raised into ``func`` by a signal handler is no domain edge.
+    raised into ``func`` by a signal handler is no domain edge
+    (tests/test_engine.py::test_a_node_error_is_a_domain_edge_only_while_func_runs_at_the_unperturbed_point).
 
     Attributes:
         count: nodes that raised. first: the first exception recorded.

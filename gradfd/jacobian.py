@@ -32,8 +32,8 @@ def grad(outs: list[torch.Tensor], inputs: list[torch.Tensor], cots: list[torch.
 
     Rule: one-element outputs whose cotangents are all exactly 1 (a loss) are differentiated without
     ``grad_outputs``: the same values, and torch then does not import sympy (``torch.autograd._make_grads`` imports
-    ``torch.fx.experimental.symbolic_shapes`` for any ``grad_outputs``: ~1.5 s of a process's first check;
-    ``tests/test_first_call.py``)."""
+    ``torch.fx.experimental.symbolic_shapes`` for any ``grad_outputs``: ~1.5 s of a process's first check,
+    which ``benchmarks/bench_first_call.py`` times)."""
     if all(o.numel() == 1 and c.numel() == 1 and bool(c.reshape(()) == 1) for o, c in zip(outs, cots)):
         return torch.autograd.grad(outs, inputs, retain_graph=True, allow_unused=True)
     return torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True)

@@ -101,7 +101,8 @@ def build_directory(name: str, with_cuda: bool, kwargs: dict) -> Path:
     """Where the JIT build of the extension lives: ``<root>/gradfd/<name>-<key>``, ``root`` as torch's
     (``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and ``key`` from :func:`build_key`. torch's own
     ``<root>/py311_cu132/<name>`` is shared by every environment with the same Python and CUDA versions, so two
-    virtual environments (or two checkouts) would rebuild each other's extension at every switch (~30 s each)."""
+    virtual environments (or two checkouts) would rebuild each other's extension at every switch (~30 s each)
+    (tests/test_first_call.py::test_jit_builds_are_keyed_to_the_environment_and_reused)."""
     return _extensions_root() / "gradfd" / f"{name}-{build_key(name, with_cuda, kwargs)}"
 
 

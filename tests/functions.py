@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gradfd import problems
+from gradfd.demo import problems
 
 
 def _lin(device, dtype):

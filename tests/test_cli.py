@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from gradfd import bench, cli
+from gradfd import cli
+from gradfd.demo import bench
 
 TARGETS = textwrap.dedent('''
     import torch

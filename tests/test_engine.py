@@ -440,3 +440,36 @@ def test_the_allocation_meter_is_repeatable():
     problem = engine.prepare(func, (x,), 0)
     sizes = {problem.activation_bytes() for _ in range(5)}
     assert sizes == {20 * 8000 + 8}
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "attention"])
+def test_an_op_without_a_batching_rule_batches_through_its_batchable_form(kind):
+    """An RNN (aten::gru has no batching rule) or fused attention no longer sends the whole function to the loop:
+    vmap runs it through PyTorch's own decomposition (or math formulation), and the values agree with the loop's."""
+    import warnings
+
+    torch.manual_seed(0)
+    if kind == "attention":
+        m = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval().double()
+        x = torch.randn(2, 5, 16, dtype=torch.float64)
+    else:
+        m = getattr(torch.nn, kind)(3, 4, batch_first=True).double()
+        x = torch.randn(2, 5, 3, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    values = [p.detach() for _, p in m.named_parameters()]
+
+    def func(w):
+        out = torch.func.functional_call(m, {**dict(zip(names, values)), names[0]: w}, (x,))
+        return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradfd.FallbackWarning)  # no fall to the loop
+        ev = engine.evaluate(func, (values[0],), 0, batching="vmap")
+    assert ev.batching == "vmap+forms" and any("batchable forms" in n for n in ev.notes), ev.notes
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+    batched = gradfd.numerical_gradient(func, (values[0],), 0, batching="vmap")
+    loop = gradfd.numerical_gradient(func, (values[0],), 0, batching="loop")
+    # the same function in another formulation: equal up to the loss's float64 rounding over the step (h = 1e-5)
+    bound = 16 * torch.finfo(torch.float64).eps * abs(float(func(values[0]))) / 1e-5
+    assert float((batched - loop).abs().max()) <= bound

@@ -1,6 +1,7 @@
 """Every section between generated markers is exactly its script's rendering of its committed JSON record
 (benchmarks/sections.py), and no bar verdict is typed by hand outside them."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -65,3 +66,11 @@ def test_no_bar_verdict_is_typed_by_hand(path):
     """"met", "NOT met" and "bar met" are computed by the renderers; outside generated sections they may not appear."""
     typed = [line for line in _outside_sections(path.read_text()).splitlines() if re.search(r"\bmet\b", line)]
     assert typed == [], f"{path.name}: a bar verdict typed by hand; compute it in the section's renderer"
+
+
+def test_the_policy_table_is_the_policy():
+    """docs/verdicts.md's policy table is recorded from gradfd.verdict.policy.Policy; a change of a default, a rule
+    or a field, without rerunning benchmarks/policy_table.py, fails here."""
+    import policy_table
+
+    assert sections.load("policy")["fields"] == json.loads(json.dumps(policy_table.fields()))

@@ -12,7 +12,8 @@ from helpers import assert_unchanged, snapshot
 from torch.autograd.gradcheck import GradcheckError as TorchGradcheckError
 
 import gradfd
-from gradfd import bench, custom_op, engine, jacobian, ops
+from gradfd import custom_op, engine, jacobian, ops
+from gradfd.demo import bench
 
 needs_kernels = pytest.mark.skipif(not ops.kernels_available(), reason=f"no kernels: {ops.unavailable_reason()}")
 

@@ -14,7 +14,7 @@ import torch
 from helpers import assert_unchanged, bitwise_equal, snapshot
 
 import gradfd
-from gradfd import bench
+from gradfd.demo import bench
 from gradfd.verdict.policy import DEFAULT_POLICY, Policy, policy_table, resolve_policy
 
 ROOT = Path(__file__).resolve().parent.parent

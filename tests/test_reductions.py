@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from helpers import ALL_DEVICES, assert_unchanged, snapshot
 
 import gradfd
-from gradfd import bench, engine, reductions
+from gradfd import engine, reductions
+from gradfd.demo import bench
 
 LOW = [torch.float32, torch.float16, torch.bfloat16]
 

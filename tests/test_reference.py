@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gradfd import problems, reference
+from gradfd import reference
+from gradfd.demo import problems
 
 
 def test_reference_matches_exact_derivative_of_a_polynomial(seed):

@@ -234,8 +234,10 @@ def numerical_gradient(
         memory_budget: bytes (int) or a size string like ``"512MB"`` for one chunk's working memory; default:
             half the free GPU memory, or a quarter of available RAM capped at 2 GiB.
         stencil: ``"central"`` (default, as the reference), ``"four_point"`` or ``"richardson"``.
-        batching: ``"auto"`` (vmap, then stacking), ``"vmap"``, ``"stack"`` (``func`` accepts the parameter with
-            a leading batch dimension and returns one loss per row; verified on the first chunk) or ``"loop"``.
+        batching: ``"auto"`` (vmap; then vmap with the ops it cannot batch -- RNNs, fused attention -- in
+            batchable forms, :mod:`gradfd.engine.forms`; then stacking), ``"vmap"`` (the first two), ``"stack"``
+            (``func`` accepts the parameter with a leading batch dimension and returns one loss per row; verified on
+            the first chunk) or ``"loop"``.
 
     Returns:
         A tensor of the parameter's shape, dtype and device.

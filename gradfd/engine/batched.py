@@ -8,6 +8,7 @@ What to do when a call fails (the next strategy, the loop) is the drivers' busin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -15,6 +16,7 @@ import torch
 
 from .. import stencils
 from ..errors import first_line
+from .forms import batchable_forms
 from .modes import SharedOperandMatmul
 from .problem import Problem
 
@@ -22,9 +24,11 @@ __all__ = ["strategies", "call_batched", "verify_stacked"]
 
 
 def strategies(batching: str) -> list[str]:
-    """The batched strategies to try, in order, for ``batching``: ``"auto"`` tries vmap, then stacking; ``"loop"``
-    none. KeyError for anything else (the entry points validate ``batching``)."""
-    return {"auto": ["vmap", "stack"], "vmap": ["vmap"], "stack": ["stack"], "loop": []}[batching]
+    """The batched strategies to try, in order, for ``batching``: ``"auto"`` tries vmap, then vmap with the ops
+    that have no batching rule in their batchable forms (:mod:`.forms`), then stacking; ``"vmap"`` the first two;
+    ``"loop"`` none. KeyError for anything else (the entry points validate ``batching``)."""
+    return {"auto": ["vmap", "vmap+forms", "stack"], "vmap": ["vmap", "vmap+forms"], "stack": ["stack"],
+            "loop": []}[batching]
 
 
 def call_batched(problem: Problem, rows: torch.Tensor, strategy: str, *, in_dim: int = 0,
@@ -35,8 +39,9 @@ def call_batched(problem: Problem, rows: torch.Tensor, strategy: str, *, in_dim:
         problem: the prepared problem (its base point evaluated).
         rows: the points, in the parameter's dtype, batched along ``in_dim``: ``(P, N)`` (or, for ``vmap``, any
             layout whose slices along ``in_dim`` view as the parameter's shape). ``"stack"`` takes ``in_dim=0`` only.
-        strategy: ``"vmap"`` (``torch.func.vmap`` with the same random draws for every row) or ``"stack"`` (``func``
-            given the parameter with a leading batch dimension).
+        strategy: ``"vmap"`` (``torch.func.vmap`` with the same random draws for every row), ``"vmap+forms"``
+            (the same, with :func:`~.forms.batchable_forms`; the forms that ran are added to
+            ``problem.forms_used``) or ``"stack"`` (``func`` given the parameter with a leading batch dimension).
         mode: the :class:`SharedOperandMatmul` to run ``vmap`` under (a fresh one by default); its ``copied`` counts
             what the folds copied.
         verify: for ``"stack"``, compare three rows with single calls (:func:`verify_stacked`).
@@ -54,13 +59,16 @@ def call_batched(problem: Problem, rows: torch.Tensor, strategy: str, *, in_dim:
     mode = mode if mode is not None else SharedOperandMatmul()
     problem.rng.reset()
     with torch.no_grad():
-        if strategy == "vmap":
+        if strategy in ("vmap", "vmap+forms"):
             def single(row: torch.Tensor) -> torch.Tensor:
                 return problem.func(*problem.with_param(row.view(problem.shape)))
 
-            with mode, warnings.catch_warnings(record=True) as caught:
+            forms = batchable_forms() if strategy == "vmap+forms" else contextlib.nullcontext()
+            with forms as used, mode, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 out = torch.func.vmap(single, in_dims=in_dim, randomness="same")(rows)
+            if used is not None:
+                problem.forms_used |= used.used
             slow = [w for w in caught if "batching rule" in str(w.message)]
             if slow:  # vmap ran a per-sample loop internally (an op without a batching rule): not batched
                 raise RuntimeError(f"vmap has no batching rule for an op of func ({first_line(slow[0].message)})")

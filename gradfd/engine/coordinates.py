@@ -36,6 +36,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+FORMS_NOTE = "vmap ran with batchable forms of the ops it cannot batch"
+
+
 class PerturbedRows:
     """Perturbed copies of the parameter for one strategy, and the batched call on them.
 
@@ -92,7 +95,7 @@ class CoordinateBatches:
 
     Args:
         problem, result: the prepared problem and the evaluation being filled.
-        batching: ``"auto"`` (vmap, then stack), ``"vmap"`` or ``"stack"``.
+        batching: ``"auto"`` (vmap, vmap with batchable forms, then stack), ``"vmap"`` or ``"stack"``.
         chunk_size: coordinates per call as given, or None: from ``budget`` (bytes; None: the default budget).
         loop_rate: seconds per coordinate of the loop when "auto" probes (then a warm-up chunk and timed chunks
             decide between batched and loop), else None.
@@ -234,6 +237,10 @@ class CoordinateBatches:
         result.displacement[:, pos:pos + size] = done.displacement
         result.store(pos, pos + size, values.view(len(self.offsets), size, *values.shape[1:]).to(torch.float64))
         result.engine, result.batching, result.chunk_size = "batched", self.batch.strategy, self.chunk
+        if self.batch.strategy == "vmap+forms" and not any(n.startswith(FORMS_NOTE) for n in result.notes):
+            seen = "".join(f", {f}" for f in sorted(self.problem.forms_used))
+            result.notes.append(f"{FORMS_NOTE} (RNN decompositions, attention's math formulation, no fused attention "
+                                f"fast path{seen}); plain vmap: {'; '.join(self.reasons)}")
         return pos + size
 
     def _probe(self, t0: float, size: int, more: bool) -> str | None:
@@ -261,7 +268,7 @@ class CoordinateBatches:
         copies less per column."""
         batch = self.batch
         copied = batch.mode.copied - done.copies_before
-        if self.trial_inner is None and copied and batch.split_inner and batch.strategy == "vmap":
+        if self.trial_inner is None and copied and batch.split_inner and batch.strategy in ("vmap", "vmap+forms"):
             self.trial_inner, self.plain_copies = batch.split_inner, copied / done.size
             batch.set_layout(batch.split_inner)
         elif self.plain_copies is not None and self.trial_inner == batch.inner:

@@ -3,7 +3,7 @@ a set of coordinates, their realised displacements, and how they were computed),
 rounded to the parameter's dtype) and :func:`resolve_steps` (the nominal step of each coordinate).
 
 How the nodes are evaluated lives in :mod:`.batched`, :mod:`.loop` and the drivers; what the differences mean
-(estimates, tolerances, verdicts) lives in :mod:`gradfd.stencils`, :mod:`gradfd.accuracy` and the check.
+(estimates, tolerances, verdicts) lives in :mod:`gradfd.stencils`, :mod:`gradfd.verdict`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Evaluation:
         base_loss: ``func`` at the unperturbed point (float64 0-d tensor), less ``loss_offset``.
         engine: ``"batched"``, ``"loop"`` or ``"structured"`` (what actually ran; a mix reports ``"batched"`` with a
             note).
-        batching: ``"vmap"``, ``"stack"`` or None.
+        batching: ``"vmap"``, ``"vmap+forms"`` (:mod:`.forms`), ``"stack"`` or None.
         chunk_size: coordinates per batched call (after any out-of-memory halving), or None.
         notes: human-readable decisions (probe timings, fallbacks).
         sink: optional ``callable(start, stop, values, displacement)`` receiving each chunk's values.

@@ -20,9 +20,9 @@ class AllocationMeter(LightDispatchMode):
     """Sums the bytes of every new storage created while active (``total``).
 
     Rule: an op's output storage is new unless it is one of that op's inputs' storages (a view, an in-place op) or
-    another output's. Only live tensors are compared, so the count does not depend on whether the allocator reuses
-    a freed address (it did, and default chunk sizes varied from run to run:
-    tests/test_engine.py::test_the_allocation_meter_is_repeatable).
+    another output's. Only live tensors are compared, so the count, and the default chunk sizes it sets, do not
+    depend on whether the allocator reuses a freed address
+    (tests/test_engine.py::test_the_allocation_meter_is_repeatable).
     """
 
     def __init__(self) -> None:

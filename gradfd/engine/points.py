@@ -31,7 +31,7 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
 
     Returns:
         ``(values, strategy)``: ``(P,)`` float64 losses, or ``(P, size)`` for a tensor-valued ``func``, and the
-        strategy used (``"vmap"``, ``"stack"`` or ``"loop"``).
+        strategy used (``"vmap"``, ``"vmap+forms"``, ``"stack"`` or ``"loop"``).
 
     Raises:
         Whatever ``func`` raises that is no failure to run batched, or any exception once batching has worked

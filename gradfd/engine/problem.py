@@ -165,6 +165,7 @@ class Problem:
         self.skip_outputs = tuple(skip_outputs)
         self.spec: OutputSpec | None = None
         self.node_errors = node_errors  # record (NaN values) rather than raise what func raises at perturbed nodes
+        self.forms_used: set[str] = set()  # batchable forms that ran ("vmap+forms": engine/forms.py)
 
     @property
     def func(self) -> Callable:

@@ -32,7 +32,8 @@ class _GraphRecorder(LightDispatchMode):
     real mode: a placeholder per input, a ``get_attr`` per tensor the function closes over (or creates from Python
     data), a ``call_function`` node per ``OpOverload`` (``operator.getitem`` nodes for ops returning several tensors)
     and one output node. Unlike ``make_fx`` it never imports ``torch._inductor``, ``torch._dynamo`` or sympy (about
-    3.5 s on a first call; tests/test_first_call.py).
+    3.5 s on a first call;
+    tests/test_first_call.py::test_a_structured_first_call_imports_neither_dynamo_nor_inductor_nor_sympy).
 
     Tensors are matched to nodes by identity, through weak references: the recorder keeps no intermediate alive (a
     trace's peak memory is the function's own), and an identity reused after a tensor died never matches the dead

@@ -120,7 +120,8 @@ def _colored_first_round(plan: Plan, first: FirstRound, colored: int):
     if sparse is None or why is not None:
         return None, None, why
     # every analytical entry is known now: each block's scale is the whole block's, not its first judged block's
-    # (the floor, and so the verdicts, do not depend on budget.JUDGED_PAIRS)
+    # (the floor, and so the verdicts, do not depend on budget.JUDGED_PAIRS:
+    # tests/test_jacobian.py::test_a_colored_check_judged_in_blocks_judges_as_one)
     for j in range(len(plan.scales)):
         if plan.scales[j] is None:
             plan.scales[j] = largest(sparse.vals[plan.group[sparse.outs] == j])

@@ -165,8 +165,9 @@ class FirstRound:
         ``noise_probe`` times smaller on ``noise_probe_columns`` columns, where kinks inside the stencils are rare.
         Rule: a kinked majority (most first-round stencils straddle a switch) carries a chunk's measured noise far
         above the rounding; where that is ``separation`` times the probe's, the probe's is used
-        (tests/test_check.py::test_a_float32_relu_network_passes_though_most_stencils_straddle_a_switch). None without fourth differences, and for tensor-valued functions (an output is moved
-        by few probe columns, and their fourth differences cost a pass over every output)."""
+        (tests/test_check.py::test_a_float32_relu_network_passes_though_most_stencils_straddle_a_switch). None
+        without fourth differences, and for tensor-valued functions (an output is moved by few probe columns, and
+        their fourth differences cost a pass over every output)."""
         plan, r = self.plan, self.plan.request
         policy = r.policy
         if not (r.analytical.scalar and has_fourth_difference(r.stencil.offsets)):

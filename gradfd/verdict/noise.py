@@ -108,6 +108,7 @@ def _pair_noise(first: FirstRound, e: Entries, gain: torch.Tensor, few: torch.Te
         # tests: the probe's noise replaces one `separation` times larger -- a measured one, or the model of a
         # chunk of a few draws only where another chunk of the output measured kinks (a smooth function's probe
         # can undercut that model many times)
+        # (tests/test_check.py::test_a_float32_relu_network_passes_though_most_stencils_straddle_a_switch)
         probed, draws = first.probe.noise, first.probe.draws
         kinked = ((~few | first.kinked[outs]) & (draws[outs] >= policy.reliable_median)
                   & (noise_e > policy.separation * probed[outs]))

@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import problems, reference
-from .engine import numerical_gradient
+from .. import reference
+from ..engine import numerical_gradient
+from . import problems
 
 __all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "TUNED_SEEDS", "HELD_OUT_SEEDS"]
 
@@ -251,8 +252,8 @@ def _exact_gradient(func, params, k) -> torch.Tensor:
 def accuracy_table(seeds: int = 3) -> list[dict]:
     """Median relative error of the numerical gradient (per entry, and relative to the tensor's largest entry) and
     the fraction of entries whose true error is within the estimate, per dtype and stencil, on ``smooth_suite``."""
-    from . import accuracy as acc
-    from . import engine as eng
+    from ..verdict import estimates as acc
+    from .. import engine as eng
 
     out = []
     for dtype in (torch.float64, torch.float32):
@@ -286,9 +287,9 @@ def accuracy_floor(dtype: torch.dtype = torch.float32, stencils_: Sequence[str] 
     per stencil whose ``oracle_entry`` is the median over entries of each entry's smallest error over the scales --
     an optimistic lower bound for any step rule with that stencil.
     """
-    from . import accuracy as acc
-    from . import engine as eng
-    from . import stencils as st
+    from ..verdict import estimates as acc
+    from .. import engine as eng
+    from .. import stencils as st
 
     out = []
     for stencil in stencils_:
@@ -354,7 +355,7 @@ def plant(func, k: int, scale: torch.Tensor):
 def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) -> bool:
     """Whether ``check`` flags a 1e-3 relative error planted on the largest-gradient entry of ``params[k]`` (of its
     first ``among`` entries, when given), and only there."""
-    from .check import check
+    from ..check import check
 
     p = params[k]
     i = int(_exact_gradient(func, params, k)[:among].abs().argmax())
@@ -397,7 +398,7 @@ def verdict_table(seeds: Sequence[int] | int = TUNED_SEEDS) -> list[dict]:
     256 samples, 64-32-10) and detection of the planted error on the first layer of the smaller one.
 
     ``seeds``: the draws (an int n means seeds 0..n-1). Returns one row per dtype."""
-    from .check import check
+    from ..check import check
 
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     rows = []
@@ -434,7 +435,7 @@ def verdict_table(seeds: Sequence[int] | int = TUNED_SEEDS) -> list[dict]:
 def check_vs_gradcheck(repeats_seed: int = 0) -> list[dict]:
     """Time of ``gradfd.check`` against ``torch.autograd.gradcheck`` (slow and fast mode) on the same functions, and
     whether each passes the correct gradient and flags a planted 1e-3 error on one entry, in float64 and float32."""
-    from .check import check
+    from ..check import check
 
     cases = {"mlp (tanh), W1 6x5": ("mlp (tanh)", 0), "sin, 16 entries": ("sin", 0),
              "lesson quadratic, w2": ("lesson quadratic", 1)}
@@ -491,7 +492,7 @@ def jacobian_suite(sizes=(1000, 10000, 100000), full_cap: int = 100000, slow_cap
     """``gradfd.check`` (full and directional) against ``torch.autograd.gradcheck`` (slow and fast) on an
     elementwise and a row-wise op, float64, CPU. Full-mode methods run up to ``full_cap``/``slow_cap`` inputs
     (gradcheck's slow mode holds the dense Jacobian: 80 GB at 1e5)."""
-    from .check import check
+    from ..check import check
 
     rows = []
     for name, op in (("elementwise gelu(x)*x", elementwise_op), ("row-wise softmax (rows of 100)", rowwise_op)):
@@ -519,8 +520,8 @@ def jacobian_suite(sizes=(1000, 10000, 100000), full_cap: int = 100000, slow_cap
 
 def custom_op_comparison() -> list[dict]:
     """gradfd.check and torch.autograd.gradcheck on the float32-only fused bias+GELU op and its planted bug."""
-    from . import custom_op
-    from .check import check
+    from .. import custom_op
+    from ..check import check
 
     g = torch.Generator().manual_seed(0)
     x, b = torch.randn(32, 16, generator=g), torch.randn(16, generator=g)
@@ -577,8 +578,11 @@ def _suite_problems(device: str, quick: bool) -> list[tuple[str, int, Callable]]
             b = torch.zeros(d, dtype=torch.float64, device=device).requires_grad_()
             return (lambda W, b: torch.nn.functional.mse_loss(torch.nn.functional.linear(X, W, b), Y)), (W, b), 0
         out.append(("Linear layer weight, batch 64, MSE", d * d, build))
+    for c in ((8,) if quick else (8, 16)):  # one real model: a conv weight of a ResNet basic block
+        out.append(("ResNet basic block conv weight, BN eval, 4xCx8x8, MSE", c * c * 9,
+                    lambda c=c: (*problems.resnet_block(c=c, device=device), 0)))
     if device == "cpu" or torch.cuda.is_available():
-        from . import custom_op
+        from .. import custom_op
 
         for rows in ((8,) if quick else (8, 64)):
             def build_op(rows=rows):
@@ -612,7 +616,7 @@ def standard_suite(devices=("cpu",), quick: bool = False, progress: Callable | N
     Returns ``(rows, notes)``; the rows' ``error`` is ``max |numerical - autograd| / max |autograd|`` (NaN for
     gradcheck, whose ``extra["passed"]`` holds its verdict).
     """
-    from .engine import ENGINES
+    from ..engine import ENGINES
 
     rows: list[Row] = []
     notes: list[str] = []
@@ -703,7 +707,7 @@ def suite_table(rows: list[Row]) -> str:
 
 def suite_plot(rows: list[Row], path) -> None:
     """Log-log time against N: one panel per problem, one line per (method, device)."""
-    from .report import _pyplot
+    from ..report import _pyplot
 
     plt = _pyplot()
     problems_ = list(dict.fromkeys(r.problem for r in rows))

@@ -90,3 +90,28 @@ def mlp(d: int = 16, k: int = 16, c: int = 4, n: int = 64, activation: str = "ta
         return ((act(X @ W1 + b1) @ W2 + b2 - Y) ** 2).mean()
 
     return loss, tuple(t.to(device, dtype).requires_grad_() for t in (W1, b1, W2, b2))
+
+
+def resnet_block(c: int = 8, n: int = 4, s: int = 8, dtype: torch.dtype = torch.float64,
+                 device: str | torch.device = "cpu", seed: int = 0) -> Problem:
+    """A ResNet basic block ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))`` (3x3 convolutions, padding 1, BatchNorm
+    in eval mode with running statistics of a trained network) under a mean-square loss; ``x`` is ``(n, c, s, s)``.
+
+    Params: ``(W1, W2)``, the two convolution weights, each ``(c, c, 3, 3)``.
+    """
+    g = _generator(seed)
+    x = torch.randn(n, c, s, s, generator=g, dtype=torch.float64)
+    W1, W2 = (torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64) / math.sqrt(9 * c) for _ in range(2))
+    stats = [(0.2 * torch.randn(c, generator=g, dtype=torch.float64), 0.5 + torch.rand(c, generator=g, dtype=torch.float64),
+              1 + 0.1 * torch.randn(c, generator=g, dtype=torch.float64), 0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+             for _ in range(2)]
+    x = x.to(device, dtype)
+    (m1, v1, g1, b1), (m2, v2, g2, b2) = [tuple(t.to(device, dtype) for t in st) for st in stats]
+    F = torch.nn.functional
+
+    def loss(W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.batch_norm(F.conv2d(x, W1, padding=1), m1, v1, g1, b1, training=False))
+        out = torch.relu(x + F.batch_norm(F.conv2d(h, W2, padding=1), m2, v2, g2, b2, training=False))
+        return (out ** 2).mean()
+
+    return loss, tuple(t.to(device, dtype).requires_grad_() for t in (W1, W2))

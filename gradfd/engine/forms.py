@@ -1,0 +1,67 @@
+"""Batchable forms of the ops that ``torch.func.vmap`` cannot batch, so that one such op does not send a whole
+function to the per-coordinate loop.
+
+Rule: a form is the same mathematical function built from ops that batch -- PyTorch's own decomposition of the op,
+or its own reference formulation -- never a derivative and never an approximation. Its rounding differs from the
+fused kernel's in the last bits, and every perturbed point of a check goes through the same form, so differences
+are taken between values computed alike. The forms apply only to the ``"vmap+forms"`` strategy, tried after plain
+vmap failed (tests/test_engine.py::test_an_op_without_a_batching_rule_batches_through_its_batchable_form):
+
+- ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu`` (``torch.nn.GRU``/``LSTM``/``RNN``): PyTorch's aten decompositions
+  (``torch._decomp``), per-time-step matrix products and pointwise ops;
+- ``scaled_dot_product_attention``: its math formulation (``SDPBackend.MATH``); the fused kernels (flash, the CPU
+  flash kernel) have no batching rule;
+- ``torch.nn.MultiheadAttention``/``TransformerEncoderLayer``'s fused fast path (``torch._native_multi_head_attention``,
+  ``torch._transformer_encoder_layer_fwd``): switched off (``torch.backends.mha``) for the call, so the modules take
+  their composite path through the two above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["BatchableForms", "batchable_forms"]
+
+_RNN_OPS = ("gru", "lstm", "rnn_tanh", "rnn_relu")
+_RNN_INPUT_ARGS = 9  # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+class BatchableForms(TorchFunctionMode):
+    """Reroutes the ops of the module docstring to their batchable forms; ``used`` names the forms that ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _RNN_OPS and len(args) == _RNN_INPUT_ARGS and not kwargs and isinstance(args[0], torch.Tensor):
+            from torch._decomp import decomposition_table
+
+            self.used.add(f"{name} (its aten decomposition)")
+            return decomposition_table[getattr(torch.ops.aten, name).input](*args)
+        if func is torch.nn.functional.scaled_dot_product_attention:  # (runs under SDPBackend.MATH: below)
+            self.used.add("scaled_dot_product_attention (its math formulation)")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def batchable_forms() -> Iterator[BatchableForms]:
+    """Within this context, the ops of the module docstring run in their batchable forms: RNN ops rerouted by
+    :class:`BatchableForms` (which sees the calls made at the top level of ``func``), attention in its math
+    formulation wherever it is called (``sdpa_kernel``), the fused attention fast path off. The caller's
+    ``torch.backends.mha`` setting and SDPA backends are restored on exit, whatever happens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]), BatchableForms() as mode:
+            yield mode
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
