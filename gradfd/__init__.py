@@ -13,7 +13,7 @@ from . import reference, stencils, testing
 from .check import check
 from .dropin import GradcheckError, gradcheck
 from .engine import numerical_gradient
-from .errors import FallbackWarning, GradfdWarning, NonFiniteLossError
+from .errors import CostWarning, FallbackWarning, GradfdWarning, NonFiniteLossError
 from .module import check_module
 from .report import CheckReport, GradientCheckError, TensorReport
 from .sweep import SweepResult, step_sweep
@@ -36,6 +36,7 @@ __all__ = [
     "stencils",
     "GradfdWarning",
     "FallbackWarning",
+    "CostWarning",
     "NonFiniteLossError",
     "__version__",
 ]

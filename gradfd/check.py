@@ -17,6 +17,7 @@ import torch
 from . import engine as _engine
 from . import stencils
 from . import jacobian as _jacobian
+from .progress import Progress
 from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError
 from .validation import check_checkable, check_choice, check_params, check_positive_int, check_step, describe
 from .verdict import judge as _judge
@@ -100,24 +101,6 @@ def analytical_gradients(func: Callable, params: Sequence[torch.Tensor], wrt: Se
         else:
             grads = [None] * len(inputs)
     return [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(inputs, grads)]
-
-
-def _progress(progress, total: int):
-    """``(tick(n), close())`` for ``check``'s ``progress`` argument."""
-    if progress is True:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="coord", desc="gradfd.check", leave=False)
-        return bar.update, bar.close
-    if callable(progress):
-        done = [0]
-
-        def tick(n: int) -> None:
-            done[0] += n
-            progress(done[0], total)
-
-        return tick, lambda: None
-    return (lambda n: None), (lambda: None)
 
 
 def _cotangents(analytical: _jacobian.Analytical, seed: int) -> list[torch.Tensor | None]:
@@ -207,7 +190,7 @@ def check(
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     nondet_tol: float | None = None,
-    progress: bool | Callable[[int, int], None] = False,
+    progress: bool | None | Callable[[int, int], None] = None,
     policy: Policy | dict | None = None,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry.
@@ -240,7 +223,10 @@ def check(
             backward kernels); ``0.0`` asks for identical results, as ``torch.autograd.gradcheck``'s default
             does. Each record's ``details["backward_spread"]`` holds the measured difference. Costs two backward
             passes in all.
-        progress: True for a progress bar with the time left (tqdm, on stderr), or a ``callable(done, total)``
+        progress: None (default): once the check's measured rate says it will take more than 10 s, a progress bar
+            with the time left appears (tqdm, on stderr, when it is a terminal), and above 10 min a
+            :class:`gradfd.CostWarning` gives the estimate and those of mode="sample" and "directional"
+            (:mod:`gradfd.progress`). True: a bar from the start; False: neither; or a ``callable(done, total)``
             counting checked coordinates (directions in directional mode).
         policy: the verdict thresholds: None (default: :data:`gradfd.verdict.policy.DEFAULT_POLICY`), a
             :class:`gradfd.verdict.policy.Policy`, or a mapping of field overrides (``{"tolerance_safety": 3.0}``).
@@ -292,7 +278,11 @@ def check(
     records = []
     total = sum(directions if mode == "directional" else min(samples, params[k].numel()) if mode == "sample"
                 else params[k].numel() for k in wrt_idx)
-    tick, close_bar = _progress(progress, total)
+    cheaper = {"sample": sum(min(samples, params[k].numel()) for k in wrt_idx),
+               "directional": directions * len(wrt_idx)}
+    cheaper = {m: u for m, u in cheaper.items() if MODES.index(m) > MODES.index(mode)}
+    bar = Progress(progress, total, mode, cheaper)
+    tick, close_bar = bar.tick, bar.close
     try:
         with no_tf32(), _engine.warnings_once():
             analytical = _jacobian.Analytical(func, params, wrt_idx, budget // 2)

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["GradfdWarning", "FallbackWarning", "NonFiniteLossError", "NodeErrors", "DOMAIN_ERRORS",
+__all__ = ["GradfdWarning", "FallbackWarning", "CostWarning", "NonFiniteLossError", "NodeErrors", "DOMAIN_ERRORS",
            "CANNOT_RUN_THAT_WAY", "OOM_ERRORS", "warnings_once", "warn_fallback", "note", "noting", "first_line"]
 
 OOM_ERRORS = tuple(
@@ -26,6 +26,12 @@ class GradfdWarning(UserWarning):
 
 class FallbackWarning(GradfdWarning):
     """gradfd fell back to a slower but correct path (and says why)."""
+
+
+class CostWarning(GradfdWarning):
+    """A check is estimated, from its measured rate, to take long (``gradfd.progress.COST_WARNING_SECONDS``); the
+    message gives the estimate and that of the cheaper modes. Under ``pytest -W error`` it is raised like any
+    warning and stops the check."""
 
 
 _warned: contextvars.ContextVar[set | None] = contextvars.ContextVar("gradfd_warned", default=None)

@@ -731,3 +731,45 @@ def test_bad_input_gets_a_clear_error(name, override, exc, message):
     with pytest.raises(exc, match=message):
         gradfd.check(args.pop("func"), args.pop("params"), **args)
     assert_unchanged([X], snap)
+
+
+def test_a_long_check_warns_with_its_estimate(monkeypatch):
+    """A check estimated (from its own measured rate) above COST_WARNING_SECONDS warns, naming the cheaper modes and
+    their estimates; under -W error the warning stops the check and the caller's tensors are unchanged."""
+    from gradfd import progress
+
+    monkeypatch.setattr(progress, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "COST_WARNING_SECONDS", 0.0)
+    x = torch.randn(300, dtype=torch.float64)
+    with pytest.warns(gradfd.CostWarning, match=r"full check of 300 coordinates is estimated to take .*"
+                                                  r"mode='sample' about .*mode='directional' about"):
+        gradfd.check(lambda x: x.sin().sum(), _leaf(x))
+    before = x.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradfd.CostWarning)
+        with pytest.raises(gradfd.CostWarning):
+            gradfd.check(lambda x: x.sin().sum(), (x.requires_grad_(),))
+    assert torch.equal(x.detach(), before)
+    with warnings.catch_warnings():  # a short check does not warn at the real thresholds
+        monkeypatch.undo()
+        warnings.simplefilter("error", gradfd.CostWarning)
+        gradfd.check(lambda x: x.sin().sum(), _leaf(x))
+
+
+def test_the_automatic_progress_bar_opens_only_for_a_long_check_on_a_terminal(monkeypatch):
+    from gradfd import progress
+
+    now = [0.0]
+    opened = []
+    monkeypatch.setattr(progress.Progress, "_open_bar", lambda self: opened.append(self.done))
+    monkeypatch.setattr(progress.sys, "stderr", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
+    p = progress.Progress(None, total=1000, mode="full", cheaper={}, clock=lambda: now[0])
+    now[0] = 0.5
+    p.tick(10)  # before MEASURE_SECONDS: no estimate yet
+    now[0] = 2.0
+    p.tick(90)  # 100 done in 2 s: 18 s left > BAR_SECONDS
+    assert opened == [100]
+    quick = progress.Progress(None, total=1000, mode="full", cheaper={}, clock=lambda: now[0])
+    now[0] += 1.0
+    quick.tick(900)  # 100 left at 900 per second
+    assert opened == [100]
