@@ -176,6 +176,23 @@ def _cell(r: dict | None) -> str:
     return f"{r['seconds']:.2f} s ({verdict}{counts})"
 
 
+BAR_SECONDS = 60.0  # issue 19's bar: a TransformerEncoderLayer checked in full, every parameter, float32
+
+
+def _bar(data: dict) -> str:
+    """Issue 19's bar, computed from the record."""
+    row = next((r for r in data["rows"] if r["model"] == "transformer" and r["dtype"] == "float32"), None)
+    head = (f"Issue 19's bar, a TransformerEncoderLayer checked in full (every parameter, float32) in under "
+            f"{BAR_SECONDS:.0f} s:")
+    if row is None or "full" not in row:
+        return f"{head} not measured in this run."
+    full = row["full"]
+    if "skipped" in full:
+        return f"{head} NOT met ({full['skipped']}; not run)."
+    verdict = "met" if full["seconds"] < BAR_SECONDS and full["passed"] else "NOT met"
+    return f"{head} {verdict} ({full['seconds']:.0f} s, {'pass' if full['passed'] else 'FAIL'})."
+
+
 def render(data: dict) -> str:
     lines = [caption(data), "",
              f"`gradfd.check_module` with default settings on models built from held-out seed {data['seed']}; "
@@ -192,6 +209,7 @@ def render(data: dict) -> str:
         lines.append(f"| {MODELS[r['model']][0]} | {r['dtype']} | {r['params']:,} | {_cell(r.get('directional'))} | "
                      f"{_cell(r.get('sample'))} | {_cell(full)} | {engines} | {r['naive_seconds']:.0f} s | "
                      f"{_cell(r.get('gradcheck'))} |")
+    lines += ["", _bar(data)]
     warned = sorted({w for r in data["rows"] for m in MODES for w in r.get(m, {}).get("warnings", [])})
     if warned:
         lines += ["", "Warnings raised during these checks:", ""] + [f"- {w}" for w in warned]
