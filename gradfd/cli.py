@@ -118,9 +118,53 @@ def run_check(args, stream=None) -> int:
         print(json.dumps(report.to_dict(), indent=2), file=stream)
     else:
         print(report, file=stream)
+    if args.plot:
+        write_plots(report, args.plot, stream if args.format == "table" else sys.stderr)
     # exit 0 only for a check that compared something in every tensor (report.verified): a CI script must not pass
     # a tensor of which nothing could be compared (tests/test_cli.py::test_nothing_compared_exits_1)
     return 0 if report.verified else 1
+
+
+PLOTS_PER_RECORD = 5
+
+
+def _index_label(index, tensor_valued: bool) -> str:
+    """``2_3`` for entry (2, 3); ``out1-in2_3`` for (output (1,), input (2, 3)); ``scalar`` for ()."""
+    join = lambda idx: "_".join(map(str, idx)) or "scalar"  # noqa: E731
+    return f"out{join(index[0])}-in{join(index[1])}" if tensor_valued else join(index)
+
+
+def write_plots(report, out_dir: str, stream) -> list[str]:
+    """``gradfd check --plot DIR``: ``report.plot_entry`` for the worst entries of each record (disagreeing first,
+    worst first, then unresolved; at most ``PLOTS_PER_RECORD``), written to ``DIR/<record>-<index>.png``; prints and
+    returns the paths."""
+    import re
+    from pathlib import Path
+
+    from .report import _pyplot
+
+    try:
+        plt = _pyplot()
+    except ImportError as exc:
+        print(f"no plots: {exc}", file=stream)
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t in report.tensors:
+        if t.mode == "directional" or t.plot_context is None:
+            if t.disagree or t.unresolved:
+                why = ("directional mode has no per-entry coordinate" if t.mode == "directional" else
+                       "the report carries no function to evaluate")
+                print(f"no plots for {t.name}: {why}", file=stream)
+            continue
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", t.name).strip("_")
+        for index in t.flagged(PLOTS_PER_RECORD):
+            path = out / f"{stem}-{_index_label(index, t.output_shape is not None)}.png"
+            plt.close(report.plot_entry(t.name, index, str(path)))
+            written.append(str(path))
+            print(f"wrote {path}", file=stream)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--engine", default="auto", choices=["auto", "batched", "loop", "structured"])
     p_check.add_argument("--format", default="table", choices=["table", "json"])
     p_check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p_check.add_argument("--plot", default=None, metavar="DIR",
+                         help="write report.plot_entry PNGs of the worst entries of each tensor (disagreeing, then "
+                              f"unresolved; at most {PLOTS_PER_RECORD} per tensor) into DIR")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

@@ -42,6 +42,7 @@ class _Target:
     names: tuple[str, ...]
     tensor: torch.Tensor
     kind: str  # "parameter", "input" or "kwarg"
+    slot: int | str | None = None  # the input's position, or the kwarg's key
 
     @property
     def label(self) -> str:
@@ -86,9 +87,9 @@ def _select(params: list[_Target], wrt) -> tuple[list[_Target], list[str]]:
 
 
 def _floating_inputs(args: tuple, kwargs: dict) -> list[_Target]:
-    found = [_Target((f"inputs[{i}]",), a, "input") for i, a in enumerate(args)
+    found = [_Target((f"inputs[{i}]",), a, "input", i) for i, a in enumerate(args)
              if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    found += [_Target((f"kwargs[{k!r}]",), v, "kwarg") for k, v in kwargs.items()
+    found += [_Target((f"kwargs[{k!r}]",), v, "kwarg", k) for k, v in kwargs.items()
               if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return found
 
@@ -116,7 +117,8 @@ def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     skip = set()
     for prefix, sub in module.named_modules():
         if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
-            skip.update(f"{prefix}.{b}" if prefix else b for b in ("running_mean", "running_var", "num_batches_tracked"))
+            stats = ("running_mean", "running_var", "num_batches_tracked")
+            skip.update(f"{prefix}.{b}" if prefix else b for b in stats)
     return {name: None if name in skip else b.detach().clone()
             for name, b in module.named_buffers(remove_duplicate=False)}
 
@@ -194,16 +196,14 @@ def check_module(
     if not chosen:
         raise ValueError("nothing to check: the module has no parameter with requires_grad (and check_inputs is "
                          "False); pass wrt= names, set requires_grad, or check_inputs=True")
-    devices = {t.tensor.device for t in params} | {a.device for a in tree_flatten((args, kwargs))[0]
-                                                    if isinstance(a, torch.Tensor)}
+    devices = ({t.tensor.device for t in params} | {b.device for b in module.buffers()}
+               | {a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)})
     if len(devices) > 1:
         raise ValueError(f"inputs must be on the module's device: got tensors on {sorted(map(str, devices))}; "
                          "move them with .to(device)")
 
     fixed = {n: t.tensor.detach() for t in params for n in t.names}  # parameters not checked stay as they are
     buffers = _buffers(module)
-    input_pos = {id(a): i for i, a in enumerate(args)}
-    kwarg_key = {id(v): k for k, v in kwargs.items()}
     notes = []
     if frozen:
         notes.append(f"not checked (requires_grad=False): {', '.join(frozen)}")
@@ -215,9 +215,9 @@ def check_module(
             if t.kind == "parameter":
                 state.update((n, x) for n in t.names)
             elif t.kind == "input":
-                call_args[input_pos[id(t.tensor)]] = x
+                call_args[t.slot] = x  # by position: one tensor passed twice is two inputs
             else:
-                call_kwargs[kwarg_key[id(t.tensor)]] = x
+                call_kwargs[t.slot] = x
         state.update(buffers)
         return torch.func.functional_call(module, state, tuple(call_args), call_kwargs, tie_weights=False,
                                           strict=False)

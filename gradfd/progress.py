@@ -1,10 +1,11 @@
 """What a check will cost, said while it runs: a progress bar for long checks, and a warning for very long ones.
 
-Rule: the estimate is the check's own measured rate -- coordinates (or directions) done per second since the first
-one finished -- times what is left, taken once at least ``MEASURE_SECONDS`` have passed; nothing is guessed from
-sizes. With ``progress=None`` (the default) a check estimated above ``BAR_SECONDS`` shows a tqdm bar with the time
-left, when stderr is a terminal; one above ``COST_WARNING_SECONDS`` issues a :class:`gradfd.CostWarning` giving the
-estimate and those of the cheaper modes (tests/test_check.py::test_a_long_check_warns_with_its_estimate).
+Rule: the estimate is the check's own measured rate -- coordinates (or directions) done per second since the
+first chunk finished (setup and autograd excluded) -- times what is left, taken once at least ``MEASURE_SECONDS``
+have passed; nothing is guessed from sizes. With ``progress=None`` (the default) a check estimated above
+``BAR_SECONDS`` shows a tqdm bar with the time left, when stderr is a terminal; one above ``COST_WARNING_SECONDS``
+issues a :class:`gradfd.CostWarning` giving the estimate and those of the cheaper modes
+(tests/test_check.py::test_a_long_check_warns_with_its_estimate).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Progress:
                  cheaper: dict[str, int], clock: Callable[[], float] = time.perf_counter):
         self.progress, self.total, self.mode, self.cheaper, self.clock = progress, total, mode, cheaper, clock
         self.done = 0
-        self.start = clock()
+        self.start: float | None = None  # when the first units finished (setup and autograd are not the rate)
+        self.start_done = 0
         self.estimated = progress is not None  # automatic mode estimates once
         self.bar = None
         if progress is True:
@@ -61,10 +63,13 @@ class Progress:
         elif callable(self.progress):
             self.progress(self.done, self.total)
         if not self.estimated:
+            if self.start is None:
+                self.start, self.start_done = self.clock(), self.done
+                return
             elapsed = self.clock() - self.start
-            if elapsed >= MEASURE_SECONDS and self.done:
+            if elapsed >= MEASURE_SECONDS and self.done > self.start_done:
                 self.estimated = True
-                self._estimate(elapsed / self.done)
+                self._estimate(elapsed / (self.done - self.start_done))
 
     def _estimate(self, per_unit: float) -> None:
         left = per_unit * (self.total - self.done)

@@ -68,6 +68,9 @@ class TensorReport:
             ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
         details: engine, stencil, steps, noise estimate and other notes.
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
+        plot_context: what :meth:`CheckReport.plot_entry` needs to evaluate ``func`` again
+            (:class:`gradfd.plot.EntryContext`), attached by :func:`gradfd.check` in full and sample mode; None
+            otherwise. Left out of ``repr``, comparisons and :meth:`to_dict`.
     """
 
     name: str
@@ -90,6 +93,7 @@ class TensorReport:
     details: dict[str, Any] = field(default_factory=dict)
     output_shape: tuple | None = None
     nondeterminism: str | None = None
+    plot_context: Any = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -120,6 +124,48 @@ class TensorReport:
         excess = (self.entries["numerical"] - self.entries["analytical"]).abs() / self.entries["tolerance"]
         order = bad[excess[bad].argsort(descending=True)][:limit]
         return [self._index_of(int(self.entries["index"][j])) for j in order]
+
+    def flagged(self, limit: int = 5) -> list:
+        """Indices (as :meth:`disagreeing` gives them) of up to ``limit`` flagged entries: the disagreeing ones,
+        worst first, then the unresolved ones, largest ``|numerical - analytical| / tolerance`` first."""
+        if not self.entries:
+            return []
+        if self.mode == "directional":
+            return self.disagreeing(limit)
+        e = self.entries
+        excess = ((e["numerical"] - e["analytical"]).abs() / e["tolerance"]).nan_to_num(nan=math.inf)
+        out = []
+        for verdict in (DISAGREE, UNRESOLVED):
+            rows = (e["verdict"] == verdict).nonzero().flatten()
+            rows = rows[excess[rows].argsort(descending=True, stable=True)]
+            out += [self._index_of(int(e["index"][j])) for j in rows[: limit - len(out)]]
+        return out
+
+    def _flat_of(self, index) -> int:
+        """The ``entries["index"]`` value of ``index`` (an index as :meth:`disagreeing` gives it).
+
+        Raises:
+            ValueError: naming ``index``, when it has the wrong form or lies outside the shapes.
+        """
+        def ravel(idx, shape, what: str) -> int:
+            if isinstance(idx, int) and not isinstance(idx, bool) and len(shape) == 1:
+                idx = (idx,)
+            if not isinstance(idx, (tuple, list)) or len(idx) != len(shape) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i, n in zip(idx, shape)):
+                raise ValueError(f"index: expected {what}, a tuple of {len(shape)} int(s) within shape "
+                                 f"{tuple(shape)}, got {idx!r}")
+            flat = 0
+            for i, n in zip(idx, shape):
+                flat = flat * n + i
+            return flat
+
+        if self.output_shape is None:
+            return ravel(index, self.shape, f"an entry index of {self.name}")
+        if not isinstance(index, (tuple, list)) or len(index) != 2:
+            raise ValueError(f"index: {self.name} is a tensor-valued function's record; expected (output index, "
+                             f"input index), a pair of tuples as report[name].disagreeing() gives it, got {index!r}")
+        out_flat = ravel(index[0], self.output_shape, "an output index")
+        return ravel(index[1], self.shape, "an input index") * math.prod(self.output_shape) + out_flat
 
     def _index_of(self, flat: int):
         if self.mode == "directional":
@@ -301,6 +347,67 @@ class CheckReport:
                 ax1.set_ylabel("|error| / tolerance")
             ax1.set_title(f"{worst.name}: error / tolerance (red: disagree)")
         fig.tight_layout()
+        if path:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def plot_entry(self, name: str, index, path: str | None = None):
+        """Draw ``func`` (the loss, or the compared output entry of a tensor-valued ``func``) along one checked
+        coordinate: is a flagged entry a wrong backward or a kink?
+
+        The figure shows, as changes from the unperturbed value against the entry's displacement: ``func`` on a
+        fine grid (:data:`gradfd.plot.GRID_POINTS` points over :data:`gradfd.plot.GRID_SPAN` times the first
+        round's outer node offset either side); the stencil nodes at each step tried (the first-round step and
+        ``step / refine**r`` for the policy's ``refine_rounds``, one colour per step); autograd's tangent (slope:
+        the analytical entry) and the finite-difference slope (the numerical entry) through the origin; red
+        crosses where the grid's second difference exceeds :data:`gradfd.plot.KINK_RATIO` times its median (a
+        kink). The title holds the verdict, the analytical and numerical values, the error estimate and the
+        tolerance. ``func`` runs on private copies under ``torch.no_grad``, starting each evaluation from the RNG
+        state the check saw; the caller's tensors and RNG state are untouched. A tensor-valued ``func`` whose full
+        check ran as a colored pass weighted its first-round steps by up to 1.3x; the drawn steps are the
+        automatic ones.
+
+        Args:
+            name: the record's name, as ``report[name]`` takes it (``"params[0]"``, ``"0.weight"``).
+            index: the entry, as ``report[name].disagreeing()`` gives it: a tuple for a loss, ``(output index,
+                input index)`` for a tensor-valued ``func``.
+            path: where to write a PNG, or None.
+
+        Returns:
+            The matplotlib figure.
+
+        Raises:
+            KeyError: no record named ``name`` (the message lists the names).
+            ValueError: a directional-mode record (no per-entry coordinate); a report not made by
+                :func:`gradfd.check` in this process (no function to evaluate); an ``index`` of the wrong form,
+                outside the shapes, or not among the record's checked entries.
+            ImportError: matplotlib is missing.
+        """
+        from . import plot as _plot
+
+        t = self[name]
+        if t.mode == "directional":
+            raise ValueError(f"name: {t.name} was checked in directional mode; directional mode has no per-entry "
+                             "coordinate to draw: check it with mode='full' or 'sample' to plot an entry")
+        ctx = t.plot_context
+        if ctx is None:
+            raise ValueError(f"name: {t.name} has no function to evaluate: plot_entry needs a report made by "
+                             "gradfd.check (or check_module) in this process, not one rebuilt or copied without it")
+        ctx = ctx.fresh()
+        flat = t._flat_of(tuple(index) if isinstance(index, list) else index)
+        rows = (t.entries["index"] == flat).nonzero().flatten()
+        if rows.numel() == 0:
+            raise ValueError(f"index: {index!r} is not among the checked entries of {t.name} (sample mode checks a "
+                             "subset, and a large full check keeps only the entries it refined: see "
+                             f"report[{t.name!r}].entries['index'] and .flagged())")
+        j = int(rows[0])
+        e = t.entries
+        n_out = 1 if t.output_shape is None else math.prod(t.output_shape)
+        label = f"{t.name} {_fmt_index(t._index_of(flat))}"
+        view = _plot.EntryView(label, VERDICT_NAMES[int(e["verdict"][j])], float(e["analytical"][j]),
+                               float(e["numerical"][j]), float(e["error_estimate"][j]), float(e["tolerance"][j]),
+                               flat // n_out, None if t.output_shape is None else flat % n_out)
+        fig = _plot.draw(_pyplot(), ctx, view)
         if path:
             fig.savefig(path, dpi=120)
         return fig

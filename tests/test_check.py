@@ -744,12 +744,12 @@ def test_a_long_check_warns_with_its_estimate(monkeypatch):
     with pytest.warns(gradfd.CostWarning, match=r"full check of 300 coordinates is estimated to take .*"
                                                   r"mode='sample' about .*mode='directional' about"):
         gradfd.check(lambda x: x.sin().sum(), _leaf(x))
-    before = x.clone()
+    before, rng = x.clone(), torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error", gradfd.CostWarning)
-        with pytest.raises(gradfd.CostWarning):
-            gradfd.check(lambda x: x.sin().sum(), (x.requires_grad_(),))
-    assert torch.equal(x.detach(), before)
+        with pytest.raises(gradfd.CostWarning):  # a func that draws: the RNG is restored when the warning stops it
+            gradfd.check(lambda x: (x.sin() * (1 + 0 * torch.rand(()))).sum(), (x.requires_grad_(),))
+    assert torch.equal(x.detach(), before) and torch.equal(rng, torch.get_rng_state())
     with warnings.catch_warnings():  # a short check does not warn at the real thresholds
         monkeypatch.undo()
         warnings.simplefilter("error", gradfd.CostWarning)
@@ -764,12 +764,15 @@ def test_the_automatic_progress_bar_opens_only_for_a_long_check_on_a_terminal(mo
     monkeypatch.setattr(progress.Progress, "_open_bar", lambda self: opened.append(self.done))
     monkeypatch.setattr(progress.sys, "stderr", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
     p = progress.Progress(None, total=1000, mode="full", cheaper={}, clock=lambda: now[0])
-    now[0] = 0.5
+    now[0] = 30.0  # setup and autograd took 30 s: not part of the rate
+    p.tick(10)  # the clock starts when the first chunk is done
+    now[0] = 30.5
     p.tick(10)  # before MEASURE_SECONDS: no estimate yet
-    now[0] = 2.0
-    p.tick(90)  # 100 done in 2 s: 18 s left > BAR_SECONDS
+    now[0] = 32.0
+    p.tick(80)  # 90 more in 2 s: 20 s left > BAR_SECONDS
     assert opened == [100]
     quick = progress.Progress(None, total=1000, mode="full", cheaper={}, clock=lambda: now[0])
+    quick.tick(100)
     now[0] += 1.0
-    quick.tick(900)  # 100 left at 900 per second
+    quick.tick(800)  # 100 left at 800 per second
     assert opened == [100]

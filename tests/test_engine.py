@@ -473,3 +473,16 @@ def test_an_op_without_a_batching_rule_batches_through_its_batchable_form(kind):
     # the same function in another formulation: equal up to the loss's float64 rounding over the step (h = 1e-5)
     bound = 16 * torch.finfo(torch.float64).eps * abs(float(func(values[0]))) / 1e-5
     assert float((batched - loop).abs().max()) <= bound
+
+
+def test_a_random_function_is_not_evaluated_in_batchable_forms():
+    """An LSTM with dropout in training mode: its decomposition would draw other masks than the native kernel that
+    gave the unperturbed point and autograd's gradient, so vmap+forms refuses it and the loop runs (a check there
+    passed vacuously: rel. error 27 against an estimated error of 186)."""
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(3, 4, num_layers=2, dropout=0.5).double().train()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    report = gradfd.check_module(m, x, wrt="weight_ih_l1", raise_on_failure=False)
+    t = report.tensors[0]
+    assert t.details["batching"] != "vmap+forms"
+    assert report.passed and t.max_rel_error < 1e-6, report  # compared for real: the same masks at every point

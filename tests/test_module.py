@@ -199,3 +199,17 @@ def test_inputs_on_another_device_are_refused(monkeypatch):
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="inputs must be on the module's device"):
         gradfd.check_module(m, x)
+
+
+def test_one_tensor_passed_twice_is_two_inputs():
+    class Bilinear(torch.nn.Module):
+        def forward(self, a, b):
+            return (a * b.exp()).sum()
+
+    x = torch.randn(3, dtype=torch.float64)
+    report = gradfd.check_module(Bilinear(), (x, x), check_inputs=True)
+    assert [t.name for t in report.tensors] == ["inputs[0]", "inputs[1]"]
+    assert report.verified
+    for name, want in (("inputs[0]", x.exp()), ("inputs[1]", x * x.exp())):  # d/da and d/db, not a lost input's 0
+        e = report[name].entries
+        assert torch.allclose(e["analytical"][e["index"].argsort()], want), name

@@ -86,6 +86,10 @@ def test_the_default_policy_gives_the_default_verdicts_bitwise():
     (3, TypeError, ["policy must be", "Policy", "mapping", "int"]),
     ("strict", TypeError, ["policy must be", "str"]),
     ([("floor_eps", 64)], TypeError, ["policy must be", "list"]),
+    ({"low_quantile": 5.0}, ValueError, ["'low_quantile'", "<= 1", "5.0"]),  # past its segment's draws
+    ({"probe_zeros": 3.0}, ValueError, ["'probe_zeros'", "<= 1"]),
+    ({"refine": 10**400}, ValueError, ["'refine'", "finite"]),  # not OverflowError
+    ({1: 2}, TypeError, ["field names must be strings", "int"]),
 ])
 def test_a_bad_policy_is_an_error_naming_it_and_the_callers_tensors_are_unchanged(policy, error, words):
     _, func, x, _ = _planted_case()

@@ -102,8 +102,11 @@ def resnet_block(c: int = 8, n: int = 4, s: int = 8, dtype: torch.dtype = torch.
     g = _generator(seed)
     x = torch.randn(n, c, s, s, generator=g, dtype=torch.float64)
     W1, W2 = (torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64) / math.sqrt(9 * c) for _ in range(2))
-    stats = [(0.2 * torch.randn(c, generator=g, dtype=torch.float64), 0.5 + torch.rand(c, generator=g, dtype=torch.float64),
-              1 + 0.1 * torch.randn(c, generator=g, dtype=torch.float64), 0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+    def normal() -> torch.Tensor:
+        return torch.randn(c, generator=g, dtype=torch.float64)
+
+    # (running mean, running variance, weight, bias) of each BatchNorm
+    stats = [(0.2 * normal(), 0.5 + torch.rand(c, generator=g, dtype=torch.float64), 1 + 0.1 * normal(), 0.1 * normal())
              for _ in range(2)]
     x = x.to(device, dtype)
     (m1, v1, g1, b1), (m2, v2, g2, b2) = [tuple(t.to(device, dtype) for t in st) for st in stats]

@@ -63,6 +63,9 @@ def call_batched(problem: Problem, rows: torch.Tensor, strategy: str, *, in_dim:
             def single(row: torch.Tensor) -> torch.Tensor:
                 return problem.func(*problem.with_param(row.view(problem.shape)))
 
+            if strategy == "vmap+forms" and problem.rng.consumed:
+                raise RuntimeError("func draws random numbers, which another formulation of an op would draw "
+                                   "differently (dropout masks)")
             forms = batchable_forms() if strategy == "vmap+forms" else contextlib.nullcontext()
             with forms as used, mode, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

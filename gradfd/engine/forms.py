@@ -4,8 +4,14 @@ function to the per-coordinate loop.
 Rule: a form is the same mathematical function built from ops that batch -- PyTorch's own decomposition of the op,
 or its own reference formulation -- never a derivative and never an approximation. Its rounding differs from the
 fused kernel's in the last bits, and every perturbed point of a check goes through the same form, so differences
-are taken between values computed alike. The forms apply only to the ``"vmap+forms"`` strategy, tried after plain
-vmap failed (tests/test_engine.py::test_an_op_without_a_batching_rule_batches_through_its_batchable_form):
+are taken between values computed alike; the unperturbed point keeps ``func``'s own path, so what is compared with
+it (the centre node of a fourth difference, which outputs a perturbation moved) carries the two paths' rounding
+difference (1 ulp for float32 attention on a CPU). The forms apply only to the ``"vmap+forms"`` strategy, tried
+after plain vmap failed (tests/test_engine.py::test_an_op_without_a_batching_rule_batches_through_its_batchable_form),
+and only to functions that draw no random numbers: another formulation draws dropout masks differently, so a
+function that consumed random numbers at its unperturbed point is refused (``RuntimeError``: the next strategy runs;
+tests/test_engine.py::test_a_random_function_is_not_evaluated_in_batchable_forms). The switches it sets are
+process-wide (``torch.backends.mha``, the SDPA backends): not for checks running concurrently in threads.
 
 - ``gru``, ``lstm``, ``rnn_tanh``, ``rnn_relu`` (``torch.nn.GRU``/``LSTM``/``RNN``): PyTorch's aten decompositions
   (``torch._decomp``), per-time-step matrix products and pointwise ops;
@@ -40,7 +46,9 @@ class BatchableForms(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _RNN_OPS and len(args) == _RNN_INPUT_ARGS and not kwargs and isinstance(args[0], torch.Tensor):
+        # the ``.input`` overload (args[3] is has_biases); ``.data`` (packed sequences) takes params there
+        if (name in _RNN_OPS and len(args) == _RNN_INPUT_ARGS and not kwargs and isinstance(args[0], torch.Tensor)
+                and isinstance(args[3], bool)):
             from torch._decomp import decomposition_table
 
             self.used.add(f"{name} (its aten decomposition)")

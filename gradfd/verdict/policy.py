@@ -44,11 +44,12 @@ MEDIAN_QUANTILE = 0.5  # the (lower) median is this quantile
 NOISE_FROM_FOURTH_DIFFERENCE = 1.0 / (math.sqrt(70.0) * 0.6745)
 
 
-def _f(default, why: str, calibrated_by: str = ACCURACY, *, minimum: float = 0.0, strict: bool = True):
+def _f(default, why: str, calibrated_by: str = ACCURACY, *, minimum: float = 0.0, strict: bool = True,
+       maximum: float = math.inf):
     """A policy field: its default, the rule behind its value, the benchmark that calibrated it and its range
-    (``> minimum`` when ``strict``, else ``>= minimum``)."""
+    (``> minimum`` when ``strict``, else ``>= minimum``; ``<= maximum``: a share or a quantile is at most 1)."""
     return field(default=default, metadata={"why": why, "calibrated_by": calibrated_by, "minimum": minimum,
-                                            "strict": strict})
+                                            "strict": strict, "maximum": maximum})
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class Policy:
                                  "fall back on the model eps * (|f| + terms)")
     noise_floor_divisor: float = _f(4.0, "a measured noise is never taken below eps * (|f| + terms) / this (the "
                                          "rounding of the loss itself)")
-    low_quantile: float = _f(0.1, "sigma clipping starts at this quantile of the draws (tolerates 90% outliers)")
+    low_quantile: float = _f(0.1, "sigma clipping starts at this quantile of the draws (tolerates 90% outliers)",
+                             maximum=1.0)
     low_abs_normal: float = _f(0.1257, "|N(0,1)|'s low_quantile quantile, scaling that start to a median")
     clip: float = _f(6.0, "sigma clipping keeps draws within this many medians (~4 standard deviations)")
     clip_iterations: int = _f(3, "rounds of sigma clipping")
@@ -109,9 +111,10 @@ class Policy:
     noise_probe: int = _f(256, "the probe's steps are this many times smaller than the first round's", minimum=1)
     noise_probe_columns: int = _f(32, "... on this many columns (a seeded choice)")
     probe_zeros: float = _f(0.1, "an output whose probe fourth differences are exactly 0 for more than this share "
-                                 "is not measured by the probe (a rounding pattern, not noise)", strict=False)
+                                 "is not measured by the probe (a rounding pattern, not noise)", strict=False,
+                             maximum=1.0)
     probe_grid_tolerance: float = _f(1e-3, "probe columns whose nodes are off the stencil's grid by more than this "
-                                           "share of a step are left out")
+                                           "share of a step are left out", maximum=1.0)
     # report
     rel_floor: float = _f(1e-3, "relative errors are taken over entries at least this share of the tensor's "
                                 "largest (most Jacobian entries are zero)", JACOBIAN)
@@ -127,10 +130,15 @@ def _check_value(name: str, value, kind: type, meta: Mapping) -> None:
     expected = "an int" if kind is int else "a float"
     if not ok_type:
         raise TypeError(f"policy field {name!r} must be {expected}, got {describe(value)}")
-    bound = meta["minimum"]
-    if not math.isfinite(value) or (value <= bound if meta["strict"] else value < bound):
+    bound, top = meta["minimum"], meta["maximum"]
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or (value <= bound if meta["strict"] else value < bound) or value > top:
         relation = ">" if meta["strict"] else ">="
-        raise ValueError(f"policy field {name!r} must be finite and {relation} {bound:g}, got {value!r}")
+        within = f" and <= {top:g}" if math.isfinite(top) else ""
+        raise ValueError(f"policy field {name!r} must be finite, {relation} {bound:g}{within}, got {value!r}")
 
 
 _TYPES = {"int": int, "float": float}
@@ -155,6 +163,8 @@ def resolve_policy(policy) -> Policy:
         raise TypeError(f"policy must be a gradfd.verdict.policy.Policy, a mapping of field overrides or None, "
                         f"got {describe(policy)}")
     for name, value in overrides.items():
+        if not isinstance(name, str):
+            raise TypeError(f"policy field names must be strings, got {describe(name)}")
         if name not in fields:
             raise ValueError(f"policy has no field {name!r}; valid fields: {', '.join(fields)}")
         f = fields[name]
