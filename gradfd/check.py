@@ -314,7 +314,7 @@ def check(
                     reports = check_coordinates(Request(
                         func, params, k, analytical, coords, h, sten, engine, batching, chunk_size, memory_budget,
                         atol, rtol, mode, policy, tick))
-                    _attach_plot_context(reports, func, params, k, analytical, sten, h, policy, rng.cpu)
+                    _attach_plot_context(reports, func, params, k, analytical, sten, h, policy, rng)
                 if k in nondet:
                     for r in reports:
                         r.details["backward_spread"] = nondet[k]
@@ -335,7 +335,7 @@ def check(
 
 
 def _attach_plot_context(reports, func: Callable, params: Sequence[torch.Tensor], k: int, analytical: _jacobian.Analytical,
-                         sten: stencils.Stencil, h: float | None, policy: Policy, rng_state: torch.Tensor) -> None:
+                         sten: stencils.Stencil, h: float | None, policy: Policy, rng: _engine.RngGuard) -> None:
     """Give each record of input ``k`` what :meth:`CheckReport.plot_entry` needs to evaluate ``func`` again
     (:class:`gradfd.plot.EntryContext`): one record per compared output, in ``analytical.spec.kept``'s order. It
     holds references to ``params`` and their version counters, never a copy (a model's parameters are not doubled
@@ -343,9 +343,10 @@ def _attach_plot_context(reports, func: Callable, params: Sequence[torch.Tensor]
     step_dtype = stencils.coarsest([params[k].dtype, *analytical.spec.dtypes])
     outputs = [None] if analytical.scalar else analytical.spec.kept
     for record, output in zip(reports, outputs):
-        record.plot_context = EntryContext(func, tuple(params), k, output, sten, h, step_dtype, policy.refine,
-                                           policy.refine_rounds, policy.min_step_ulps, no_tf32, rng_state,
-                                           tuple(q._version for q in params))
+        record.plot_context = EntryContext(
+            func, tuple(params), k, output, sten, h, step_dtype, policy.refine,
+            policy.refine_rounds + policy.curvature_rounds, policy.min_step_ulps, no_tf32, rng.cpu,
+            tuple(None if q.is_inference() else q._version for q in params), rng.cuda, f"params[{k}]")
 
 
 # judge and refine as tests/test_check.py's synthetic evaluators call them: the default policy, tuples returned.

@@ -161,7 +161,11 @@ def write_plots(report, out_dir: str, stream) -> list[str]:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", t.name).strip("_")
         for index in t.flagged(PLOTS_PER_RECORD):
             path = out / f"{stem}-{_index_label(index, t.output_shape is not None)}.png"
-            plt.close(report.plot_entry(t.name, index, str(path)))
+            try:
+                plt.close(report.plot_entry(t.name, index, str(path)))
+            except Exception as exc:  # one plot that cannot be drawn does not stop the others, nor the exit code
+                print(f"no plot for {t.name} {index}: {type(exc).__name__}: {exc}", file=stream)
+                continue
             written.append(str(path))
             print(f"wrote {path}", file=stream)
     return written

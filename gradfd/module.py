@@ -17,6 +17,7 @@ every call, failed ones included. Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ def _renamed(report: CheckReport, targets: list[_Target]) -> CheckReport:
 
     for t in report.tensors:
         t.name = sub(t.name)
+        if t.plot_context is not None:
+            t.plot_context = dataclasses.replace(t.plot_context, label=sub(t.plot_context.label))
         t.details = {k: sub(v) if isinstance(v, str) else v for k, v in t.details.items()}
     report.notes = [sub(n) for n in report.notes]
     return report
@@ -199,8 +202,8 @@ def check_module(
     devices = ({t.tensor.device for t in params} | {b.device for b in module.buffers()}
                | {a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)})
     if len(devices) > 1:
-        raise ValueError(f"inputs must be on the module's device: got tensors on {sorted(map(str, devices))}; "
-                         "move them with .to(device)")
+        raise ValueError(f"inputs must be on the module's device (its parameters' and buffers'): got tensors on "
+                         f"{sorted(map(str, devices))}; move them with .to(device)")
 
     fixed = {n: t.tensor.detach() for t in params for n in t.names}  # parameters not checked stay as they are
     buffers = _buffers(module)

@@ -38,13 +38,15 @@ class EntryContext:
     Attributes:
         func: the checked function.
         params: the caller's arguments themselves (references: a check keeps no copy of a model's parameters);
-            :meth:`fresh` verifies that none changed in place since the check and returns a context on clones.
+            :meth:`fresh` verifies that none changed in place since the check (by their version counters, which
+            writes through ``.data`` and ``set_`` do not bump: those go unseen) and returns a context on clones.
         k: which argument the record checks.
         output: for a tensor-valued ``func``, the number of the compared output in what ``func`` returns (the
             record's output); None for a loss.
         stencil, h: the check's stencil and step (None: automatic, :func:`gradfd.stencils.automatic_steps`).
         step_dtype: the dtype the automatic steps are sized for (the coarsest of the input and compared outputs).
-        refine, rounds, min_step_ulps: the policy's ``refine``, ``refine_rounds`` and ``min_step_ulps``.
+        refine, rounds, min_step_ulps: the policy's ``refine``, ``refine_rounds + curvature_rounds`` (the most
+            rounds an entry can take) and ``min_step_ulps``.
         guard: a context manager factory the check ran under (TF32 off).
         rng: the CPU RNG state the check's finite differences saw (each evaluation starts from it), or None.
     """
@@ -61,15 +63,19 @@ class EntryContext:
     min_step_ulps: int
     guard: Callable[[], ContextManager] = contextlib.nullcontext
     rng: torch.Tensor | None = None
-    versions: tuple[int, ...] | None = None  # the params' version counters at the check
+    versions: tuple[int | None, ...] | None = None  # the params' version counters at the check (None: inference)
+    rng_cuda: list | None = None  # the initialised CUDA devices' RNG states the check saw
+    label: str = "params"  # how the record names the checked tensor (check_module: a parameter name)
 
     def fresh(self) -> "EntryContext":
         """This context on private clones of the params, after verifying that their version counters are those
         seen at the check (ValueError naming the argument otherwise: the plot would show another function)."""
         if self.versions is not None:
-            changed = [i for i, (q, v) in enumerate(zip(self.params, self.versions)) if q._version != v]
+            changed = [i for i, (q, v) in enumerate(zip(self.params, self.versions))
+                       if v is not None and q._version != v]
             if changed:
-                raise ValueError(f"params[{changed[0]}] was modified in place since the check (an optimizer step?): "
+                which = self.label if changed[0] == self.k else f"params[{changed[0]}]"
+                raise ValueError(f"{which} was modified in place since the check (an optimizer step?): "
                                  "plot_entry would evaluate another function; check again to plot")
         clones = tuple(q.detach().clone() for q in self.params)
         return dataclasses.replace(self, params=clones, versions=None)
@@ -137,10 +143,13 @@ def along(ctx: EntryContext, input_flat: int, output_flat: int | None, displacem
     base = ctx.params[ctx.k].detach().clone(memory_format=torch.contiguous_format)
     x0 = float(base.reshape(-1)[input_flat].to(torch.float64))
     saved = torch.get_rng_state()
+    saved_cuda = torch.cuda.get_rng_state_all() if ctx.rng_cuda is not None else None
 
     def evaluate(x: torch.Tensor):
         if ctx.rng is not None:
             torch.set_rng_state(ctx.rng)
+        if ctx.rng_cuda is not None:
+            torch.cuda.set_rng_state_all(ctx.rng_cuda)
         args = list(ctx.params)
         args[ctx.k] = x
         return ctx.func(*args)
@@ -162,6 +171,8 @@ def along(ctx: EntryContext, input_flat: int, output_flat: int | None, displacem
                     fs.append(math.nan)
     finally:
         torch.set_rng_state(saved)
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state_all(saved_cuda)
     return torch.tensor(ts, dtype=torch.float64), torch.tensor(fs, dtype=torch.float64), f0, dtype
 
 

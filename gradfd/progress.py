@@ -79,8 +79,8 @@ class Progress:
         if whole > COST_WARNING_SECONDS:
             alternatives = "; ".join(f"mode={m!r} about {_seconds(per_unit * u)}" for m, u in self.cheaper.items())
             warnings.warn(f"gradfd.check: this {self.mode} check of {self.total:,} coordinates is estimated to take "
-                          f"{_seconds(whole)} (measured {per_unit * 1e3:.3g} ms per coordinate over the first "
-                          f"{self.done:,})" + (f"; {alternatives}" if alternatives else ""), CostWarning,
+                          f"{_seconds(whole)} (measured {per_unit * 1e3:.3g} ms per coordinate over "
+                          f"{self.done - self.start_done:,} of them)" + (f"; {alternatives}" if alternatives else ""), CostWarning,
                           stacklevel=4)
 
     def close(self) -> None:

@@ -232,3 +232,21 @@ def test_a_report_keeps_no_copy_and_refuses_to_plot_params_changed_since(seed):
         x.add_(1.0)
     with pytest.raises(ValueError, match=r"params\[0\] was modified in place since the check"):
         report.plot_entry("params[0]", (2,))
+
+
+def test_an_inference_tensor_argument_is_kept_without_a_version(seed):
+    with torch.inference_mode():
+        data = torch.randn(5, dtype=torch.float64)  # inference tensors have no version counter
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    report = gradfd.check(lambda x, d: (x.sin() * d).sum(), (x, data), wrt=0)
+    assert report.passed
+    report.plot_entry("params[0]", (1,))
+
+
+def test_a_module_parameter_changed_since_the_check_is_named(seed):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    report = gradfd.check_module(net, torch.randn(4, 3, dtype=torch.float64), loss=lambda out: out.pow(2).mean())
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    with pytest.raises(ValueError, match=r"0\.weight was modified in place since the check"):
+        report.plot_entry("0.weight", (0, 1))

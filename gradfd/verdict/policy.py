@@ -117,7 +117,7 @@ class Policy:
                                            "share of a step are left out", maximum=1.0)
     # report
     rel_floor: float = _f(1e-3, "relative errors are taken over entries at least this share of the tensor's "
-                                "largest (most Jacobian entries are zero)", JACOBIAN)
+                                "largest (most Jacobian entries are zero)", JACOBIAN, maximum=1.0)
 
 
 DEFAULT_POLICY = Policy()
