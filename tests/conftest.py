@@ -11,6 +11,15 @@ import random
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Under CI (CI=true) the hypothesis tests run derandomized: the same examples on every run, so that a landing is not
+# decided by whether a random draw hits the known float64 false failure of
+# tests/test_check.py::test_refinement_below_the_resolution_of_a_quantised_output (issue 20; hypothesis found it).
+# Local runs draw fresh examples, and keep exploring.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI", "").lower() == "true":
+    settings.load_profile("ci")
 
 @pytest.fixture
 def seed(request) -> int:
