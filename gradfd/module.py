@@ -225,8 +225,16 @@ def check_module(
         return torch.func.functional_call(module, state, tuple(call_args), call_kwargs, tie_weights=False,
                                           strict=False)
 
+    before = {n: b.clone() for n, b in buffers.items() if b is not None}
     with torch.no_grad():
         out = _guarded(module, lambda: call(*(t.tensor.detach() for t in chosen)))
+    # a forward that updates a buffer in place makes every evaluation see the state the previous one left: the
+    # finite differences would not be of one function (tests/test_module.py::test_a_forward_that_updates_a_buffer)
+    updated = [n for n, b in before.items() if not torch.equal(b, buffers[n])]
+    if updated:
+        raise ValueError(f"module: its forward updates the buffer(s) {updated} in place, so each evaluation would see "
+                         "the state the previous one left and no single function could be checked; put the module "
+                         "(or those layers) in eval mode, or check a forward that does not update them")
     reduce = loss
     if reduce is None:
         if isinstance(out, torch.Tensor) and out.numel() == 1 and out.is_floating_point():

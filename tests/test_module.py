@@ -213,3 +213,25 @@ def test_one_tensor_passed_twice_is_two_inputs():
     for name, want in (("inputs[0]", x.exp()), ("inputs[1]", x * x.exp())):  # d/da and d/db, not a lost input's 0
         e = report[name].entries
         assert torch.allclose(e["analytical"][e["index"].argsort()], want), name
+
+
+class _RunningScale(torch.nn.Module):
+    """Normalises by a running maximum that its forward updates in place (no BatchNorm: not handled by gradfd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("peak", torch.ones(()))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.peak.copy_(torch.maximum(self.peak, y.detach().abs().max()))
+        return y / self.peak
+
+
+def test_a_forward_that_updates_a_buffer_is_refused_and_the_module_is_intact():
+    m = _RunningScale().double()
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match=r"module: its forward updates the buffer\(s\) \['peak'\] in place"):
+        gradfd.check_module(m, 3 * torch.randn(4, 3, dtype=torch.float64), loss=lambda out: out.pow(2).sum())
+    assert _same(before, _snapshot(m))
