@@ -13,8 +13,6 @@ check still running after ``--cap`` seconds is stopped (a signal raises into it)
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import time
 import warnings
 
@@ -143,24 +141,6 @@ def run_gradcheck(name: str, dtype: torch.dtype) -> dict:
     return {"seconds": time.perf_counter() - t0, "passed": bool(ok)}
 
 
-class _Stopped(Exception):
-    """Raised into a check that ran past the cap (gradfd lets it propagate: not a batching failure)."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    def stop(signum, frame):
-        raise _Stopped()
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def measure(name: str, dtypes, cap: float) -> list[dict]:
     rows = []
     for dtype in dtypes:
@@ -170,9 +150,9 @@ def measure(name: str, dtypes, cap: float) -> list[dict]:
         row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "params": n, "naive_seconds": naive}
         for mode in MODES:
             try:
-                with _time_limit(cap):
+                with bench.time_limit(cap):
                     row[mode] = run_check(name, dtype, mode)
-            except _Stopped:
+            except bench.CheckTimeout:
                 row[mode] = {"skipped": f"stopped at the {cap:.0f} s cap"}
             print(name, row["dtype"], mode, row[mode], flush=True)
         if dtype == torch.float64:

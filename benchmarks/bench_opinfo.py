@@ -36,11 +36,9 @@ too (use ``--no-record`` while developing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -63,27 +61,7 @@ RESULTS = HERE / "results"
 PASS, FAIL, ERROR, TIMEOUT = "pass", "fail", "error", "timeout"
 
 
-class CheckTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None):
-    """Raise CheckTimeout in the main thread after ``seconds`` (SIGALRM; interrupts at the next Python bytecode)."""
-    if not seconds:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise CheckTimeout(f"exceeded {seconds:g} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+CheckTimeout, time_limit = bench.CheckTimeout, bench.time_limit
 
 
 def entry_name(op) -> str:
@@ -659,7 +637,7 @@ def render_summary(data: dict) -> str:
           f"{ticks(m['gradfd passes, gradcheck fails'] + m['gradcheck error/timeout, gradfd passes'])};",
           f"- neither passes: {ticks(neither)}.",
           "",
-          f"float32, among the samples gradcheck passes in float64, gradfd does not pass: "
+          "float32, among the samples gradcheck passes in float64, gradfd does not pass: "
           + (", ".join(f"`{e}` ({v})" for e, v in g["gradfd_not_passing"]) or "none") + ".", ""]
     L += evidence_lines(data, s)
     return "\n".join(L)

@@ -6,11 +6,13 @@ Every method's gradient is compared with autograd before it is timed; the tables
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import time
 import warnings
@@ -724,3 +726,28 @@ def suite_plot(rows: list[Row], path) -> None:
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+class CheckTimeout(Exception):
+    """Raised into a benchmark's check that ran past its time limit (:func:`time_limit`); gradfd lets it propagate,
+    never taking it for a failure to run batched."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`CheckTimeout` in the main thread after ``seconds`` (SIGALRM; interrupts at the next Python
+    bytecode); None or 0: no limit."""
+    if not seconds:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise CheckTimeout(f"exceeded {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
