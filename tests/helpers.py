@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
@@ -43,3 +45,46 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return bool(torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+# Targets of `gradfd check FILE:FUNCTION` for the CLI tests (test_cli.py, test_plot.py): write them to a file.
+CLI_TARGETS = textwrap.dedent('''
+    import torch
+    import gradfd
+
+    def good():
+        x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+        return (lambda x: torch.sin(x).sum()), (x,)
+
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            return -g  # wrong: should be g * cos(x)
+
+    def bad():
+        x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        return (lambda x: Wrong.apply(x).sum()), (x,)
+
+    def ready_report():
+        x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        return gradfd.check(lambda x: (x ** 2).sum(), (x,))
+
+    def not_a_problem():
+        return 42
+
+    def module_only():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()), torch.randn(2, 3)
+
+    def module_and_loss():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2), (torch.randn(5, 3),), lambda out: out.pow(2).mean()
+
+    def nothing_compared():
+        x = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # sqrt at 0: every stencil leaves the domain
+        return (lambda x: torch.sqrt(x).sum()), (x,)
+''')

@@ -5,54 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 from gradfd import cli
 from gradfd.demo import bench
+from helpers import CLI_TARGETS as TARGETS
 
-TARGETS = textwrap.dedent('''
-    import torch
-    import gradfd
-
-    def good():
-        x = torch.randn(20, dtype=torch.float64, requires_grad=True)
-        return (lambda x: torch.sin(x).sum()), (x,)
-
-    class Wrong(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.sin()
-
-        @staticmethod
-        def backward(ctx, g):
-            return -g  # wrong: should be g * cos(x)
-
-    def bad():
-        x = torch.randn(6, dtype=torch.float64, requires_grad=True)
-        return (lambda x: Wrong.apply(x).sum()), (x,)
-
-    def ready_report():
-        x = torch.randn(4, dtype=torch.float64, requires_grad=True)
-        return gradfd.check(lambda x: (x ** 2).sum(), (x,))
-
-    def not_a_problem():
-        return 42
-
-    def module_only():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()), torch.randn(2, 3)
-
-    def module_and_loss():
-        torch.manual_seed(0)
-        return torch.nn.Linear(3, 2), (torch.randn(5, 3),), lambda out: out.pow(2).mean()
-
-    def nothing_compared():
-        x = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # sqrt at 0: every stencil leaves the domain
-        return (lambda x: torch.sqrt(x).sum()), (x,)
-''')
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ names too), bad input, the caller's tensors untouched, and ``gradfd check --plot
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import gradfd
 from gradfd import cli, stencils
 from gradfd.plot import GRID_POINTS
+from helpers import CLI_TARGETS
 
 pytest.importorskip("matplotlib")
 
@@ -184,31 +184,11 @@ def test_the_callers_tensors_and_rng_are_untouched(seed):
     assert list(first) == list(second)
 
 
-TARGETS = textwrap.dedent('''
-    import torch
-
-    class Wrong(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.sin()
-
-        @staticmethod
-        def backward(ctx, g):
-            return -g  # wrong: should be g * cos(x)
-
-    def bad():
-        x = torch.randn(8, dtype=torch.float64, requires_grad=True)
-        return (lambda x: Wrong.apply(x).sum()), (x,)
-
-    def good():
-        x = torch.randn(8, dtype=torch.float64, requires_grad=True)
-        return (lambda x: x.sin().sum()), (x,)
-''')
 
 
 def test_cli_plot_writes_pngs_of_the_worst_entries(tmp_path, capsys, seed):
     target = tmp_path / "targets.py"
-    target.write_text(TARGETS)
+    target.write_text(CLI_TARGETS)
     out = tmp_path / "plots"
     code = cli.main(["check", f"{target}:bad", "--no-progress", "--plot", str(out)])
     printed = capsys.readouterr().out
