@@ -287,6 +287,41 @@ def test_callers_tensors_are_bitwise_unchanged_after_success(seed, name):
 
 # ---- the extension being unavailable -----------------------------------------------------------------------------
 
+def test_auto_engine_sizes_a_cache_capped_chunk_by_timing(seed, monkeypatch):
+    """A chunk the cache heuristic capped doubles while each doubling runs >= 10% faster per coordinate, and the
+    fastest size measured is kept: here per-call overheads make 64 coordinates fastest, 128 fall off a cliff."""
+    from gradfd.engine import coordinates
+
+    monkeypatch.setattr(coordinates, "GENERIC_CPU_WORKING_SET", 1)  # the heuristic's chunk: GENERIC_CPU_MIN_CHUNK
+    now = [0.0]
+    sizes = []
+    X = torch.randn(8, 1000, dtype=torch.float64)
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    def func(w: torch.Tensor) -> torch.Tensor:
+        rows = w.shape[0] if w.dim() == 3 else 1
+        sizes.append(rows)
+        now[0] += 1e-3 if rows == 1 else (1e-2 + 1e-4 * rows if rows <= 128 else 1.0)
+        return (X @ w).pow(2).mean(dim=(-2, -1))
+
+    monkeypatch.setattr(engine, "time", Clock)
+    w = torch.randn(1000, 1, dtype=torch.float64)
+    ev = engine.evaluate(func, (w,), 0, steps=1e-5, stencil="central", batching="stack")
+    sized = [n for n in ev.notes if n.startswith("chunk sized by timing")]
+    assert ev.engine == "batched" and len(sized) == 1 and sized[0].endswith(": 64 kept"), ev.notes
+    # central stencil: two rows per coordinate; 128 coordinates tried once, then chunks of 64 to the end
+    assert ev.chunk_size == 64 and sizes.count(2 * 128) == 1 and max(sizes) == 2 * 128
+    after = sizes[sizes.index(2 * 128) + 1:]
+    assert len(after) >= 10 and all(n == 2 * 64 for n in after[:-1]), after
+    want = reference.numerical_gradient(lambda w: (X @ w).pow(2).mean(), (w,), 0, h=1e-5)
+    got, _ = ev.estimate()
+    assert _rel(got.view_as(want), want) < 1e-8
+
+
 def test_without_kernels_batched_says_why_and_auto_uses_the_loop(monkeypatch, seed):
     monkeypatch.setitem(ops._state, "loaded", True)
     monkeypatch.setitem(ops._state, "module", None)
@@ -486,3 +521,29 @@ def test_a_random_function_is_not_evaluated_in_batchable_forms():
     t = report.tensors[0]
     assert t.details["batching"] != "vmap+forms"
     assert report.passed and t.max_rel_error < 1e-6, report  # compared for real: the same masks at every point
+
+
+def test_a_linear_over_a_non_contiguous_input_batches_without_copying_the_weight_per_row():
+    """MultiheadAttention projects a ``(L, N, E)`` view of a batch-first input. Under vmap over its weight, the
+    unfolded product materialised the weight once per sequence position (K x L x E x 3E values); folded to 2-D it
+    allocates about K weights and K outputs. The folded form gives the same values as the original linear."""
+    from gradfd.engine.forms import batchable_forms
+    from gradfd.engine.modes import AllocationMeter
+
+    torch.manual_seed(0)
+    L, N, E, K = 16, 4, 32, 8
+    x = torch.randn(N, L, E).transpose(0, 1)  # (L, N, E), not contiguous
+    w, b = torch.randn(3 * E, E), torch.randn(3 * E)
+    ws = w.expand(K, *w.shape).clone()
+    with AllocationMeter() as unfolded:
+        plain = torch.func.vmap(lambda v: torch.nn.functional.linear(x, v, b))(ws)
+    with batchable_forms() as mode:
+        assert torch.equal(torch.nn.functional.linear(x.contiguous(), w, b), torch.nn.functional.linear(
+            x.contiguous().reshape(-1, E), w, b).view(L, N, 3 * E))  # at::linear folds a contiguous input alike
+        with AllocationMeter() as meter:
+            folded = torch.func.vmap(lambda v: torch.nn.functional.linear(x, v, b))(ws)
+    assert "linear (its input folded to 2-D)" in mode.used
+    torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-5)
+    assert unfolded.total >= K * L * E * 3 * E * 4  # the weight copied per position (the fault)
+    assert meter.total < unfolded.total / 4, (meter.total, unfolded.total)
+    assert torch.nn.functional.linear is torch._C._nn.linear  # restored

@@ -28,6 +28,12 @@ __all__ = ["PerturbedRows", "CoordinateBatches", "sync", "PROBE_BATCH", "PROBE_W
 PROBE_BATCH = 64  # coordinates the "auto" probe times batched ...
 PROBE_WARMUP = 4  # ... after an untimed batched call on this many
 VECTOR_CPU_MIN_CHUNK = 64  # a tensor-valued func's chunks on a CPU: each also pays for comparing its Jacobian columns
+# After the "auto" probe chose batched, a chunk capped below the budget by the cache heuristic doubles, one timed
+# chunk at a time, while each doubling runs at least SIZE_GAIN times faster per coordinate (at most SIZE_DOUBLINGS
+# times): the cache heuristic is a guess, the timing is of func itself (measured: 16 -> 32 coordinates ran a d=128
+# encoder layer's in_proj_weight 20% faster, 16 -> 64 its linear1.weight 25%; benchmarks/bench_models.py).
+SIZE_DOUBLINGS = 3
+SIZE_GAIN = 0.9
 
 
 def sync(device: torch.device) -> None:
@@ -120,6 +126,8 @@ class CoordinateBatches:
         self.retried = False  # the strategies were tried again after a chunk where func raised at a node
         self.start = 0  # the first column of this run of batched calls (a failure after it is func's own)
         self.chunk = 0
+        self.cap = 0  # the chunk the memory budget allows (the cache heuristic may set a smaller one)
+        self.sized: list[tuple[float, int]] = []  # (seconds per coordinate, chunk) of the sizing phase
 
     def run(self, start: int) -> int:
         """Fill columns from ``start``; return how many columns are done (the caller loops over the rest).
@@ -149,7 +157,11 @@ class CoordinateBatches:
                 result.notes.append("batching failed: " + "; ".join(self.reasons))
                 return pos
             pos = self._store(pos, done)
-            timing = self._probe(t0, done.size, pos < m) if self.phase is not None else None
+            timing = None
+            if self.phase == "size":
+                self._size(t0, done.size)
+            elif self.phase is not None:
+                timing = self._probe(t0, done.size, pos < m)
             if timing == "loop":
                 return pos
             if timing is None:
@@ -165,7 +177,7 @@ class CoordinateBatches:
         outputs = problem.spec.size * 8 if problem.vector else 0
         per_coord = len(self.offsets) * (problem.numel * problem.flat.element_size() + problem.activation_bytes()
                                          + outputs + 256) * 2
-        chunk = max(1, budget // per_coord)
+        chunk = self.cap = min(m, max(1, budget // per_coord))
         if device.type == "cpu":  # measured: chunks whose working set stays cache-sized run fastest on a CPU
             least = VECTOR_CPU_MIN_CHUNK if problem.vector else GENERIC_CPU_MIN_CHUNK
             chunk = min(chunk, max(least, GENERIC_CPU_WORKING_SET // per_coord))
@@ -261,7 +273,25 @@ class CoordinateBatches:
         if chosen == "loop":
             self.result.engine, self.result.batching = "loop", None
             return "loop"
+        if self.chunk_size is None and self.chunk <= PROBE_BATCH and 2 * self.chunk <= self.cap:
+            self.phase, self.sized = "size", [(rate, self.chunk)]
+            self.chunk *= 2
         return None
+
+    def _size(self, t0: float, size: int) -> None:
+        """The sizing phase after a chunk begun at ``t0`` (see ``SIZE_GAIN``): double the chunk again, or settle."""
+        sync(self.problem.device)
+        rate = (self.clock() - t0) / size
+        best_rate, best = min(self.sized)
+        self.sized.append((rate, size))
+        if size == self.chunk and rate <= SIZE_GAIN * best_rate:
+            if len(self.sized) <= SIZE_DOUBLINGS and 2 * size <= self.cap:
+                self.chunk = 2 * size
+                return
+            best = size
+        self.phase, self.chunk = None, best
+        self.result.notes.append("chunk sized by timing: " + ", ".join(
+            f"{c} coordinates {r * 1e6:.0f} us/coordinate" for r, c in self.sized) + f": {best} kept")
 
     def _try_layout(self, done: _Chunk) -> None:
         """When the batched matmul had to copy the parameter's rows, try the split layout once; keep it if it
