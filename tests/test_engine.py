@@ -322,6 +322,42 @@ def test_auto_engine_sizes_a_cache_capped_chunk_by_timing(seed, monkeypatch):
     assert _rel(got.view_as(want), want) < 1e-8
 
 
+def test_sizing_never_doubles_back_into_a_chunk_that_ran_out_of_memory(seed, monkeypatch):
+    """Out of memory at 64 coordinates while sizing halves the chunk to 32, and sizing settles there; out of memory
+    at 16 coordinates in the probe leaves 8, which sizing never doubles back into."""
+    from gradfd.engine import coordinates
+
+    monkeypatch.setattr(coordinates, "GENERIC_CPU_WORKING_SET", 1)
+    now, sizes = [0.0], []
+    X = torch.randn(8, 1000, dtype=torch.float64)
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    def run(limit: int):
+        sizes.clear()
+
+        def func(w: torch.Tensor) -> torch.Tensor:
+            rows = w.shape[0] if w.dim() == 3 else 1
+            sizes.append(rows)
+            if rows > 2 * limit:
+                raise torch.OutOfMemoryError("simulated")
+            now[0] += 1e-3 if rows == 1 else 1e-2 + 1e-4 * rows
+            return (X @ w).pow(2).mean(dim=(-2, -1))
+
+        return engine.evaluate(func, (torch.randn(1000, 1, dtype=torch.float64),), 0, steps=1e-5, stencil="central",
+                               batching="stack")
+
+    monkeypatch.setattr(engine, "time", Clock)
+    ev = run(32)
+    assert sizes.count(2 * 64) == 1 and ev.chunk_size == 32, (sizes, ev.notes)
+    assert any(n.startswith("chunk sized by timing") and n.endswith(": 32 kept") for n in ev.notes), ev.notes
+    ev = run(8)
+    assert sizes.count(2 * 16) == 1 and ev.chunk_size == 8, (sizes, ev.notes)
+
+
 def test_without_kernels_batched_says_why_and_auto_uses_the_loop(monkeypatch, seed):
     monkeypatch.setitem(ops._state, "loaded", True)
     monkeypatch.setitem(ops._state, "module", None)
@@ -544,6 +580,7 @@ def test_a_linear_over_a_non_contiguous_input_batches_without_copying_the_weight
             folded = torch.func.vmap(lambda v: torch.nn.functional.linear(x, v, b))(ws)
     assert "linear (its input folded to 2-D)" in mode.used
     torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-5)
-    assert unfolded.total >= K * L * E * 3 * E * 4  # the weight copied per position (the fault)
+    if unfolded.total < K * L * E * 3 * E * 4:
+        pytest.skip("this PyTorch no longer copies the weight per position under vmap: nothing to fold away")
     assert meter.total < unfolded.total / 4, (meter.total, unfolded.total)
     assert torch.nn.functional.linear is torch._C._nn.linear  # restored

@@ -28,9 +28,9 @@ __all__ = ["PerturbedRows", "CoordinateBatches", "sync", "PROBE_BATCH", "PROBE_W
 PROBE_BATCH = 64  # coordinates the "auto" probe times batched ...
 PROBE_WARMUP = 4  # ... after an untimed batched call on this many
 VECTOR_CPU_MIN_CHUNK = 64  # a tensor-valued func's chunks on a CPU: each also pays for comparing its Jacobian columns
-# After the "auto" probe chose batched, a chunk capped below the budget by the cache heuristic doubles, one timed
-# chunk at a time, while each doubling runs at least SIZE_GAIN times faster per coordinate (at most SIZE_DOUBLINGS
-# times): the cache heuristic is a guess, the timing is of func itself (measured: 16 -> 32 coordinates ran a d=128
+# After the engine="auto" probe chose batched, a chunk of at most PROBE_BATCH coordinates capped below the budget by
+# the cache heuristic doubles, one timed chunk at a time, and a doubling is kept only when it runs at least SIZE_GAIN
+# times faster per coordinate (at most SIZE_DOUBLINGS times): the cache heuristic is a guess, the timing is of func (measured: 16 -> 32 coordinates ran a d=128
 # encoder layer's in_proj_weight 20% faster, 16 -> 64 its linear1.weight 25%; benchmarks/bench_models.py).
 SIZE_DOUBLINGS = 3
 SIZE_GAIN = 0.9
@@ -164,7 +164,7 @@ class CoordinateBatches:
                 timing = self._probe(t0, done.size, pos < m)
             if timing == "loop":
                 return pos
-            if timing is None:
+            if timing is None and self.phase != "size":  # one change at a time: sizing times one layout
                 self._try_layout(done)
         return pos
 
@@ -203,6 +203,7 @@ class CoordinateBatches:
                 if size == 1:
                     raise MemoryError(f"gradfd: out of memory evaluating a single perturbed point: {exc}") from exc
                 size = self.chunk = max(1, size // 2)
+                self.cap = min(self.cap, size)  # sizing never doubles back into it
                 self.batch.set_layout(self.batch.inner)  # drop the buffer before retrying smaller
                 result.notes.append(f"out of memory: chunk halved to {size}")
             except CANNOT_RUN_THAT_WAY as exc:  # cannot batch this func: try the next strategy
@@ -289,7 +290,7 @@ class CoordinateBatches:
                 self.chunk = 2 * size
                 return
             best = size
-        self.phase, self.chunk = None, best
+        self.phase, self.chunk, self.result.chunk_size = None, best, best
         self.result.notes.append("chunk sized by timing: " + ", ".join(
             f"{c} coordinates {r * 1e6:.0f} us/coordinate" for r, c in self.sized) + f": {best} kept")
 

@@ -89,9 +89,9 @@ def _folded(linear, mode: BatchableForms):
     """``linear`` with an input of more than two dimensions folded to two (the module docstring)."""
 
     def folded_linear(input, weight, bias=None):
-        if input.dim() <= 2:
+        if input.dim() <= 2 or input.is_nested:
             return linear(input, weight, bias)
         mode.used.add("linear (its input folded to 2-D)")
-        return linear(input.reshape(-1, input.shape[-1]), weight, bias).unflatten(0, input.shape[:-1])
+        return linear(input.flatten(0, -2), weight, bias).unflatten(0, input.shape[:-1])
 
     return folded_linear
