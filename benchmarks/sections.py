@@ -49,6 +49,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "opinfo-full": ("bench_opinfo", "opinfo.json"),
     "first-call": ("bench_first_call", "first-call.json"),
     "directional": ("bench_directional", "directional.json"),
+    "detection": ("bench_detection", "detection.json"),
     "models": ("bench_models", "models.json"),
     "policy": ("policy_table", "policy.json"),
 }

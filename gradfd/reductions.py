@@ -43,8 +43,9 @@ _CLASS_LOSSES = {F.nll_loss, F.cross_entropy}
 _SIGNATURES = {f: inspect.signature(f) for f in _ELEMENTWISE_LOSSES | _CLASS_LOSSES}
 
 
-def _full_reduction(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The input of a ``sum``/``mean`` call that reduces a low-precision tensor over every dimension, else None."""
+def _full_reduction(args: tuple, kwargs: dict, batch_dims: int = 0) -> torch.Tensor | None:
+    """The input of a ``sum``/``mean`` call that reduces a low-precision tensor over every dimension (every one after
+    the ``batch_dims`` leading batch dimensions), else None."""
     if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype not in LOW_PRECISION:
         return None
     x = args[0]
@@ -55,35 +56,44 @@ def _full_reduction(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if keepdim:
         return None
     if dim is None:
-        return x
+        return None if batch_dims else x  # over the batch too: not one loss per row
     dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else None
     if not dims or not all(isinstance(d, int) for d in dims):
         return None
     n = max(x.dim(), 1)
     covered = {d % n for d in dims}
-    return x if len(covered) == len(dims) and covered == set(range(n)) else None
+    return x if len(covered) == len(dims) and covered == set(range(batch_dims, n)) and n > batch_dims else None
 
 
 class Float64Reductions(TorchFunctionMode):
     """A torch function mode in which full reductions of low-precision tensors return float64 (see the module).
 
+    Args:
+        batch_dims: leading batch dimensions a full reduction leaves (``func`` given the parameter stacked along a
+            leading batch dimension reduces every other one: one float64 loss per row); the losses of
+            ``torch.nn.functional`` are then left as written.
+
     Attributes:
         count: reductions taken in float64 so far.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_dims: int = 0) -> None:
         super().__init__()
         self.count = 0
+        self.batch_dims = batch_dims
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FULL:
-            x = _full_reduction(args, kwargs)
+            x = _full_reduction(args, kwargs, self.batch_dims)
             if x is not None:
                 self.count += 1
                 wide = x.to(torch.float64)
+                if self.batch_dims:
+                    dims = tuple(range(self.batch_dims, wide.dim()))
+                    return wide.mean(dim=dims) if func in _MEANS else wide.sum(dim=dims)
                 return wide.mean() if func in _MEANS else wide.sum()
-        elif func in _SIGNATURES:
+        elif func in _SIGNATURES and not self.batch_dims:
             out = self._loss(func, args, kwargs)
             if out is not None:
                 self.count += 1

@@ -68,6 +68,13 @@ class TensorReport:
             ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
         details: engine, stencil, steps, noise estimate and other notes.
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
+        detection_limit: the smallest error on a single entry, relative to the tensor's RMS gradient (of the
+            Jacobian's entries the function depends on, for a tensor-valued function), that this check flags with
+            95% probability
+            (:mod:`gradfd.verdict.detection`): over the entries looked at, so in sample mode per sampled entry;
+            inf where more than 5% of them could not be compared, NaN where it is not known (a zero gradient).
+        unexamined: the share of the tensor's entries this check did not look at (sample mode): an error there
+            cannot be found.
         plot_context: what :meth:`CheckReport.plot_entry` needs to evaluate ``func`` again
             (:class:`gradfd.plot.EntryContext`), attached by :func:`gradfd.check` in full and sample mode; None
             otherwise. Left out of ``repr``, comparisons and :meth:`to_dict`.
@@ -93,6 +100,8 @@ class TensorReport:
     details: dict[str, Any] = field(default_factory=dict)
     output_shape: tuple | None = None
     nondeterminism: str | None = None
+    detection_limit: float = math.nan
+    unexamined: float = 0.0
     plot_context: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -114,6 +123,14 @@ class TensorReport:
         if not self.passed:
             return "FAIL"
         return "UNRESOLVED" if self.unresolved and not self.agree else "PASS"
+
+    def detection_text(self) -> str:
+        """:attr:`detection_limit` as the table shows it: ``"2.1e-03 rms"``, with the share of entries not looked
+        at in sample mode (``"... on 10%"``)."""
+        if math.isnan(self.detection_limit):
+            return "-"
+        text = "none" if math.isinf(self.detection_limit) else f"{self.detection_limit:.1e} rms"
+        return text + (f" on {100 * (1 - self.unexamined):.2g}%" if self.unexamined > 0 else "")
 
     def disagreeing(self, limit: int = 10) -> list[tuple]:
         """Index tuples (or direction numbers) of up to ``limit`` disagreeing entries, worst first."""
@@ -184,7 +201,8 @@ class TensorReport:
             "verdict": self.verdict,
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "worst_index": _jsonable(self.worst_index), "output_shape": _jsonable(self.output_shape),
-            "nondeterminism": self.nondeterminism,
+            "nondeterminism": self.nondeterminism, "detection_limit": self.detection_limit,
+            "unexamined": self.unexamined,
             "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
             "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
             "agree": self.agree, "disagree": self.disagree, "unresolved": self.unresolved,
@@ -269,7 +287,7 @@ class CheckReport:
 
     def __str__(self) -> str:
         head = ["tensor", "shape", "dtype", "checked", "max abs err", "max rel err", "worst index", "analytical",
-                "numerical", "est. FD error", "agree/disagree/unresolved", "verdict"]
+                "numerical", "est. FD error", "agree/disagree/unresolved", "detects (95%)", "verdict"]
         rows = []
         for t in self.tensors:
             worst = _fmt_index(t.worst_index)
@@ -277,7 +295,7 @@ class CheckReport:
             rows.append([t.name, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""),
                          checked, _fmt(t.max_abs_error), _fmt(t.max_rel_error), worst, _fmt(t.worst_analytical),
                          _fmt(t.worst_numerical), _fmt(t.worst_error_estimate),
-                         f"{t.agree}/{t.disagree}/{t.unresolved}", t.verdict])
+                         f"{t.agree}/{t.disagree}/{t.unresolved}", t.detection_text(), t.verdict])
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         headline = f"gradfd.check: {'PASSED' if self.passed else 'FAILED'}"

@@ -155,3 +155,22 @@ def test_a_planted_error_is_still_caught_in_float32(seed):
     # (>= 7: a chance failure is below 1e-3 at that rate)
     flagged = sum(_planted_layer_is_flagged() for _ in range(10))
     assert flagged >= 7, f"flagged {flagged} of 10"
+
+
+def test_stacked_rows_reduce_as_single_calls_do():
+    """Given the parameter stacked along a leading batch dimension, ``exp(x / 2).sum(-1)`` reduces every other
+    dimension: in float64, one loss per row, as a single call's full reduction is. Summed in float32 against a
+    float64 base point, 12 of 300 correct checks failed (these three draws among them)."""
+    f = lambda x: torch.exp(0.5 * x).sum(-1)  # noqa: E731
+    with reductions.Float64Reductions(batch_dims=1) as mode:
+        rows = f(torch.randn(5, 64))
+    assert mode.count == 1 and rows.dtype == torch.float64 and rows.shape == (5,)
+    with reductions.Float64Reductions(batch_dims=1) as mode:
+        assert f(torch.randn(5, 64)).sum().dtype == torch.float64  # the per-row losses, then func's own sum
+        torch.randn(5, 64).sum()  # over the batch too: not one loss per row, left as written
+    assert mode.count == 1
+    for seed in (17, 26, 31):
+        torch.manual_seed(seed)
+        x = torch.randn(64, requires_grad=True)
+        report = gradfd.check(f, (x,), engine="batched", batching="stack", raise_on_failure=False)
+        assert report.passed and report.tensors[0].details["batching"] == "stack", (seed, report)

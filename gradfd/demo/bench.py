@@ -331,24 +331,27 @@ class _Planted(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, scale):
+    def forward(x, scale, shift):
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
+        ctx.save_for_backward(inputs[1], inputs[2])
 
     @staticmethod
     def backward(ctx, grad):
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
+        scale, shift = ctx.saved_tensors
+        return grad * scale + shift.to(grad.dtype), None, None
 
 
-def plant(func, k: int, scale: torch.Tensor):
-    """``func`` whose backward multiplies the gradient of ``params[k]`` by ``scale`` (a planted bug)."""
+def plant(func, k: int, scale: torch.Tensor, shift: torch.Tensor | None = None):
+    """``func`` whose backward multiplies the gradient of ``params[k]`` by ``scale`` and adds ``shift`` (a planted
+    bug; ``shift`` only for a scalar loss, where the incoming gradient is the loss's)."""
+    add = torch.zeros_like(scale) if shift is None else shift
+
     def wrapped(*params):
         params = list(params)
-        params[k] = _Planted.apply(params[k], scale)
+        params[k] = _Planted.apply(params[k], scale, add)
         return func(*params)
 
     return wrapped
@@ -371,7 +374,8 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # The draws of the verdict benchmarks. The verdict rules were tuned on TUNED_SEEDS; HELD_OUT_SEEDS were never
 # looked at while tuning them, so the held-out rows are the evidence a rule generalises. Rule: a change to a verdict
 # rule or threshold is judged on a fresh range (the next unused block, 2000.. then 3000..), named in its commit; a
-# range that judged a change is no longer held out for the next one.
+# range that judged a change is no longer held out for the next one. Used: 2000-2039 judged the detection-limit
+# model (benchmarks/bench_detection.py), developed on 1000-1039.
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
 

@@ -16,6 +16,7 @@ from .. import stencils
 from ..errors import note
 from ..jacobian import Analytical
 from ..report import AGREE, DISAGREE, TINY, UNRESOLVED, TensorReport, relative_errors
+from .detection import allowances, detection_generator, directional_limit
 from .estimates import Entries, fourth_difference, loss_noise_from, second_difference
 from .judge import DirectionalFloor, Judgement, judge
 from .policy import SEEDS, Policy
@@ -174,4 +175,15 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
     if notes:
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
-    return _record(name, p, e, refined.judgement, details, policy)
+    record = _record(name, p, e, refined.judgement, details, policy)
+    record.detection_limit = _limit(evaluator, e, refined.judgement)
+    return record
+
+
+def _limit(evaluator: Directions, e: Entries, j: Judgement) -> float:
+    """The detection limit of the judged directions (:func:`~.detection.directional_limit`)."""
+    allowance = allowances(e, j, evaluator.policy, detection_generator())
+    grads = evaluator.grads[:1] if evaluator.scalar else evaluator.grads  # (D, N) u_dᵀJ
+    outputs = evaluator.u.shape[1]
+    rms = math.sqrt(float(grads.pow(2).mean()) / (1 if evaluator.scalar else outputs))
+    return directional_limit(allowance, evaluator.steps, rms, None if evaluator.scalar else evaluator.u[e.index])

@@ -20,6 +20,7 @@ from ..report import AGREE, DISAGREE, TINY
 from .estimates import Entries, entry_estimates, has_fourth_difference, probe_noise
 from .judge import Judgement, judge, second_look
 from .plan import Plan
+from .detection import Thresholds, allowances, detection_generator
 from .policy import SEEDS
 
 __all__ = ["FirstRound", "Flagged", "Tally", "Worst", "Store", "Probe"]
@@ -57,6 +58,7 @@ class Tally:
     max_abs: float = 0.0
     max_rel: float = 0.0
     worst: Worst | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)  # every pair's, for the detection limit
 
     def add(self, e: Entries, tol: torch.Tensor, sel: torch.Tensor, diff: torch.Tensor, rel: torch.Tensor,
             excess: torch.Tensor) -> None:
@@ -146,6 +148,7 @@ class FirstRound:
     flagged: list = field(default_factory=list)
     tally: list = field(default_factory=list)
     store: Store | None = None
+    detection_draws: torch.Generator = field(default_factory=detection_generator)  # (the detection limit's)
 
     @staticmethod
     def start(plan: Plan, compress: bool) -> "FirstRound":
@@ -285,7 +288,9 @@ class FirstRound:
         if self.store is not None:
             self.store.fill_chunk(start, stop, jj, oo, e, jd, plan.floors)
         for j in range(len(spec.kept)):
-            self.tally[j].agree += c * spec.numels[j] - int((g_pairs == j).sum())  # the pairs not judged
+            judged = g_pairs == j
+            self.tally[j].agree += c * spec.numels[j] - int(judged.sum())  # the pairs not judged: exact zeros
+            self.tally[j].thresholds.add_gradient(ana_pairs[judged], int(judged.sum()))
         good = (jd.verdict == AGREE) & ~second_look(e, jd, policy)  # (the others are refined before they count)
         few = torch.bincount(oo, minlength=size)[oo] < policy.reliable_median
         if r.analytical.scalar:
@@ -307,7 +312,9 @@ class FirstRound:
         rel = torch.where(e.analytical.abs() >= policy.rel_floor * sc, diff / e.analytical.abs().clamp(min=TINY),
                           torch.zeros_like(diff))
         excess = diff / jd.tol.clamp(min=TINY)
+        allowance = allowances(e, jd, policy, self.detection_draws)
         for j in range(len(self.tally)):
             sel = good & (g_pairs == j)
             if bool(sel.any()):
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
+                self.tally[j].thresholds.add(allowance[sel])

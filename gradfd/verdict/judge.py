@@ -10,6 +10,7 @@ ambiguous miss within the truncation band), and disagrees elsewhere. What does n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,19 +26,26 @@ __all__ = ["Judgement", "judge", "unsettled", "second_look", "Floors", "Directio
 @dataclass
 class Judgement:
     """The verdicts of some entries: ``verdict`` int8 (AGREE / DISAGREE / UNRESOLVED), ``tol`` float64 tolerances,
-    ``nonsmooth`` bool (a kink stands out of the rounding, or the stencil is unsettled)."""
+    ``nonsmooth`` bool (a kink stands out of the rounding, or the stencil is unsettled); ``flags`` float64
+    ``(1 + refine_rounds + curvature_rounds, ...)``: the smallest ``|numerical - analytical|`` the rule would call
+    a disagreement at this step and, modelled, at each refined step (inf where it never would: a non-finite or
+    non-smooth stencil; see :func:`judge`), which the detection limits read (None where not computed)."""
 
     verdict: torch.Tensor
     tol: torch.Tensor
     nonsmooth: torch.Tensor
+    flags: torch.Tensor | None = None
 
     def take(self, j: torch.Tensor) -> "Judgement":
-        return Judgement(self.verdict[j], self.tol[j], self.nonsmooth[j])
+        return Judgement(self.verdict[j], self.tol[j], self.nonsmooth[j],
+                         None if self.flags is None else self.flags[:, j])
 
     @staticmethod
     def cat(parts: Sequence["Judgement"]) -> "Judgement":
+        flags = [p.flags for p in parts]
         return Judgement(torch.cat([p.verdict for p in parts]), torch.cat([p.tol for p in parts]),
-                         torch.cat([p.nonsmooth for p in parts]))
+                         torch.cat([p.nonsmooth for p in parts]),
+                         None if any(f is None for f in flags) else torch.cat(flags, dim=1))
 
 
 def unsettled(e: Entries, policy: Policy, settled: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,10 +60,9 @@ def unsettled(e: Entries, policy: Policy, settled: torch.Tensor | None = None) -
     return out if settled is None else out & ~settled
 
 
-def judge(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.Tensor | None = None) -> Judgement:
-    """Per-entry verdicts (the module docstring's rule); ``settled`` marks the entries whose fourth difference fell
-    like curvature since their previous step (see :mod:`.refine`)."""
-    diff = (e.numerical - e.analytical).abs()
+def _allowances(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.Tensor | None):
+    """``(tol, nonsmooth, band, flag)`` of entries ``e``: the rules of :func:`judge` that do not read the
+    discrepancy."""
     truncation = e.error - e.rounding
     # Rule: non-smooth within the stencil (kink well above what rounding noise produces): the truncation spread is
     # contaminated, so the entry agrees only within the rounding allowance, and is otherwise unresolved.
@@ -68,15 +75,48 @@ def judge(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.Tensor
     nonsmooth = own | unsettled_
     vague = unsettled_ & (torch.where(own, e.rounding, e.error) > policy.informative * e.analytical.abs())
     tol = torch.where(vague, floor, tol)
-    agree = e.finite & (diff <= tol)
     # Rule: a kink the fourth difference cannot see (a ReLU switching at 2/3 of a step) moves the extrapolant by up
     # to twice the truncation spread; a discrepancy within kink_band spreads is ambiguous.
-    ambiguous = diff <= floor + policy.kink_band * truncation + policy.tolerance_safety * e.rounding
+    band = floor + policy.kink_band * truncation + policy.tolerance_safety * e.rounding
+    # the rule inverted: a discrepancy disagrees beyond the tolerance, the ambiguous band and the kink's reach
+    flag = torch.maximum(torch.maximum(tol, band), e.kink / policy.kink_explains)
+    flag = torch.where(~e.finite | nonsmooth, math.inf, flag)
+    return tol, nonsmooth, band, flag
+
+
+def judge(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.Tensor | None = None) -> Judgement:
+    """Per-entry verdicts (the module docstring's rule); ``settled`` marks the entries whose fourth difference fell
+    like curvature since their previous step (see :mod:`.refine`). The judgement's ``flags`` are the smallest
+    discrepancy the rule calls a disagreement here and, modelled, at each refined step the refinement may take
+    (``refine_rounds + curvature_rounds``):
+    at each, rounding ``refine``-fold larger, the truncation spread and a curvature kink ``refine**2``-fold smaller
+    (the 4-point stencil's spread; curvature kinks fall faster); a step counts only where the next one's stencil
+    would be clean (:func:`~.refine.clean`). The detection limits read them."""
+    diff = (e.numerical - e.analytical).abs()
+    tol, nonsmooth, band, flag = _allowances(e, floor, policy, settled)
+    agree = e.finite & (diff <= tol)
+    ambiguous = diff <= band
     unresolved = ~e.finite | (~agree & (nonsmooth | ambiguous | (e.kink >= policy.kink_explains * diff)))
     verdict = torch.full(diff.shape, AGREE, dtype=torch.int8, device=diff.device)
     verdict[~agree] = DISAGREE
     verdict[unresolved] = UNRESOLVED
-    return Judgement(verdict, tol, nonsmooth)
+    rounds = policy.refine_rounds + policy.curvature_rounds
+    steps = [e] + [_smaller(e, policy.refine ** k) for k in range(1, rounds + 2)]
+    flags = [flag] + [_flag_of(s, floor, policy) for s in steps[1:-1]]
+    # a disagreement stands only where the next step's stencil is clean (refine.clean)
+    flags = [torch.where(nxt.kink < policy.clean_kink * nxt.rounding, f, math.inf) for f, nxt in zip(flags, steps[1:])]
+    return Judgement(verdict, tol, nonsmooth, torch.stack(flags))
+
+
+def _flag_of(e: Entries, floor: torch.Tensor, policy: Policy) -> torch.Tensor:
+    _, _, _, flag = _allowances(e, floor, policy, None)
+    return flag
+
+
+def _smaller(e: Entries, r: float) -> Entries:
+    """Entries ``e`` modelled at an ``r``-fold smaller step (see :func:`judge`)."""
+    return Entries(e.index, e.numerical, e.analytical, (e.error - e.rounding) / r**2 + r * e.rounding,
+                   r * e.rounding, e.kink / r**2, e.finite, None if e.model is None else r * e.model)
 
 
 def second_look(e: Entries, j: Judgement, policy: Policy) -> torch.Tensor:

@@ -37,6 +37,12 @@ DEFAULT_SAMPLES = 256  # entries per tensor in sample mode
 DEFAULT_DIRECTIONS = 8  # directions in directional mode
 SAMPLE_LARGEST_SHARE = 4  # sample mode takes samples // this of the largest-|gradient| entries, the rest uniformly
 
+# The detection limit a report states (gradfd/verdict/detection.py; a statement, not a threshold: no verdict reads it)
+DETECTION_PROBABILITY = 0.95  # the limit is the error flagged with this probability
+DETECTION_DRAWS = 4096  # draws of the entry and the directions' coefficients behind a directional limit
+DETECTION_BINS_PER_OCTAVE = 8  # thresholds are kept as a histogram of log2: exact to 1/8 octave (9%)
+DETECTION_LOG2_RANGE = 1100  # ... over 2^-1100 .. 2^1100 (float64 spans 2^-1074 .. 2^1024)
+
 # Statistics of Gaussian noise (facts, not thresholds): median |N(0,1)| = 0.6745, and the |fourth difference| of
 # i.i.d. noise sigma has spread sqrt(1 + 16 + 36 + 16 + 1) = sqrt(70) sigma
 MEDIAN_ABS_NORMAL = 0.6745
@@ -194,6 +200,7 @@ class Seeds:
 
     stride: int = 7919
     probe: int = 7  # the noise probe's column choice
+    detection: int = 20261206  # the detection limits' draws
     weight_low: float = 0.7
     weight_span: float = 0.6
 

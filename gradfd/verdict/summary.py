@@ -15,6 +15,7 @@ from .. import engine as _engine
 from ..errors import note
 from ..report import AGREE, DISAGREE, TINY, UNRESOLVED, TensorReport, relative_errors
 from .estimates import Entries
+from .detection import Thresholds, allowances, detection_generator
 from .first_round import FirstRound, Tally, Worst
 from .judge import Judgement
 
@@ -110,6 +111,7 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
             sel = ((e.index % size) >= lo) & ((e.index % size) < hi)
             max_abs, max_rel, worst = _refined_into(tally, e, j, sel, plan.scales[g] or 0.0, r.policy.rel_floor,
                                                     counts)
+        limit = _detection_limit(tally, e, j, sel if e is not None else None, r.policy)
         worst_index = None
         if worst is not None:
             w_pos, w_out = divmod(worst.index, size)
@@ -124,6 +126,19 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
             worst_tolerance=worst.tol if worst else math.nan,
             agree=counts[AGREE], disagree=counts[DISAGREE], unresolved=counts[UNRESOLVED],
             entries=_entries(first, e, j, lo, hi), details={**details, "checked_inputs": plan.m, "inputs": plan.n},
-            output_shape=None if analytical.scalar else spec.shapes[g],
+            output_shape=None if analytical.scalar else spec.shapes[g], detection_limit=limit,
+            unexamined=1.0 - plan.m / plan.n if plan.n else 0.0,
         ))
     return reports
+
+
+def _detection_limit(tally: Tally, e: Entries | None, j: Judgement | None, sel: torch.Tensor | None,
+                     policy) -> float:
+    """The output's detection limit (:mod:`.detection`): the first round's agreeing pairs (in ``tally``) and the
+    refined ones ``sel`` of ``e``."""
+    thresholds = tally.thresholds
+    if e is not None and bool(sel.any()) and j.flags is not None:
+        refined = Thresholds()
+        refined.add(allowances(e, j, policy, detection_generator())[sel])
+        thresholds = thresholds.merged(refined)
+    return thresholds.limit()

@@ -1,0 +1,152 @@
+"""Detection limits: the smallest error on a single entry, relative to the tensor's RMS gradient, that a check would
+flag with ``DETECTION_PROBABILITY``.
+
+Rule: an error ``delta * rms`` planted on one entry, chosen uniformly among the entries looked at, shifts what the
+check compares by that much. It is flagged at the first step where the shift exceeds the room the entry's verdict
+left, ``a = flags[0] + |numerical - analytical|`` (the worse sign of the existing discrepancy; ``flags[0]`` is the
+smallest discrepancy the verdict rule calls a disagreement: beyond the tolerance, the ambiguous truncation band and
+the kink's reach; infinite on a non-smooth or non-finite stencil; :func:`.judge.judge`), and the refinement then
+reproduces it: the estimate one ``refine``-fold step smaller must lie closer to the first estimate than to the
+analytical value (:mod:`.refine`), which fails where that estimate's noise, toward the analytical value, exceeds
+half the shift. So the shift must also exceed ``2 zeta sd``, ``zeta`` standard normal (no bound where it is
+negative) and ``sd = refine * rounding / rounding_safety`` that estimate's noise. A shift past the tolerance that
+the rule calls unresolved (a kink, the ambiguous band) is refined, and gets the same test at each smaller step
+``k`` the refinement may take (``flags[k]`` of the judgement, the rounding ``refine**k``-fold larger):
+``a_k = max(tolerance, flags[k]) + |numerical - analytical|``. Each looked-at entry's threshold is
+``min_k max(a_k, 2 zeta_k refine**k sd) / rms`` (``zeta`` drawn, seeded), and the limit is the
+``DETECTION_PROBABILITY`` quantile of the thresholds: that share of the entries is flagged at or above it.
+
+- Coordinates (full and sample mode): ``a`` of each judged pair; 0 for a disagreeing one (flagged already). The
+  pairs the function does not depend on (no node moved the output, and the analytical value is exactly zero: most
+  of an elementwise Jacobian) are not counted, in the thresholds or in the RMS: an error there faces only the dtype
+  floor. Sample mode states the limit per sampled entry, beside the share of entries not looked at, which no error
+  can be found in.
+- Directions: an error on entry ``i`` (and output ``o`` of a tensor-valued function) moves direction ``d``'s
+  derivative by ``delta * rms * s_i * z_d * u_do``, where ``s_i`` is the entry's step and ``z_d`` the direction's
+  standard-normal coefficient there, unknown to the user; flagged if one direction's move exceeds its
+  ``max(a_d, 2 zeta_d sd_d)``. Its threshold ``min_d max(a_d, 2 zeta_d sd_d) / (rms s_i |z_d u_do|)`` is drawn
+  ``DETECTION_DRAWS`` times (seeded), over uniform ``i``, ``o`` and fresh ``z`` and ``zeta``.
+
+``benchmarks/bench_detection.py`` plants errors at the stated limit and measures the share caught
+(docs/verdicts.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..report import DISAGREE
+from .policy import (DETECTION_BINS_PER_OCTAVE, DETECTION_DRAWS, DETECTION_LOG2_RANGE, DETECTION_PROBABILITY,
+                     SEEDS)
+
+__all__ = ["DETECTION_PROBABILITY", "Thresholds", "allowances", "detection_generator",
+           "directional_limit"]
+
+_BINS_PER_OCTAVE, _LOG2_RANGE = DETECTION_BINS_PER_OCTAVE, DETECTION_LOG2_RANGE
+
+
+def detection_generator() -> torch.Generator:
+    """The seeded generator of the draws (``zeta``): a report's limit is reproducible."""
+    return torch.Generator().manual_seed(SEEDS.detection)
+
+
+class Thresholds:
+    """The absolute thresholds ``a`` of the pairs of one compared output, streamed chunk by chunk: a histogram of
+    ``log2 a``, a count of zeros (flagged at any error) and of infinities (never flagged), and the sum of squared
+    analytical values and the number of pairs (the RMS gradient)."""
+
+    def __init__(self) -> None:
+        self.hist = torch.zeros(2 * _LOG2_RANGE * _BINS_PER_OCTAVE, dtype=torch.float64)
+        self.zeros = 0
+        self.infinite = 0
+        self.sumsq = 0.0
+        self.pairs = 0
+
+    def add(self, a: torch.Tensor) -> None:
+        """Count thresholds in (0: flagged at any error; inf or NaN: never)."""
+        a = a.detach().to(torch.float64).reshape(-1).cpu()
+        never = ~torch.isfinite(a)
+        self.infinite += int(never.sum())
+        a = a[~never]
+        self.zeros += int((a <= 0).sum())
+        a = a[a > 0]
+        if a.numel():
+            bins = ((a.log2() + _LOG2_RANGE) * _BINS_PER_OCTAVE).floor().clamp(0, self.hist.numel() - 1).long()
+            self.hist += torch.bincount(bins, minlength=self.hist.numel()).to(torch.float64)
+
+    def add_gradient(self, analytical: torch.Tensor, pairs: int) -> None:
+        """Count ``pairs`` pairs in, whose nonzero analytical values are ``analytical``."""
+        self.sumsq += float(analytical.detach().to(torch.float64).pow(2).sum())
+        self.pairs += pairs
+
+    def merged(self, other: "Thresholds") -> "Thresholds":
+        out = Thresholds()
+        out.hist = self.hist + other.hist
+        out.zeros, out.infinite = self.zeros + other.zeros, self.infinite + other.infinite
+        out.sumsq, out.pairs = self.sumsq + other.sumsq, self.pairs + other.pairs
+        return out
+
+    def limit(self) -> float:
+        """The ``DETECTION_PROBABILITY`` quantile of the thresholds over the RMS gradient (the upper edge of its
+        histogram bin); inf where more than ``1 - DETECTION_PROBABILITY`` of the pairs are never flagged, NaN
+        without a pair or with a zero gradient."""
+        total = self.zeros + self.infinite + float(self.hist.sum())
+        if total == 0 or self.sumsq <= 0 or self.pairs == 0:
+            return math.nan
+        need = DETECTION_PROBABILITY * total
+        if need <= self.zeros:
+            return 0.0
+        cum = self.zeros + self.hist.cumsum(0)
+        reached = (cum >= need).nonzero()  # integer counts: exact in float64
+        if reached.numel() == 0:
+            return math.inf
+        edge = 2.0 ** ((int(reached[0]) + 1) / _BINS_PER_OCTAVE - _LOG2_RANGE)
+        return edge / math.sqrt(self.sumsq / self.pairs)
+
+
+def allowances(e, j, policy, gen: torch.Generator) -> torch.Tensor:
+    """The shift each entry of ``e`` (judged ``j``) needs to be flagged (the module docstring; drawn with ``gen``):
+    0 where it disagrees already."""
+    diff = (e.numerical - e.analytical).abs()
+    sd = policy.refine * e.rounding / policy.rounding_safety
+
+    def reproduced(a: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        zeta = torch.randn(noise.shape, generator=gen, dtype=torch.float64).clamp(min=0).to(noise.device)
+        return torch.maximum(a + diff, 2 * zeta * noise)
+
+    a = reproduced(j.flags[0], sd)
+    for k in range(1, j.flags.shape[0]):
+        a = torch.minimum(a, reproduced(torch.maximum(j.tol, j.flags[k]), policy.refine ** k * sd))
+    return torch.where(j.verdict == DISAGREE, 0.0, a)
+
+
+def directional_limit(allowance: torch.Tensor, steps: torch.Tensor, rms: float, u: torch.Tensor | None) -> float:
+    """The detection limit of a directional check (the module docstring).
+
+    Args:
+        allowance: ``(D,)`` float64 the shift each direction needs to be flagged (:func:`allowances`; 0:
+            disagreeing; inf: never flagged).
+        steps: ``(N,)`` float64 the entries' steps (the scale of the directions' coefficients).
+        rms: the RMS gradient (for a tensor-valued function, of its Jacobian entries).
+        u: ``(D, O)`` the directions' output cotangents, or None for a loss.
+
+    Returns:
+        The limit relative to ``rms``; inf where more than ``1 - DETECTION_PROBABILITY`` of the draws are never
+        flagged, NaN for a zero gradient or no direction.
+    """
+    if allowance.numel() == 0 or not rms > 0:
+        return math.nan
+    gen = detection_generator()
+    k, d = DETECTION_DRAWS, allowance.numel()
+    s = steps.detach().to(torch.float64).cpu()[torch.randint(steps.numel(), (k,), generator=gen)]
+    z = torch.randn(k, d, generator=gen, dtype=torch.float64).abs()
+    if u is not None:
+        o = torch.randint(u.shape[1], (k,), generator=gen)
+        z = z * u.detach().to(torch.float64).cpu()[:, o].T.abs()
+    a = allowance.detach().to(torch.float64).cpu()
+    per = a.unsqueeze(0) / (rms * s.unsqueeze(1) * z)  # (k, D)
+    per = torch.where(torch.isnan(per), math.inf, per)  # a NaN allowance, or 0 / 0: not flagged
+    threshold = per.min(dim=1).values.sort().values
+    return float(threshold[math.ceil(DETECTION_PROBABILITY * k) - 1])
