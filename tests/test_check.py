@@ -272,9 +272,12 @@ def test_a_stencil_outside_the_domain_is_retried_at_smaller_steps_and_checked(se
     report = gradfd.check(lambda x: torch.log(x).sum(), _leaf(x))
     t = report.tensors[0]
     assert report.passed and t.agree == 64, str(report)
-    exact = 1 / x.double()
-    err = ((t.entries["numerical"] - exact[t.entries["index"]]) / exact[t.entries["index"]]).abs().max()
-    assert err < (1e-4 if dtype == torch.float32 else 1e-6), err
+    # every entry within its own tolerance of the exact derivative, and the median to the dtype's accuracy (the
+    # worst of 40 entries near the edge reached 1.9e-4 in float32 on 6 of 200 draws: a max bound of 1e-4 was flaky)
+    exact = 1 / x.double()[t.entries["index"]]
+    err = (t.entries["numerical"] - exact).abs()
+    assert bool((err <= t.entries["tolerance"]).all()), (err / t.entries["tolerance"]).max()
+    assert (err / exact).median() < (1e-4 if dtype == torch.float32 else 1e-6), (err / exact).median()
     assert any("outside its domain" in n for n in t.details["notes"]), t.details["notes"]
     # and errors planted on 8 small entries are found there, and nowhere else. (In float32 such an entry is judged
     # at steps where the rounding is ~1e-4 of the derivative, and a 1e-3 error on one entry went unseen in 4 of 200
