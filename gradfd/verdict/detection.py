@@ -38,10 +38,11 @@ import math
 import torch
 
 from ..report import DISAGREE
+from .judge import flag_steps
 from .policy import (DETECTION_BINS_PER_OCTAVE, DETECTION_DRAWS, DETECTION_LOG2_RANGE, DETECTION_PROBABILITY,
-                     SEEDS)
+                     DETECTION_SAMPLE, SEEDS)
 
-__all__ = ["DETECTION_PROBABILITY", "Thresholds", "allowances", "detection_generator",
+__all__ = ["DETECTION_PROBABILITY", "Thresholds", "allowances", "detection_generator", "sampled",
            "directional_limit"]
 
 _BINS_PER_OCTAVE, _LOG2_RANGE = DETECTION_BINS_PER_OCTAVE, DETECTION_LOG2_RANGE
@@ -64,17 +65,18 @@ class Thresholds:
         self.sumsq = 0.0
         self.pairs = 0
 
-    def add(self, a: torch.Tensor) -> None:
-        """Count thresholds in (0: flagged at any error; inf or NaN: never)."""
+    def add(self, a: torch.Tensor, weight: int = 1) -> None:
+        """Count thresholds in (0: flagged at any error; inf or NaN: never), each standing for ``weight`` pairs
+        (every ``weight``-th pair of a chunk's, :func:`sampled`)."""
         a = a.detach().to(torch.float64).reshape(-1).cpu()
         never = ~torch.isfinite(a)
-        self.infinite += int(never.sum())
+        self.infinite += weight * int(never.sum())
         a = a[~never]
-        self.zeros += int((a <= 0).sum())
+        self.zeros += weight * int((a <= 0).sum())
         a = a[a > 0]
         if a.numel():
             bins = ((a.log2() + _LOG2_RANGE) * _BINS_PER_OCTAVE).floor().clamp(0, self.hist.numel() - 1).long()
-            self.hist += torch.bincount(bins, minlength=self.hist.numel()).to(torch.float64)
+            self.hist += weight * torch.bincount(bins, minlength=self.hist.numel()).to(torch.float64)
 
     def add_gradient(self, analytical: torch.Tensor, pairs: int) -> None:
         """Count ``pairs`` pairs in, whose nonzero analytical values are ``analytical``."""
@@ -99,16 +101,25 @@ class Thresholds:
         if need <= self.zeros:
             return 0.0
         cum = self.zeros + self.hist.cumsum(0)
-        reached = (cum >= need).nonzero()  # integer counts: exact in float64
+        reached = (cum >= need).nonzero()  # integer counts and weights: exact in float64
         if reached.numel() == 0:
             return math.inf
         edge = 2.0 ** ((int(reached[0]) + 1) / _BINS_PER_OCTAVE - _LOG2_RANGE)
         return edge / math.sqrt(self.sumsq / self.pairs)
 
 
-def allowances(e, j, policy, gen: torch.Generator) -> torch.Tensor:
-    """The shift each entry of ``e`` (judged ``j``) needs to be flagged (the module docstring; drawn with ``gen``):
-    0 where it disagrees already."""
+def sampled(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Positions of every ``weight``-th set entry of ``mask``, at most ``DETECTION_SAMPLE`` of them, and
+    ``weight``: the thresholds of a large chunk are estimated from a regular sample (their quantile needs no more)."""
+    where = mask.nonzero().flatten()
+    weight = max(1, -(-where.numel() // DETECTION_SAMPLE))
+    return where[::weight], weight
+
+
+def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
+    """The shift each entry of ``e`` (judged ``j``, with tolerance floor ``floor``) needs to be flagged (the module
+    docstring; drawn with ``gen``): 0 where it disagrees already."""
+    flags = flag_steps(e, floor, policy)
     diff = (e.numerical - e.analytical).abs()
     sd = policy.refine * e.rounding / policy.rounding_safety
 
@@ -116,9 +127,9 @@ def allowances(e, j, policy, gen: torch.Generator) -> torch.Tensor:
         zeta = torch.randn(noise.shape, generator=gen, dtype=torch.float64).clamp(min=0).to(noise.device)
         return torch.maximum(a + diff, 2 * zeta * noise)
 
-    a = reproduced(j.flags[0], sd)
-    for k in range(1, j.flags.shape[0]):
-        a = torch.minimum(a, reproduced(torch.maximum(j.tol, j.flags[k]), policy.refine ** k * sd))
+    a = reproduced(flags[0], sd)
+    for k in range(1, flags.shape[0]):
+        a = torch.minimum(a, reproduced(torch.maximum(j.tol, flags[k]), policy.refine ** k * sd))
     return torch.where(j.verdict == DISAGREE, 0.0, a)
 
 

@@ -176,13 +176,13 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
     record = _record(name, p, e, refined.judgement, details, policy)
-    record.detection_limit = _limit(evaluator, e, refined.judgement)
+    record.detection_limit = _limit(evaluator, e, refined.judgement, floor)
     return record
 
 
-def _limit(evaluator: Directions, e: Entries, j: Judgement) -> float:
+def _limit(evaluator: Directions, e: Entries, j: Judgement, floor: DirectionalFloor) -> float:
     """The detection limit of the judged directions (:func:`~.detection.directional_limit`)."""
-    allowance = allowances(e, j, evaluator.policy, detection_generator())
+    allowance = allowances(e, j, floor(e), evaluator.policy, detection_generator())
     grads = evaluator.grads[:1] if evaluator.scalar else evaluator.grads  # (D, N) u_dᵀJ
     outputs = evaluator.u.shape[1]
     rms = math.sqrt(float(grads.pow(2).mean()) / (1 if evaluator.scalar else outputs))

@@ -20,7 +20,7 @@ from ..report import AGREE, DISAGREE, TINY
 from .estimates import Entries, entry_estimates, has_fourth_difference, probe_noise
 from .judge import Judgement, judge, second_look
 from .plan import Plan
-from .detection import Thresholds, allowances, detection_generator
+from .detection import Thresholds, allowances, detection_generator, sampled
 from .policy import SEEDS
 
 __all__ = ["FirstRound", "Flagged", "Tally", "Worst", "Store", "Probe"]
@@ -284,7 +284,8 @@ class FirstRound:
         model = torch.where(unmeasured, est.rounding * model / noise[oo].clamp(min=TINY), 0.0)
         e = Entries((start + jj) * size + oo, est.numerical, ana_pairs, est.error, est.rounding, est.kink,
                     est.finite, model)
-        jd = judge(e, plan.floors(e.analytical, oo), policy)
+        floor = plan.floors(e.analytical, oo)
+        jd = judge(e, floor, policy)
         if self.store is not None:
             self.store.fill_chunk(start, stop, jj, oo, e, jd, plan.floors)
         for j in range(len(spec.kept)):
@@ -300,21 +301,23 @@ class FirstRound:
             # (tests/test_check.py::test_an_error_among_the_first_entries_is_found_in_float32)
             good &= ~few
         if bool(good.any()):
-            self._tally_good(e, jd, good, g_pairs)
+            self._tally_good(e, jd, good, g_pairs, floor)
         bad = (~good).nonzero().flatten()
         half_step = (disp_pairs[0] - disp_pairs[1]).abs() / 2  # the realised h of each pair's smallest level
         return Flagged(e.take(bad), jd.take(bad), half_step[bad], few[bad]) if bad.numel() else None
 
-    def _tally_good(self, e: Entries, jd: Judgement, good: torch.Tensor, g_pairs: torch.Tensor) -> None:
+    def _tally_good(self, e: Entries, jd: Judgement, good: torch.Tensor, g_pairs: torch.Tensor,
+                    floor: torch.Tensor) -> None:
         plan, policy = self.plan, self.plan.request.policy
         diff = (e.numerical - e.analytical).abs()
         sc = plan.floors.scale_of(e.index % plan.size, diff.device)
         rel = torch.where(e.analytical.abs() >= policy.rel_floor * sc, diff / e.analytical.abs().clamp(min=TINY),
                           torch.zeros_like(diff))
         excess = diff / jd.tol.clamp(min=TINY)
-        allowance = allowances(e, jd, policy, self.detection_draws)
         for j in range(len(self.tally)):
             sel = good & (g_pairs == j)
             if bool(sel.any()):
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
-                self.tally[j].thresholds.add(allowance[sel])
+                at, weight = sampled(sel)
+                self.tally[j].thresholds.add(
+                    allowances(e.take(at), jd.take(at), floor[at], policy, self.detection_draws), weight)

@@ -20,32 +20,25 @@ from ..report import AGREE, DISAGREE, UNRESOLVED
 from .estimates import Entries
 from .policy import Policy
 
-__all__ = ["Judgement", "judge", "unsettled", "second_look", "Floors", "DirectionalFloor"]
+__all__ = ["Judgement", "judge", "flag_steps", "unsettled", "second_look", "Floors", "DirectionalFloor"]
 
 
 @dataclass
 class Judgement:
     """The verdicts of some entries: ``verdict`` int8 (AGREE / DISAGREE / UNRESOLVED), ``tol`` float64 tolerances,
-    ``nonsmooth`` bool (a kink stands out of the rounding, or the stencil is unsettled); ``flags`` float64
-    ``(1 + refine_rounds + curvature_rounds, ...)``: the smallest ``|numerical - analytical|`` the rule would call
-    a disagreement at this step and, modelled, at each refined step (inf where it never would: a non-finite or
-    non-smooth stencil; see :func:`judge`), which the detection limits read (None where not computed)."""
+    ``nonsmooth`` bool (a kink stands out of the rounding, or the stencil is unsettled)."""
 
     verdict: torch.Tensor
     tol: torch.Tensor
     nonsmooth: torch.Tensor
-    flags: torch.Tensor | None = None
 
     def take(self, j: torch.Tensor) -> "Judgement":
-        return Judgement(self.verdict[j], self.tol[j], self.nonsmooth[j],
-                         None if self.flags is None else self.flags[:, j])
+        return Judgement(self.verdict[j], self.tol[j], self.nonsmooth[j])
 
     @staticmethod
     def cat(parts: Sequence["Judgement"]) -> "Judgement":
-        flags = [p.flags for p in parts]
         return Judgement(torch.cat([p.verdict for p in parts]), torch.cat([p.tol for p in parts]),
-                         torch.cat([p.nonsmooth for p in parts]),
-                         None if any(f is None for f in flags) else torch.cat(flags, dim=1))
+                         torch.cat([p.nonsmooth for p in parts]))
 
 
 def unsettled(e: Entries, policy: Policy, settled: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,35 +79,34 @@ def _allowances(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.
 
 def judge(e: Entries, floor: torch.Tensor, policy: Policy, settled: torch.Tensor | None = None) -> Judgement:
     """Per-entry verdicts (the module docstring's rule); ``settled`` marks the entries whose fourth difference fell
-    like curvature since their previous step (see :mod:`.refine`). The judgement's ``flags`` are the smallest
-    discrepancy the rule calls a disagreement here and, modelled, at each refined step the refinement may take
-    (``refine_rounds + curvature_rounds``):
-    at each, rounding ``refine``-fold larger, the truncation spread and a curvature kink ``refine**2``-fold smaller
-    (the 4-point stencil's spread; curvature kinks fall faster); a step counts only where the next one's stencil
-    would be clean (:func:`~.refine.clean`). The detection limits read them."""
+    like curvature since their previous step (see :mod:`.refine`)."""
     diff = (e.numerical - e.analytical).abs()
-    tol, nonsmooth, band, flag = _allowances(e, floor, policy, settled)
+    tol, nonsmooth, band, _ = _allowances(e, floor, policy, settled)
     agree = e.finite & (diff <= tol)
     ambiguous = diff <= band
     unresolved = ~e.finite | (~agree & (nonsmooth | ambiguous | (e.kink >= policy.kink_explains * diff)))
     verdict = torch.full(diff.shape, AGREE, dtype=torch.int8, device=diff.device)
     verdict[~agree] = DISAGREE
     verdict[unresolved] = UNRESOLVED
+    return Judgement(verdict, tol, nonsmooth)
+
+
+def flag_steps(e: Entries, floor: torch.Tensor, policy: Policy) -> torch.Tensor:
+    """``(1 + refine_rounds + curvature_rounds, ...)`` float64: the smallest ``|numerical - analytical|`` the rule of
+    :func:`judge` calls a disagreement for entries ``e`` at their step and, modelled, at each refined step the
+    refinement may take (rounding ``refine``-fold larger a step, the truncation spread and a curvature kink
+    ``refine**2``-fold smaller: the 4-point stencil's spread; curvature kinks fall faster); inf where the rule never
+    would (a non-finite or non-smooth stencil), or where the next step's stencil would not be clean
+    (:func:`~.refine.clean`: a disagreement stands only on one). The detection limits read them."""
     rounds = policy.refine_rounds + policy.curvature_rounds
     steps = [e] + [_smaller(e, policy.refine ** k) for k in range(1, rounds + 2)]
-    flags = [flag] + [_flag_of(s, floor, policy) for s in steps[1:-1]]
-    # a disagreement stands only where the next step's stencil is clean (refine.clean)
-    flags = [torch.where(nxt.kink < policy.clean_kink * nxt.rounding, f, math.inf) for f, nxt in zip(flags, steps[1:])]
-    return Judgement(verdict, tol, nonsmooth, torch.stack(flags))
-
-
-def _flag_of(e: Entries, floor: torch.Tensor, policy: Policy) -> torch.Tensor:
-    _, _, _, flag = _allowances(e, floor, policy, None)
-    return flag
+    flags = [_allowances(s, floor, policy, None)[-1] for s in steps[:-1]]
+    return torch.stack([torch.where(nxt.kink < policy.clean_kink * nxt.rounding, f, math.inf)
+                        for f, nxt in zip(flags, steps[1:])])
 
 
 def _smaller(e: Entries, r: float) -> Entries:
-    """Entries ``e`` modelled at an ``r``-fold smaller step (see :func:`judge`)."""
+    """Entries ``e`` modelled at an ``r``-fold smaller step (see :func:`flag_steps`)."""
     return Entries(e.index, e.numerical, e.analytical, (e.error - e.rounding) / r**2 + r * e.rounding,
                    r * e.rounding, e.kink / r**2, e.finite, None if e.model is None else r * e.model)
 

@@ -40,6 +40,7 @@ SAMPLE_LARGEST_SHARE = 4  # sample mode takes samples // this of the largest-|gr
 # The detection limit a report states (gradfd/verdict/detection.py; a statement, not a threshold: no verdict reads it)
 DETECTION_PROBABILITY = 0.95  # the limit is the error flagged with this probability
 DETECTION_DRAWS = 4096  # draws of the entry and the directions' coefficients behind a directional limit
+DETECTION_SAMPLE = 4096  # thresholds computed per chunk and output at most (a regular sample of the pairs)
 DETECTION_BINS_PER_OCTAVE = 8  # thresholds are kept as a histogram of log2: exact to 1/8 octave (9%)
 DETECTION_LOG2_RANGE = 1100  # ... over 2^-1100 .. 2^1100 (float64 spans 2^-1074 .. 2^1024)
 

@@ -179,8 +179,6 @@ class Refinement:
         self.e.put(which, e2, ok)
         got = which[ok]
         self.j.verdict[got], self.j.tol[got], self.j.nonsmooth[got] = j2.verdict[ok], j2.tol[ok], j2.nonsmooth[ok]
-        if self.j.flags is not None:
-            self.j.flags[:, got] = j2.flags[:, ok]
         self.base[got] = factors[ok]
 
     def retreat(self, remeasure: Callable[[Entries, torch.Tensor], Entries] | None, margin: int):
@@ -267,8 +265,6 @@ class Refinement:
         self.late[rep] = (v2[replace] == DISAGREE) & (j.nonsmooth[rep] | after_agreeing[replace])
         self.late[todo[retry]] = True
         j.nonsmooth[rep] = j2.nonsmooth[replace]
-        if j.flags is not None:
-            j.flags[:, rep] = j2.flags[:, replace]
         self.was_blind[rep] = blind[replace]
         # what is unresolved at its last regular round stays so; a disagreement first seen there gets one more step
         keep = replace & ((v2 != AGREE) | tighten) & ((round_ < self.last[todo]) | (v2 == DISAGREE))

@@ -111,7 +111,7 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
             sel = ((e.index % size) >= lo) & ((e.index % size) < hi)
             max_abs, max_rel, worst = _refined_into(tally, e, j, sel, plan.scales[g] or 0.0, r.policy.rel_floor,
                                                     counts)
-        limit = _detection_limit(tally, e, j, sel if e is not None else None, r.policy)
+        limit = _detection_limit(tally, e, j, sel if e is not None else None, plan.floors, size, r.policy)
         worst_index = None
         if worst is not None:
             w_pos, w_out = divmod(worst.index, size)
@@ -133,12 +133,14 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
 
 
 def _detection_limit(tally: Tally, e: Entries | None, j: Judgement | None, sel: torch.Tensor | None,
-                     policy) -> float:
+                     floors, size: int, policy) -> float:
     """The output's detection limit (:mod:`.detection`): the first round's agreeing pairs (in ``tally``) and the
     refined ones ``sel`` of ``e``."""
     thresholds = tally.thresholds
-    if e is not None and bool(sel.any()) and j.flags is not None:
+    if e is not None and bool(sel.any()):
         refined = Thresholds()
-        refined.add(allowances(e, j, policy, detection_generator())[sel])
+        at = sel.nonzero().flatten()
+        part = e.take(at)
+        refined.add(allowances(part, j.take(at), floors.of(part, size), policy, detection_generator()))
         thresholds = thresholds.merged(refined)
     return thresholds.limit()
