@@ -5,8 +5,9 @@ draws at ``m = 1``, and more at ``m = 2``.
 Per draw: a correct check states the limit ``L``; then a backward that adds ``m * L * rms`` (random sign) to one
 entry's gradient, the entry drawn uniformly among those the correct check looked at, is checked with the same seed;
 "caught" is its failing. Seeds: the model of the limit (gradfd/verdict/detection.py) was developed on seeds
-1000-1039; it is judged here on the fresh range 2000-2039 (``JUDGED_ON``; gradfd.demo.bench's rule on seed
-ranges).
+1000-1039; 2000-2039 then showed the float32 full rows short (33/40 at 1x: the noise calibration a flagged entry
+meets was not modelled, now it is); it is judged here on the fresh range 5000-5039 (``JUDGED_ON``;
+gradfd.demo.bench's rule on seed ranges).
 
     uv run python benchmarks/bench_detection.py            # records results/detection.json, renders it
     uv run python benchmarks/bench_detection.py --draws 4 --no-record
@@ -25,7 +26,7 @@ from gradfd.demo import bench
 from gradfd.verdict.detection import DETECTION_PROBABILITY
 
 MULTIPLES = (0.5, 1.0, 2.0)
-JUDGED_ON = range(2000, 2040)
+JUDGED_ON = range(5000, 5040)
 
 
 def _sin2(n: int, dtype: torch.dtype, seed: int):

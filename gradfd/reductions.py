@@ -43,12 +43,14 @@ _CLASS_LOSSES = {F.nll_loss, F.cross_entropy}
 _SIGNATURES = {f: inspect.signature(f) for f in _ELEMENTWISE_LOSSES | _CLASS_LOSSES}
 
 
-def _full_reduction(args: tuple, kwargs: dict, batch_dims: int = 0) -> torch.Tensor | None:
+def _full_reduction(args: tuple, kwargs: dict, batch_dims: int = 0, batch: int | None = None) -> torch.Tensor | None:
     """The input of a ``sum``/``mean`` call that reduces a low-precision tensor over every dimension (every one after
-    the ``batch_dims`` leading batch dimensions), else None."""
+    the ``batch_dims`` leading batch dimensions, the first of size ``batch``), else None."""
     if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype not in LOW_PRECISION:
         return None
     x = args[0]
+    if batch_dims and (x.dim() <= batch_dims or x.shape[0] != batch):  # a tensor without the batch: as written
+        return None
     if set(kwargs) - {"dim", "keepdim"} or len(args) > 3:  # dtype=, out=: as written
         return None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -72,20 +74,22 @@ class Float64Reductions(TorchFunctionMode):
         batch_dims: leading batch dimensions a full reduction leaves (``func`` given the parameter stacked along a
             leading batch dimension reduces every other one: one float64 loss per row); the losses of
             ``torch.nn.functional`` are then left as written.
+        batch: the size of the leading batch dimension: a tensor without it (a constant of ``func``'s) is reduced
+            as written.
 
     Attributes:
         count: reductions taken in float64 so far.
     """
 
-    def __init__(self, batch_dims: int = 0) -> None:
+    def __init__(self, batch_dims: int = 0, batch: int | None = None) -> None:
         super().__init__()
         self.count = 0
-        self.batch_dims = batch_dims
+        self.batch_dims, self.batch = batch_dims, batch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FULL:
-            x = _full_reduction(args, kwargs, self.batch_dims)
+            x = _full_reduction(args, kwargs, self.batch_dims, self.batch)
             if x is not None:
                 self.count += 1
                 wide = x.to(torch.float64)

@@ -72,7 +72,8 @@ class TensorReport:
             Jacobian's entries the function depends on, for a tensor-valued function), that this check flags with
             95% probability
             (:mod:`gradfd.verdict.detection`): over the entries looked at, so in sample mode per sampled entry;
-            inf where more than 5% of them could not be compared, NaN where it is not known (a zero gradient).
+            inf where more than 5% of them could never be flagged (kinked or non-finite at every step), NaN where
+            it is not known (a zero gradient).
         unexamined: the share of the tensor's entries this check did not look at (sample mode): an error there
             cannot be found.
         plot_context: what :meth:`CheckReport.plot_entry` needs to evaluate ``func`` again
@@ -130,7 +131,7 @@ class TensorReport:
         if math.isnan(self.detection_limit):
             return "-"
         text = "none" if math.isinf(self.detection_limit) else f"{self.detection_limit:.1e} rms"
-        return text + (f" on {100 * (1 - self.unexamined):.2g}%" if self.unexamined > 0 else "")
+        return text + (f" on {100 * (1 - self.unexamined):.3g}%" if self.unexamined > 0 else "")
 
     def disagreeing(self, limit: int = 10) -> list[tuple]:
         """Index tuples (or direction numbers) of up to ``limit`` disagreeing entries, worst first."""

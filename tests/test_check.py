@@ -278,6 +278,7 @@ def test_a_stencil_outside_the_domain_is_retried_at_smaller_steps_and_checked(se
     err = (t.entries["numerical"] - exact).abs()
     assert bool((err <= t.entries["tolerance"]).all()), (err / t.entries["tolerance"]).max()
     assert (err / exact).median() < (1e-4 if dtype == torch.float32 else 1e-6), (err / exact).median()
+    assert (err / exact).max() < (1e-3 if dtype == torch.float32 else 1e-5), (err / exact).max()
     assert any("outside its domain" in n for n in t.details["notes"]), t.details["notes"]
     # and errors planted on 8 small entries are found there, and nowhere else. (In float32 such an entry is judged
     # at steps where the rounding is ~1e-4 of the derivative, and a 1e-3 error on one entry went unseen in 4 of 200

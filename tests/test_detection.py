@@ -3,6 +3,7 @@ and that an error a few times above it is caught (benchmarks/bench_detection.py 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import gradfd
 from gradfd.demo import bench
+from gradfd.report import TensorReport
 from gradfd.verdict.detection import DETECTION_PROBABILITY, Thresholds, directional_limit
 
 
@@ -73,4 +75,5 @@ def test_sample_mode_states_what_it_did_not_look_at():
     x = torch.randn(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
     t = gradfd.check(lambda x: (torch.sin(x) ** 2).sum(), (x,), mode="sample", seed=0).tensors[0]
     assert t.unexamined == pytest.approx(1 - t.checked / 4000) and t.unexamined > 1 - DETECTION_PROBABILITY
-    assert t.detection_text().endswith(f"on {100 * t.checked / 4000:.2g}%")
+    assert t.detection_text().endswith(f"on {100 * t.checked / 4000:.3g}%")
+    assert "e+" not in TensorReport.detection_text(dataclasses.replace(t, unexamined=1 / 256))  # "on 99.6%"

@@ -162,12 +162,13 @@ def test_stacked_rows_reduce_as_single_calls_do():
     dimension: in float64, one loss per row, as a single call's full reduction is. Summed in float32 against a
     float64 base point, 12 of 300 correct checks failed (these three draws among them)."""
     f = lambda x: torch.exp(0.5 * x).sum(-1)  # noqa: E731
-    with reductions.Float64Reductions(batch_dims=1) as mode:
+    with reductions.Float64Reductions(batch_dims=1, batch=5) as mode:
         rows = f(torch.randn(5, 64))
     assert mode.count == 1 and rows.dtype == torch.float64 and rows.shape == (5,)
-    with reductions.Float64Reductions(batch_dims=1) as mode:
+    with reductions.Float64Reductions(batch_dims=1, batch=5) as mode:
         assert f(torch.randn(5, 64)).sum().dtype == torch.float64  # the per-row losses, then func's own sum
         torch.randn(5, 64).sum()  # over the batch too: not one loss per row, left as written
+        assert torch.randn(3, 7).sum(-1).dtype == torch.float32  # a constant without the batch: as written
     assert mode.count == 1
     for seed in (17, 26, 31):
         torch.manual_seed(seed)

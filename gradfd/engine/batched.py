@@ -78,7 +78,7 @@ def call_batched(problem: Problem, rows: torch.Tensor, strategy: str, *, in_dim:
             for w in caught:  # func's own warnings, issued as if vmap had not caught them
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return problem.batched_values(out, count, "vmap(func)")
-        out = problem.stacked_func(*problem.with_param(rows.reshape(count, *problem.shape)))
+        out = problem.stacked_func(count)(*problem.with_param(rows.reshape(count, *problem.shape)))
         out = problem.batched_values(out, count, f"func given params[{problem.param_idx}] with a leading batch "
                                                  "dimension")
         if verify:

@@ -30,8 +30,9 @@ PROBE_WARMUP = 4  # ... after an untimed batched call on this many
 VECTOR_CPU_MIN_CHUNK = 64  # a tensor-valued func's chunks on a CPU: each also pays for comparing its Jacobian columns
 # After the engine="auto" probe chose batched, a chunk of at most PROBE_BATCH coordinates capped below the budget by
 # the cache heuristic doubles, one timed chunk at a time, and a doubling is kept only when it runs at least SIZE_GAIN
-# times faster per coordinate (at most SIZE_DOUBLINGS times): the cache heuristic is a guess, the timing is of func (measured: 16 -> 32 coordinates ran a d=128
-# encoder layer's in_proj_weight 20% faster, 16 -> 64 its linear1.weight 25%; benchmarks/bench_models.py).
+# times faster per coordinate (at most SIZE_DOUBLINGS times): the cache heuristic is a guess, the timing is of func
+# (measured: 16 -> 32 coordinates ran a d=128 encoder layer's in_proj_weight 20% faster, 16 -> 64 its linear1.weight
+# 25%; benchmarks/bench_models.py).
 SIZE_DOUBLINGS = 3
 SIZE_GAIN = 0.9
 

@@ -172,15 +172,14 @@ class Problem:
         """``func`` as evaluated: under float64 reductions when :meth:`evaluate_base` chose them."""
         return self._wide if self.reduce64 else self.plain_func
 
-    @property
-    def stacked_func(self) -> Callable:
-        """``func`` as evaluated on the parameter stacked along a leading batch dimension: its reductions over every
-        other dimension in float64 when :meth:`evaluate_base` chose float64 reductions, so that each row's loss is
-        the one a single call gives (a float32 sum of the rows against a float64 base point failed 4% of correct
+    def stacked_func(self, batch: int) -> Callable:
+        """``func`` as evaluated on the parameter stacked along a leading batch dimension of size ``batch``: its
+        reductions of a tensor with that leading dimension over every other dimension in float64 when
+        :meth:`evaluate_base` chose float64 reductions, so that each row's loss is the one a single call gives (a float32 sum of the rows against a float64 base point failed 4% of correct
         checks of ``exp(x / 2).sum(-1)``: tests/test_reductions.py::test_stacked_rows_reduce_as_single_calls_do)."""
         if not self.reduce64:
             return self.plain_func
-        return reductions.wrap(self.plain_func, lambda: reductions.Float64Reductions(batch_dims=1))
+        return reductions.wrap(self.plain_func, lambda: reductions.Float64Reductions(batch_dims=1, batch=batch))
 
     def with_param(self, value: torch.Tensor) -> list:
         """The private arguments with the checked parameter replaced by ``value`` (of the parameter's shape, or with

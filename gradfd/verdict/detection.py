@@ -80,8 +80,16 @@ class Thresholds:
 
     def add_gradient(self, analytical: torch.Tensor, pairs: int) -> None:
         """Count ``pairs`` pairs in, whose nonzero analytical values are ``analytical``."""
-        self.sumsq += float(analytical.detach().to(torch.float64).pow(2).sum())
+        g = analytical.detach().to(torch.float64)
+        self.sumsq += float(g[g.isfinite()].pow(2).sum())  # a non-finite analytical entry is judged, not summed
         self.pairs += pairs
+
+    def rms_of(self, gradient: torch.Tensor) -> None:
+        """Take the RMS from ``gradient`` (its finite nonzero entries: those a loss depends on) instead of the pairs
+        counted in."""
+        g = gradient.detach().to(torch.float64)
+        g = g[g.isfinite() & (g != 0)]
+        self.sumsq, self.pairs = float(g.pow(2).sum()), g.numel()
 
     def merged(self, other: "Thresholds") -> "Thresholds":
         out = Thresholds()
@@ -147,7 +155,7 @@ def directional_limit(allowance: torch.Tensor, steps: torch.Tensor, rms: float, 
         The limit relative to ``rms``; inf where more than ``1 - DETECTION_PROBABILITY`` of the draws are never
         flagged, NaN for a zero gradient or no direction.
     """
-    if allowance.numel() == 0 or not rms > 0:
+    if allowance.numel() == 0 or steps.numel() == 0 or not rms > 0:
         return math.nan
     gen = detection_generator()
     k, d = DETECTION_DRAWS, allowance.numel()

@@ -183,7 +183,12 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
 def _limit(evaluator: Directions, e: Entries, j: Judgement, floor: DirectionalFloor) -> float:
     """The detection limit of the judged directions (:func:`~.detection.directional_limit`)."""
     allowance = allowances(e, j, floor(e), evaluator.policy, detection_generator())
-    grads = evaluator.grads[:1] if evaluator.scalar else evaluator.grads  # (D, N) u_dᵀJ
-    outputs = evaluator.u.shape[1]
-    rms = math.sqrt(float(grads.pow(2).mean()) / (1 if evaluator.scalar else outputs))
+    # the RMS over the gradient's nonzero entries for a loss (as full mode counts the entries it depends on); for a
+    # tensor-valued function over every Jacobian entry: E[(u_dᵀJ)_i^2] = sum_o J_oi^2
+    if evaluator.scalar:
+        g = evaluator.grads[0]
+        g = g[g.isfinite() & (g != 0)]
+        rms = math.sqrt(float(g.pow(2).mean())) if g.numel() else 0.0
+    else:
+        rms = math.sqrt(float(evaluator.grads.pow(2).mean()) / evaluator.u.shape[1])
     return directional_limit(allowance, evaluator.steps, rms, None if evaluator.scalar else evaluator.u[e.index])

@@ -300,14 +300,14 @@ class FirstRound:
             # entries are judged again after the first round, with what the other chunks measured
             # (tests/test_check.py::test_an_error_among_the_first_entries_is_found_in_float32)
             good &= ~few
-        if bool(good.any()):
-            self._tally_good(e, jd, good, g_pairs, floor)
-        bad = (~good).nonzero().flatten()
         half_step = (disp_pairs[0] - disp_pairs[1]).abs() / 2  # the realised h of each pair's smallest level
+        if bool(good.any()):
+            self._tally_good(e, jd, good, g_pairs, floor, start + jj, half_step)
+        bad = (~good).nonzero().flatten()
         return Flagged(e.take(bad), jd.take(bad), half_step[bad], few[bad]) if bad.numel() else None
 
     def _tally_good(self, e: Entries, jd: Judgement, good: torch.Tensor, g_pairs: torch.Tensor,
-                    floor: torch.Tensor) -> None:
+                    floor: torch.Tensor, columns: torch.Tensor, half_step: torch.Tensor) -> None:
         plan, policy = self.plan, self.plan.request.policy
         diff = (e.numerical - e.analytical).abs()
         sc = plan.floors.scale_of(e.index % plan.size, diff.device)
@@ -319,5 +319,20 @@ class FirstRound:
             if bool(sel.any()):
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
                 at, weight = sampled(sel)
+                part = self._calibrated(e.take(at), columns[at], half_step[at])
                 self.tally[j].thresholds.add(
-                    allowances(e.take(at), jd.take(at), floor[at], policy, self.detection_draws), weight)
+                    allowances(part, jd.take(at), floor[at], policy, self.detection_draws), weight)
+
+    def _calibrated(self, e: Entries, columns: torch.Tensor, half_step: torch.Tensor) -> Entries:
+        """Agreeing entries as a planted error would have them judged: past the first round's tolerance an entry is
+        flagged, and the noise calibration (:func:`~.noise.calibrate`) never judges a flagged entry with less noise
+        than ``eps / noise_floor_divisor`` times its terms (the detection limit's model)."""
+        plan, r = self.plan, self.plan.request
+        policy = r.policy
+        outs = e.index % plan.size
+        terms = term_sizes(plan.flat_x[r.coords[columns]]) * e.analytical.abs()
+        gain = policy.rounding_safety * r.stencil.weight_norm / half_step.clamp(min=TINY)
+        least = plan.out_eps[outs] / policy.noise_floor_divisor * torch.where(terms.isfinite(), terms, 0.0) * gain
+        rounding = torch.where(e.finite, torch.maximum(e.rounding, least), e.rounding)
+        return Entries(e.index, e.numerical, e.analytical, e.error - e.rounding + rounding, rounding, e.kink,
+                       e.finite, e.model)
