@@ -96,3 +96,19 @@ def test_the_stated_limit_is_not_far_above_what_the_check_sees(dtype):
                                (x.clone().requires_grad_(),), seed=seed, raise_on_failure=False)
         caught += not planted.passed
     assert caught <= 5, caught
+
+
+def test_a_large_chunk_is_sampled_at_random_with_an_integer_weight():
+    from gradfd.verdict.detection import sampled
+    from gradfd.verdict.policy import DETECTION_SAMPLE
+
+    mask = torch.zeros(DETECTION_SAMPLE + 5, dtype=torch.bool)
+    mask[::2] = True
+    at, weight = sampled(mask, torch.Generator().manual_seed(0))
+    assert weight == 1 and at.numel() == int(mask.sum())  # below the cap: every entry
+    mask = torch.ones(10 * DETECTION_SAMPLE, dtype=torch.bool)
+    mask[::2] = False  # the odd positions: every 5th of them would all be 1 mod 10
+    at, weight = sampled(mask, torch.Generator().manual_seed(0))
+    assert weight == 5 and at.numel() == DETECTION_SAMPLE and bool(mask[at].all())
+    assert torch.equal(at, at.unique()) and at.numel() * weight <= int(mask.sum())
+    assert len({int(i) % 10 for i in at}) == 5  # every odd residue mod 10, not one stride's

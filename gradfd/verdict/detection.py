@@ -67,7 +67,7 @@ class Thresholds:
 
     def add(self, a: torch.Tensor, weight: int = 1) -> None:
         """Count thresholds in (0: flagged at any error; inf or NaN: never), each standing for ``weight`` pairs
-        (every ``weight``-th pair of a chunk's, :func:`sampled`)."""
+        (a sample of a chunk's, :func:`sampled`)."""
         a = a.detach().to(torch.float64).reshape(-1).cpu()
         never = ~torch.isfinite(a)
         self.infinite += weight * int(never.sum())
@@ -116,12 +116,17 @@ class Thresholds:
         return edge / math.sqrt(self.sumsq / self.pairs)
 
 
-def sampled(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Positions of every ``weight``-th set entry of ``mask``, at most ``DETECTION_SAMPLE`` of them, and
-    ``weight``: the thresholds of a large chunk are estimated from a regular sample (their quantile needs no more)."""
+def sampled(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Positions of a random ``1/weight`` of the set entries of ``mask`` (drawn with ``gen``), at most
+    ``DETECTION_SAMPLE`` of them, and the integer ``weight``: the thresholds of a large chunk are estimated from a
+    sample (their quantile needs no more); a random one, since a regular stride could alias with a periodic layout
+    (a convolution's kernel positions)."""
     where = mask.nonzero().flatten()
     weight = max(1, -(-where.numel() // DETECTION_SAMPLE))
-    return where[::weight], weight
+    if weight == 1:
+        return where, 1
+    pick = torch.randperm(where.numel(), generator=gen)[:where.numel() // weight].to(where.device)
+    return where[pick.sort().values], weight
 
 
 def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:

@@ -318,7 +318,7 @@ class FirstRound:
             sel = good & (g_pairs == j)
             if bool(sel.any()):
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
-                at, weight = sampled(sel)
+                at, weight = sampled(sel, self.detection_draws)
                 part = self._calibrated(e.take(at), columns[at], half_step[at])
                 self.tally[j].thresholds.add(
                     allowances(part, jd.take(at), floor[at], policy, self.detection_draws), weight)
