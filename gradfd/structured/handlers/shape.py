@@ -85,26 +85,27 @@ def handle_expand(an, node, base, p, sizes, *, implicit=False):
 
 def _groups(old, new) -> list[tuple[list[int], list[int]]]:
     """Pair runs of dims of ``old`` and ``new`` with equal element counts (a reshape maps each run onto its pair)."""
-    groups, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
+    shapes, at = (old, new), [0, 0]  # side 0: old, side 1: new; the next dim of each
+
+    def take(side: int, group: list[int], product: int) -> int:
+        """Add side's next dim to ``group``; return the group's element count with it."""
+        group.append(at[side])
+        product *= shapes[side][at[side]]
+        at[side] += 1
+        return product
+
+    groups = []
+    while at[0] < len(old) or at[1] < len(new):
         go, gn, po, pn = [], [], 1, 1
-        if i < len(old):
-            go.append(i)
-            po *= old[i]
-            i += 1
-        if j < len(new):
-            gn.append(j)
-            pn *= new[j]
-            j += 1
+        if at[0] < len(old):
+            po = take(0, go, po)
+        if at[1] < len(new):
+            pn = take(1, gn, pn)
         while po != pn:
-            if po < pn and i < len(old):
-                go.append(i)
-                po *= old[i]
-                i += 1
-            elif j < len(new):
-                gn.append(j)
-                pn *= new[j]
-                j += 1
+            if po < pn and at[0] < len(old):
+                po = take(0, go, po)
+            elif at[1] < len(new):
+                pn = take(1, gn, pn)
             else:
                 raise ValueError("shapes do not match")
         groups.append((go, gn))
