@@ -77,22 +77,36 @@ class Float64Reductions(TorchFunctionMode):
         batch: the size of the leading batch dimension: a tensor without it (a constant of ``func``'s) is reduced
             as written.
 
+        measure: record ``quantum`` (reads values: not under vmap; the unperturbed evaluation does).
+
     Attributes:
         count: reductions taken in float64 so far.
+        quantum: with ``measure``, the rounding of one term of the reductions taken, in the loss's units:
+            ``eps * mean |term|`` of the terms' dtype, over the number of terms for a mean (the largest over the
+            reductions). A step that moves a few terms moves the loss in such quanta, however finely float64 sums
+            them (:func:`gradfd.verdict.plan.evaluate_base` floors the measured noise there).
     """
 
-    def __init__(self, batch_dims: int = 0, batch: int | None = None) -> None:
+    def __init__(self, batch_dims: int = 0, batch: int | None = None, measure: bool = False) -> None:
         super().__init__()
         self.count = 0
-        self.batch_dims, self.batch = batch_dims, batch
+        self.quantum = 0.0
+        self.batch_dims, self.batch, self.measure = batch_dims, batch, measure
+
+    def _took(self, terms: torch.Tensor, dtype: torch.dtype, count) -> None:
+        """Count one reduction of ``terms`` (float64, of ``dtype``) over ``count`` terms (1 for a sum)."""
+        self.count += 1
+        if self.measure and terms.numel():
+            per_term = float(terms.abs().sum()) / terms.numel() / max(float(count), 1.0)
+            self.quantum = max(self.quantum, torch.finfo(dtype).eps * per_term)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FULL:
             x = _full_reduction(args, kwargs, self.batch_dims, self.batch)
             if x is not None:
-                self.count += 1
                 wide = x.to(torch.float64)
+                self._took(wide, x.dtype, wide.numel() if func in _MEANS else 1)
                 if self.batch_dims:
                     dims = tuple(range(self.batch_dims, wide.dim()))
                     return wide.mean(dim=dims) if func in _MEANS else wide.sum(dim=dims)
@@ -100,12 +114,10 @@ class Float64Reductions(TorchFunctionMode):
         elif func in _SIGNATURES and not self.batch_dims:
             out = self._loss(func, args, kwargs)
             if out is not None:
-                self.count += 1
                 return out
         return func(*args, **kwargs)
 
-    @staticmethod
-    def _loss(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _loss(self, func, args: tuple, kwargs: dict) -> torch.Tensor | None:
         try:
             bound = _SIGNATURES[func].bind(*args, **kwargs)
         except TypeError:
@@ -122,10 +134,14 @@ class Float64Reductions(TorchFunctionMode):
         a["reduction"] = "none"
         terms = func(*bound.args, **bound.kwargs).to(torch.float64)
         if reduction == "sum":
+            self._took(terms, inp.dtype, 1)
             return terms.sum()
         if func in _CLASS_LOSSES and isinstance(target, torch.Tensor) and not target.is_floating_point():
             ignore = a.get("ignore_index", -100)
-            return terms.sum() / (target != ignore).sum()
+            count = (target != ignore).sum()
+            self._took(terms, inp.dtype, count)
+            return terms.sum() / count
+        self._took(terms, inp.dtype, terms.numel())
         return terms.mean()
 
 

@@ -510,6 +510,60 @@ def test_a_zero_slope_beside_a_kink_is_a_verdict_not_a_stalled_step(offset):
     assert (t.agree, t.disagree, t.unresolved) == ((1, 0, 0) if offset == 0 else (0, 1, 0)), t
 
 
+def _small_cnn(seed: int):
+    """A float32 CNN (conv-ReLU-avgpool-conv-ReLU-global average-linear) under cross-entropy, as ``(func, w)`` of its
+    second conv weight: one entry moves every activation of its output channel (bench_kinks.py's family)."""
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+                            torch.nn.Conv2d(16, 16, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    params = {n: p.detach() for n, p in m.named_parameters()}
+
+    def func(w):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(m, {**params, "3.weight": w}, (x,)), y)
+
+    return func, params["3.weight"].clone()
+
+
+def test_a_conv_net_whose_stencils_straddle_switches_is_not_failed():
+    # several of the ReLU inputs a conv weight moves switch within every float32 step: the estimate of a correct
+    # entry sits ~1% off at the first step and at the smaller ones (6 entries failed here before the rule on
+    # switches near an entry); an error well above what they explain is still located, and there only
+    func, w = _small_cnn(4)
+    t = gradfd.check(func, _leaf(w)).tensors[0]
+    assert t.passed and t.agree + t.unresolved == t.checked, str(t)
+    leaf = w.clone().requires_grad_()
+    g, = torch.autograd.grad(func(leaf), leaf)
+    i = int(g.abs().argmax())
+    scale = torch.ones(w.numel())
+    scale[i] = 1.2
+    bad = gradfd.check(planted(func, 0, scale.view_as(w)), _leaf(w), raise_on_failure=False).tensors[0]
+    assert bad.disagreeing() == [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape))], str(bad)
+
+
+def test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed():
+    # a classifier head whose features 2 and 4 are alive on one sample only, and small: a step of their weights
+    # moves one sample's float32 cross-entropy, in quanta of its rounding, however finely float64 averages the
+    # terms; the noise measured there (mostly exact zeros) was 1e-16, and 5 correct entries failed
+    gen = torch.Generator().manual_seed(0)
+    feats = (torch.randn(6, 16, generator=gen) * 0.05).relu()
+    feats[:, :5] = 0
+    feats[0, 2], feats[3, 4] = 1.3e-3, 1.5e-3
+    y = torch.randint(0, 10, (6,), generator=gen)
+    w = torch.randn(10, 16, generator=gen) * 0.25
+    func = lambda w: torch.nn.functional.cross_entropy(feats @ w.T, y)  # noqa: E731
+    t = gradfd.check(func, _leaf(w)).tensors[0]
+    assert t.passed and t.agree == t.checked, str(t)
+    leaf = w.clone().requires_grad_()
+    g, = torch.autograd.grad(func(leaf), leaf)
+    i = int(g.abs().argmax())
+    scale = torch.ones(w.numel())
+    scale[i] = 1.01
+    bad = gradfd.check(planted(func, 0, scale.view_as(w)), _leaf(w), raise_on_failure=False).tensors[0]
+    assert bad.disagreeing() == [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape))], str(bad)
+
+
 @pytest.mark.xfail(strict=True, reason="known false failure in float64, open (issue 20): refinement's smaller "
                    "steps fall below the resolution of an output computed as log(1 + tiny), and the rounding model "
                    "(eps * (|f| + terms)) does not see the O(1) intermediate")

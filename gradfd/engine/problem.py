@@ -149,6 +149,7 @@ class Problem:
             raise TypeError(f"func must be callable, got {describe(func)}")
         self.plain_func = func
         self.reduce64 = False  # evaluate under reductions.Float64Reductions (decided by evaluate_base)
+        self.reduction_quantum = 0.0  # ... and the rounding of one of its terms (Float64Reductions.quantum)
         self.reductions = 0  # how many reductions one evaluation takes in float64
         self.plain_base: torch.Tensor | None = None  # func's own loss at the unperturbed point
         self.param_idx = param_idx
@@ -233,7 +234,7 @@ class Problem:
     def _try_float64_reductions(self) -> None:
         """Evaluate ``func`` once more with its full reductions in float64 (:mod:`gradfd.reductions`); keep that
         for every evaluation when it took any and reproduces ``func``'s own loss."""
-        mode = reductions.Float64Reductions()
+        mode = reductions.Float64Reductions(measure=True)
         try:
             with torch.no_grad(), mode:
                 wide = self.plain_func(*self.args)
@@ -243,7 +244,7 @@ class Problem:
             self.rng.reset()
         if mode.count and reductions.consistent(self.plain_base, wide):
             self._wide = reductions.wrap(self.plain_func)
-            self.reduce64, self.reductions = True, mode.count
+            self.reduce64, self.reductions, self.reduction_quantum = True, mode.count, mode.quantum
             self.base_loss = wide.detach().reshape(()).clone()
 
     def output_values(self, out) -> torch.Tensor:

@@ -98,22 +98,27 @@ class Thresholds:
         out.sumsq, out.pairs = self.sumsq + other.sumsq, self.pairs + other.pairs
         return out
 
-    def limit(self) -> float:
-        """The ``DETECTION_PROBABILITY`` quantile of the thresholds over the RMS gradient (the upper edge of its
-        histogram bin); inf where more than ``1 - DETECTION_PROBABILITY`` of the pairs are never flagged, NaN
-        without a pair or with a zero gradient."""
+    def quantile(self, p: float) -> float:
+        """The ``p`` quantile of the values counted in (the upper edge of its histogram bin): 0 where zeros make
+        it, inf where infinities do, NaN without a value."""
         total = self.zeros + self.infinite + float(self.hist.sum())
-        if total == 0 or self.sumsq <= 0 or self.pairs == 0:
+        if total == 0:
             return math.nan
-        need = DETECTION_PROBABILITY * total
+        need = p * total
         if need <= self.zeros:
             return 0.0
         cum = self.zeros + self.hist.cumsum(0)
         reached = (cum >= need).nonzero()  # integer counts and weights: exact in float64
         if reached.numel() == 0:
             return math.inf
-        edge = 2.0 ** ((int(reached[0]) + 1) / _BINS_PER_OCTAVE - _LOG2_RANGE)
-        return edge / math.sqrt(self.sumsq / self.pairs)
+        return 2.0 ** ((int(reached[0]) + 1) / _BINS_PER_OCTAVE - _LOG2_RANGE)
+
+    def limit(self) -> float:
+        """The ``DETECTION_PROBABILITY`` quantile of the thresholds over the RMS gradient; inf where more than
+        ``1 - DETECTION_PROBABILITY`` of the pairs are never flagged, NaN without a pair or with a zero gradient."""
+        if self.sumsq <= 0 or self.pairs == 0:
+            return math.nan
+        return self.quantile(DETECTION_PROBABILITY) / math.sqrt(self.sumsq / self.pairs)
 
 
 def sampled(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -129,9 +134,12 @@ def sampled(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int
     return where[pick.sort().values], weight
 
 
-def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
+def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator, walk: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """The shift each entry of ``e`` (judged ``j``, with tolerance floor ``floor``) needs to be flagged (the module
-    docstring; drawn with ``gen``): 0 where it disagrees already."""
+    docstring; drawn with ``gen``): 0 where it disagrees already. ``walk``: the reach of the switches near each
+    entry where most stencils straddle switches (:func:`~.refine.walked`; every reproduction must exceed it, and
+    ``walk_explains`` times the entry's kink, which the refined step about halves), None for none."""
     flags = flag_steps(e, floor, policy)
     diff = (e.numerical - e.analytical).abs()
     sd = policy.refine * e.rounding / policy.rounding_safety
@@ -143,6 +151,9 @@ def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator) -> torch
     a = reproduced(flags[0], sd)
     for k in range(1, flags.shape[0]):
         a = torch.minimum(a, reproduced(torch.maximum(j.tol, flags[k]), policy.refine ** k * sd))
+    if walk is not None:
+        reach = torch.maximum(walk, policy.walk_explains * e.kink)
+        a = torch.where(walk > 0, torch.maximum(a, reach + diff), a)
     return torch.where(j.verdict == DISAGREE, 0.0, a)
 
 

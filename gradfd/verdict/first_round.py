@@ -10,6 +10,7 @@ colored and compressed Jacobians (:mod:`gradfd.jacobian`), the estimator (:mod:`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,9 @@ class FirstRound:
         measured: ``(O,)`` the largest noise a reliable median measured per output (0: none did).
         magnitude: ``(O,)`` the size of the terms each output sums, over the chunks seen.
         kinked: ``(O,)`` outputs whose chunk measurement the probe replaced.
+        kinks, loose, walk_votes, walk_count: a loss's first-round kinks (histogram), the outputs whose chunk
+            noise exceeded ``walk_separation`` times the probe's, and per output how many of the judged pairs have a
+            kink above ``walk_signature`` times their truncation spread, of how many: for :meth:`walk_reach`.
         compressed: the colored backward passes while they hold (None: exact rows).
         fallback: the tensor is to be redone with exact rows (a leak, or a disagreement of compressed rows).
     """
@@ -149,6 +153,10 @@ class FirstRound:
     tally: list = field(default_factory=list)
     store: Store | None = None
     detection_draws: torch.Generator = field(default_factory=detection_generator)  # (the detection limit's)
+    kinks: Thresholds = field(default_factory=Thresholds)
+    loose: torch.Tensor | None = None
+    walk_votes: torch.Tensor | None = None
+    walk_count: torch.Tensor | None = None
 
     @staticmethod
     def start(plan: Plan, compress: bool) -> "FirstRound":
@@ -160,7 +168,10 @@ class FirstRound:
                           torch.zeros(size, dtype=torch.float64, device=device),
                           torch.zeros(size, dtype=torch.bool, device=device),
                           tally=[Tally() for _ in a.spec.kept],
-                          store=Store.empty(plan.m, size, device) if plan.keep_all else None)
+                          store=Store.empty(plan.m, size, device) if plan.keep_all else None,
+                          loose=torch.zeros(size, dtype=torch.bool, device=device),
+                          walk_votes=torch.zeros(size, dtype=torch.long, device=device),
+                          walk_count=torch.zeros(size, dtype=torch.long, device=device))
 
     def run_probe(self) -> None:
         """The noise probe's ``(noise, draws)`` per output (:func:`~.estimates.probe_noise`), measured once, before
@@ -182,6 +193,26 @@ class FirstRound:
         noise, draws = probe_noise(torch.cat([v for v, _ in parts], dim=1), torch.cat([d for _, d in parts], 1),
                                    plan.base_values, r.stencil, plan.out_eps, plan.reliable_eps, policy)
         self.probe = Probe(noise, draws, int(pick.numel()))
+
+    def walk_reach(self) -> torch.Tensor:
+        """``(O,)`` float64: where most of a loss's stencils straddle switches, ``walk_reach`` times the
+        ``walk_quantile`` of the first round's kinks over its entries; 0 elsewhere (see
+        :func:`gradfd.verdict.refine.walked`).
+
+        Rule: most stencils straddle switches where the chunks' noise is ``walk_separation`` times the probe's
+        (``loose``) and most of its kinks (``reliable_median`` or more) are ``walk_signature`` times their
+        truncation spread: switches; the fourth difference of curvature is a small share of its spread, however
+        far above the probe's noise (``log`` near 0 in float64)
+        (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed)."""
+        policy = self.plan.request.policy
+        walking = (self.loose & (2 * self.walk_votes >= self.walk_count)
+                   & (self.walk_count >= policy.reliable_median))
+        reach = torch.zeros_like(self.measured)
+        if bool(walking.any()):
+            q = self.kinks.quantile(policy.walk_quantile)
+            if math.isfinite(q):
+                reach = torch.where(walking, policy.walk_reach * q, reach)
+        return reach
 
     def note_probe(self, probed: float, first: float) -> None:
         """The report's note, the first time the probe's noise replaces a measured one."""
@@ -252,6 +283,7 @@ class FirstRound:
         if self.probe is not None:
             probed, draws = self.probe.noise, self.probe.draws
             measured = torch.bincount(oo, minlength=size) >= policy.reliable_median
+            self.loose |= measured & (draws >= policy.reliable_median) & (noise > policy.walk_separation * probed)
             kinked = measured & (draws >= policy.reliable_median) & (noise > policy.separation * probed)
             if bool(kinked.any()):
                 self.note_probe(float(probed[kinked].max()), float(noise[kinked].max()))
@@ -286,6 +318,11 @@ class FirstRound:
                     est.finite, model)
         floor = plan.floors(e.analytical, oo)
         jd = judge(e, floor, policy)
+        if r.analytical.scalar:
+            self.kinks.add(e.kink[e.finite])
+            votes = e.finite & (e.kink > policy.walk_signature * (e.error - e.rounding))
+            self.walk_votes += torch.bincount(oo[votes], minlength=size)
+            self.walk_count += torch.bincount(oo[e.finite], minlength=size)
         if self.store is not None:
             self.store.fill_chunk(start, stop, jj, oo, e, jd, plan.floors)
         for j in range(len(spec.kept)):
@@ -320,8 +357,9 @@ class FirstRound:
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
                 at, weight = sampled(sel, self.detection_draws)
                 part = self._calibrated(e.take(at), columns[at], half_step[at])
+                walk = self.walk_reach()[part.index % plan.size] if bool(self.loose.any()) else None
                 self.tally[j].thresholds.add(
-                    allowances(part, jd.take(at), floor[at], policy, self.detection_draws), weight)
+                    allowances(part, jd.take(at), floor[at], policy, self.detection_draws, walk), weight)
 
     def _calibrated(self, e: Entries, columns: torch.Tensor, half_step: torch.Tensor) -> Entries:
         """Agreeing entries as a planted error would have them judged: past the first round's tolerance an entry is

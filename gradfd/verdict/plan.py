@@ -153,10 +153,20 @@ def make_plan(r: Request) -> Plan:
 
 
 def evaluate_base(plan: Plan) -> None:
-    """The base values of the compared outputs at the unperturbed point (the engine evaluates them too); a loss
-    reduced in float64 (gradfd.reductions) has its measured noise trusted down to float64's rounding."""
+    """The base values of the compared outputs at the unperturbed point (the engine evaluates them too).
+
+    Rule: a loss reduced in float64 (gradfd.reductions) has its measured noise trusted down to float64's rounding,
+    but never below the rounding of one of its low-precision terms (``Float64Reductions.quantum`` over
+    ``noise_floor_divisor``): a step that moves one sample's float32 cross-entropy moves the loss in quanta of that,
+    and a median of fourth differences that are mostly exactly 0 measures far less
+    (tests/test_check.py::test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed)."""
     problem = plan.prepare()
     problem.rng.close()
     plan.base_values = problem.base_loss.to(torch.float64).reshape(-1)
-    plan.reliable_eps = (torch.full_like(plan.out_eps, stencils.eps(torch.float64)) if problem.reduce64 else None)
+    plan.reliable_eps = None
+    if problem.reduce64:
+        quantum = problem.reduction_quantum / plan.request.policy.noise_floor_divisor
+        relative = quantum / max(float(plan.base_values.abs().max()), torch.finfo(torch.float64).tiny)
+        plan.reliable_eps = torch.minimum(torch.full_like(plan.out_eps, max(relative, stencils.eps(torch.float64))),
+                                          plan.out_eps)
 

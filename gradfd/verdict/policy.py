@@ -31,6 +31,7 @@ ACCURACY = "benchmarks/bench_accuracy.py"
 DOMAIN = "benchmarks/bench_domain.py"
 POLES = "benchmarks/bench_poles.py"
 JACOBIAN = "benchmarks/bench_jacobian.py"
+KINKS = "benchmarks/bench_kinks.py"
 
 # check()'s argument defaults (not thresholds)
 DEFAULT_SAMPLES = 256  # entries per tensor in sample mode
@@ -81,6 +82,16 @@ class Policy:
                                "a kink the fourth difference cannot see moves the extrapolant up to 2 spreads")
     clean_kink: float = _f(3.0, "a refined stencil is kink-free below this many rounding estimates (1.5|z| exceeds "
                                 "3 for ~4% of smooth entries)")
+    walk_separation: float = _f(6.0, "most stencils of a loss straddle switches where the first round's noise is "
+                                     "this x the probe's (the probe's own rule, `separation`, is stricter) ...", KINKS)
+    walk_signature: float = _f(1.0, "... and most of its kinks exceed this x their truncation spread (curvature's "
+                                    "are 3h f4/f3 of it: 0.1-0.25 for float32 sin(x)^2; switches' 2-9)", KINKS)
+    walk_quantile: float = _f(0.9, "there, switches near an entry are measured by this quantile of the first "
+                                   "round's kinks over the output's entries", KINKS, maximum=1.0)
+    walk_reach: float = _f(2.5, "... and a disagreement stands only beyond this x that quantile (1.7x bounded the "
+                                "error of every entry of 32 float64 conv nets at float32's refined steps)", KINKS)
+    walk_explains: float = _f(8.0, "... and beyond this x its own (larger step's kink / 2 + the smaller's + the move "
+                                   "between the two estimates: 6x bounded those errors)", KINKS)
     # refinement
     refine: int = _f(4, "entries that do not agree are re-evaluated at steps this many times smaller", minimum=1)
     refine_rounds: int = _f(3, "... up to this many times (and once more to reproduce a disagreement seen there)")

@@ -114,7 +114,8 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
         if analytical.scalar and plan.m < plan.n:  # sample mode: the RMS of the whole tensor's gradient, not of
             # the sample (a quarter of it the largest-|gradient| entries)
             tally.thresholds.rms_of(analytical.columns(r.k, torch.arange(plan.n, device=p.device))[:, 0])
-        limit = _detection_limit(tally, e, j, sel if e is not None else None, plan.floors, size, r.policy)
+        limit = _detection_limit(tally, e, j, sel if e is not None else None, plan.floors, size, r.policy,
+                                 first.walk_reach() if bool(first.loose.any()) else None)
         worst_index = None
         if worst is not None:
             w_pos, w_out = divmod(worst.index, size)
@@ -136,14 +137,15 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
 
 
 def _detection_limit(tally: Tally, e: Entries | None, j: Judgement | None, sel: torch.Tensor | None,
-                     floors, size: int, policy) -> float:
+                     floors, size: int, policy, walk: torch.Tensor | None = None) -> float:
     """The output's detection limit (:mod:`.detection`): the first round's agreeing pairs (in ``tally``) and the
-    refined ones ``sel`` of ``e``."""
+    refined ones ``sel`` of ``e``; ``walk`` the ``(O,)`` reach of switches (:meth:`FirstRound.walk_reach`)."""
     thresholds = tally.thresholds
     if e is not None and bool(sel.any()):
         refined = Thresholds()
         at = sel.nonzero().flatten()
         part = e.take(at)
-        refined.add(allowances(part, j.take(at), floors.of(part, size), policy, detection_generator()))
+        refined.add(allowances(part, j.take(at), floors.of(part, size), policy, detection_generator(),
+                               None if walk is None else walk[part.index % size]))
         thresholds = thresholds.merged(refined)
     return thresholds.limit()
