@@ -81,10 +81,11 @@ class Float64Reductions(TorchFunctionMode):
 
     Attributes:
         count: reductions taken in float64 so far.
-        quantum: with ``measure``, the rounding of one term of the reductions taken, in the loss's units:
-            ``eps * mean |term|`` of the terms' dtype, over the number of terms for a mean (the largest over the
-            reductions). A step that moves a few terms moves the loss in such quanta, however finely float64 sums
-            them (:func:`gradfd.verdict.plan.evaluate_base` floors the measured noise there).
+        quantum: with ``measure``, the rounding of one term of the reductions taken: ``eps * mean |term|`` of the
+            terms' dtype, over the number of terms for a mean; the finest over the reductions (0: none measured).
+            A step that moves a few terms moves the loss in such quanta, however finely float64 sums them
+            (:func:`gradfd.verdict.plan.evaluate_base` floors the measured noise there; the finest, since an
+            intermediate reduction's units need not be the loss's).
     """
 
     def __init__(self, batch_dims: int = 0, batch: int | None = None, measure: bool = False) -> None:
@@ -97,8 +98,9 @@ class Float64Reductions(TorchFunctionMode):
         """Count one reduction of ``terms`` (float64, of ``dtype``) over ``count`` terms (1 for a sum)."""
         self.count += 1
         if self.measure and terms.numel():
-            per_term = float(terms.abs().sum()) / terms.numel() / max(float(count), 1.0)
-            self.quantum = max(self.quantum, torch.finfo(dtype).eps * per_term)
+            quantum = torch.finfo(dtype).eps * float(terms.abs().sum()) / terms.numel() / max(float(count), 1.0)
+            if quantum > 0:
+                self.quantum = quantum if self.quantum == 0 else min(self.quantum, quantum)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

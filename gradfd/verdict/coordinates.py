@@ -179,7 +179,7 @@ def _run(r: Request, attempt: Attempt) -> list[TensorReport] | Retry:
                         lambda entries: plan.floors.of(entries, size), r.policy,
                         _step_limits(plan, calibrated.entries.index), calibrated.noise.remeasure,
                         domain_margin(r.stencil, stencils.coarsest([r.params[r.k].dtype, *r.analytical.spec.dtypes]),
-                                      r.policy), first.walk_reach()[calibrated.entries.index % size])
+                                      r.policy), walk=first.walk_reach()[calibrated.entries.index % size])
         e, j, refined = result.entries, result.judgement, result.evaluations
         if result.retreated:
             domain_note = (f"{result.retreated} entries had a non-finite loss or an error of func at a node "

@@ -139,7 +139,8 @@ def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator, walk: to
     """The shift each entry of ``e`` (judged ``j``, with tolerance floor ``floor``) needs to be flagged (the module
     docstring; drawn with ``gen``): 0 where it disagrees already. ``walk``: the reach of the switches near each
     entry where most stencils straddle switches (:func:`~.refine.walked`; every reproduction must exceed it, and
-    ``walk_explains`` times the entry's kink, which the refined step about halves), None for none."""
+    ``walk_explains`` times the entry's kink, which the refined step about halves), None for none. The first round
+    passes the reach as measured so far (chunk by chunk), the summary the final one."""
     flags = flag_steps(e, floor, policy)
     diff = (e.numerical - e.analytical).abs()
     sd = policy.refine * e.rounding / policy.rounding_safety

@@ -205,7 +205,7 @@ class FirstRound:
         far above the probe's noise (``log`` near 0 in float64)
         (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed)."""
         policy = self.plan.request.policy
-        walking = (self.loose & (2 * self.walk_votes >= self.walk_count)
+        walking = (self.loose & (2 * self.walk_votes > self.walk_count)
                    & (self.walk_count >= policy.reliable_median))
         reach = torch.zeros_like(self.measured)
         if bool(walking.any()):
@@ -283,7 +283,11 @@ class FirstRound:
         if self.probe is not None:
             probed, draws = self.probe.noise, self.probe.draws
             measured = torch.bincount(oo, minlength=size) >= policy.reliable_median
-            self.loose |= measured & (draws >= policy.reliable_median) & (noise > policy.walk_separation * probed)
+            # (above the floor too: the probe's has no terms' magnitude in it)
+            floor = ((plan.reliable_eps if plan.reliable_eps is not None else plan.out_eps / policy.noise_floor_divisor)
+                     * (base.abs() + magnitude))
+            self.loose |= (measured & (draws >= policy.reliable_median)
+                           & (noise > policy.walk_separation * torch.maximum(probed, floor)))
             kinked = measured & (draws >= policy.reliable_median) & (noise > policy.separation * probed)
             if bool(kinked.any()):
                 self.note_probe(float(probed[kinked].max()), float(noise[kinked].max()))

@@ -81,7 +81,7 @@ class Plan:
     chunk_size: int | None
     errors: _engine.NodeErrors
     base_values: torch.Tensor | None = None  # (O,) float64
-    reliable_eps: torch.Tensor | None = None  # (O,) float64's eps for a loss reduced in float64, else None
+    reliable_eps: torch.Tensor | None = None  # (O,) the noise floor's eps for a loss reduced in float64 (evaluate_base)
 
     @property
     def m(self) -> int:
@@ -157,9 +157,10 @@ def evaluate_base(plan: Plan) -> None:
 
     Rule: a loss reduced in float64 (gradfd.reductions) has its measured noise trusted down to float64's rounding,
     but never below the rounding of one of its low-precision terms (``Float64Reductions.quantum`` over
-    ``noise_floor_divisor``): a step that moves one sample's float32 cross-entropy moves the loss in quanta of that,
-    and a median of fourth differences that are mostly exactly 0 measures far less
-    (tests/test_check.py::test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed)."""
+    ``noise_floor_divisor``, relative to ``|f|``, so that, as the model's floor, it scales with ``|f| + terms``;
+    never above the floor of the loss not reduced in float64): a step that moves one sample's float32
+    cross-entropy moves the loss in quanta of that, and a median of fourth differences that are mostly exactly 0
+    measures far less (tests/test_check.py::test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed)."""
     problem = plan.prepare()
     problem.rng.close()
     plan.base_values = problem.base_loss.to(torch.float64).reshape(-1)
@@ -168,5 +169,5 @@ def evaluate_base(plan: Plan) -> None:
         quantum = problem.reduction_quantum / plan.request.policy.noise_floor_divisor
         relative = quantum / max(float(plan.base_values.abs().max()), torch.finfo(torch.float64).tiny)
         plan.reliable_eps = torch.minimum(torch.full_like(plan.out_eps, max(relative, stencils.eps(torch.float64))),
-                                          plan.out_eps)
+                                          plan.out_eps / plan.request.policy.noise_floor_divisor)
 
