@@ -35,6 +35,7 @@ from sections import caption, record
 
 import gradfd
 import gradfd.verdict.policy
+from gradfd import stencils
 from gradfd.demo import bench
 
 TUNED = range(0, 12)
@@ -118,12 +119,11 @@ def _located(module, x, loss, name: str, relative: float) -> bool:
     return t.disagreeing() == [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape))]
 
 
-def _estimates(func, w: torch.Tensor, level: int, chunk: int = 256):
-    """float64 ``(estimate, kink)`` of every entry of ``w`` at step ``2**-level * max(1, |w|)``: the 4-point
-    extrapolant of the central differences at ``h`` and ``2h``, and the fourth difference in derivative units
+def _estimates(func, w: torch.Tensor, h: torch.Tensor, chunk: int = 256):
+    """float64 ``(estimate, kink)`` of every entry of ``w`` at steps ``h`` (``(numel,)``): the 4-point extrapolant
+    of the central differences at ``h`` and ``2h``, and the fourth difference in derivative units
     (``|f(2h) - 4f(h) + 6f(0) - 4f(-h) + f(-2h)| / 2h``), as gradfd's estimator takes them."""
     n, flat = w.numel(), w.reshape(-1)
-    h = 2.0 ** -level * flat.abs().clamp(min=1)
     batched = torch.func.vmap(lambda v: func(v.view_as(w)))
     with torch.no_grad():
         f0 = func(w)
@@ -142,30 +142,37 @@ def _estimates(func, w: torch.Tensor, level: int, chunk: int = 256):
 
 
 def bounds(family: str, seed: int) -> dict:
-    """What the rule on switches near an entry reads, measured in float64 (no rounding) at float32's first step
-    (2^-5) and the first refined one (2^-7), on every entry of both conv weights whose error at 2^-7 exceeds 0.1% of
-    the largest gradient: the largest error over the 90% quantile of the first step's kinks (``walk_reach`` must
-    exceed it), and over the entry's own (2^-5 kink / 2 + 2^-7 kink + the move between the estimates;
-    ``walk_explains``)."""
+    """What the rule on switches near an entry reads, measured in float64 (no rounding) at the steps a float32 check
+    takes (gradfd's automatic 4-point steps for float32, then ``refine``-fold smaller ones, ``refine_rounds`` of
+    them), on every entry of both conv weights whose error at a refined step exceeds 0.1% of the largest gradient:
+    the largest such error over the 90% quantile of the first step's kinks (``walk_reach`` must exceed it), and
+    over the entry's own (the larger step's kink / 2 + this one's + the move between the estimates;
+    ``walk_explains``); and the share of those entries whose kink fell ``refine**2``-fold from the first step to
+    the first refined one (the curvature votes of ``refine.curved``)."""
+    policy = gradfd.verdict.policy.DEFAULT_POLICY
     module, x, loss, convs = FAMILIES[family](seed)
     module, x = copy.deepcopy(module).double(), x.double()
-    out = {"entries": 0, "over_quantile": 0.0, "over_own": 0.0}
+    out = {"entries": 0, "over_quantile": 0.0, "over_own": 0.0, "fell": 0}
     for name in convs:
         func, w = _function(module, x, loss, name)
         g, = torch.autograd.grad(func(w), w)
-        g = g.reshape(-1)
-        w = w.detach()
-        first, k_first = _estimates(func, w, 5)
-        refined, k_refined = _estimates(func, w, 7)
-        error = (refined - g).abs()
-        big = error > 1e-3 * g.abs().max()
-        if not bool(big.any()):
-            continue
-        quantile = float(torch.quantile(k_first, 0.9))
-        own = k_first / 2 + k_refined + (first - refined).abs()
-        out["entries"] += int(big.sum())
-        out["over_quantile"] = max(out["over_quantile"], float(error[big].max()) / quantile)
-        out["over_own"] = max(out["over_own"], float((error[big] / own[big]).max()))
+        g, w = g.reshape(-1), w.detach()
+        h = stencils.automatic_steps(w.reshape(-1), stencils.get_stencil(stencils.DEFAULT_STENCIL),
+                                     dtype=torch.float32)
+        levels = [_estimates(func, w, h / policy.refine**k) for k in range(policy.refine_rounds + 1)]
+        quantile = float(torch.quantile(levels[0][1], policy.walk_quantile))
+        for k in range(1, len(levels)):
+            (before, k_before), (now, k_now) = levels[k - 1], levels[k]
+            error = (now - g).abs()
+            big = error > 1e-3 * g.abs().max()
+            if not bool(big.any()):
+                continue
+            own = k_before / 2 + k_now + (before - now).abs()
+            out["entries"] += int(big.sum())
+            out["over_quantile"] = max(out["over_quantile"], float(error[big].max()) / quantile)
+            out["over_own"] = max(out["over_own"], float((error[big] / own[big]).max()))
+            if k == 1:
+                out["fell"] += int((big & (policy.refine**2 * k_now <= k_before)).sum())
     return out
 
 
@@ -214,7 +221,7 @@ def measure_bounds(ranges: dict[str, list[int]]) -> list[dict]:
         for label, seeds in ranges.items():
             got = [bounds(family, s) for s in seeds]
             row = {"family": family, "seeds": label, "span": bench.span(seeds), "nets": len(got),
-                   "entries": sum(b["entries"] for b in got),
+                   "entries": sum(b["entries"] for b in got), "fell": sum(b["fell"] for b in got),
                    "over_quantile": max(b["over_quantile"] for b in got), "over_own": max(b["over_own"] for b in got)}
             rows.append(row)
             print(row, flush=True)
@@ -253,16 +260,19 @@ def render(data: dict) -> str:
         lines.append(f"| {r['family']} | {r['seeds']} ({r['span']}) | {r['false_failures']} / {r['draws']} | "
                      f"{r['median_seconds']:.1f} s | {100 * r['median_unresolved']:.1f}% | {' | '.join(cells)} |")
     lines += ["", _bars(data), "",
-              "What the rule reads, measured in float64 (no rounding) at float32's first step (2^-5) and first refined "
-              "step (2^-7), over every entry of both conv weights whose error at 2^-7 exceeds 0.1% of the largest "
-              f"gradient: the largest error over the 90% quantile of the first step's kinks (the rule allows "
-              f"`walk_reach` = {data['walk_reach']} of it) and over the entry's own (2^-5 kink / 2 + 2^-7 kink + the move; "
-              f"`walk_explains` = {data['walk_explains']}). The rule's values were set on the tuned seeds' numbers.", "",
-              "| model | seeds | nets | entries | largest error / kink quantile | largest error / own |",
-              "|---|---|---|---|---|---|"]
+              "What the rule reads, measured in float64 (no rounding) at the steps a float32 check takes (the "
+              "automatic steps, 2^-6 of a weight below 1, and three 4-fold smaller ones), over the entries of both "
+              "conv weights and refined steps whose error there exceeds 0.1% of the largest gradient: the largest "
+              "error over the 90% quantile of the first step's kinks (the rule allows "
+              f"`walk_reach` = {data['walk_reach']} times it), over the entry's own (the larger step's kink / 2 + "
+              f"this one's + the move; `walk_explains` = {data['walk_explains']}), and how many of those entries' "
+              "kinks fell 16-fold at the first refined step (`refine.curved` counts them as curvature).", "",
+              "| model | seeds | nets | entries x steps | largest error / kink quantile | largest error / own | "
+              "kink fell 16x |",
+              "|---|---|---|---|---|---|---|"]
     for r in data["bounds"]:
         lines.append(f"| {r['family']} | {r['seeds']} ({r['span']}) | {r['nets']} | {r['entries']:,} | "
-                     f"{r['over_quantile']:.2f} | {r['over_own']:.2f} |")
+                     f"{r['over_quantile']:.2f} | {r['over_own']:.2f} | {r['fell']:,} |")
     return "\n".join(lines)
 
 

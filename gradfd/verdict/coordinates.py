@@ -181,6 +181,7 @@ def _run(r: Request, attempt: Attempt) -> list[TensorReport] | Retry:
                         domain_margin(r.stencil, stencils.coarsest([r.params[r.k].dtype, *r.analytical.spec.dtypes]),
                                       r.policy), walk=first.walk_reach()[calibrated.entries.index % size])
         e, j, refined = result.entries, result.judgement, result.evaluations
+        first.curved = result.curved
         if result.retreated:
             domain_note = (f"{result.retreated} entries had a non-finite loss or an error of func at a node "
                            f"(outside its domain): checked at steps down to 1/{result.smallest:.0f} of the "

@@ -42,7 +42,7 @@ from .judge import flag_steps
 from .policy import (DETECTION_BINS_PER_OCTAVE, DETECTION_DRAWS, DETECTION_LOG2_RANGE, DETECTION_PROBABILITY,
                      DETECTION_SAMPLE, SEEDS)
 
-__all__ = ["DETECTION_PROBABILITY", "Thresholds", "allowances", "detection_generator", "sampled",
+__all__ = ["DETECTION_PROBABILITY", "Thresholds", "allowances", "with_walk", "detection_generator", "sampled",
            "directional_limit"]
 
 _BINS_PER_OCTAVE, _LOG2_RANGE = DETECTION_BINS_PER_OCTAVE, DETECTION_LOG2_RANGE
@@ -134,13 +134,9 @@ def sampled(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int
     return where[pick.sort().values], weight
 
 
-def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator, walk: torch.Tensor | None = None
-               ) -> torch.Tensor:
+def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator) -> torch.Tensor:
     """The shift each entry of ``e`` (judged ``j``, with tolerance floor ``floor``) needs to be flagged (the module
-    docstring; drawn with ``gen``): 0 where it disagrees already. ``walk``: the reach of the switches near each
-    entry where most stencils straddle switches (:func:`~.refine.walked`; every reproduction must exceed it, and
-    ``walk_explains`` times the entry's kink, which the refined step about halves), None for none. The first round
-    passes the reach as measured so far (chunk by chunk), the summary the final one."""
+    docstring; drawn with ``gen``): 0 where it disagrees already."""
     flags = flag_steps(e, floor, policy)
     diff = (e.numerical - e.analytical).abs()
     sd = policy.refine * e.rounding / policy.rounding_safety
@@ -152,10 +148,17 @@ def allowances(e, j, floor: torch.Tensor, policy, gen: torch.Generator, walk: to
     a = reproduced(flags[0], sd)
     for k in range(1, flags.shape[0]):
         a = torch.minimum(a, reproduced(torch.maximum(j.tol, flags[k]), policy.refine ** k * sd))
-    if walk is not None:
-        reach = torch.maximum(walk, policy.walk_explains * e.kink)
-        a = torch.where(walk > 0, torch.maximum(a, reach + diff), a)
     return torch.where(j.verdict == DISAGREE, 0.0, a)
+
+
+def with_walk(a: torch.Tensor, e, j, walk: torch.Tensor, policy) -> torch.Tensor:
+    """The thresholds ``a`` (:func:`allowances`) of entries ``e`` (judged ``j``) where the rule on switches holds
+    (``walk``, the reach of the switches near each entry, 0 elsewhere; :func:`~.refine.walked`): every reproduction
+    must also exceed the reach, and ``walk_explains`` times the entry's kink (which the refined step about halves).
+    The first round passes the reach as measured so far (chunk by chunk), the summary the final one."""
+    diff = (e.numerical - e.analytical).abs()
+    reach = torch.maximum(walk, policy.walk_explains * e.kink)
+    return torch.where((walk > 0) & (j.verdict != DISAGREE), torch.maximum(a, reach + diff), a)
 
 
 def directional_limit(allowance: torch.Tensor, steps: torch.Tensor, rms: float, u: torch.Tensor | None) -> float:

@@ -21,7 +21,7 @@ from ..report import AGREE, DISAGREE, TINY
 from .estimates import Entries, entry_estimates, has_fourth_difference, probe_noise
 from .judge import Judgement, judge, second_look
 from .plan import Plan
-from .detection import Thresholds, allowances, detection_generator, sampled
+from .detection import Thresholds, allowances, detection_generator, sampled, with_walk
 from .policy import SEEDS
 
 __all__ = ["FirstRound", "Flagged", "Tally", "Worst", "Store", "Probe"]
@@ -60,6 +60,11 @@ class Tally:
     max_rel: float = 0.0
     worst: Worst | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)  # every pair's, for the detection limit
+    walk_thresholds: Thresholds = field(default_factory=Thresholds)  # ... with the rule on switches' allowance
+
+    def limit_thresholds(self, walking: bool) -> Thresholds:
+        """The pairs' thresholds with the rule on switches' allowance where it stayed on, else without."""
+        return self.walk_thresholds if walking else self.thresholds
 
     def add(self, e: Entries, tol: torch.Tensor, sel: torch.Tensor, diff: torch.Tensor, rel: torch.Tensor,
             excess: torch.Tensor) -> None:
@@ -135,6 +140,7 @@ class FirstRound:
         kinks, loose, walk_votes, walk_count: a loss's first-round kinks (histogram), the outputs whose chunk
             noise exceeded ``walk_separation`` times the probe's, and per output how many of the judged pairs have a
             kink above ``walk_signature`` times their truncation spread, of how many: for :meth:`walk_reach`.
+        curved: the refinement switched the rule on switches off (:func:`~.refine.curved`).
         compressed: the colored backward passes while they hold (None: exact rows).
         fallback: the tensor is to be redone with exact rows (a leak, or a disagreement of compressed rows).
     """
@@ -157,6 +163,7 @@ class FirstRound:
     loose: torch.Tensor | None = None
     walk_votes: torch.Tensor | None = None
     walk_count: torch.Tensor | None = None
+    curved: bool = False
 
     @staticmethod
     def start(plan: Plan, compress: bool) -> "FirstRound":
@@ -205,6 +212,8 @@ class FirstRound:
         far above the probe's noise (``log`` near 0 in float64)
         (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed)."""
         policy = self.plan.request.policy
+        if self.curved:
+            return torch.zeros_like(self.measured)
         walking = (self.loose & (2 * self.walk_votes > self.walk_count)
                    & (self.walk_count >= policy.reliable_median))
         reach = torch.zeros_like(self.measured)
@@ -361,9 +370,11 @@ class FirstRound:
                 self.tally[j].add(e, jd.tol, sel, diff, rel, excess)
                 at, weight = sampled(sel, self.detection_draws)
                 part = self._calibrated(e.take(at), columns[at], half_step[at])
+                a = allowances(part, jd.take(at), floor[at], policy, self.detection_draws)
+                self.tally[j].thresholds.add(a, weight)
                 walk = self.walk_reach()[part.index % plan.size] if bool(self.loose.any()) else None
-                self.tally[j].thresholds.add(
-                    allowances(part, jd.take(at), floor[at], policy, self.detection_draws, walk), weight)
+                self.tally[j].walk_thresholds.add(a if walk is None else with_walk(a, part, jd.take(at), walk, policy),
+                                                  weight)
 
     def _calibrated(self, e: Entries, columns: torch.Tensor, half_step: torch.Tensor) -> Entries:
         """Agreeing entries as a planted error would have them judged: past the first round's tolerance an entry is

@@ -85,13 +85,14 @@ class Policy:
     walk_separation: float = _f(6.0, "most stencils of a loss straddle switches where the first round's noise is "
                                      "this x the probe's (the probe's own rule, `separation`, is stricter) ...", KINKS)
     walk_signature: float = _f(1.0, "... and most of its kinks exceed this x their truncation spread (curvature's "
-                                    "are 3h f4/f3 of it: 0.1-0.25 for float32 sin(x)^2; switches' 2-9)", KINKS)
+                                    "are ~3h f4/f3 of it: a small share where h is small against f's scale)", KINKS)
     walk_quantile: float = _f(0.9, "there, switches near an entry are measured by this quantile of the first "
                                    "round's kinks over the output's entries", KINKS, maximum=1.0)
-    walk_reach: float = _f(2.5, "... and a disagreement stands only beyond this x that quantile (1.7x bounded the "
-                                "error of every entry of 32 float64 conv nets at float32's refined steps)", KINKS)
+    walk_reach: float = _f(2.5, "... and a disagreement stands only beyond this x that quantile (the float64 table "
+                                "of bench_kinks.py: the largest error of a conv net at a float32 check's steps)",
+                           KINKS)
     walk_explains: float = _f(8.0, "... and beyond this x its own (larger step's kink / 2 + the smaller's + the move "
-                                   "between the two estimates: 6x bounded those errors)", KINKS)
+                                   "between the two estimates; same table)", KINKS)
     # refinement
     refine: int = _f(4, "entries that do not agree are re-evaluated at steps this many times smaller", minimum=1)
     refine_rounds: int = _f(3, "... up to this many times (and once more to reproduce a disagreement seen there)")

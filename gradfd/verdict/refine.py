@@ -133,17 +133,22 @@ def walked(previous: Entries, e2: Entries, reach: torch.Tensor, policy: Policy) 
 
 
 def curved(previous: Entries, e2: Entries, policy: Policy) -> bool:
-    """Rule: the first refined step tells switches from curvature that only looked like them at the first round's
-    steps (``sin(50 x)`` in float32, ``sin(1000 x)`` in float64: the first steps are not small against the
-    period): the median fall of the kinks that stood out of their rounding is ``refine**2`` or more -- curvature's
-    is ``refine**3``, switches' about ``refine**0.5`` (7% of a conv net's entries fall that much, one near switch
-    left behind, but not the median). There the rule on switches is off
+    """Rule: a refined step tells switches from curvature that only looked like them at the larger steps
+    (``exp(sin(5 x))`` in float32, ``sin(1000 x)`` in float64: the first steps are not small against the period).
+    An entry votes curvature where its kink fell ``refine**2``-fold or more (curvature's falls ``refine**3``,
+    switches' about ``refine**0.5``), counting a kink at this step as no smaller than ``clean_kink`` roundings (one
+    that fell into the rounding fell by at least that much, no more is known: a loss moving in quanta has fourth
+    differences of exactly 0); it votes switches where its kink still stands out of the rounding and fell less;
+    others do not vote. With ``reliable_median`` votes or more, a curvature majority switches the rule on switches
+    off (7% of a conv net's entries fall that much, one near switch left behind, but not most)
     (tests/test_check.py::test_an_error_is_found_where_high_frequency_curvature_looks_like_switches)."""
-    measured = previous.finite & e2.finite & (previous.kink > policy.clean_kink * previous.rounding)
-    if not bool(measured.any()):
-        return False
-    falls = previous.kink[measured] / e2.kink[measured].clamp(min=torch.finfo(torch.float64).tiny)
-    return bool(falls.median() >= policy.refine**2)
+    seen = previous.finite & e2.finite & (previous.kink > policy.clean_kink * previous.rounding)
+    floor = policy.clean_kink * e2.rounding
+    fall = previous.kink / torch.maximum(e2.kink, floor).clamp(min=torch.finfo(torch.float64).tiny)
+    curvature = seen & (fall >= policy.refine**2)
+    switches = seen & (fall < policy.refine**2) & (e2.kink > floor)
+    votes = int(curvature.sum()) + int(switches.sum())
+    return votes >= policy.reliable_median and int(curvature.sum()) > int(switches.sum())
 
 
 def confirmed(was: Judgement, late: torch.Tensor, v2: torch.Tensor, reproduced_: torch.Tensor,
@@ -183,13 +188,15 @@ def tightens(replace: torch.Tensor, v2: torch.Tensor, fell: torch.Tensor, blind:
 @dataclass
 class Refined:
     """What the refinement returns: the entries and their judgement (updated), the re-evaluations, how many entries
-    needed a smaller step to be finite, and the largest step divisor those took."""
+    needed a smaller step to be finite, the largest step divisor those took, and whether the rule on switches was
+    switched off (:func:`curved`)."""
 
     entries: Entries
     judgement: Judgement
     evaluations: int
     retreated: int
     smallest: float
+    curved: bool = False
 
 
 class Refinement:
@@ -202,6 +209,7 @@ class Refinement:
                  limit: torch.Tensor | None, policy: Policy, walk: torch.Tensor | None = None):
         self.e, self.j, self.evaluator, self.floor_of, self.limit, self.policy = e, j, evaluator, floor_of, limit, policy
         self.walk = torch.zeros_like(e.numerical) if walk is None else walk
+        self.curved = False
         self.base = torch.ones(e.index.shape, dtype=torch.float64, device=e.index.device)
         self.late = torch.zeros_like(j.nonsmooth)
         self.was_blind = torch.zeros_like(j.nonsmooth)
@@ -276,10 +284,13 @@ class Refinement:
         v2 = j2.verdict
         reproduced_ = reproduced(prev.numerical, prev.error, e2, policy)
         clean_ = clean(e2, fell, policy)
-        if round_ == 1 and bool((self.walk[todo] > 0).any()) and curved(prev, e2, policy):
-            self.walk.zero_()
         # (the reach was measured at the first round's steps: not for an entry that retreated from a domain's edge)
-        walked_ = walked(prev, e2, torch.where(self.base[todo] == 1, self.walk[todo], 0.0), policy)
+        reach = torch.where(self.base[todo] == 1, self.walk[todo], 0.0)
+        on = reach > 0
+        if bool(on.any()) and curved(prev.take(on.nonzero().flatten()), e2.take(on.nonzero().flatten()), policy):
+            self.walk, self.curved = torch.zeros_like(self.walk), True
+            reach = torch.zeros_like(reach)
+        walked_ = walked(prev, e2, reach, policy)
         replace = ~confirmed(was, self.late[todo], v2, reproduced_, clean_, stalled_, walked_) & ~stalled_
         extra = round_ > self.last[todo]
         retry = retried(extra, replace, j2, reproduced_, round_, policy)
@@ -342,4 +353,4 @@ def refine(e: Entries, j: Judgement, evaluator: Evaluator, floor_of: Callable[[E
         evaluations += todo.numel()
         todo = r.step(todo, round_)
     r.unreproduced(todo, rounds + 2)
-    return Refined(e, j, evaluations, retreated, smallest)
+    return Refined(e, j, evaluations, retreated, smallest, r.curved)

@@ -15,7 +15,7 @@ from .. import engine as _engine
 from ..errors import note
 from ..report import AGREE, DISAGREE, TINY, UNRESOLVED, TensorReport, relative_errors
 from .estimates import Entries
-from .detection import Thresholds, allowances, detection_generator
+from .detection import Thresholds, allowances, detection_generator, with_walk
 from .first_round import FirstRound, Tally, Worst
 from .judge import Judgement
 
@@ -114,8 +114,9 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
         if analytical.scalar and plan.m < plan.n:  # sample mode: the RMS of the whole tensor's gradient, not of
             # the sample (a quarter of it the largest-|gradient| entries)
             tally.thresholds.rms_of(analytical.columns(r.k, torch.arange(plan.n, device=p.device))[:, 0])
+        walk = first.walk_reach() if bool(first.loose.any()) else None
         limit = _detection_limit(tally, e, j, sel if e is not None else None, plan.floors, size, r.policy,
-                                 first.walk_reach() if bool(first.loose.any()) else None)
+                                 walk if walk is not None and bool((walk > 0).any()) else None)
         worst_index = None
         if worst is not None:
             w_pos, w_out = divmod(worst.index, size)
@@ -140,12 +141,12 @@ def _detection_limit(tally: Tally, e: Entries | None, j: Judgement | None, sel: 
                      floors, size: int, policy, walk: torch.Tensor | None = None) -> float:
     """The output's detection limit (:mod:`.detection`): the first round's agreeing pairs (in ``tally``) and the
     refined ones ``sel`` of ``e``; ``walk`` the ``(O,)`` reach of switches (:meth:`FirstRound.walk_reach`)."""
-    thresholds = tally.thresholds
+    thresholds = tally.limit_thresholds(walk is not None)
     if e is not None and bool(sel.any()):
         refined = Thresholds()
         at = sel.nonzero().flatten()
         part = e.take(at)
-        refined.add(allowances(part, j.take(at), floors.of(part, size), policy, detection_generator(),
-                               None if walk is None else walk[part.index % size]))
+        a = allowances(part, j.take(at), floors.of(part, size), policy, detection_generator())
+        refined.add(a if walk is None else with_walk(a, part, j.take(at), walk[part.index % size], policy))
         thresholds = thresholds.merged(refined)
     return thresholds.limit()
