@@ -256,7 +256,8 @@ def render(data: dict) -> str:
         cells = []
         for c in r["convs"]:
             cells.append(f"{c['located']['0.01']} / {c['located']['0.05']} of {r['draws']}")
-            cells.append(f"{c['median_planted']:.2g} / {c['median_limit']:.2g}")
+            limit = c["median_limit"]  # (None: inf, more than 5% of the entries never flagged, or NaN)
+            cells.append(f"{c['median_planted']:.2g} / {'none' if limit is None else f'{limit:.2g}'}")
         lines.append(f"| {r['family']} | {r['seeds']} ({r['span']}) | {r['false_failures']} / {r['draws']} | "
                      f"{r['median_seconds']:.1f} s | {100 * r['median_unresolved']:.1f}% | {' | '.join(cells)} |")
     lines += ["", _bars(data), "",

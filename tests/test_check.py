@@ -533,6 +533,7 @@ def test_a_conv_net_whose_stencils_straddle_switches_is_not_failed():
     func, w = _small_cnn(4)
     t = gradfd.check(func, _leaf(w)).tensors[0]
     assert t.passed and t.agree + t.unresolved == t.checked, str(t)
+    assert 0 < t.detection_limit < math.inf, str(t)  # (stated with the rule's allowance, and the RMS gradient)
     leaf = w.clone().requires_grad_()
     g, = torch.autograd.grad(func(leaf), leaf)
     i = int(g.abs().argmax())

@@ -376,7 +376,9 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # rule or threshold is judged on a fresh range (the next unused block, 2000.. then 3000..), named in its commit; a
 # range that judged a change is no longer held out for the next one. Used: 2000-2039 and 5000-5039 judged the
 # detection-limit model (benchmarks/bench_detection.py), developed on 1000-1039; 3000-3019 and 4000-4019 judged a
-# directional-mode attempt that was not kept (its false alarms on ReLU networks).
+# directional-mode attempt that was not kept (its false alarms on ReLU networks); 6000-6011 judged the rule on
+# switches near an entry and the noise floor of float64-reduced losses (benchmarks/bench_kinks.py: conv nets,
+# developed on seeds 0-11 of its own families).
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
 

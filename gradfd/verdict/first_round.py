@@ -63,8 +63,13 @@ class Tally:
     walk_thresholds: Thresholds = field(default_factory=Thresholds)  # ... with the rule on switches' allowance
 
     def limit_thresholds(self, walking: bool) -> Thresholds:
-        """The pairs' thresholds with the rule on switches' allowance where it stayed on, else without."""
-        return self.walk_thresholds if walking else self.thresholds
+        """The pairs' thresholds with the rule on switches' allowance where it stayed on, else without (the RMS
+        gradient is counted in ``thresholds`` only)."""
+        if not walking:
+            return self.thresholds
+        out = self.walk_thresholds.merged(Thresholds())
+        out.sumsq, out.pairs = self.thresholds.sumsq, self.thresholds.pairs
+        return out
 
     def add(self, e: Entries, tol: torch.Tensor, sel: torch.Tensor, diff: torch.Tensor, rel: torch.Tensor,
             excess: torch.Tensor) -> None:
