@@ -31,6 +31,7 @@ import statistics
 import time
 
 import torch
+from bench_models import BasicBlock
 from sections import caption, record
 
 import gradfd
@@ -42,18 +43,6 @@ TUNED = range(0, 12)
 JUDGED_ON = range(6000, 6012)
 PLANTED = (0.01, 0.05)
 BOUND_NETS = 8  # draws per family of the float64 measurement of what the rule reads
-
-
-class BasicBlock(torch.nn.Module):
-    """conv-BN-ReLU-conv-BN + residual, then ReLU (ResNet's basic block)."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.c1, self.b1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c)
-        self.c2, self.b2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
 
 
 def _resnet(seed: int, train: bool):

@@ -46,7 +46,7 @@ def _transformer(dtype):
 
 
 class BasicBlock(torch.nn.Module):
-    """conv-BN-ReLU-conv-BN + residual, then ReLU (ResNet's basic block), BatchNorm in eval mode."""
+    """conv-BN-ReLU-conv-BN + residual, then ReLU (ResNet's basic block); the builder sets the BatchNorm mode."""
 
     def __init__(self, c: int):
         super().__init__()

@@ -510,6 +510,18 @@ def test_a_zero_slope_beside_a_kink_is_a_verdict_not_a_stalled_step(offset):
     assert (t.agree, t.disagree, t.unresolved) == ((1, 0, 0) if offset == 0 else (0, 1, 0)), t
 
 
+def _plant_on_largest(func, w: torch.Tensor, relative: float) -> tuple[tuple, list]:
+    """``(index, disagreeing)``: the index of the largest-|gradient| entry of ``w``, and the entries a check
+    flags when a ``relative`` error is planted there."""
+    leaf = w.clone().requires_grad_()
+    g, = torch.autograd.grad(func(leaf), leaf)
+    i = int(g.abs().argmax())
+    scale = torch.ones(w.numel(), dtype=w.dtype)
+    scale[i] = 1 + relative
+    bad = gradfd.check(planted(func, 0, scale.view_as(w)), _leaf(w), raise_on_failure=False).tensors[0]
+    return tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape)), bad.disagreeing()
+
+
 def _small_cnn(seed: int):
     """A float32 CNN (conv-ReLU-avgpool-conv-ReLU-global average-linear) under cross-entropy, as ``(func, w)`` of its
     second conv weight: one entry moves every activation of its output channel (bench_kinks.py's family)."""
@@ -534,13 +546,8 @@ def test_a_conv_net_whose_stencils_straddle_switches_is_not_failed():
     t = gradfd.check(func, _leaf(w)).tensors[0]
     assert t.passed and t.agree + t.unresolved == t.checked, str(t)
     assert 0 < t.detection_limit < math.inf, str(t)  # (stated with the rule's allowance, and the RMS gradient)
-    leaf = w.clone().requires_grad_()
-    g, = torch.autograd.grad(func(leaf), leaf)
-    i = int(g.abs().argmax())
-    scale = torch.ones(w.numel())
-    scale[i] = 1.2
-    bad = gradfd.check(planted(func, 0, scale.view_as(w)), _leaf(w), raise_on_failure=False).tensors[0]
-    assert bad.disagreeing() == [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape))], str(bad)
+    where, found = _plant_on_largest(func, w, 0.2)
+    assert found == [where], (where, found)
 
 
 @pytest.mark.parametrize("case", ["exp(sin(5x)) float32", "sin(1000x) float64"])
@@ -554,11 +561,8 @@ def test_an_error_is_found_where_high_frequency_curvature_looks_like_switches(ca
     x = (torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 + 1).to(dtype)
     t = gradfd.check(func, _leaf(x)).tensors[0]
     assert t.passed and t.detection_limit < 1e-2, str(t)  # (the rule's allowance left out of it: 1-9 rms with it)
-    i = int(torch.func.grad(func)(x.clone()).abs().argmax())
-    scale = torch.ones_like(x)
-    scale[i] = 1.05
-    bad = gradfd.check(planted(func, 0, scale), _leaf(x), raise_on_failure=False).tensors[0]
-    assert bad.disagreeing() == [(i,)], str(bad)
+    where, found = _plant_on_largest(func, x, 0.05)
+    assert found == [where], (where, found)
 
 
 def test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed():
@@ -574,13 +578,8 @@ def test_a_float32_loss_that_moves_in_quanta_of_one_term_is_not_failed():
     func = lambda w: torch.nn.functional.cross_entropy(feats @ w.T, y)  # noqa: E731
     t = gradfd.check(func, _leaf(w)).tensors[0]
     assert t.passed and t.agree == t.checked, str(t)
-    leaf = w.clone().requires_grad_()
-    g, = torch.autograd.grad(func(leaf), leaf)
-    i = int(g.abs().argmax())
-    scale = torch.ones(w.numel())
-    scale[i] = 1.01
-    bad = gradfd.check(planted(func, 0, scale.view_as(w)), _leaf(w), raise_on_failure=False).tensors[0]
-    assert bad.disagreeing() == [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape))], str(bad)
+    where, found = _plant_on_largest(func, w, 0.01)
+    assert found == [where], (where, found)
 
 
 @pytest.mark.xfail(strict=True, reason="known false failure in float64, open (issue 20): refinement's smaller "
