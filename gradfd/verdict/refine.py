@@ -136,11 +136,12 @@ def curved(previous: Entries, e2: Entries, policy: Policy) -> bool:
     """Rule: a refined step tells switches from curvature that only looked like them at the larger steps
     (``exp(sin(5 x))`` in float32, ``sin(1000 x)`` in float64: the first steps are not small against the period).
     An entry votes curvature where its kink fell ``refine**2``-fold or more (curvature's falls ``refine**3``,
-    switches' about ``refine**0.5``), counting a kink at this step as no smaller than ``clean_kink`` roundings (one
+    switches' much less), counting a kink at this step as no smaller than ``clean_kink`` roundings (one
     that fell into the rounding fell by at least that much, no more is known: a loss moving in quanta has fourth
     differences of exactly 0); it votes switches where its kink still stands out of the rounding and fell less;
     others do not vote. With ``reliable_median`` votes or more, a curvature majority switches the rule on switches
-    off (7% of a conv net's entries fall that much, one near switch left behind, but not most)
+    off (about 5% of a conv net's entries fall that much, one near switch left behind, but not most: the float64
+    table of benchmarks/bench_kinks.py)
     (tests/test_check.py::test_an_error_is_found_where_high_frequency_curvature_looks_like_switches)."""
     seen = previous.finite & e2.finite & (previous.kink > policy.clean_kink * previous.rounding)
     floor = policy.clean_kink * e2.rounding
