@@ -184,37 +184,32 @@ def trial(family: str, seed: int) -> dict:
     return out
 
 
-def measure(ranges: dict[str, list[int]]) -> list[dict]:
+def _per_family(ranges: dict[str, list[int]], draw, summary) -> list[dict]:
+    """One row per family and seed range: ``summary`` of ``draw(family, seed)`` over the range's seeds."""
     rows = []
     for family in FAMILIES:
         for label, seeds in ranges.items():
-            trials = [trial(family, s) for s in seeds]
-            row = {"family": family, "seeds": label, "span": bench.span(seeds), "draws": len(trials),
-                   "false_failures": sum(not t["passed"] for t in trials),
-                   "failed": sorted({f"{t['seed']}: {', '.join(t['failed'])}" for t in trials if t["failed"]}),
-                   "median_seconds": statistics.median(t["seconds"] for t in trials),
-                   "median_unresolved": statistics.median(t["unresolved"] for t in trials),
-                   "convs": [{"located": {str(r): sum(t["convs"][k]["located"][str(r)] for t in trials)
-                                          for r in PLANTED},
-                              "median_limit": statistics.median(t["convs"][k]["limit"] for t in trials),
-                              "median_planted": statistics.median(t["convs"][k]["planted_over_rms"] for t in trials)}
-                             for k in range(2)]}
+            row = {"family": family, "seeds": label, "span": bench.span(seeds),
+                   **summary([draw(family, s) for s in seeds])}
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
-def measure_bounds(ranges: dict[str, list[int]]) -> list[dict]:
-    rows = []
-    for family in FAMILIES:
-        for label, seeds in ranges.items():
-            got = [bounds(family, s) for s in seeds]
-            row = {"family": family, "seeds": label, "span": bench.span(seeds), "nets": len(got),
-                   "entries": sum(b["entries"] for b in got), "fell": sum(b["fell"] for b in got),
-                   "over_quantile": max(b["over_quantile"] for b in got), "over_own": max(b["over_own"] for b in got)}
-            rows.append(row)
-            print(row, flush=True)
-    return rows
+def _trials(trials: list[dict]) -> dict:
+    return {"draws": len(trials), "false_failures": sum(not t["passed"] for t in trials),
+            "failed": sorted({f"{t['seed']}: {', '.join(t['failed'])}" for t in trials if t["failed"]}),
+            "median_seconds": statistics.median(t["seconds"] for t in trials),
+            "median_unresolved": statistics.median(t["unresolved"] for t in trials),
+            "convs": [{"located": {str(r): sum(t["convs"][k]["located"][str(r)] for t in trials) for r in PLANTED},
+                       "median_limit": statistics.median(t["convs"][k]["limit"] for t in trials),
+                       "median_planted": statistics.median(t["convs"][k]["planted_over_rms"] for t in trials)}
+                      for k in range(2)]}
+
+
+def _bounds(got: list[dict]) -> dict:
+    return {"nets": len(got), "entries": sum(b["entries"] for b in got), "fell": sum(b["fell"] for b in got),
+            "over_quantile": max(b["over_quantile"] for b in got), "over_own": max(b["over_own"] for b in got)}
 
 
 def _bars(data: dict) -> str:
@@ -277,9 +272,9 @@ def main() -> None:
     ranges = {"tuned": list(TUNED)[:args.draws], "held-out": list(JUDGED_ON)[:args.draws]}
     policy = gradfd.verdict.policy.DEFAULT_POLICY
     data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_kinks.py",
-            "ranges": ranges, "rows": measure(ranges), "walk_reach": policy.walk_reach,
+            "ranges": ranges, "rows": _per_family(ranges, trial, _trials), "walk_reach": policy.walk_reach,
             "walk_explains": policy.walk_explains,
-            "bounds": measure_bounds({k: v[:BOUND_NETS] for k, v in ranges.items()})}
+            "bounds": _per_family({k: v[:BOUND_NETS] for k, v in ranges.items()}, bounds, _bounds)}
     print(record("kinks", data, write=not args.no_record))
 
 
