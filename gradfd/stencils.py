@@ -85,6 +85,13 @@ STENCILS: dict[str, Stencil] = {
 DEFAULT_STENCIL = "four_point"
 # the fourth difference f(x+2h) - 4f(x+h) + 6f(x) - 4f(x-h) + f(x-2h): its binomial weights (1, -4, 6, -4, 1)
 FOURTH_DIFFERENCE_INNER, FOURTH_DIFFERENCE_CENTRE = 4, 6
+FOURTH_DIFFERENCE_NORM = 70.0**0.5  # sqrt(1 + 16 + 36 + 16 + 1): its noise for unit noise on each value
+FOURTH_DIFFERENCE_GROWTH = 16.0  # a smooth function's fourth difference grows as h^4: 2^4 as h doubles
+# the second difference S(h) = f(h) + f(-h) - 2 f(0) of a function whose slope jumps by J near 0 is
+# J h + a h^2 + b h^4 + ...: this combination of S(h), S(2h), S(4h) is J h (a and b cancel), and its noise
+# for unit noise on each value is SWITCH_NORM
+SWITCH_COMBINATION = (64.0 / 28.0, -20.0 / 28.0, 1.0 / 28.0)
+SWITCH_NORM = (6.0 * sum(c * c for c in SWITCH_COMBINATION)) ** 0.5
 DEPENDENCE_NUDGE = 2.0**-10  # an output depends on the inputs when it moves as every input moves by this (relative)
 _ALIASES = {"4-point": "four_point", "4point": "four_point", "fourpoint": "four_point", "2-point": "central"}
 

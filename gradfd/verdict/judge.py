@@ -20,7 +20,7 @@ from ..report import AGREE, DISAGREE, UNRESOLVED
 from .estimates import Entries
 from .policy import Policy
 
-__all__ = ["Judgement", "judge", "flag_steps", "unsettled", "second_look", "Floors", "DirectionalFloor"]
+__all__ = ["Judgement", "judge", "flag_steps", "unsettled", "second_look", "Floors"]
 
 
 @dataclass
@@ -158,21 +158,3 @@ class Floors:
     def of(self, entries: Entries, size: int) -> torch.Tensor:
         """The floors of ``entries`` (pairs numbered ``position * size + output``)."""
         return self(entries.analytical, entries.index % size)
-
-
-class DirectionalFloor:
-    """The floor of directional mode: ``rtol * |analytical| + atol``, ``atol`` defaulting to ``floor`` times the
-    largest |directional derivative| of the first round (fixed at the first call)."""
-
-    def __init__(self, floor: float, atol: float | None, rtol: float | None):
-        self.floor, self.atol = floor, atol
-        self.rtol = floor if rtol is None else rtol
-        self.scale: float | None = None
-
-    def absolute(self) -> float:
-        return self.floor * self.scale if self.atol is None else self.atol
-
-    def __call__(self, e: Entries) -> torch.Tensor:
-        if self.scale is None:
-            self.scale = float(e.analytical.abs().max()) if e.analytical.numel() else 0.0
-        return self.absolute() + self.rtol * e.analytical.abs()

@@ -32,6 +32,7 @@ DOMAIN = "benchmarks/bench_domain.py"
 POLES = "benchmarks/bench_poles.py"
 JACOBIAN = "benchmarks/bench_jacobian.py"
 KINKS = "benchmarks/bench_kinks.py"
+DIRECTIONAL = "benchmarks/bench_directional.py"
 
 # check()'s argument defaults (not thresholds)
 DEFAULT_SAMPLES = 256  # entries per tensor in sample mode
@@ -93,6 +94,26 @@ class Policy:
                            KINKS)
     walk_explains: float = _f(8.0, "... and beyond this x its own (larger step's kink / 2 + the smaller's + the move "
                                    "between the two estimates; same table)", KINKS)
+    # directional mode's step ladder (gradfd/verdict/directional.py)
+    ladder_low: int = _f(-8, "its lowest rung is 2^this times the automatic step: curvature's fourth difference is "
+                             "2^(4 x this) of the first round's, and what is left is rounding", DIRECTIONAL,
+                         minimum=-30, maximum=0, strict=False)
+    ladder_high: int = _f(3, "its highest rung is 2^this times the automatic step: rounding falls as 1/t where the "
+                             "function is smooth", DIRECTIONAL, minimum=0, maximum=30, strict=False)
+    ladder_noise_rungs: int = _f(3, "the noise is the median of the differences between this many lowest rungs and "
+                                    "the next (x the directions)", DIRECTIONAL, minimum=1, strict=False)
+    ladder_structure: float = _f(2.0, "a rung-to-rung difference, or a fourth difference, beyond this x its "
+                                      "rounding (rounding_safety sigmas) that does not fall as truncation is structure: "
+                                      "a switch, and no rung at or above it is judged", DIRECTIONAL)
+    ladder_drift: float = _f(1.0, "a rung is judged only where the misses of every rung below agree with its own "
+                                  "within this x their rounding (switches spread along the line move larger steps "
+                                  "more; an error moves every rung alike)", DIRECTIONAL)
+    kink_growth: float = _f(8.0, "the switches' part of the second difference doubles a level, curvature's remainder "
+                                 "grows 64-fold: growth below this is switches", DIRECTIONAL)
+    ladder_margin: int = _f(3, "where switches stop the ladder right above its rung of least error, the rung judged "
+                               "is this many lower", DIRECTIONAL, strict=False)
+    fall_slack: float = _f(2.0, "a rung's difference to the next is its truncation x (2^order - 1) where the next "
+                                "difference is 2^order times it within this factor", DIRECTIONAL, minimum=1.0)
     # refinement
     refine: int = _f(4, "entries that do not agree are re-evaluated at steps this many times smaller", minimum=1)
     refine_rounds: int = _f(3, "... up to this many times (and once more to reproduce a disagreement seen there)")
