@@ -205,9 +205,9 @@ def check(
             Jacobian, checked by colors -- many inputs perturbed together, a few backward passes -- when both sides
             confirm the pattern, else by exact columns), ``"sample"`` (``samples`` entries per tensor: the largest
             |gradient| entries and a seeded uniform sample of the rest) or ``"directional"`` (``directions``
-            random Gaussian directions, comparing d/dt f(x + t u) with <grad, u>; cost independent of the size; an
-            error on one of N entries moves each directional derivative by that entry's share only, which a float32
-            loss's rounding can hide: docs/benchmarks.md, "What directional mode can see").
+            random Gaussian directions, comparing d/dt f(x + t u) with <grad, u> on a ladder of steps, 24
+            evaluations a direction; cost independent of the size; an error on one of N entries moves each
+            directional derivative by that entry's share only: docs/verdicts.md, "Directional mode").
         samples: entries per tensor in sample mode (default 256). directions: directions in directional mode
             (default 8).
         h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``.

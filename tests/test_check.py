@@ -142,6 +142,58 @@ def test_directional_mode_keeps_per_entry_sensitivity_without_sqrt_n_inflation(s
     assert report.tensors[0].checked == 8 and report.tensors[0].total == n
 
 
+def _sin_squared(x):
+    return (torch.sin(x) ** 2).sum()
+
+
+def test_directional_mode_in_float32_sees_a_one_percent_error_on_one_of_ten_thousand_entries(seed):
+    # issue 20's bar: the step ladder resolves an entry's 1e-2 / sqrt(N) share of each directional derivative
+    caught = 0
+    for draw in range(3):
+        x = torch.randn(10_000, generator=torch.Generator().manual_seed(seed + draw), dtype=torch.float64).float()
+        scale = torch.ones_like(x)
+        scale[torch.sin(2 * x.double()).abs().argmax()] = 1.01
+        assert gradfd.check(_sin_squared, _leaf(x), mode="directional", seed=seed + draw).passed
+        bad = gradfd.check(bench.plant(_sin_squared, 0, scale), _leaf(x), mode="directional", seed=seed + draw,
+                           raise_on_failure=False)
+        caught += not bad.passed
+    assert caught >= 2
+
+
+def test_directional_mode_does_not_fail_correct_relu_networks_in_float32(seed):
+    # every direction of a ReLU MLP's weights crosses switches at every step the ladder takes
+    for draw in range(4):
+        func, params = bench.relu_mlp(seed + draw)
+        report = gradfd.check(func, _leaf(*(p.float() for p in params)), mode="directional", seed=seed + draw)
+        assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_switch_at_the_point_is_no_error_in_directional_mode(seed, dtype):
+    # relu at exactly 0: every rung's central difference is off by half the jump of slope
+    x = torch.randn(1000, dtype=dtype)
+    x[::7] = 0
+    assert gradfd.check(lambda x: torch.relu(x).sum() + _sin_squared(x), _leaf(x), mode="directional").passed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ties_of_a_max_are_no_error_in_directional_mode(dtype):
+    # 500 tied pairs: autograd's choice of one tied input is neither one-sided derivative, and the jumps of slope
+    # cancel in the second differences while the biases do not; the old single-step rule failed 13 and 16 of 40
+    # such draws (float64, float32). Fixed draws: the rule still fails a few in a hundred (docs/verdicts.md)
+    for draw in range(5):
+        y = torch.randn(500, 1, generator=torch.Generator().manual_seed(draw), dtype=torch.float64)
+        y = y.to(dtype).expand(-1, 2).contiguous()
+        assert gradfd.check(lambda y: y.max(dim=1).values.pow(2).sum(), _leaf(y), mode="directional",
+                            seed=draw).passed
+
+
+def test_a_ladder_too_short_for_the_stencil_is_an_error_naming_the_policy():
+    with pytest.raises(ValueError, match="policy: directional mode needs at least 5 rungs .* got 4"):
+        gradfd.check(_sin_squared, _leaf(torch.randn(10, dtype=torch.float64)), mode="directional",
+                     policy={"ladder_low": -1, "ladder_high": 2})
+
+
 def test_directional_cost_does_not_grow_with_size(seed):
     calls = {"n": 0}
 

@@ -23,9 +23,11 @@ the rule calls unresolved (a kink, the ambiguous band) is refined, and gets the 
   can be found in.
 - Directions: an error on entry ``i`` (and output ``o`` of a tensor-valued function) moves direction ``d``'s
   derivative by ``delta * rms * s_i * z_d * u_do``, where ``s_i`` is the entry's step and ``z_d`` the direction's
-  standard-normal coefficient there, unknown to the user; flagged if one direction's move exceeds its
-  ``max(a_d, 2 zeta_d sd_d)``. Its threshold ``min_d max(a_d, 2 zeta_d sd_d) / (rms s_i |z_d u_do|)`` is drawn
-  ``DETECTION_DRAWS`` times (seeded), over uniform ``i``, ``o`` and fresh ``z`` and ``zeta``.
+  standard-normal coefficient there, unknown to the user; flagged if one direction's move exceeds its allowance
+  ``a_d``: the room its judged rung and its confirming rung both leave (their tolerances plus their discrepancies,
+  :func:`~.directional.judge_ladder`; nothing is re-evaluated, so there is no reproduction draw). Its threshold
+  ``min_d a_d / (rms s_i |z_d u_do|)`` is drawn ``DETECTION_DRAWS`` times (seeded), over uniform ``i``, ``o`` and
+  fresh ``z``.
 
 ``benchmarks/bench_detection.py`` plants errors at the stated limit and measures the share caught
 (docs/verdicts.md).
@@ -165,8 +167,8 @@ def directional_limit(allowance: torch.Tensor, steps: torch.Tensor, rms: float, 
     """The detection limit of a directional check (the module docstring).
 
     Args:
-        allowance: ``(D,)`` float64 the shift each direction needs to be flagged (:func:`allowances`; 0:
-            disagreeing; inf: never flagged).
+        allowance: ``(D,)`` float64 the shift each direction needs to be flagged
+            (:func:`~.directional.judge_ladder`; 0: disagreeing; inf: never flagged).
         steps: ``(N,)`` float64 the entries' steps (the scale of the directions' coefficients).
         rms: the RMS gradient (for a tensor-valued function, of its Jacobian entries).
         u: ``(D, O)`` the directions' output cotangents, or None for a loss.

@@ -5,23 +5,25 @@ Rule (the step ladder). Each direction ``v`` (Gaussian, scaled entry-wise by the
 evaluated at ``t = +-2^k`` for every ``k`` in ``[ladder_low, ladder_high]``: one central difference per rung. The
 stencil's Richardson window slides along the rungs, so rung ``j`` has an extrapolant ``E_j`` (for the 4-point
 stencil, ``(4 D(2^j) - D(2^(j+1))) / 3``), and the analytical side gets the same extrapolation of the realised
-displacement (exact, so the nodes' rounding does not enter). Per direction:
+displacement (exact, so the nodes' rounding does not enter); ``E_j - A_j`` is rung ``j``'s miss. Per direction:
 
-- **Noise** of one value ``sigma``: the fourth differences of the two lowest rungs, where curvature has fallen by
-  ``2^(4 ladder_low)`` against the automatic step and rounding is all that is left; their median over directions
-  (each direction's scaled by its cotangent's weight), never below the rounding of one term of a loss reduced in
-  float64 nor the dtype's rounding of the loss over ``noise_floor_divisor`` (:func:`noise_floor`); the model
-  ``eps * |f|`` from fewer than ``reliable_median`` of them.
-- **Truncation** of rung ``j``: ``|E_j - E_(j+1)| / (2^order - 1)`` where the next difference confirms the order
-  (``|E_(j+1) - E_(j+2)|`` is ``2^order`` times it within ``fall_slack``): the extrapolant's own error, 10-100
-  times below the 4-point spread it replaces; elsewhere (rounding, kinks, a domain edge) the larger of the
-  differences to both neighbours, unshrunk.
-- **The rung** judged is the one with the smallest ``truncation + rounding_safety * sigma * ||w|| / 2^j``: large
-  steps where the function is smooth (rounding falls as ``1/t``), small ones near kinks and domain edges
-  (rungs with a non-finite node are left out).
-- **Verdict**: agree within ``floor + tolerance_safety * (truncation + rounding)``; disagree only where the
-  neighbouring rung with the smaller error disagrees too, on the same side (a rung whose small error is a
-  coincidence of two garbage extrapolants is not confirmed); unresolved otherwise.
+- **Noise** of one value (:func:`_noise`): rung-to-rung differences of the misses on the lowest rungs, where
+  truncation has fallen by ``2^(4 ladder_low)`` against the automatic step and rounding is all that is left; their
+  median over directions (each scaled by its cotangent's weight), never below the rounding floor of the loss
+  (:func:`noise_floor`); the model ``eps * sum |u f|`` from fewer than ``reliable_median`` of them.
+- **Truncation** of rung ``j``: ``|miss_j - miss_(j+1)| / (2^order - 1)``, the extrapolant's own error where the
+  truncation has its order: 10-100 times below the 4-point spread it replaces.
+- **Smooth below** (:func:`_smooth_below`): a rung is judged only where it and every rung below are smooth (no
+  difference, fourth difference or drift of the misses that rounding or truncation does not explain).
+- **The rung** judged is the smooth one with the least ``truncation + rounding``: large steps where the function is
+  smooth (rounding falls as ``1/t``), small ones near switches and domain edges; ``ladder_margin`` lower where a
+  switch stopped the ladder while that error still fell (:func:`_below_cut`).
+- **Switches** (:func:`_switches`, :func:`_near_switches`): no rung within ``ladder_margin`` below one where the
+  second differences show switches is judged (a switch next to the point biases every rung alike).
+- **Verdict** (:func:`judge_ladder`): agree within ``floor + tolerance_safety * (truncation + rounding)``; disagree only where the neighbouring rung with the smaller error disagrees too, on the same side;
+  unresolved otherwise.
+- **Retreat** (:func:`directional_report`): a direction with a non-finite node and too few rungs judged is
+  evaluated again on a ladder shifted down.
 
 This is what lets float32 see one wrong entry among 10^5: its derivative moves by about ``1e-2 / sqrt(N)`` of the
 directional derivative, which the 4-point spread at the automatic step (and a noise inflated by curvature summed
@@ -76,8 +78,6 @@ class Rungs:
         noise: ``(D,)`` the noise of one value of each direction.
         complete: ``(D,)`` bool, every node of every rung is finite.
         spread: ``(D,)`` ``||(u_dᵀJ) * v_d||_2``, the scale of an error of every entry (:class:`DirectionalFloor`).
-        switches: the largest bias that the switches the second differences show within the rung's reach can
-            cause (0 where none).
     """
 
     multiples: torch.Tensor
@@ -89,7 +89,6 @@ class Rungs:
     noise: torch.Tensor
     complete: torch.Tensor
     spread: torch.Tensor
-    switches: torch.Tensor
 
     @property
     def error(self) -> torch.Tensor:
@@ -148,11 +147,12 @@ class Directions:
         return torch.randn(self.steps.numel(), generator=gen, dtype=torch.float64).to(self.steps.device) * self.steps
 
     def moves(self, shift: int) -> bool:
-        """Whether the lowest rung, ``2^shift`` times smaller, still moves most entries by ``min_step_ulps`` ulps."""
+        """Whether the middle rung of the ladder, ``2^shift`` times smaller, still moves most entries by
+        ``min_step_ulps`` ulps (the rungs below it may not: the realised displacement is what both sides compare)."""
         x = self.params[self.k].detach().reshape(-1).to(torch.float64)
         ulp = (x.abs() * stencils.eps(self.params[self.k].dtype)).clamp(min=torch.finfo(torch.float64).tiny)
-        lowest = self.levels[0] * 2.0 ** -shift * self.steps
-        return bool((lowest >= self.policy.min_step_ulps * ulp).double().mean() >= MEDIAN_QUANTILE)
+        middle = self.levels[self.levels.numel() // 2] * 2.0 ** -shift * self.steps
+        return bool((middle >= self.policy.min_step_ulps * ulp).double().mean() >= MEDIAN_QUANTILE)
 
     def _values(self, problem, which: list[int], levels: torch.Tensor):
         """``(S, D)`` cotangent-weighted outputs at the nodes ``+-levels`` (in ``(+m, -m)`` pairs), ``(S, D)`` the
@@ -218,35 +218,47 @@ class Directions:
         # the values less the analytical side's linear change (the nodes' rounding moves both alike)
         resid = losses - ana
         base = (u * base_vec).sum(-1)  # (D,)
-        truncation, valid = _smooth_below(miss, resid, base, rounding, noise, stencil, policy)
-        valid = valid & _below_cut(valid, truncation + rounding, policy)
+        truncation, smooth, steady = _smooth_below(miss, resid, base, rounding, noise, stencil, policy)
+        valid = smooth & steady & _below_cut(smooth, truncation + rounding, policy)
+        valid = valid & ~_near_switches(_switches(resid, base, m, noise, J, w, policy), policy.ladder_margin)
         return Rungs(m[:J].clone(), E, A, torch.where(valid, truncation, math.inf), rounding, valid, noise,
-                     level_finite.all(0), spread, _switch_bias(resid, base, m, noise, J, w, policy))
+                     level_finite.all(0), spread)
 
 
 def _noise(miss: torch.Tensor, levels: torch.Tensor, weight: torch.Tensor, stencil: stencils.Stencil,
            policy: Policy) -> torch.Tensor:
-    """``(D,)`` the noise of one value: the median over directions of the rung-to-rung differences of ``E - A`` on
-    the ``ladder_noise_rungs`` lowest rungs, where truncation has fallen by ``2^(4 ladder_low)`` against the
-    automatic step and rounding is all that is left (a difference's weights have norm ``_pair_norm / 2^l``); NaN
-    from fewer than ``reliable_median`` of them."""
-    low = min(policy.ladder_noise_rungs, miss.shape[0] - 1)
-    pair = (miss[:low] - miss[1:low + 1]) * levels[:low].view(-1, 1)  # (low, D)
-    scaled = (pair.abs() / (_pair_norm(stencil) * weight.clamp(min=TINY)))
-    scaled = scaled[torch.isfinite(scaled)]
-    if scaled.numel() < policy.reliable_median:
+    """``(D,)`` the noise of one value.
+
+    Rule: rung-to-rung differences of ``E - A``, in units of one value (their weights have norm ``_pair_norm /
+    2^l``), are rounding only where truncation has not set in: on the lowest rungs (truncation fell by
+    ``2^(4 ladder_low)`` there), and up the ladder while a rung's median over the directions stays within
+    ``noise_rise`` of the lowest ``ladder_noise_rungs``' (rounding of tiny displacements is partly shared between
+    nodes, so it rises a little before it settles). The noise is the median over those rungs and the directions,
+    each direction's scaled by its cotangent's weight; NaN from fewer than ``reliable_median`` of them."""
+    pair = (miss[:-1] - miss[1:]) * levels[:miss.shape[0] - 1].view(-1, 1)  # (J-1, D)
+    scaled = pair.abs() / (_pair_norm(stencil) * weight.clamp(min=TINY))
+    per_rung = scaled.nanmedian(1).values  # (J-1,)
+    low = min(policy.ladder_noise_rungs, per_rung.numel())
+    lowest = scaled[:low][torch.isfinite(scaled[:low])]
+    flat = _all_below(per_rung <= policy.noise_rise * (float(lowest.median()) if lowest.numel() else math.nan))
+    flat[:low] = True
+    kept = scaled[flat]
+    kept = kept[torch.isfinite(kept)]
+    if kept.numel() < policy.reliable_median:
         return torch.full_like(weight, math.nan)
-    return float(scaled.median()) / MEDIAN_ABS_NORMAL * weight
+    return float(kept.median()) / MEDIAN_ABS_NORMAL * weight
 
 
 def _smooth_below(miss, resid, base, rounding, noise, stencil: stencils.Stencil, policy: Policy):
-    """``(truncation, valid)``, both ``(J, D)``: each rung's truncation ``|miss_j - miss_(j+1)| / (2^order - 1)``
-    (NaN at the top rung, which has no next), and whether it is judged at all: it and every rung below are smooth.
+    """``(truncation, smooth, steady)``, all ``(J, D)``: each rung's truncation ``|miss_j - miss_(j+1)| /
+    (2^order - 1)`` (NaN at the top rung, which has no next); whether it and every rung below are smooth; whether its
+    miss agrees with the rungs below (a rung that does not is left out, the rungs above it are not).
 
     Rule: a rung is smooth where its difference to the next rung is within `ladder_structure` x its rounding or
-    rises as truncation does, its fourth difference likewise (curvature's rises 16-fold a level), and the misses of
-    every rung below agree with its own within `ladder_drift` x their rounding, beyond its truncation (an error of
-    the analytical side moves every rung alike; switches spread along the line move the larger steps more).
+    rises as truncation does, its fourth difference likewise (curvature's rises 16-fold a level), and the weighted
+    mean of the misses below agrees with its own within `ladder_drift` x `rounding_safety` sigmas, beyond its
+    truncation (an error of the analytical side moves every rung alike; switches spread along the line move the
+    larger steps more).
     Differences of ``E - A``: each rung's nodes round differently, which moves E and A alike."""
     J, w = miss.shape[0], len(stencil.multiples)
     gain = 2.0 ** stencil.order
@@ -260,50 +272,65 @@ def _smooth_below(miss, resid, base, rounding, noise, stencil: stencils.Stencil,
     smooth_fourth = ((fourth <= policy.ladder_structure * fourth_rounding)
                      | _falls(fourth, stencils.FOURTH_DIFFERENCE_GROWTH, policy.fall_slack))
     truncation = torch.cat([step / (gain - 1), torch.full_like(step[:1], math.nan)])
-    # drift[l, j]: rung l's miss against rung j's, beyond rung j's truncation, in rung l's rounding; for rung j the
-    # largest over l < j
-    drift = ((miss.unsqueeze(1) - miss.unsqueeze(0)).abs() - policy.tolerance_safety * truncation.unsqueeze(0)
-             ) / pair_rounding.unsqueeze(1)
-    lower = torch.tril(torch.ones(J, J, dtype=torch.bool, device=miss.device), -1).unsqueeze(-1)  # [j, l]: l < j
-    steady = torch.where(lower, drift.transpose(0, 1).nan_to_num(math.inf), 0.0).amax(1) <= policy.ladder_drift
+    # drift: rung j's miss against the weighted mean of the misses below it (weights 1 / sigma^2: the nearest rungs
+    # count most, and one outlier on a low rung little), beyond rung j's truncation, in sigmas of the difference
+    sigma2 = (rounding / policy.rounding_safety) ** 2
+    weights = torch.where(torch.isfinite(miss), 1 / sigma2.clamp(min=TINY), 0.0)
+    total = torch.cumsum(weights, 0) - weights  # (J, D): over the rungs below
+    mean = (torch.cumsum(weights * miss.nan_to_num(0.0), 0) - weights * miss.nan_to_num(0.0)) / total.clamp(min=TINY)
+    spread = torch.sqrt(1 / total.clamp(min=TINY) + sigma2)
+    drift = ((mean - miss).abs() - policy.tolerance_safety * truncation) / (policy.rounding_safety * spread)
+    steady = (total == 0) | (drift.nan_to_num(math.inf) <= policy.ladder_drift)
     reach = max(w - 2, 0)  # rung j's nodes reach the fourth difference of level j + reach
-    smooth = _all_below(smooth_steps) & _all_below(smooth_fourth)[reach:reach + J - 1] & steady[:-1]
-    valid = torch.cat([smooth & torch.isfinite(step), torch.zeros_like(smooth[:1])])  # the top rung has no next
-    return truncation, valid
+    smooth = _all_below(smooth_steps) & _all_below(smooth_fourth)[reach:reach + J - 1] & torch.isfinite(step)
+    smooth = torch.cat([smooth, torch.zeros_like(smooth[:1])])  # the top rung has no next
+    return truncation, smooth, steady
 
 
-def _below_cut(valid: torch.Tensor, error: torch.Tensor, policy: Policy) -> torch.Tensor:
+def _below_cut(smooth: torch.Tensor, error: torch.Tensor, policy: Policy) -> torch.Tensor:
     """``(J, D)`` bool: the rungs at most ``ladder_margin`` below a cut.
 
-    Rule: where the ladder stops while its error still falls (the first unusable rung's estimate, were it usable,
-    would beat the last usable one's: a switch stopped it, not the truncation), switches lie just beyond, and the
-    rung judged is ``ladder_margin`` rungs lower (the chance that one lies within a rung's reach halves a rung)."""
-    J = valid.shape[0]
-    first = torch.where(valid[:-1].all(0), J - 1, (~valid[:-1]).int().argmax(0))  # (D,) the first unusable rung
+    Rule: where the smooth part of the ladder ends while its error still falls (the first rung that is not smooth
+    would, by its estimate, beat the last one that is: a switch ended it, not the truncation), switches lie just
+    beyond, and the rung judged is ``ladder_margin`` rungs lower (the chance that one lies within a rung's reach
+    halves a rung)."""
+    J = smooth.shape[0]
+    first = torch.where(smooth[:-1].all(0), J - 1, (~smooth[:-1]).int().argmax(0))  # (D,) the first rung not smooth
     cols = torch.arange(first.numel(), device=first.device)
-    last = torch.where(valid, error, math.inf)[(first - 1).clamp(min=0), cols]
+    last = torch.where(smooth, error, math.inf)[(first - 1).clamp(min=0), cols]
     cut = (first < J - 1) & (first > 0) & (error[first, cols].nan_to_num(math.inf) < last)
     cap = torch.where(cut, (first - 1 - policy.ladder_margin).clamp(min=0), J)
-    return torch.arange(J, device=valid.device).view(-1, 1) <= cap
+    return torch.arange(J, device=smooth.device).view(-1, 1) <= cap
 
 
-def _switch_bias(resid, base, m, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
-    """``(J, D)`` the bias that switches next to the point can cause at each rung (0 where none shows).
+def _switches(resid, base, m, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
+    """``(J, D)`` bool: switches show within rung ``j``'s reach.
 
-    Rule: a switch at ``t0`` within ``[-s, s]`` biases the central difference at ``s`` by half the second difference
-    ``S(s) = f(s) + f(-s) - 2 f(0)`` it causes, over ``s``, at every step that reaches it, and one at ``t0 ~ 0`` alike
-    at every rung (no drift shows it). :data:`~gradfd.stencils.SWITCH_COMBINATION` of ``S(s), S(2s), S(4s)`` keeps
-    the switches' part ``J s``, which doubles a level where curvature's remainder grows 64-fold. It is read one
-    level beyond a rung's reach, where it shows at twice the size: where it stands out of its rounding by
-    ``ladder_structure`` and grows less than ``kink_growth``-fold from the level below, it bounds the bias."""
+    Rule: a switch at ``t0`` within ``[-s, s]`` biases the central difference at ``s`` by half the jump of slope
+    ``J`` it causes, at every step that reaches it, and one at ``t0 ~ 0`` alike at every rung (no drift shows it).
+    The second difference ``S(s) = f(s) + f(-s) - 2 f(0)`` carries it as ``J s`` against curvature's
+    ``a s^2 + b s^4``: :data:`~gradfd.stencils.SWITCH_COMBINATION` of ``S(s), S(2s), S(4s)`` keeps ``J s``, which
+    doubles a level where curvature's remainder grows 64-fold. It is read one level beyond a rung's reach (it grows
+    with the step, the bias does not: it shows there first), and shows switches where it stands out of its rounding
+    by ``ladder_structure`` and grows less than ``kink_growth``-fold from the level below."""
     second = resid[0::2] + resid[1::2] - 2 * base  # (K, D), in units of one value
     c0, c1, c2 = stencils.SWITCH_COMBINATION
     kinks = (c0 * second[:-2] + c1 * second[1:-1] + c2 * second[2:]).abs()  # (K-2, D): levels l, l+1, l+2
     kink_rounding = policy.rounding_safety * noise * stencils.SWITCH_NORM
     ahead = [min(j + w, kinks.shape[0] - 1) for j in range(J)]
     k2, k1 = kinks[ahead], kinks[[a - 1 for a in ahead]]
-    kinked = (k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
-    return torch.where(kinked, k2 / (2 * m[ahead]), 0.0).nan_to_num(0.0)
+    return (k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
+
+
+def _near_switches(seen: torch.Tensor, margin: int) -> torch.Tensor:
+    """``(J, D)`` bool: switches show at some rung at most ``margin`` rungs above (or anywhere below).
+
+    Rule: a rung judged lies ``ladder_margin`` rungs below every rung where switches show (the chance that one lies
+    within a rung's reach halves a rung, and the bias of one next to the point, half its jump, stays while the
+    tolerance doubles a rung down); a switch within a rung's reach is within every larger rung's."""
+    J = seen.shape[0]
+    any_below = _all_below(~seen).logical_not()  # switches show at this rung or one below
+    return any_below[[min(j + margin, J - 1) for j in range(J)]]
 
 
 def _pair_norm(stencil: stencils.Stencil) -> float:
@@ -381,9 +408,8 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
 
     e = Entries(index, at(r.numerical, chosen), at(r.analytical, chosen), at(err, chosen), at(r.rounding, chosen),
                 at(r.truncation, chosen), finite, None)
-    tol = floor(e.analytical) + policy.tolerance_safety * e.error + at(r.switches, chosen)
-    tol_n = floor(at(r.analytical, neighbour)) + policy.tolerance_safety * at(err, neighbour) + at(r.switches,
-                                                                                                   neighbour)
+    tol = floor(e.analytical) + policy.tolerance_safety * e.error
+    tol_n = floor(at(r.analytical, neighbour)) + policy.tolerance_safety * at(err, neighbour)
     miss = e.numerical - e.analytical
     miss_n = at(r.numerical, neighbour) - at(r.analytical, neighbour)
     agree = finite & (miss.abs() <= tol)
@@ -430,14 +456,14 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
     """
     index = torch.arange(directions, device=p.device)
     rungs = evaluator(index.tolist())
-    # Rule (the retreat from a domain's edge, or from switches at the lowest rungs): a direction with fewer than
+    # Rule (the retreat from a domain's edge): a direction with a non-finite node and fewer than
     # ladder_noise_rungs + 1 rungs judged is evaluated again on a ladder shifted down by all but two of its rungs,
-    # as long as the total shift stays within the coordinate modes' reach (refine**domain_rounds) and the lowest
+    # as long as the total shift stays within the coordinate modes' reach (refine**domain_rounds) and the middle
     # rung moves most entries by min_step_ulps ulps
     levels = evaluator.levels.numel()
     shift, retreated = 0, torch.zeros(directions, dtype=torch.bool, device=p.device)
     while True:
-        short = rungs.finite.sum(0) < policy.ladder_noise_rungs + 1
+        short = (rungs.finite.sum(0) < policy.ladder_noise_rungs + 1) & ~rungs.complete
         shift += levels - 2
         if not bool(short.any()) or 2.0**shift > policy.refine**policy.domain_rounds or not evaluator.moves(shift):
             break
@@ -460,7 +486,7 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
         [f"{edge} directions had a non-finite value or an error of func at a node (outside its domain): judged at "
          f"the steps where every node was finite"] if edge else []) + (
         [f"{int(retreated.sum())} directions were judged on a ladder down to 2^-{int(-math.log2(float(rungs.multiples.min())))} of the "
-         f"automatic steps (a domain's edge or switches at the lowest rungs)"] if bool(retreated.any()) else [])
+         f"automatic steps (a domain's edge)"] if bool(retreated.any()) else [])
     if notes:
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"

@@ -95,19 +95,22 @@ class Policy:
     walk_explains: float = _f(8.0, "... and beyond this x its own (larger step's kink / 2 + the smaller's + the move "
                                    "between the two estimates; same table)", KINKS)
     # directional mode's step ladder (gradfd/verdict/directional.py)
-    ladder_low: int = _f(-8, "its lowest rung is 2^this times the automatic step: curvature's fourth difference is "
-                             "2^(4 x this) of the first round's, and what is left is rounding", DIRECTIONAL,
+    ladder_low: int = _f(-8, "its lowest rung is 2^this times the automatic step: the 4-point stencil's truncation "
+                             "is 2^(4 x this) of the automatic step's, and what is left is rounding (the noise is "
+                             "measured there)", DIRECTIONAL,
                          minimum=-30, maximum=0, strict=False)
     ladder_high: int = _f(3, "its highest rung is 2^this times the automatic step: rounding falls as 1/t where the "
                              "function is smooth", DIRECTIONAL, minimum=0, maximum=30, strict=False)
-    ladder_noise_rungs: int = _f(3, "the noise is the median of the differences between this many lowest rungs and "
+    ladder_noise_rungs: int = _f(3, "the noise is measured from the differences between this many lowest rungs and "
                                     "the next (x the directions)", DIRECTIONAL, minimum=1, strict=False)
-    ladder_structure: float = _f(2.0, "a rung-to-rung difference, or a fourth difference, beyond this x its "
-                                      "rounding (rounding_safety sigmas) that does not fall as truncation is structure: "
-                                      "a switch, and no rung at or above it is judged", DIRECTIONAL)
-    ladder_drift: float = _f(1.0, "a rung is judged only where the misses of every rung below agree with its own "
-                                  "within this x their rounding (switches spread along the line move larger steps "
-                                  "more; an error moves every rung alike)", DIRECTIONAL)
+    noise_rise: float = _f(4.0, "... and up the ladder while a rung's median stays within this x theirs (truncation "
+                                "sets in 32-fold a rung)", DIRECTIONAL, minimum=1.0)
+    ladder_structure: float = _f(2.0, "a rung-to-rung difference, a fourth difference or the switches' part of the "
+                                      "second differences beyond this x its rounding (rounding_safety sigmas) that "
+                                      "does not grow as truncation does is structure: a switch", DIRECTIONAL)
+    ladder_drift: float = _f(1.0, "a rung is judged only where the weighted mean of the misses below agrees with "
+                                  "its own within this x rounding_safety sigmas (switches spread along the line move "
+                                  "larger steps more; an error moves every rung alike)", DIRECTIONAL)
     kink_growth: float = _f(8.0, "the switches' part of the second difference doubles a level, curvature's remainder "
                                  "grows 64-fold: growth below this is switches", DIRECTIONAL)
     ladder_margin: int = _f(3, "where switches stop the ladder right above its rung of least error, the rung judged "

@@ -18,7 +18,7 @@ The rules, each a named predicate below:
   (:meth:`Refinement.retreat`), then :func:`domain_margin` refine-fold steps smaller again.
 
 What does not live here: the verdict rule itself (:mod:`.judge`), how entries are evaluated (the evaluator passed
-in: :mod:`.coordinates`, :mod:`.directional`).
+in: :mod:`.coordinates`), directional mode's step ladder (:mod:`.directional`, which refines nothing).
 """
 
 from __future__ import annotations
