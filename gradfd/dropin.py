@@ -3,8 +3,8 @@
 Replacing ``from torch.autograd import gradcheck`` by ``from gradfd import gradcheck`` keeps the call sites and
 the return value (True, or False / an exception on failure). Unlike torch's, it checks float32 (and half)
 functions in their own dtype with tolerances derived from the finite difference's error estimate, and in
-``fast_mode`` its directional check's tolerance is not inflated by sqrt(N) (it still cannot resolve one wrong entry
-among many in float32: docs/benchmarks.md, "What directional mode can see").
+``fast_mode`` its directional check's tolerance is not inflated by sqrt(N) (what one wrong entry among many it
+resolves, per dtype and size: docs/benchmarks.md, "What directional mode can see").
 
 What torch's defaults check, it checks too, or says it did not: the backward is run twice and must agree exactly
 (``nondet_tol=0.0``); a tensor where nothing could be compared fails; and the undefined-gradient check that
