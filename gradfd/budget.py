@@ -74,6 +74,7 @@ VJP_ROW_BYTES = 1 << 26  # bytes of analytical rows computed per batched backwar
 JUDGED_PAIRS = 1 << 20  # pattern entries of a colored pass estimated and judged per block
 COLORED_SAVING = 4  # the colored pass runs when it needs at most 1/4 of the exact columns' evaluations
 PATTERN_ENTRY_BYTES = 64  # bytes a colored pass holds per pattern entry (indices, keys, values)
+DIRECTIONAL_NODE_COPIES = 3  # float64 copies of a node's entries directional mode holds while it builds the point
 COLORED_NODE_COPIES = 16  # float64 copies of a color's nodes and outputs a colored pass holds at once
 COLORING_TRIES = 9  # colorings q = lower .. lower + 8 are tried, then 2 lower + 1 and 4 lower + 1 (COLORING_WIDE)
 COLORING_WIDE = 4

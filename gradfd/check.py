@@ -210,11 +210,13 @@ def check(
             directional derivative by that entry's share only: docs/verdicts.md, "Directional mode").
         samples: entries per tensor in sample mode (default 256). directions: directions in directional mode
             (default 8).
-        h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``.
+        h: absolute step, or None (default) for the automatic per-entry step ``~eps**(1/(order+1)) * max(1, |x|)``
+            (directional mode evaluates a ladder from 2^ladder_low to 2^ladder_high times it: 2^-12 to 8 by default).
         stencil: ``"four_point"`` (default: the most accurate within 2x the cost of central differences),
             ``"central"`` or ``"richardson"``.
-        atol, rtol: replace the dtype floors (64 eps, relative to the entry and to the tensor's largest entry);
-            the finite difference's own error estimate is always added to the tolerance.
+        atol, rtol: replace the dtype floors (64 eps, relative to the entry and to the tensor's largest entry; in
+            directional mode to the direction's derivative and to ``||(uᵀJ) * v||_2``); the finite difference's own
+            error estimate is always added to the tolerance.
         engine, batching, chunk_size, memory_budget: as in :func:`gradfd.numerical_gradient`.
         seed: seeds the sample and the directions.
         raise_on_failure: raise :class:`GradientCheckError` (carrying the report) when an entry disagrees.

@@ -89,9 +89,9 @@ FOURTH_DIFFERENCE_NORM = 70.0**0.5  # sqrt(1 + 16 + 36 + 16 + 1): its noise for 
 FOURTH_DIFFERENCE_GROWTH = 16.0  # a smooth function's fourth difference grows as h^4: 2^4 as h doubles
 # the second difference S(h) = f(h) + f(-h) - 2 f(0) of a function whose slope jumps by J near 0 is
 # J h + a h^2 + b h^4 + ...: this combination of S(h), S(2h), S(4h) is J h (a and b cancel), and its noise
-# for unit noise on each value is SWITCH_NORM
+# for unit noise on each value is SWITCH_NORM (the nodes +-h, +-2h, +-4h once each, f(0) in all three)
 SWITCH_COMBINATION = (64.0 / 28.0, -20.0 / 28.0, 1.0 / 28.0)
-SWITCH_NORM = (6.0 * sum(c * c for c in SWITCH_COMBINATION)) ** 0.5
+SWITCH_NORM = (2.0 * sum(c * c for c in SWITCH_COMBINATION) + 4.0 * sum(SWITCH_COMBINATION) ** 2) ** 0.5
 DEPENDENCE_NUDGE = 2.0**-10  # an output depends on the inputs when it moves as every input moves by this (relative)
 _ALIASES = {"4-point": "four_point", "4point": "four_point", "fourpoint": "four_point", "2-point": "central"}
 

@@ -378,8 +378,9 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # detection-limit model (benchmarks/bench_detection.py), developed on 1000-1039; 3000-3019 and 4000-4019 judged a
 # directional-mode attempt that was not kept (its false alarms on ReLU networks); 6000-6011 judged the rule on
 # switches near an entry and the noise floor of float64-reduced losses (benchmarks/bench_kinks.py: conv nets,
-# developed on seeds 0-11 of its own families); 7000-7099 judge directional mode's step ladder
-# (benchmarks/bench_directional.py; developed on seeds 0-19, and 0-2 for its models).
+# developed on seeds 0-11 of its own families); 7000-7019 judged a first version of directional mode's step ladder
+# and 8000-8099 judge the one kept (benchmarks/bench_directional.py; developed on seeds 0-19 and 100-239, and 0-2
+# for its models).
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import engine as _engine
+from ..budget import DIRECTIONAL_NODE_COPIES
 from .. import stencils
 from ..errors import note
 from ..jacobian import Analytical
@@ -73,8 +74,9 @@ class Rungs:
     Attributes:
         multiples: ``(J, D)`` the rungs' smallest step multiples.
         numerical, analytical: the extrapolants ``E_j`` and the analytical side's ``A_j``.
-        truncation, rounding: the error estimate's parts (inf where the rung or the next is not finite).
-        finite: bool, every node of the rung and the next is finite (and the rung has a next).
+        truncation, rounding: the error estimate's parts (truncation inf where the rung is not judged).
+        finite: bool, the rung is judged: every node of it and the next is finite, it has a next, and the rules of
+            the module docstring allow it.
         noise: ``(D,)`` the noise of one value of each direction.
         complete: ``(D,)`` bool, every node of every rung is finite.
         spread: ``(D,)`` ``||(u_dᵀJ) * v_d||_2``, the scale of an error of every entry (:class:`DirectionalFloor`).
@@ -137,7 +139,7 @@ class Directions:
             self.grads = g.expand(count, -1)
         else:
             self.grads = torch.stack([analytical.vjp(k, self.u[d]) for d in range(count)])  # (D, N): u_dᵀJ
-        self.details: dict = {"directions": count, "ladder": [float(self.levels[0]), float(self.levels[-1])]}
+        self.details: dict = {"directions": count}
         self.errors = _engine.NodeErrors()  # what func raised at perturbed nodes (NaN values: left out)
 
     def direction(self, d: int) -> torch.Tensor:
@@ -166,24 +168,24 @@ class Directions:
         x = problem.flat
         x64 = x.to(torch.float64)
         base_vec = problem.base_loss.to(torch.float64).reshape(-1)
-        # the S nodes of `per` directions per call: float64 staging plus the points and func's outputs, within
-        # the budget
-        node_bytes = (torch.float64.itemsize + x.element_size()) * (x.numel() + base_vec.numel())
-        per = max(1, min(len(which), self.budget // max(1, S * node_bytes)))
-        for start in range(0, len(which), per):
-            group = which[start:start + per]
-            cols = slice(start, start + len(group))
-            v = torch.stack([self.direction(d) for d in group])  # (G, N)
-            points = (x64 + offsets.view(1, -1, 1) * v.unsqueeze(1)).to(x.dtype)  # (G, S, N)
-            moved = points.to(torch.float64) - x64  # exact for the nodes
-            ana[:, cols] = torch.einsum("gsn,gn->sg", moved, self.grads[group])
-            spread[cols] = (v * self.grads[group]).norm(dim=1)
-            del moved
-            values, used = _engine.evaluate_points(problem, points.view(-1, x.numel()), self.batching)
-            values = values.view(len(group), S, -1)  # (G, S, O)
-            self.details["batching"] = used
-            finite[:, cols] = torch.isfinite(values).all(-1).T
-            losses[:, cols] = torch.einsum("gso,go->sg", values, self.u[group])
+        # the nodes of one direction at a time, `per` of them per call: float64 staging (the points, their
+        # displacement) plus the points and func's outputs, within the budget
+        node_bytes = (DIRECTIONAL_NODE_COPIES * torch.float64.itemsize + x.element_size()) * x.numel() + (
+            torch.float64.itemsize * base_vec.numel())
+        per = max(1, min(S, self.budget // max(1, node_bytes)))
+        for col, d in enumerate(which):
+            v = self.direction(d)  # (N,)
+            g = self.grads[d]
+            spread[col] = (v * g).norm()
+            for start in range(0, S, per):
+                rows = slice(start, min(S, start + per))
+                points = (x64 + offsets[rows].view(-1, 1) * v).to(x.dtype)  # (s, N)
+                ana[rows, col] = (points.to(torch.float64) - x64) @ g  # exact for the nodes
+                values, used = _engine.evaluate_points(problem, points, self.batching)
+                values = values.reshape(points.shape[0], -1)  # (s, O)
+                self.details["batching"] = used
+                finite[rows, col] = torch.isfinite(values).all(-1)
+                losses[rows, col] = values @ self.u[d]
         return losses, ana, finite, base_vec, spread
 
     def __call__(self, which: list[int], shift: int = 0) -> Rungs:
@@ -209,6 +211,7 @@ class Directions:
         miss = torch.where(ok, E - A, math.nan)
         # the noise of one value, each direction's scaled by its cotangent's weight (|f| for a loss)
         weight = (u * (base_vec.abs() + base_vec.abs().mean())).norm(dim=-1) / 2  # (D,)
+        weight = torch.where(weight > 0, weight, u.norm(dim=-1))  # f(x) = 0: the cotangent's own scale
         noise = _noise(miss, levels, weight, stencil, policy)
         noise = torch.maximum(noise, noise_floor(problem, base_vec, policy) * weight)
         if noise.isnan().any():  # fewer than reliable_median differences: the model eps * |f|
@@ -220,7 +223,7 @@ class Directions:
         base = (u * base_vec).sum(-1)  # (D,)
         truncation, smooth, steady = _smooth_below(miss, resid, base, rounding, noise, stencil, policy)
         valid = smooth & steady & _below_cut(smooth, truncation + rounding, policy)
-        valid = valid & ~_near_switches(_switches(resid, base, m, noise, J, w, policy), policy.ladder_margin)
+        valid = valid & ~_near_switches(_switches(resid, base, noise, J, w, policy), policy.ladder_margin)
         return Rungs(m[:J].clone(), E, A, torch.where(valid, truncation, math.inf), rounding, valid, noise,
                      level_finite.all(0), spread)
 
@@ -288,7 +291,7 @@ def _smooth_below(miss, resid, base, rounding, noise, stencil: stencils.Stencil,
 
 
 def _below_cut(smooth: torch.Tensor, error: torch.Tensor, policy: Policy) -> torch.Tensor:
-    """``(J, D)`` bool: the rungs at most ``ladder_margin`` below a cut.
+    """``(J, D)`` bool: the rungs a cut leaves, ``ladder_margin`` or more below it (every rung where there is none).
 
     Rule: where the smooth part of the ladder ends while its error still falls (the first rung that is not smooth
     would, by its estimate, beat the last one that is: a switch ended it, not the truncation), switches lie just
@@ -299,20 +302,21 @@ def _below_cut(smooth: torch.Tensor, error: torch.Tensor, policy: Policy) -> tor
     cols = torch.arange(first.numel(), device=first.device)
     last = torch.where(smooth, error, math.inf)[(first - 1).clamp(min=0), cols]
     cut = (first < J - 1) & (first > 0) & (error[first, cols].nan_to_num(math.inf) < last)
-    cap = torch.where(cut, (first - 1 - policy.ladder_margin).clamp(min=0), J)
+    cap = torch.where(cut, first - 1 - policy.ladder_margin, J)  # below 0: no rung
     return torch.arange(J, device=smooth.device).view(-1, 1) <= cap
 
 
-def _switches(resid, base, m, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
+def _switches(resid, base, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
     """``(J, D)`` bool: switches show within rung ``j``'s reach.
 
     Rule: a switch at ``t0`` within ``[-s, s]`` biases the central difference at ``s`` by half the jump of slope
     ``J`` it causes, at every step that reaches it, and one at ``t0 ~ 0`` alike at every rung (no drift shows it).
     The second difference ``S(s) = f(s) + f(-s) - 2 f(0)`` carries it as ``J s`` against curvature's
     ``a s^2 + b s^4``: :data:`~gradfd.stencils.SWITCH_COMBINATION` of ``S(s), S(2s), S(4s)`` keeps ``J s``, which
-    doubles a level where curvature's remainder grows 64-fold. It is read one level beyond a rung's reach (it grows
-    with the step, the bias does not: it shows there first), and shows switches where it stands out of its rounding
-    by ``ladder_structure`` and grows less than ``kink_growth``-fold from the level below."""
+    doubles a level where curvature's remainder grows 64-fold. It is read at ``S(2^w s), S(2^(w+1) s), S(2^(w+2) s)``
+    for a rung of smallest step ``s`` and ``w`` levels, just beyond its reach (it grows with the step, the bias does
+    not: it shows there first), and shows switches where it stands out of its rounding by ``ladder_structure`` and
+    grows less than ``kink_growth``-fold from the level below."""
     second = resid[0::2] + resid[1::2] - 2 * base  # (K, D), in units of one value
     c0, c1, c2 = stencils.SWITCH_COMBINATION
     kinks = (c0 * second[:-2] + c1 * second[1:-1] + c2 * second[2:]).abs()  # (K-2, D): levels l, l+1, l+2
@@ -331,6 +335,12 @@ def _near_switches(seen: torch.Tensor, margin: int) -> torch.Tensor:
     J = seen.shape[0]
     any_below = _all_below(~seen).logical_not()  # switches show at this rung or one below
     return any_below[[min(j + margin, J - 1) for j in range(J)]]
+
+
+def _columns(r: Rungs, keep: torch.Tensor) -> Rungs:
+    """The directions ``keep`` (``(D,)`` bool) of ``r``."""
+    return Rungs(*(getattr(r, f.name)[keep] if getattr(r, f.name).dim() == 1 else getattr(r, f.name)[:, keep]
+                   for f in dataclasses.fields(r)))
 
 
 def _pair_norm(stencil: stencils.Stencil) -> float:
@@ -407,7 +417,7 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
         return t[j, cols]
 
     e = Entries(index, at(r.numerical, chosen), at(r.analytical, chosen), at(err, chosen), at(r.rounding, chosen),
-                at(r.truncation, chosen), finite, None)
+                torch.zeros_like(err[0]), finite, None)  # (no kink measure: the rules above replace it)
     tol = floor(e.analytical) + policy.tolerance_safety * e.error
     tol_n = floor(at(r.analytical, neighbour)) + policy.tolerance_safety * at(err, neighbour)
     miss = e.numerical - e.analytical
@@ -467,26 +477,32 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
         shift += levels - 2
         if not bool(short.any()) or 2.0**shift > policy.refine**policy.domain_rounds or not evaluator.moves(shift):
             break
-        rungs.put(short, evaluator(index[short].tolist(), shift))
-        retreated |= short
+        again = evaluator(index[short].tolist(), shift)
+        better = torch.zeros_like(short)
+        better[short] = again.finite.sum(0) > rungs.finite[:, short].sum(0)  # a retreat that judges more rungs
+        keep = better[short]
+        if bool(keep.any()):
+            rungs.put(better, _columns(again, keep))
+        retreated |= better
     floor = DirectionalFloor(policy.floor_eps * stencils.eps(p.dtype), atol, rtol, rungs.spread)
     ladder = judge_ladder(rungs, floor, index, policy)
     e = ladder.entries
     errors = evaluator.errors
-    if errors.count and not bool(rungs.finite.any()):
+    if errors.count and not bool(torch.isfinite(rungs.numerical).any()):
         note(errors.first, f"gradfd: raised while evaluating func at {errors.where}, and at every "
                            f"perturbed node of params[{k}] ({errors.count} nodes) at every step tried")
         raise errors.first
     chosen = rungs.multiples[ladder.chosen, torch.arange(directions, device=p.device)]
-    details = {**evaluator.details, "stencil": stencil.name, "step": "automatic" if h is None else h,
+    details = {**evaluator.details, "ladder": [float(rungs.multiples.min()), float(rungs.multiples.max())], "stencil": stencil.name, "step": "automatic" if h is None else h,
                "rtol": floor.rtol, "atol": float(floor.atol.max()), "loss_noise": float(rungs.noise.max()),
                "rungs": [float(v) for v in chosen[e.finite].tolist()]}
     edge = int((~rungs.complete).sum())
     notes = ([errors.describe()] if errors.count else []) + (
         [f"{edge} directions had a non-finite value or an error of func at a node (outside its domain): judged at "
          f"the steps where every node was finite"] if edge else []) + (
-        [f"{int(retreated.sum())} directions were judged on a ladder down to 2^-{int(-math.log2(float(rungs.multiples.min())))} of the "
-         f"automatic steps (a domain's edge)"] if bool(retreated.any()) else [])
+        [f"{int(retreated.sum())} directions were judged on a ladder down to "
+         f"2^{int(math.log2(float(rungs.multiples.min())))} of the steps (a domain's edge)"]
+        if bool(retreated.any()) else [])
     if notes:
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"

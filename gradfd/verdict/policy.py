@@ -95,7 +95,7 @@ class Policy:
     walk_explains: float = _f(8.0, "... and beyond this x its own (larger step's kink / 2 + the smaller's + the move "
                                    "between the two estimates; same table)", KINKS)
     # directional mode's step ladder (gradfd/verdict/directional.py)
-    ladder_low: int = _f(-8, "its lowest rung is 2^this times the automatic step: the 4-point stencil's truncation "
+    ladder_low: int = _f(-12, "its lowest rung is 2^this times the automatic step: the 4-point stencil's truncation "
                              "is 2^(4 x this) of the automatic step's, and what is left is rounding (the noise is "
                              "measured there)", DIRECTIONAL,
                          minimum=-30, maximum=0, strict=False)
