@@ -8,7 +8,7 @@
    ``bench_kinks.py`` and the zoo of ``bench_models.py``, in float32 and float64.
 
 Seeds: the step ladder (gradfd/verdict/directional.py) was developed on seeds 0-19 (0-2 for the models); these
-tables are judged on the fresh range JUDGED_ON (``gradfd.demo.bench``'s seed-range rule).
+tables are judged on the range JUDGED_ON (``gradfd.demo.bench``'s seed-range rule).
 
     uv run python benchmarks/bench_directional.py            # records results/directional.json, renders it
     uv run python benchmarks/bench_directional.py --draws 2 --model-draws 1 --no-record

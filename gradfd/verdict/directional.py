@@ -20,8 +20,9 @@ displacement (exact, so the nodes' rounding does not enter); ``E_j - A_j`` is ru
   switch stopped the ladder while that error still fell (:func:`_below_cut`).
 - **Switches** (:func:`_switches`, :func:`_near_switches`): no rung within ``ladder_margin`` below one where the
   second differences show switches is judged (a switch next to the point biases every rung alike).
-- **Verdict** (:func:`judge_ladder`): agree within ``floor + tolerance_safety * (truncation + rounding)``; disagree only where the neighbouring rung with the smaller error disagrees too, on the same side;
-  unresolved otherwise.
+- **Verdict** (:func:`judge_ladder`): agree within ``floor + tolerance_safety * (truncation + rounding)``; disagree
+  only where the neighbouring rung with the smaller error disagrees too, on the same side; unresolved otherwise. A
+  direction with no rung judged is judged agree-only, within all the rungs moved by.
 - **Retreat** (:func:`directional_report`): a direction with a non-finite node and too few rungs judged is
   evaluated again on a ladder shifted down.
 
@@ -80,6 +81,9 @@ class Rungs:
         noise: ``(D,)`` the noise of one value of each direction.
         complete: ``(D,)`` bool, every node of every rung is finite.
         spread: ``(D,)`` ``||(u_dᵀJ) * v_d||_2``, the scale of an error of every entry (:class:`DirectionalFloor`).
+        fallback: the agree-only allowance of every rung whose nodes are finite (inf elsewhere): its difference to
+            the next rung plus the largest difference to the rungs below, for directions with no rung judged
+            (:func:`judge_ladder`).
     """
 
     multiples: torch.Tensor
@@ -91,6 +95,7 @@ class Rungs:
     noise: torch.Tensor
     complete: torch.Tensor
     spread: torch.Tensor
+    fallback: torch.Tensor
 
     @property
     def error(self) -> torch.Tensor:
@@ -223,9 +228,14 @@ class Directions:
         base = (u * base_vec).sum(-1)  # (D,)
         truncation, smooth, steady = _smooth_below(miss, resid, base, rounding, noise, stencil, policy)
         valid = smooth & steady & _below_cut(smooth, truncation + rounding, policy)
-        valid = valid & ~_near_switches(_switches(resid, base, noise, J, w, policy), policy.ladder_margin)
+        negligible = policy.floor_eps * stencils.eps(self.params[self.k].dtype) * spread  # (D,): the default atol
+        seen = _switches(resid, base, m, noise, negligible, J, w, policy)
+        valid = valid & ~_near_switches(seen, policy.ladder_margin)
+        below = torch.where(torch.tril(torch.ones(J, J, dtype=torch.bool, device=miss.device), -1).unsqueeze(-1),
+                            (miss.unsqueeze(0) - miss.unsqueeze(1)).abs().nan_to_num(0.0), 0.0).amax(1)  # [j]: l < j
+        fallback = torch.where(torch.isfinite(truncation), truncation * (2.0**stencil.order - 1) + below, math.inf)
         return Rungs(m[:J].clone(), E, A, torch.where(valid, truncation, math.inf), rounding, valid, noise,
-                     level_finite.all(0), spread)
+                     level_finite.all(0), spread, fallback)
 
 
 def _noise(miss: torch.Tensor, levels: torch.Tensor, weight: torch.Tensor, stencil: stencils.Stencil,
@@ -306,7 +316,7 @@ def _below_cut(smooth: torch.Tensor, error: torch.Tensor, policy: Policy) -> tor
     return torch.arange(J, device=smooth.device).view(-1, 1) <= cap
 
 
-def _switches(resid, base, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
+def _switches(resid, base, m, noise, negligible, J: int, w: int, policy: Policy) -> torch.Tensor:
     """``(J, D)`` bool: switches show within rung ``j``'s reach.
 
     Rule: a switch at ``t0`` within ``[-s, s]`` biases the central difference at ``s`` by half the jump of slope
@@ -315,15 +325,18 @@ def _switches(resid, base, noise, J: int, w: int, policy: Policy) -> torch.Tenso
     ``a s^2 + b s^4``: :data:`~gradfd.stencils.SWITCH_COMBINATION` of ``S(s), S(2s), S(4s)`` keeps ``J s``, which
     doubles a level where curvature's remainder grows 64-fold. It is read at ``S(2^w s), S(2^(w+1) s), S(2^(w+2) s)``
     for a rung of smallest step ``s`` and ``w`` levels, just beyond its reach (it grows with the step, the bias does
-    not: it shows there first), and shows switches where it stands out of its rounding by ``ladder_structure`` and
-    grows less than ``kink_growth``-fold from the level below."""
+    not: it shows there first), and shows switches where it stands out of its rounding by ``ladder_structure``,
+    grows less than ``kink_growth``-fold from the level below, and the bias it bounds (half of it over the step)
+    exceeds ``negligible``, the dtype floor of the tolerance (below it no verdict can move: float64 sees switches
+    far below what matters)."""
     second = resid[0::2] + resid[1::2] - 2 * base  # (K, D), in units of one value
     c0, c1, c2 = stencils.SWITCH_COMBINATION
     kinks = (c0 * second[:-2] + c1 * second[1:-1] + c2 * second[2:]).abs()  # (K-2, D): levels l, l+1, l+2
     kink_rounding = policy.rounding_safety * noise * stencils.SWITCH_NORM
     ahead = [min(j + w, kinks.shape[0] - 1) for j in range(J)]
     k2, k1 = kinks[ahead], kinks[[a - 1 for a in ahead]]
-    return (k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
+    return ((k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
+            & (k2 / (2 * m[ahead]) > negligible))
 
 
 def _near_switches(seen: torch.Tensor, margin: int) -> torch.Tensor:
@@ -429,8 +442,26 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
     verdict[disagree] = DISAGREE
     allowance = torch.where(confirmable, torch.maximum(tol + miss.abs(), tol_n + miss_n.abs()), math.inf)
     allowance = torch.where(disagree, 0.0, allowance)
-    e.error = torch.where(finite, e.error, math.nan)
-    return Ladder(e, Judgement(verdict, torch.where(finite, tol, math.nan), torch.zeros_like(agree)), allowance,
+    # Rule (agree-only): a direction with no rung judged (switches at every step, structure everywhere) agrees where
+    # the rung of least fallback + rounding misses by less than the floor plus tolerance_safety times them -- its
+    # difference to the next rung and to every rung below, all that the switches moved it by -- and is never failed
+    # (no detection: its allowance stays inf); unresolved otherwise
+    none = ~torch.isfinite(err).any(0)
+    if bool(none.any()):
+        spare = r.fallback + r.rounding
+        pick = spare.argmin(0)
+        tol_fb = floor(at(r.analytical, pick)) + policy.tolerance_safety * at(spare, pick)
+        miss_fb = at(r.numerical, pick) - at(r.analytical, pick)
+        fb = none & torch.isfinite(tol_fb) & (miss_fb.abs() <= tol_fb)
+        verdict[fb] = AGREE
+        for name, value in (("numerical", at(r.numerical, pick)), ("analytical", at(r.analytical, pick)),
+                            ("error", at(spare, pick))):
+            setattr(e, name, torch.where(fb, value, getattr(e, name)))
+        e.finite = e.finite | fb
+        tol = torch.where(fb, tol_fb, tol)
+        chosen = torch.where(fb, pick, chosen)
+    e.error = torch.where(e.finite, e.error, math.nan)
+    return Ladder(e, Judgement(verdict, torch.where(e.finite, tol, math.nan), torch.zeros_like(agree)), allowance,
                   chosen)
 
 
