@@ -410,6 +410,7 @@ class Ladder:
     judgement: Judgement
     allowance: torch.Tensor  # (D,) the shift each direction needs to be flagged (0: disagreeing; inf: never)
     chosen: torch.Tensor  # (D,) int64 rung judged
+    agree_only: torch.Tensor  # (D,) bool: no rung judged, judged agree-only
 
 
 def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy: Policy) -> Ladder:
@@ -462,7 +463,7 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
         chosen = torch.where(fb, pick, chosen)
     e.error = torch.where(e.finite, e.error, math.nan)
     return Ladder(e, Judgement(verdict, torch.where(e.finite, tol, math.nan), torch.zeros_like(agree)), allowance,
-                  chosen)
+                  chosen, none)
 
 
 def _record(name: str, p: torch.Tensor, e: Entries, j: Judgement, details: dict, policy: Policy) -> TensorReport:
@@ -524,7 +525,8 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
                            f"perturbed node of params[{k}] ({errors.count} nodes) at every step tried")
         raise errors.first
     chosen = rungs.multiples[ladder.chosen, torch.arange(directions, device=p.device)]
-    details = {**evaluator.details, "ladder": [float(rungs.multiples.min()), float(rungs.multiples.max())], "stencil": stencil.name, "step": "automatic" if h is None else h,
+    details = {**evaluator.details, "ladder": [float(rungs.multiples.min()), float(rungs.multiples.max())],
+               "stencil": stencil.name, "step": "automatic" if h is None else h,
                "rtol": floor.rtol, "atol": float(floor.atol.max()), "loss_noise": float(rungs.noise.max()),
                "rungs": [float(v) for v in chosen[e.finite].tolist()]}
     edge = int((~rungs.complete).sum())
@@ -533,7 +535,9 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
          f"the steps where every node was finite"] if edge else []) + (
         [f"{int(retreated.sum())} directions were judged on a ladder down to "
          f"2^{int(math.log2(float(rungs.multiples.min())))} of the steps (a domain's edge)"]
-        if bool(retreated.any()) else [])
+        if bool(retreated.any()) else []) + (
+        [f"{int(ladder.agree_only.sum())} directions had switches at every step: judged agree-only, within all the "
+         f"steps moved them by (never failed; no error is detected there)"] if bool(ladder.agree_only.any()) else [])
     if notes:
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
