@@ -380,8 +380,7 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # switches near an entry and the noise floor of float64-reduced losses (benchmarks/bench_kinks.py: conv nets,
 # developed on seeds 0-11 of its own families); 7000-7019 judged a first version of directional mode's step ladder
 # and 8000-8099 judge the one kept (benchmarks/bench_directional.py; developed on seeds 0-19 and 100-239, and 0-2
-# for its models; its last rule, agree-only for directions with no rung judged, fails nothing and so moves none of
-# the judged pass and catch counts).
+# for its models).
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
 

@@ -81,9 +81,9 @@ class Rungs:
         noise: ``(D,)`` the noise of one value of each direction.
         complete: ``(D,)`` bool, every node of every rung is finite.
         spread: ``(D,)`` ``||(u_dᵀJ) * v_d||_2``, the scale of an error of every entry (:class:`DirectionalFloor`).
-        fallback: the agree-only allowance of every rung whose nodes are finite (inf elsewhere): its difference to
-            the next rung plus the largest difference to the rungs below, for directions with no rung judged
-            (:func:`judge_ladder`).
+        fallback: the agree-only allowance of every rung whose nodes are finite (inf elsewhere): beyond their
+            rounding, its difference to the next rung plus the largest difference to the rungs below, for directions
+            with no rung judged (:func:`judge_ladder`).
     """
 
     multiples: torch.Tensor
@@ -228,12 +228,16 @@ class Directions:
         base = (u * base_vec).sum(-1)  # (D,)
         truncation, smooth, steady = _smooth_below(miss, resid, base, rounding, noise, stencil, policy)
         valid = smooth & steady & _below_cut(smooth, truncation + rounding, policy)
-        negligible = policy.floor_eps * stencils.eps(self.params[self.k].dtype) * spread  # (D,): the default atol
-        seen = _switches(resid, base, m, noise, negligible, J, w, policy)
-        valid = valid & ~_near_switches(seen, policy.ladder_margin)
-        below = torch.where(torch.tril(torch.ones(J, J, dtype=torch.bool, device=miss.device), -1).unsqueeze(-1),
-                            (miss.unsqueeze(0) - miss.unsqueeze(1)).abs().nan_to_num(0.0), 0.0).amax(1)  # [j]: l < j
-        fallback = torch.where(torch.isfinite(truncation), truncation * (2.0**stencil.order - 1) + below, math.inf)
+        valid = valid & ~_near_switches(_switches(resid, base, noise, J, w, policy), policy.ladder_margin)
+        # the agree-only allowance: what the rungs moved the miss by beyond their rounding (to the next rung, and to
+        # every rung below)
+        pair_rounding = _pair_norm(stencil) / stencil.weight_norm * rounding  # (J, D): of E_j - E_l, l >= j
+        beyond = ((miss.unsqueeze(0) - miss.unsqueeze(1)).abs() - pair_rounding.unsqueeze(0)).clamp(min=0.0)
+        lower = torch.tril(torch.ones(J, J, dtype=torch.bool, device=miss.device), -1).unsqueeze(-1)  # [j, l]: l < j
+        below = torch.where(lower, beyond.nan_to_num(0.0), 0.0).amax(1)  # (J, D)
+        ahead = torch.cat([(truncation[:-1] * (2.0**stencil.order - 1) - pair_rounding[:-1]).clamp(min=0.0),
+                           truncation[-1:]])  # the top rung's NaN stays
+        fallback = torch.where(torch.isfinite(truncation), ahead + below, math.inf)
         return Rungs(m[:J].clone(), E, A, torch.where(valid, truncation, math.inf), rounding, valid, noise,
                      level_finite.all(0), spread, fallback)
 
@@ -316,7 +320,7 @@ def _below_cut(smooth: torch.Tensor, error: torch.Tensor, policy: Policy) -> tor
     return torch.arange(J, device=smooth.device).view(-1, 1) <= cap
 
 
-def _switches(resid, base, m, noise, negligible, J: int, w: int, policy: Policy) -> torch.Tensor:
+def _switches(resid, base, noise, J: int, w: int, policy: Policy) -> torch.Tensor:
     """``(J, D)`` bool: switches show within rung ``j``'s reach.
 
     Rule: a switch at ``t0`` within ``[-s, s]`` biases the central difference at ``s`` by half the jump of slope
@@ -325,18 +329,15 @@ def _switches(resid, base, m, noise, negligible, J: int, w: int, policy: Policy)
     ``a s^2 + b s^4``: :data:`~gradfd.stencils.SWITCH_COMBINATION` of ``S(s), S(2s), S(4s)`` keeps ``J s``, which
     doubles a level where curvature's remainder grows 64-fold. It is read at ``S(2^w s), S(2^(w+1) s), S(2^(w+2) s)``
     for a rung of smallest step ``s`` and ``w`` levels, just beyond its reach (it grows with the step, the bias does
-    not: it shows there first), and shows switches where it stands out of its rounding by ``ladder_structure``,
-    grows less than ``kink_growth``-fold from the level below, and the bias it bounds (half of it over the step)
-    exceeds ``negligible``, the dtype floor of the tolerance (below it no verdict can move: float64 sees switches
-    far below what matters)."""
+    not: it shows there first), and shows switches where it stands out of its rounding by ``ladder_structure`` and
+    grows less than ``kink_growth``-fold from the level below."""
     second = resid[0::2] + resid[1::2] - 2 * base  # (K, D), in units of one value
     c0, c1, c2 = stencils.SWITCH_COMBINATION
     kinks = (c0 * second[:-2] + c1 * second[1:-1] + c2 * second[2:]).abs()  # (K-2, D): levels l, l+1, l+2
     kink_rounding = policy.rounding_safety * noise * stencils.SWITCH_NORM
     ahead = [min(j + w, kinks.shape[0] - 1) for j in range(J)]
     k2, k1 = kinks[ahead], kinks[[a - 1 for a in ahead]]
-    return ((k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
-            & (k2 / (2 * m[ahead]) > negligible))
+    return (k2 > policy.ladder_structure * kink_rounding) & (k2 <= policy.kink_growth * k1)
 
 
 def _near_switches(seen: torch.Tensor, margin: int) -> torch.Tensor:
@@ -410,7 +411,7 @@ class Ladder:
     judgement: Judgement
     allowance: torch.Tensor  # (D,) the shift each direction needs to be flagged (0: disagreeing; inf: never)
     chosen: torch.Tensor  # (D,) int64 rung judged
-    agree_only: torch.Tensor  # (D,) bool: no rung judged, judged agree-only
+    agree_only: torch.Tensor  # (D,) bool: no rung judged, and agreeing agree-only
 
 
 def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy: Policy) -> Ladder:
@@ -448,6 +449,7 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
     # difference to the next rung and to every rung below, all that the switches moved it by -- and is never failed
     # (no detection: its allowance stays inf); unresolved otherwise
     none = ~torch.isfinite(err).any(0)
+    fb = torch.zeros_like(none)
     if bool(none.any()):
         spare = r.fallback + r.rounding
         pick = spare.argmin(0)
@@ -463,7 +465,7 @@ def judge_ladder(r: Rungs, floor: DirectionalFloor, index: torch.Tensor, policy:
         chosen = torch.where(fb, pick, chosen)
     e.error = torch.where(e.finite, e.error, math.nan)
     return Ladder(e, Judgement(verdict, torch.where(e.finite, tol, math.nan), torch.zeros_like(agree)), allowance,
-                  chosen, none)
+                  chosen, fb)
 
 
 def _record(name: str, p: torch.Tensor, e: Entries, j: Judgement, details: dict, policy: Policy) -> TensorReport:
@@ -536,8 +538,9 @@ def directional_report(evaluator: Directions, k: int, p: torch.Tensor, direction
         [f"{int(retreated.sum())} directions were judged on a ladder down to "
          f"2^{int(math.log2(float(rungs.multiples.min())))} of the steps (a domain's edge)"]
         if bool(retreated.any()) else []) + (
-        [f"{int(ladder.agree_only.sum())} directions had switches at every step: judged agree-only, within all the "
-         f"steps moved them by (never failed; no error is detected there)"] if bool(ladder.agree_only.any()) else [])
+        [f"{int(ladder.agree_only.sum())} directions had no step judged (switches or structure at every step): they "
+         f"agree within what the steps moved them by beyond rounding (agree-only: never failed, no error is "
+         f"detected there)"] if bool(ladder.agree_only.any()) else [])
     if notes:
         details["notes"] = details.get("notes", []) + notes
     name = f"params[{k}]" if analytical.scalar else f"outputs wrt params[{k}] (u^T J v)"
