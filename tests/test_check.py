@@ -162,6 +162,7 @@ def test_directional_mode_in_float32_sees_a_one_percent_error_on_one_of_ten_thou
 
 def test_directional_mode_does_not_fail_correct_relu_networks_in_float32(seed):
     # every direction of a ReLU MLP's weights crosses switches at most steps of the ladder: it judges below them
+    # (or, where switches are at every step, agree-only: never failed)
     for draw in range(4):
         func, params = bench.relu_mlp(seed + draw)
         report = gradfd.check(func, _leaf(*(p.float() for p in params)), mode="directional", seed=seed + draw)
@@ -196,10 +197,13 @@ def test_a_zero_loss_at_the_point_is_still_judged_in_directional_mode(seed, dtyp
     # the noise scales with |f(x)|; at f(x) = 0 it is measured on the cotangent's own scale
     report = gradfd.check(lambda x: (x**2 + x**3).sum(), _leaf(torch.zeros(20, dtype=dtype)), mode="directional")
     assert report.passed and report.tensors[0].agree >= 6, str(report)
+    if dtype == torch.float64:  # (float32's rounding grows with f(x + t v) ~ t^2 there: some directions agree-only)
+        assert not any("agree-only" in n for n in report.tensors[0].details.get("notes", [])), str(report)
 
 
 def test_a_func_that_raises_at_some_nodes_is_not_reraised_in_directional_mode(seed):
-    # |x| at 0 is unresolved in every direction; the nodes beyond 1e-5 raise: the check reports, it does not abort
+    # |x| at 0 has a kink at the point in every direction; the nodes beyond 1e-5 raise: the check reports, it does
+    # not abort
     x0 = torch.zeros(50, dtype=torch.float64)
 
     def func(x):
