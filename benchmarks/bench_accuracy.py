@@ -10,9 +10,8 @@ against torch.autograd.gradcheck.
 Each table is rendered by RENDER[name] from its record in benchmarks/results/ (benchmarks/sections.py).
 """
 
-import argparse
 
-from sections import caption, record
+from sections import arguments, caption, record
 
 from gradfd.demo import bench
 
@@ -86,11 +85,10 @@ RENDER = {"accuracy": render_accuracy, "verdicts": render_verdicts, "check-vs-gr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--tuned", type=int, default=len(bench.TUNED_SEEDS), help="draws from the tuned seed range")
     ap.add_argument("--held-out", type=int, default=len(bench.HELD_OUT_SEEDS), help="draws from the held-out range")
     ap.add_argument("--only", default="accuracy,verdicts,check-vs-gradcheck", help="comma-separated tables")
-    ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--floor", action="store_true", help="only the float32 accuracy floor over a scan of steps")
     args = ap.parse_args()
     write = not args.no_record

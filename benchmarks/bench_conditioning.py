@@ -9,10 +9,9 @@ gradient fails, by exact columns (``batching="vmap"``) and through the default (
     uv run python benchmarks/bench_conditioning.py --no-record
 """
 
-import argparse
 
 import torch
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -56,9 +55,8 @@ RENDER = {"conditioning": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--seeds", type=int, default=15, help="seeds per shape from each seed range")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     ranges = bench.seed_ranges(args.seeds)
     rows = []

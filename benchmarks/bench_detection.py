@@ -15,11 +15,10 @@ gradfd.demo.bench's rule on seed ranges).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -126,9 +125,8 @@ RENDER = {"detection": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=len(JUDGED_ON))
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     seeds = list(JUDGED_ON)[:args.draws]
     data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_detection.py",

@@ -14,14 +14,13 @@ tables are judged on the range JUDGED_ON (``gradfd.demo.bench``'s seed-range rul
     uv run python benchmarks/bench_directional.py --draws 2 --model-draws 1 --no-record
 """
 
-import argparse
 import time
 import warnings
 
 import torch
 from bench_kinks import FAMILIES
 from bench_models import MODELS
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -171,12 +170,11 @@ RENDER = {"directional": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--model-draws", type=int, default=5, help="seeds per model of the false-alarm table (ReLU MLPs: "
                                                                  "4x as many)")
     ap.add_argument("--methods", default="directional,full,gradcheck fast")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     seeds = list(JUDGED_ON)[: args.draws]
     rows = []

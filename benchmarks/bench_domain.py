@@ -9,13 +9,12 @@ error planted on a small entry is flagged there.
     uv run python benchmarks/bench_domain.py --no-record
 """
 
-import argparse
 import math
 import time
 import warnings
 
 import torch
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -112,10 +111,9 @@ RENDER = {"domain": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--seeds", type=int, default=5, help="draws per case from each seed range")
     ap.add_argument("--edge-draws", type=int, default=100, help="draws of the float64 near-edge rows per range")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     ranges = bench.seed_ranges(args.seeds)
     edge_ranges = bench.seed_ranges(args.edge_draws)

@@ -5,11 +5,10 @@ one run on the lesson's linear regression and a one-hidden-layer MLP, N = 10 .. 
     uv run python benchmarks/bench_engine.py --no-record
 """
 
-import argparse
 import sys
 from dataclasses import asdict
 
-from sections import caption, record
+from sections import arguments, caption, record
 
 from gradfd.demo import bench
 
@@ -33,10 +32,9 @@ RENDER = {"engine-cpu": render, "engine-cuda": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--sizes", default="10,100,1000,10000")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     rows = bench.engine_suite(sizes=[int(s) for s in args.sizes.split(",")], device=args.device,
                               progress=lambda msg: print("  ..", msg, file=sys.stderr, flush=True))

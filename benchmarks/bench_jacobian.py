@@ -5,10 +5,9 @@ torch.autograd.gradcheck slow/fast, float64, CPU), and the float32-only custom o
     uv run python benchmarks/bench_jacobian.py --no-record --sizes 1000,10000
 """
 
-import argparse
 import sys
 
-from sections import caption, record
+from sections import arguments, caption, record
 
 from gradfd import ops
 from gradfd.demo import bench
@@ -61,9 +60,8 @@ RENDER = {"jacobian": render_jacobian, "custom-op": render_custom_op}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--sizes", default="1000,10000,100000")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     info = bench.machine_info()
     command = "uv run python benchmarks/bench_jacobian.py"

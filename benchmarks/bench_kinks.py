@@ -25,14 +25,13 @@ seed ranges).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
 from bench_models import BasicBlock
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 import gradfd.verdict.policy
@@ -265,9 +264,8 @@ RENDER = {"kinks": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=len(JUDGED_ON))
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     ranges = {"tuned": list(TUNED)[:args.draws], "held-out": list(JUDGED_ON)[:args.draws]}
     policy = gradfd.verdict.policy.DEFAULT_POLICY

@@ -12,12 +12,11 @@ check still running after ``--cap`` seconds is stopped (a signal raises into it)
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
 import torch
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -222,11 +221,10 @@ RENDER = {"models": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--cap", type=float, default=180.0, help="seconds: a check running longer is stopped")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows = [row for name in args.models.split(",") for row in measure(name, dtypes, args.cap)]

@@ -35,7 +35,6 @@ too (use ``--no-record`` while developing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,7 +52,7 @@ import torch
 
 import gradfd
 from gradfd.demo import bench
-from sections import caption, record
+from sections import arguments, caption, record
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -803,7 +802,7 @@ def _engine_unravel(flat, shape):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--limit", type=int, default=None, help="only the first N differentiable entries")
     ap.add_argument("--only", default=None, help="comma-separated entry names (name or name.variant)")
     ap.add_argument("--timeout", type=float, default=20.0,
@@ -811,7 +810,6 @@ def main() -> None:
     ap.add_argument("--gradcheck-timeout", type=float, default=60.0, help="seconds a gradcheck may take")
     ap.add_argument("--no-diagnose", action="store_true", help="skip the (untimed) workaround reruns of failures")
     ap.add_argument("--dtypes", default="float64,float32")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not write benchmarks/results")
     ap.add_argument("-v", "--verbose", action="store_true", help="print gradfd's report for every row")
     ap.add_argument("--analyse", default=None, metavar="ENTRY[:DTYPE]",
                     help="print gradfd's flagged entries of one sample beside a float64 Ridders reference")

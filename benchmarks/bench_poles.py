@@ -14,12 +14,11 @@ and a 0.1% error planted on one entry (the single entry; the entry nearest the p
     uv run python benchmarks/bench_poles.py --no-record
 """
 
-import argparse
 import math
 import warnings
 
 import torch
-from sections import caption, record
+from sections import arguments, caption, record
 
 import gradfd
 from gradfd.demo import bench
@@ -90,9 +89,8 @@ RENDER = {"poles": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=10, help="draws per case, band, dtype and kind, per seed range")
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     ranges = bench.seed_ranges(args.draws)
     out = []

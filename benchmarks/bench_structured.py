@@ -14,7 +14,6 @@ is timed on a subsample of coordinates and its per-coordinate cost is multiplied
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import math
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sections import caption, record
+from sections import arguments, caption, record
 
 from gradfd import engine, structured
 from gradfd.demo import bench
@@ -423,10 +422,9 @@ RENDER = {"structured": render, "structured-cuda": render}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--size", type=int, default=None, help="bar size (default 1024 on cpu, 4096 on cuda)")
-    ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
     args = ap.parse_args()
     progress = lambda msg: print("  ..", msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -89,6 +89,15 @@ def render(name: str) -> str:
     return renderer(name)(load(name)).rstrip()
 
 
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's argument parser: its docstring as the help text, and ``--no-record`` (measure and
+    print, write nothing). Scripts add their own options."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-record", action="store_true", help="print only; do not write benchmarks/results or the "
+                                                               "documents")
+    return ap
+
+
 def caption(data: dict) -> str:
     """The first line of every section: the machine and date of the run, and the command that reproduces it."""
     from gradfd.demo.bench import describe_machine
