@@ -44,7 +44,8 @@ def render_verdicts(data: dict) -> str:
              "error planted on the largest-gradient entry among the first 6 of W1 of the 64-sample MLP with tanh for "
              "ReLU (the entries the engine's timing probe evaluates in chunks of 2 and 4). Seeds: "
              + "; ".join(f"{name} {bench.span(seeds)} ({len(seeds)} draws)" for name, seeds in ranges.items())
-             + ". The verdict rules were tuned on the first range; the held-out range was never used to tune them.",
+             + ". The verdict rules were tuned on the first range; the held-out range was never used to tune them; "
+             "the fresh range judged the last change of a rule (gradfd/demo/bench.py names it).",
              "", "| seeds | dtype | false failures (correct gradients) | planted 1e-3 errors flagged at the right "
              "entry | planted on one of the first 6 entries flagged | ReLU MLP false failures | planted 1e-3 in ReLU "
              "MLP W1 flagged | ReLU MLP (256 samples) false failures |", "|---|---|---|---|---|---|---|---|"]
@@ -88,6 +89,8 @@ def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--tuned", type=int, default=len(bench.TUNED_SEEDS), help="draws from the tuned seed range")
     ap.add_argument("--held-out", type=int, default=len(bench.HELD_OUT_SEEDS), help="draws from the held-out range")
+    ap.add_argument("--fresh", type=int, default=len(bench.FRESH_SEEDS),
+                    help="draws from the range that judged the last rule change")
     ap.add_argument("--only", default="accuracy,verdicts,check-vs-gradcheck", help="comma-separated tables")
     ap.add_argument("--floor", action="store_true", help="only the float32 accuracy floor over a scan of steps")
     args = ap.parse_args()
@@ -102,7 +105,7 @@ def main() -> None:
         print(record("accuracy", {"machine": info, "command": COMMAND, "draws": 3,
                                   "rows": bench.accuracy_table(seeds=3)}, write=write), "\n", flush=True)
     if "verdicts" in only:
-        ranges = bench.seed_ranges(args.tuned, args.held_out)
+        ranges = bench.seed_ranges(args.tuned, args.held_out, args.fresh)
         rows = {}
         for name, seeds in ranges.items():
             rows[name] = bench.verdict_table(seeds)

@@ -16,8 +16,10 @@ stated detection limit of the correct check is set beside the planted error (bot
 gradient).
 
 Seeds: the rule of ``gradfd/verdict/refine.py::walked`` and the floor of a float64-reduced loss's noise were
-developed on seeds 0-11 (``TUNED``) and are judged on 6000-6011 (``JUDGED_ON``, fresh: gradfd.demo.bench's rule on
-seed ranges).
+developed on seeds 0-11 (``TUNED``) and judged on 6000-6011 (``JUDGED_ON``, fresh: gradfd.demo.bench's rule on
+seed ranges); the rule that isolated switches turn it off (``FirstRound.switches``) was developed on 0-11 and the
+ReLU MLPs' 0-19, and is judged on 9000-9011 (``FRESH``). A second table gives, per conv weight and for the ReLU
+MLPs of the verdict table, the first round's switch statistics that rule reads.
 
     uv run python benchmarks/bench_kinks.py              # records results/kinks.json, renders it into docs/
     uv run python benchmarks/bench_kinks.py --draws 2 --no-record
@@ -26,6 +28,7 @@ seed ranges).
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 
@@ -40,6 +43,7 @@ from gradfd.demo import bench
 
 TUNED = range(0, 12)
 JUDGED_ON = range(6000, 6012)
+FRESH = bench.FRESH_SEEDS[:12]
 PLANTED = (0.01, 0.05)
 BOUND_NETS = 8  # draws per family of the float64 measurement of what the rule reads
 
@@ -177,7 +181,7 @@ def trial(family: str, seed: int) -> dict:
         func, w = _function(module, x, loss, name)
         g, = torch.autograd.grad(func(w), w)
         rms = float(g.double().pow(2).mean().sqrt())
-        out["convs"].append({"name": name, "limit": t.detection_limit,
+        out["convs"].append({"name": name, "limit": t.detection_limit, "switches": t.details.get("switches"),
                              "planted_over_rms": PLANTED[0] * float(g.abs().max()) / rms,
                              "located": {str(r): _located(module, x, loss, name, r) for r in PLANTED}})
     return out
@@ -202,8 +206,35 @@ def _trials(trials: list[dict]) -> dict:
             "median_unresolved": statistics.median(t["unresolved"] for t in trials),
             "convs": [{"located": {str(r): sum(t["convs"][k]["located"][str(r)] for t in trials) for r in PLANTED},
                        "median_limit": statistics.median(t["convs"][k]["limit"] for t in trials),
-                       "median_planted": statistics.median(t["convs"][k]["planted_over_rms"] for t in trials)}
+                       "median_planted": statistics.median(t["convs"][k]["planted_over_rms"] for t in trials),
+                       "switches": _switches([t["convs"][k]["switches"] for t in trials])}
                       for k in range(2)]}
+
+
+def _switches(records: list[dict | None]) -> dict:
+    """The range of the first round's switch statistics over ``records`` (a report's ``details["switches"]``; None
+    where most kinks were not switches'), and how often the rule on switches held."""
+    got = [r for r in records if r is not None]
+    rules = {rule: sum(r["rule"] == rule for r in got) for rule in ("on", "isolated", "curvature")}
+    span = lambda key: [min(r[key] for r in got), max(r[key] for r in got)] if got else None  # noqa: E731
+    return {"draws": len(records), "switches": len(got), "clean": span("clean"), "tall": span("tall"), **rules}
+
+
+def mlp_switches(ranges: dict[str, list[int]]) -> list[dict]:
+    """The switch statistics of W1 of the verdict table's ReLU MLPs (gradfd.demo.bench.relu_mlp: 64 samples,
+    30-20-4, and 256 samples, 64-32-10), float32, per seed range."""
+    rows = []
+    for label, shape in (("ReLU MLP, 64 samples, 30-20-4", (64, 30, 20, 4)),
+                         ("ReLU MLP, 256 samples, 64-32-10", (256, 64, 32, 10))):
+        for name, seeds in ranges.items():
+            got = []
+            for seed in seeds:
+                func, params = bench.relu_mlp(seed, *shape)
+                params = tuple(p.float().requires_grad_() for p in params)
+                got.append(gradfd.check(func, params, wrt=0, raise_on_failure=False).tensors[0].details.get("switches"))
+            rows.append({"family": label, "seeds": name, "span": bench.span(seeds), **_switches(got)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def _bounds(got: list[dict]) -> dict:
@@ -212,14 +243,14 @@ def _bounds(got: list[dict]) -> dict:
 
 
 def _bars(data: dict) -> str:
-    """The computed claims of issue 20's bars on the judged (held-out) draws."""
-    held = [r for r in data["rows"] if r["seeds"] == "held-out"]
+    """The computed claims of issue 20's bars on the judged (held-out and fresh) draws."""
+    held = [r for r in data["rows"] if r["seeds"] != "tuned"]
     resnet = [r for r in held if r["family"].startswith("ResNet")]
     false = sum(r["false_failures"] for r in resnet)
     draws = sum(r["draws"] for r in resnet)
     located = {k: sum(r["convs"][k]["located"]["0.01"] for r in held) for k in range(2)}
     total = sum(r["draws"] for r in held)
-    return (f"Issue 20's bars on the held-out draws: {false} false failures over {draws} draws of correct ResNet blocks "
+    return (f"Issue 20's bars on the held-out and fresh draws: {false} false failures over {draws} draws of correct ResNet blocks "
             f"({'met' if false == 0 and draws >= 12 else 'not met'}: 0 over 12 asked); a 1% error on the "
             f"largest-gradient entry of the second conv weight located in {located[1]} of {total} draws, of the "
             f"first conv weight in {located[0]} of {total}.")
@@ -231,7 +262,8 @@ def render(data: dict) -> str:
              "then a backward scaling the gradient of the largest-|gradient| entry of each conv weight by 1.01 or "
              "1.05, located when that check fails there. Each conv's median stated detection limit of the correct "
              "check is set beside its 1% error (both in RMS gradients of the tensor: the 1% error is visible where "
-             "it is above the limit). Draws: `tuned` the rules were developed on, `held-out` judged them.", "",
+             "it is above the limit). Draws: `tuned` the rules were developed on, `held-out` judged the rule on switches, "
+             "`fresh` judged the rule on isolated switches (the seed ranges of gradfd/demo/bench.py).", "",
              "| model | seeds | false failures | median time | median unresolved | conv 1: 1% / 5% located | "
              "conv 1: 1% error / limit (rms) | conv 2: 1% / 5% located | conv 2: 1% error / limit (rms) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -257,6 +289,25 @@ def render(data: dict) -> str:
     for r in data["bounds"]:
         lines.append(f"| {r['family']} | {r['seeds']} ({r['span']}) | {r['nets']} | {r['entries']:,} | "
                      f"{r['over_quantile']:.2f} | {r['over_own']:.2f} | {r['fell']:,} |")
+    lines += ["", "The first round's switch statistics (a report's `details[\"switches\"]`) where most of its kinks "
+              "are switches': the share of clean stencils (below `clean_kink` rounding estimates), the share of the "
+              "others that stand `clean_kink * refine^refine_rounds` roundings or more, and what the rule on switches "
+              "did: on, or off because the switches are isolated (clean share at least "
+              f"{data['isolated_clean']:.3f}, most of the others that tall) or because the refined steps showed "
+              "curvature. \"kinks were switches'\": draws where most first-round kinks were switches', of all.", "",
+              "| model | tensor | seeds | kinks were switches' | clean share | tall share | rule on | isolated | "
+              "curvature |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(family: str, tensor: str, r: dict, w: dict) -> str:
+        span = lambda v: "-" if v is None else f"{v[0]:.2f}-{v[1]:.2f}"  # noqa: E731
+        return (f"| {family} | {tensor} | {r['seeds']} ({r['span']}) | {w['switches']} / {w['draws']} | "
+                f"{span(w['clean'])} | {span(w['tall'])} | {w['on']} | {w['isolated']} | {w['curvature']} |")
+
+    for r in data["rows"]:
+        for k, c in enumerate(r["convs"]):
+            lines.append(row(r["family"], f"conv {k + 1}", r, c["switches"]))
+    for r in data["mlp_switches"]:
+        lines.append(row(r["family"], "W1", r, r))
     return "\n".join(lines)
 
 
@@ -267,11 +318,16 @@ def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--draws", type=int, default=len(JUDGED_ON))
     args = ap.parse_args()
-    ranges = {"tuned": list(TUNED)[:args.draws], "held-out": list(JUDGED_ON)[:args.draws]}
+    ranges = {"tuned": list(TUNED)[:args.draws], "held-out": list(JUDGED_ON)[:args.draws],
+              "fresh": list(FRESH)[:args.draws]}
     policy = gradfd.verdict.policy.DEFAULT_POLICY
+    mlp_draws = 100 if args.draws >= len(FRESH) else args.draws  # (the verdict table's fresh range)
+    mlp_ranges = {"tuned": list(bench.TUNED_SEEDS)[:mlp_draws], "fresh": list(bench.FRESH_SEEDS)[:mlp_draws]}
     data = {"machine": bench.machine_info(), "command": "uv run python benchmarks/bench_kinks.py",
             "ranges": ranges, "rows": _per_family(ranges, trial, _trials), "walk_reach": policy.walk_reach,
             "walk_explains": policy.walk_explains,
+            "isolated_clean": math.exp(-policy.refine * policy.isolated_switches),
+            "mlp_switches": mlp_switches(mlp_ranges),
             "bounds": _per_family({k: v[:BOUND_NETS] for k, v in ranges.items()}, bounds, _bounds)}
     print(record("kinks", data, write=not args.no_record))
 

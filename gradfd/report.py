@@ -66,7 +66,9 @@ class TensorReport:
         passed: no disagreeing entry.
         entries: per-entry tensors (CPU): ``index`` (flat indices, or direction numbers), ``numerical``,
             ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
-        details: engine, stencil, steps, noise estimate and other notes.
+        details: engine, stencil, steps, noise estimate and other notes; ``switches`` where most first-round
+            kinks are switches' (the shares of clean and of tall stencils, and whether the rule on switches
+            held: docs/verdicts.md, "Switches at scale").
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
         detection_limit: the smallest error on a single entry, relative to the tensor's RMS gradient (of the
             Jacobian's entries the function depends on, for a tensor-valued function), that this check flags with
@@ -208,7 +210,7 @@ class TensorReport:
             "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
             "agree": self.agree, "disagree": self.disagree, "unresolved": self.unresolved,
             "disagreeing": [_jsonable(i) for i in self.disagreeing()],
-            "details": {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+            "details": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v))
                         for k, v in self.details.items()},
         }
 

@@ -380,19 +380,25 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # switches near an entry and the noise floor of float64-reduced losses (benchmarks/bench_kinks.py: conv nets,
 # developed on seeds 0-11 of its own families); 7000-7019 judged a first version of directional mode's step ladder
 # and 8000-8099 judge the one kept (benchmarks/bench_directional.py; developed on seeds 0-19 and 100-239, and 0-2
-# for its models).
+# for its models); 9000-9099 (FRESH_SEEDS) judge the rule that isolated switches turn the rule on switches off
+# (benchmarks/bench_kinks.py and the verdict table; developed on seeds 0-11 of the conv families and 0-19 of the
+# ReLU MLPs).
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
+FRESH_SEEDS = range(9000, 9100)
 
 
-def seed_ranges(tuned: int, held_out: int | None = None) -> dict[str, list[int]]:
-    """The first ``tuned`` seeds of TUNED_SEEDS and the first ``held_out`` (default: as many) of HELD_OUT_SEEDS,
-    keyed ``"tuned"`` and ``"held-out"``; an empty range is left out. A benchmark whose draws were always
-    ``range(n)`` keeps those as its tuned range, even past 20."""
+def seed_ranges(tuned: int, held_out: int | None = None, fresh: int = 0) -> dict[str, list[int]]:
+    """The first ``tuned`` seeds of TUNED_SEEDS, the first ``held_out`` (default: as many) of HELD_OUT_SEEDS and the
+    first ``fresh`` of FRESH_SEEDS (the range that judged the last rule change), keyed ``"tuned"``, ``"held-out"``
+    and ``"fresh"``; an empty range is left out. A benchmark whose draws were always ``range(n)`` keeps those as its
+    tuned range, even past 20."""
     held_out = tuned if held_out is None else held_out
-    if held_out > len(HELD_OUT_SEEDS):
-        raise ValueError(f"held_out: at most {len(HELD_OUT_SEEDS)} held-out draws, got {held_out}")
-    ranges = {"tuned": list(range(tuned)), "held-out": list(HELD_OUT_SEEDS)[:held_out]}
+    for name, n, seeds in (("held_out", held_out, HELD_OUT_SEEDS), ("fresh", fresh, FRESH_SEEDS)):
+        if n > len(seeds):
+            raise ValueError(f"{name}: at most {len(seeds)} draws, got {n}")
+    ranges = {"tuned": list(range(tuned)), "held-out": list(HELD_OUT_SEEDS)[:held_out],
+              "fresh": list(FRESH_SEEDS)[:fresh]}
     return {k: v for k, v in ranges.items() if v}
 
 

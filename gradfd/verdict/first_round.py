@@ -142,9 +142,11 @@ class FirstRound:
         measured: ``(O,)`` the largest noise a reliable median measured per output (0: none did).
         magnitude: ``(O,)`` the size of the terms each output sums, over the chunks seen.
         kinked: ``(O,)`` outputs whose chunk measurement the probe replaced.
-        kinks, loose, walk_votes, walk_count: a loss's first-round kinks (histogram), the outputs whose chunk
-            noise exceeded ``walk_separation`` times the probe's, and per output how many of the judged pairs have a
-            kink above ``walk_signature`` times their truncation spread, of how many: for :meth:`walk_reach`.
+        kinks, loose, walk_votes, walk_count, clean, modest: a loss's first-round kinks (histogram), the outputs
+            whose chunk noise exceeded ``walk_separation`` times the probe's, and per output how many of the judged
+            pairs have a kink above ``walk_signature`` times their truncation spread, of how many, how many are
+            below ``clean_kink`` rounding estimates and how many ``clean_kink * refine**refine_rounds`` or more: for
+            :meth:`walk_reach`.
         curved: the refinement switched the rule on switches off (:func:`~.refine.curved`).
         compressed: the colored backward passes while they hold (None: exact rows).
         fallback: the tensor is to be redone with exact rows (a leak, or a disagreement of compressed rows).
@@ -168,6 +170,8 @@ class FirstRound:
     loose: torch.Tensor | None = None
     walk_votes: torch.Tensor | None = None
     walk_count: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    large: torch.Tensor | None = None
     curved: bool = False
 
     @staticmethod
@@ -183,7 +187,9 @@ class FirstRound:
                           store=Store.empty(plan.m, size, device) if plan.keep_all else None,
                           loose=torch.zeros(size, dtype=torch.bool, device=device),
                           walk_votes=torch.zeros(size, dtype=torch.long, device=device),
-                          walk_count=torch.zeros(size, dtype=torch.long, device=device))
+                          walk_count=torch.zeros(size, dtype=torch.long, device=device),
+                          clean=torch.zeros(size, dtype=torch.long, device=device),
+                          large=torch.zeros(size, dtype=torch.long, device=device))
 
     def run_probe(self) -> None:
         """The noise probe's ``(noise, draws)`` per output (:func:`~.estimates.probe_noise`), measured once, before
@@ -215,18 +221,58 @@ class FirstRound:
         (``loose``) and most of its kinks (``reliable_median`` or more) are ``walk_signature`` times their
         truncation spread: switches; the fourth difference of curvature is a small share of its spread, however
         far above the probe's noise (``log`` near 0 in float64)
-        (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed)."""
+        (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed). Unless they are
+        isolated: the clean share ``c`` of the stencils (below ``clean_kink`` rounding estimates) puts at most
+        ``isolated_switches`` switches in the first refined stencil on average (``-ln(c) / refine``), and most
+        kinked stencils stand ``clean_kink * refine**refine_rounds`` roundings or more, visible at the last refined
+        step: then a clean smaller stencil holds no switch (one the larger stencil hid at its fourth difference's
+        blind spot lies outside it), and the rule is off (a ReLU MLP's first layer; docs/verdicts.md)
+        (tests/test_check.py::test_a_relu_mlp_whose_switches_are_isolated_keeps_a_one_entry_error_found)."""
         policy = self.plan.request.policy
         if self.curved:
             return torch.zeros_like(self.measured)
-        walking = (self.loose & (2 * self.walk_votes > self.walk_count)
-                   & (self.walk_count >= policy.reliable_median))
+        straddling, isolated = self.switches()
+        walking = straddling & ~isolated
         reach = torch.zeros_like(self.measured)
         if bool(walking.any()):
             q = self.kinks.quantile(policy.walk_quantile)
             if math.isfinite(q):
                 reach = torch.where(walking, policy.walk_reach * q, reach)
         return reach
+
+    def switches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(straddling, isolated)``, ``(O,)`` bool: the outputs most of whose stencils straddle switches, and
+        those whose switches are isolated (the rules of :meth:`walk_reach`)."""
+        policy = self.plan.request.policy
+        straddling = (self.loose & (2 * self.walk_votes > self.walk_count)
+                      & (self.walk_count >= policy.reliable_median))
+        isolated = ((self.clean >= math.exp(-policy.refine * policy.isolated_switches) * self.walk_count)
+                    & (2 * self.large >= self.walk_count - self.clean))
+        return straddling, isolated
+
+    def switch_record(self) -> dict | None:
+        """Where most of the first round's kinks are switches' (:meth:`switches`): the share of clean stencils
+        (``clean``), the share of the others ``clean_kink * refine**refine_rounds`` rounding estimates or more
+        (``tall``), what the rule on switches did (``rule``: ``"on"``, ``"isolated"`` or ``"curvature"``: off) and a
+        note for the report; None elsewhere."""
+        straddling, isolated = self.switches()
+        if not bool(straddling.any()):
+            return None
+        policy = self.plan.request.policy
+        o = int(straddling.nonzero()[0])
+        count, clean = int(self.walk_count[o]), int(self.clean[o])
+        tall = int(self.large[o]) / max(count - clean, 1)
+        rule = "curvature" if self.curved else "isolated" if bool(isolated[o]) else "on"
+        seen = (f"the first round's kinks are switches' ({clean / count:.0%} of the stencils clean; {tall:.0%} of "
+                f"the others {policy.clean_kink * policy.refine**policy.refine_rounds:g} rounding estimates or more)")
+        if rule == "on":
+            note = (f"{seen}: a disagreement stands only beyond what switches near its entry can do "
+                    f"({float(self.walk_reach()[o]):.2g}, or its own kinks' share)")
+        else:
+            note = f"{seen}: " + ("curvature, not switches, at the refined steps" if rule == "curvature" else
+                                  "isolated switches, which a clean smaller stencil does not hold")
+            note += " (the rule on switches is off)"
+        return {"clean": clean / count, "tall": tall, "rule": rule, "note": note}
 
     def note_probe(self, probed: float, first: float) -> None:
         """The report's note, the first time the probe's noise replaces a measured one."""
@@ -341,6 +387,10 @@ class FirstRound:
             votes = e.finite & (e.kink > policy.walk_signature * (e.error - e.rounding))
             self.walk_votes += torch.bincount(oo[votes], minlength=size)
             self.walk_count += torch.bincount(oo[e.finite], minlength=size)
+            clean = e.finite & (e.kink < policy.clean_kink * e.rounding)
+            large = e.finite & (e.kink >= policy.clean_kink * policy.refine**policy.refine_rounds * e.rounding)
+            self.clean += torch.bincount(oo[clean], minlength=size)
+            self.large += torch.bincount(oo[large], minlength=size)
         if self.store is not None:
             self.store.fill_chunk(start, stop, jj, oo, e, jd, plan.floors)
         for j in range(len(spec.kept)):

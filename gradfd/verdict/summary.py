@@ -39,6 +39,10 @@ def finish_details(first: FirstRound, e: Entries | None, refined: int, domain_no
         details["notes"] = details.get("notes", []) + [errors.describe()]
     if domain_note:
         details["notes"] = details.get("notes", []) + [domain_note]
+    switches = first.switch_record()
+    if switches is not None:
+        details["notes"] = details.get("notes", []) + [switches.pop("note")]
+        details["switches"] = switches
     noise = first.noise
     return {**details, "stencil": r.stencil.name, "step": "automatic" if r.h is None else r.h, "refined": refined,
             "analytical": (colored if colored is not None else
