@@ -44,8 +44,9 @@ def render_verdicts(data: dict) -> str:
              "error planted on the largest-gradient entry among the first 6 of W1 of the 64-sample MLP with tanh for "
              "ReLU (the entries the engine's timing probe evaluates in chunks of 2 and 4). Seeds: "
              + "; ".join(f"{name} {bench.span(seeds)} ({len(seeds)} draws)" for name, seeds in ranges.items())
-             + ". The verdict rules were tuned on the first range; the held-out range was never used to tune them; "
-             "the fresh range judged the last change of a rule (gradfd/demo/bench.py names it).",
+             + ". The verdict rules were tuned on the first range; the held-out range was never used to tune them"
+             + ("; the fresh range judged the last change of a rule (gradfd/demo/bench.py names it)." if "fresh" in
+                ranges else "."),
              "", "| seeds | dtype | false failures (correct gradients) | planted 1e-3 errors flagged at the right "
              "entry | planted on one of the first 6 entries flagged | ReLU MLP false failures | planted 1e-3 in ReLU "
              "MLP W1 flagged | ReLU MLP (256 samples) false failures |", "|---|---|---|---|---|---|---|---|"]

@@ -243,17 +243,20 @@ def _bounds(got: list[dict]) -> dict:
 
 
 def _bars(data: dict) -> str:
-    """The computed claims of issue 20's bars on the judged (held-out and fresh) draws."""
-    held = [r for r in data["rows"] if r["seeds"] != "tuned"]
-    resnet = [r for r in held if r["family"].startswith("ResNet")]
-    false = sum(r["false_failures"] for r in resnet)
-    draws = sum(r["draws"] for r in resnet)
-    located = {k: sum(r["convs"][k]["located"]["0.01"] for r in held) for k in range(2)}
-    total = sum(r["draws"] for r in held)
-    return (f"Issue 20's bars on the held-out and fresh draws: {false} false failures over {draws} draws of correct ResNet blocks "
-            f"({'met' if false == 0 and draws >= 12 else 'not met'}: 0 over 12 asked); a 1% error on the "
-            f"largest-gradient entry of the second conv weight located in {located[1]} of {total} draws, of the "
-            f"first conv weight in {located[0]} of {total}.")
+    """The computed claims of issue 20's bars, on each range of judging draws (held-out, fresh) separately."""
+    out = []
+    for label in [k for k in data["ranges"] if k != "tuned"]:
+        held = [r for r in data["rows"] if r["seeds"] == label]
+        resnet = [r for r in held if r["family"].startswith("ResNet")]
+        false = sum(r["false_failures"] for r in resnet)
+        draws = sum(r["draws"] for r in resnet)
+        located = {k: sum(r["convs"][k]["located"]["0.01"] for r in held) for k in range(2)}
+        total = sum(r["draws"] for r in held)
+        out.append(f"Issue 20's bars on the {label} draws: {false} false failures over {draws} draws of correct "
+                   f"ResNet blocks ({'met' if false == 0 and draws >= 12 else 'not met'}: 0 over 12 asked); a 1% "
+                   f"error on the largest-gradient entry of the second conv weight located in {located[1]} of "
+                   f"{total} draws, of the first conv weight in {located[0]} of {total}.")
+    return " ".join(out)
 
 
 def render(data: dict) -> str:

@@ -67,8 +67,8 @@ class TensorReport:
         entries: per-entry tensors (CPU): ``index`` (flat indices, or direction numbers), ``numerical``,
             ``analytical``, ``error_estimate``, ``tolerance``, ``verdict`` (int8: 0 agree, 1 disagree, 2 unresolved).
         details: engine, stencil, steps, noise estimate and other notes; ``switches`` where most first-round
-            kinks are switches' (the shares of clean and of tall stencils, and whether the rule on switches
-            held: docs/verdicts.md, "Switches at scale").
+            kinks are switches', in full and sample modes (the shares of clean and of tall stencils, and
+            whether the rule on switches held: docs/verdicts.md, "Switches at scale").
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
         detection_limit: the smallest error on a single entry, relative to the tensor's RMS gradient (of the
             Jacobian's entries the function depends on, for a tensor-valued function), that this check flags with

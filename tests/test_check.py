@@ -625,6 +625,7 @@ def test_a_conv_net_whose_stencils_straddle_switches_is_not_failed():
     func, w = _small_cnn(4)
     t = gradfd.check(func, _leaf(w)).tensors[0]
     assert t.passed and t.agree + t.unresolved == t.checked, str(t)
+    assert t.details["switches"]["rule"] == "on", t.details  # (not isolated: many small switches)
     assert 0 < t.detection_limit < math.inf, str(t)  # (stated with the rule's allowance, and the RMS gradient)
     where, found = _plant_on_largest(func, w, 0.2)
     assert found == [where], (where, found)
@@ -637,6 +638,9 @@ def test_a_relu_mlp_whose_switches_are_isolated_keeps_a_one_entry_error_found(se
     # is located (its allowance hid it on these draws; the conv nets above keep the rule)
     func, params = bench.relu_mlp(seed)
     W1, b1, W2 = (p.to(torch.float32) for p in params)
+    t = gradfd.check(lambda w: func(w, b1, W2), _leaf(W1)).tensors[0]
+    assert t.passed and t.details["switches"]["rule"] == "isolated", t.details
+    assert any("isolated switches" in note for note in t.details["notes"]), t.details
     where, found = _plant_on_largest(lambda w: func(w, b1, W2), W1, 1e-3)
     assert found == [where], (where, found)
 

@@ -25,7 +25,8 @@ from .. import reference
 from ..engine import numerical_gradient
 from . import problems
 
-__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "TUNED_SEEDS", "HELD_OUT_SEEDS"]
+__all__ = ["machine_info", "time_call", "Row", "engine_suite", "markdown_table", "TUNED_SEEDS", "HELD_OUT_SEEDS",
+           "FRESH_SEEDS"]
 
 
 def machine_info() -> dict:

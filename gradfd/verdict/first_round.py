@@ -142,7 +142,7 @@ class FirstRound:
         measured: ``(O,)`` the largest noise a reliable median measured per output (0: none did).
         magnitude: ``(O,)`` the size of the terms each output sums, over the chunks seen.
         kinked: ``(O,)`` outputs whose chunk measurement the probe replaced.
-        kinks, loose, walk_votes, walk_count, clean, modest: a loss's first-round kinks (histogram), the outputs
+        kinks, loose, walk_votes, walk_count, clean, large: a loss's first-round kinks (histogram), the outputs
             whose chunk noise exceeded ``walk_separation`` times the probe's, and per output how many of the judged
             pairs have a kink above ``walk_signature`` times their truncation spread, of how many, how many are
             below ``clean_kink`` rounding estimates and how many ``clean_kink * refine**refine_rounds`` or more: for
@@ -223,10 +223,10 @@ class FirstRound:
         far above the probe's noise (``log`` near 0 in float64)
         (tests/test_check.py::test_a_conv_net_whose_stencils_straddle_switches_is_not_failed). Unless they are
         isolated: the clean share ``c`` of the stencils (below ``clean_kink`` rounding estimates) puts at most
-        ``isolated_switches`` switches in the first refined stencil on average (``-ln(c) / refine``), and most
-        kinked stencils stand ``clean_kink * refine**refine_rounds`` roundings or more, visible at the last refined
-        step: then a clean smaller stencil holds no switch (one the larger stencil hid at its fourth difference's
-        blind spot lies outside it), and the rule is off (a ReLU MLP's first layer; docs/verdicts.md)
+        ``isolated_switches`` switches in the first refined stencil on average (``-ln(c) / refine``), and at least
+        half the kinked stencils stand ``clean_kink * refine**refine_rounds`` rounding estimates or more (switches
+        large against the refined steps' rounding). Then the rule is off: a lone switch cannot confirm a
+        disagreement (docs/verdicts.md, "Isolated switches"; a ReLU MLP's first layer)
         (tests/test_check.py::test_a_relu_mlp_whose_switches_are_isolated_keeps_a_one_entry_error_found)."""
         policy = self.plan.request.policy
         if self.curved:
@@ -253,18 +253,21 @@ class FirstRound:
     def switch_record(self) -> dict | None:
         """Where most of the first round's kinks are switches' (:meth:`switches`): the share of clean stencils
         (``clean``), the share of the others ``clean_kink * refine**refine_rounds`` rounding estimates or more
-        (``tall``), what the rule on switches did (``rule``: ``"on"``, ``"isolated"`` or ``"curvature"``: off) and a
-        note for the report; None elsewhere."""
+        (``tall``; None when every stencil is clean), what the rule on switches did (``rule``: ``"on"``, or off:
+        ``"isolated"``, ``"curvature"``) and a note for the report; None elsewhere. Only a scalar loss is judged for
+        switches (the noise probe that finds them is scalar-only), so one output is reported."""
         straddling, isolated = self.switches()
         if not bool(straddling.any()):
             return None
         policy = self.plan.request.policy
         o = int(straddling.nonzero()[0])
         count, clean = int(self.walk_count[o]), int(self.clean[o])
-        tall = int(self.large[o]) / max(count - clean, 1)
+        tall = int(self.large[o]) / (count - clean) if count > clean else None
         rule = "curvature" if self.curved else "isolated" if bool(isolated[o]) else "on"
-        seen = (f"the first round's kinks are switches' ({clean / count:.0%} of the stencils clean; {tall:.0%} of "
-                f"the others {policy.clean_kink * policy.refine**policy.refine_rounds:g} rounding estimates or more)")
+        tall_text = "" if tall is None else (f"; {tall:.0%} of the others "
+                                             f"{policy.clean_kink * policy.refine**policy.refine_rounds:g} rounding "
+                                             "estimates or more")
+        seen = f"the first round's kinks are switches' ({clean / count:.0%} of the stencils clean{tall_text})"
         if rule == "on":
             note = (f"{seen}: a disagreement stands only beyond what switches near its entry can do "
                     f"({float(self.walk_reach()[o]):.2g}, or its own kinks' share)")

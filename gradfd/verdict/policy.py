@@ -87,10 +87,11 @@ class Policy:
                                      "this x the probe's (the probe's own rule, `separation`, is stricter) ...", KINKS)
     walk_signature: float = _f(1.0, "... and most of its kinks exceed this x their truncation spread (curvature's "
                                     "are ~3h f4/f3 of it: a small share where h is small against f's scale)", KINKS)
-    isolated_switches: float = _f(0.75, "... unless the switches are isolated: the first refined stencil holds this "
-                                        "many or fewer on average (-ln(clean share) / refine), and most switches "
-                                        "stand out of the last refined step's rounding (ReLU MLPs; not conv "
-                                        "weights: bench_kinks.py)", KINKS)
+    isolated_switches: float = _f(0.6, "... unless the switches are isolated: the first refined stencil holds this "
+                                       "many or fewer on average (-ln(clean share) / refine), and at least half the "
+                                       "kinked stencils stand clean_kink * refine^refine_rounds rounding estimates "
+                                       "or more (set between the tuned conv weights' and ReLU MLPs': bench_kinks.py)",
+                                  KINKS)
     walk_quantile: float = _f(0.9, "there, switches near an entry are measured by this quantile of the first "
                                    "round's kinks over the output's entries", KINKS, maximum=1.0)
     walk_reach: float = _f(2.5, "... and a disagreement stands only beyond this x that quantile (the float64 table "
