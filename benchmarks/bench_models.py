@@ -193,6 +193,27 @@ def _bar(data: dict) -> str:
     return f"{head} {verdict} ({full['seconds']:.0f} s, {'pass' if full['passed'] else 'FAIL'})."
 
 
+# issue 21's bars (the structured engine on real layers): model -> (bar, moonshot or None), float32 full checks
+LAYER_BARS = {"cnn": (30.0, 5.0), "mlp": (3.0, None), "resnet-block": (10.0, None)}
+
+
+def _layer_bars(data: dict) -> str:
+    """Issue 21's bars, computed from the record (the MLP here has 535,562 parameters; the issue's has 300k)."""
+    parts = []
+    for name, (limit, moon) in LAYER_BARS.items():
+        row = next((r for r in data["rows"] if r["model"] == name and r["dtype"] == "float32"), None)
+        full = None if row is None else row.get("full")
+        if full is None or "skipped" in full:
+            parts.append(f"{name}: not measured" if full is None else f"{name}: NOT met ({full['skipped']})")
+            continue
+        ok = full["passed"]
+        verdict = "met" if ok and full["seconds"] < limit else "NOT met"
+        moonshot = ("" if moon is None else
+                    f"; moonshot under {moon:g} s {'met' if ok and full['seconds'] < moon else 'not met'}")
+        parts.append(f"{name} full in {full['seconds']:.1f} s: under {limit:g} s {verdict}{moonshot}")
+    return "Issue 21's bars (float32, full mode, every parameter): " + "; ".join(parts) + "."
+
+
 def render(data: dict) -> str:
     lines = [caption(data), "",
              f"`gradfd.check_module` with default settings on models built from held-out seed {data['seed']}; "
@@ -210,7 +231,7 @@ def render(data: dict) -> str:
         lines.append(f"| {MODELS[r['model']][0]} | {r['dtype']} | {r['params']:,} | {_cell(r.get('directional'))} | "
                      f"{_cell(r.get('sample'))} | {_cell(full)} | {engines} | {r['naive_seconds']:.0f} s | "
                      f"{_cell(r.get('gradcheck'))} |")
-    lines += ["", _bar(data)]
+    lines += ["", _bar(data), "", _layer_bars(data)]
     warned = sorted({w for r in data["rows"] for m in MODES for w in r.get(m, {}).get("warnings", [])})
     if warned:
         lines += ["", "Warnings raised during these checks:", ""] + [f"- {w}" for w in warned]

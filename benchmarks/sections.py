@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "engine-cpu": ("bench_engine", "engine-cpu.json"),
     "structured": ("bench_structured", "structured-cpu.json"),
     "structured-cuda": ("bench_structured", "gpu/structured-cuda.json"),
+    "layers": ("bench_layers", "layers.json"),
     "jacobian": ("bench_jacobian", "jacobian.json"),
     "custom-op": ("bench_jacobian", "custom-op.json"),
     "accuracy": ("bench_accuracy", "accuracy.json"),

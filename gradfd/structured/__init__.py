@@ -16,8 +16,8 @@ exploits that structure:
    the new values of the *region* that changed -- the entries whose indices along ``axes`` equal ``pos[b]``. Every
    op other than the identities below computes the region's new values by running the op's own forward on them
    (restricted to the region), never a derivative. Elementwise ops, broadcasting, views, ``sum``/``mean``, ``mse_loss``,
-   ``binary_cross_entropy_with_logits``, ``log_softmax``/``nll_loss`` (cross-entropy) and products with a constant are
-   understood. Where an op mixes the changed entries into a whole fibre (a softmax across the changed column, a second
+   ``binary_cross_entropy_with_logits``, ``log_softmax``/``nll_loss`` (cross-entropy), products with a constant,
+   convolutions, batch/layer/group norm, pooling and embedding (:mod:`.handlers.layers`) are understood. Where an op mixes the changed entries into a whole fibre (a softmax across the changed column, a second
    matmul over it) the region widens to that fibre -- it densifies, but only as far as the op reaches.
 3. **Reductions in float64.** A full ``sum``/``mean`` of a value whose region changed is
    ``sum(base) - sum(base over the region) + sum(new values over the region)``, each sum a genuine float64 sum: only
@@ -32,8 +32,9 @@ exploits that structure:
 Honesty: every loss is the function at the perturbed point, evaluated with three exact identities instead of a fresh
 forward pass, and no derivative formula: (a) ``mm``/``addmm``/``mv`` are linear in each operand (a moved column is
 ``round(z + delta * feature)`` from the forward's own product ``z``; a replaced row moves every output by an outer
-product, in float64); (b) the unchanged terms of a full sum cancel (item 3); (c) changes propagate through ``add``,
-products with a constant and views as the changed region alone. The identities change only the rounding, and never
+product, in float64; a convolution likewise, in its weight, bias and input: :mod:`.handlers.layers`); (b) the
+unchanged terms of a full sum cancel (item 3); (c) changes propagate through ``add``, products with a constant and
+views as the changed region alone. The identities change only the rounding, and never
 add to it: every node shares the forward's rounding of ``z`` (a fresh forward would re-round the whole dot product
 at each node) and the rounding of the full sum drops out of the differences (docs/structured.md).
 
@@ -50,7 +51,7 @@ Layout (each module imports only those above it):
 - ``values``: :class:`Perturbed`, :class:`Lineage` and the algebra on regions (gather, widen, broadcast, views).
 - ``tracer``: ``func`` to an aten graph (``_GraphRecorder``, :func:`trace`), in-place nodes rewritten out of place.
 - ``handlers``: how each aten op propagates a perturbation (one table, ``handlers.HANDLERS``), by kind: ``linalg``,
-  ``shape``, ``pointwise``, ``reductions``, ``losses``.
+  ``shape``, ``pointwise``, ``reductions``, ``losses``, ``layers``.
 - ``analysis``: :class:`Analysis`, the interpreter: base values, then a chunk of perturbations node by node.
 - ``evaluate``: :func:`evaluate_into`, the engine's entry point: chunks sized from the memory budget.
 - this ``__init__``: the public names, and :func:`worthwhile`, whether ``engine="auto"`` tries this engine.

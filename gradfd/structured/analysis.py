@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from .handlers import propagate
 from .tracer import functional_variant, trace
 from .unsupported import StructuredUnsupported, op_name
-from .values import Perturbed, unravel_batch
+from .values import Perturbed, Unavailable, unravel_batch
 
 __all__ = ["Analysis"]
 
@@ -133,7 +133,7 @@ class Analysis:
                     values[node] = self.env[node]
                 elif node.op == "call_function":
                     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-                    if not any(isinstance(v, Perturbed) for v in tree_flatten((args, kwargs))[0]):
+                    if not any(isinstance(v, (Perturbed, Unavailable)) for v in tree_flatten((args, kwargs))[0]):
                         values[node] = self.env[node]
                     else:
                         values[node] = propagate(self, node, args, kwargs)
@@ -164,6 +164,9 @@ class Analysis:
     def _losses(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,)`` float64 changes of the loss from the base, and the float64 base."""
         b = self.s * self.c
+        if isinstance(out, Unavailable):
+            raise StructuredUnsupported(out.op, f"the loss depends on {out.what}, which the structured engine does "
+                                        "not compute under a perturbation")
         if isinstance(out, Perturbed):
             if out.base.numel() != 1:
                 raise StructuredUnsupported("output", f"the loss has shape {tuple(out.base.shape)}")

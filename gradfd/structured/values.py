@@ -15,7 +15,7 @@ import torch
 
 from .kernels import ACTIVATION_FUNCS, linear_update
 
-__all__ = ["Lineage", "Perturbed", "gather", "columns", "ravel", "unravel_batch", "absolute", "full", "widen",
+__all__ = ["Lineage", "Perturbed", "Unavailable", "gather", "columns", "ravel", "unravel_batch", "absolute", "full", "widen",
            "unit_axes", "broadcast_to", "with_unaffected", "common_region", "permute", "identity", "unsqueeze",
            "squeeze", "base_value"]
 
@@ -59,6 +59,17 @@ class Lineage:
         if self.squared:
             v = v.pow(2)
         return v
+
+
+class Unavailable:
+    """An output of a multi-output op that depends on the checked parameter but that its handler does not compute
+    (a normalisation's saved statistics, a pooling's indices). What an op computes from it is unavailable too
+    (:func:`gradfd.structured.handlers.propagate`); a loss that is unavailable is refused, naming the op that
+    produced it (:meth:`gradfd.structured.analysis.Analysis.run`). Graphs keep such outputs even where nothing
+    reads them (``max_pool1d`` squeezes its indices)."""
+
+    def __init__(self, op: str, what: str) -> None:
+        self.op, self.what = op, what
 
 
 @dataclass

@@ -3,8 +3,9 @@ checked parameter to its handler in :data:`HANDLERS` (one table for every op the
 generic elementwise rule.
 
 Handlers are grouped by kind: :mod:`.linalg` (products), :mod:`.shape` (views, reshapes, slicing, conversions),
-:mod:`.reductions` (sums, means, softmax), :mod:`.losses` and :mod:`.pointwise` (elementwise ops, the fused lineage,
-ops on float64 changes). A handler is ``handler(an, node, base, *args, **kwargs) -> value``: ``an`` is the running
+:mod:`.reductions` (sums, means, softmax), :mod:`.losses`, :mod:`.layers` (convolution, normalisation, pooling,
+embedding) and :mod:`.pointwise` (elementwise ops, the fused lineage, ops on float64 changes). A handler is
+``handler(an, node, base, *args, **kwargs) -> value``: ``an`` is the running
 :class:`gradfd.structured.analysis.Analysis` (handlers read ``an.env``, the base value of every node; ``an.s`` and
 ``an.c``, the chunk's stencil nodes and coordinates; memoise per-analysis constants with ``an.cached(key, make)``;
 and record ``an.fused`` / ``an.densified``), ``node`` the graph node, ``base`` its base value, and the op's
@@ -20,10 +21,11 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..unsupported import StructuredUnsupported, op_name
-from ..values import absolute
+from ..values import Unavailable, absolute
+from .layers import LAYERS
 from .linalg import handle_addmm, handle_mv, mm
 from .losses import LOSSES, handle_loss, handle_nll
 from .pointwise import RELATIVE_LINEAR, is_pointwise, pointwise, relative_linear
@@ -60,6 +62,7 @@ HANDLERS: dict = {
     **{op: handle_identity for op in VIEW_IDENTITY},
     **{op: handle_reduction for op in REDUCTIONS},
     **{op: handle_loss for op in LOSSES},
+    **LAYERS,
 }
 
 
@@ -74,6 +77,9 @@ def propagate(an, node: torch.fx.Node, args: tuple, kwargs: dict):
     name = op_name(op)
     if op is operator.getitem:
         return args[0][args[1]]
+    unavailable = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Unavailable)]
+    if unavailable:  # (what it computes stays unavailable: refused if it reaches the loss)
+        return unavailable[0]
     if not isinstance(op, torch._ops.OpOverload):
         raise StructuredUnsupported(name, "a Python-level call on a value that depends on the checked parameter")
     base = an.env[node]

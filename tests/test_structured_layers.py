@@ -1,0 +1,160 @@
+"""The structured engine's layer handlers (gradfd/structured/handlers/layers.py): convolution, batch/layer/group
+normalisation, pooling and embedding, each against the pure-Python reference in float64 (the same nodes, every
+perturbed loss a fresh forward), against the exact derivative in float32 (no less accurate than the generic engine),
+on fresh draws (the ``seed`` fixture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_unchanged, snapshot
+from test_structured import _agrees_with_reference, _rel
+
+import gradfd
+from gradfd import engine, ops, reference
+from gradfd.structured import StructuredUnsupported
+
+pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason=f"kernels unavailable: {ops.unavailable_reason()}")
+
+
+def _layers(seed: int, dtype=torch.float64):
+    """name -> (func, params): one draw per seed, its tensors drawn in float64 and cast to ``dtype`` (the float32
+    draw of a seed is the float64 one rounded)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    def ru(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x, x1, y = rn(3, 4, 9, 8), rn(3, 4, 11), rn(3, 6, 5, 4)
+    W, Wg, W2, W2g, W1d = rn(6, 4, 3, 3) / 4, rn(6, 2, 3, 3) / 3, rn(5, 6, 3, 3) / 5, rn(6, 3, 3, 3) / 4, rn(6, 2, 3) / 3
+    b = rn(6) / 4
+    rm, rv = rn(6) / 5, ru(6) + 0.5
+    g, beta = ru(6) + 0.5, rn(6) / 5
+    idx = torch.randint(0, 7, (4, 5), generator=gen)
+    labels = torch.randint(0, 5, (3,), generator=gen)
+    E, target = rn(7, 3), rn(3, 6, 9, 8)
+    return {
+        "conv2d weight and bias, stride, padding, dilation, groups": (
+            lambda w, bias: torch.tanh(F.conv2d(x, w, bias, stride=(2, 1), padding=(1, 2), dilation=(2, 1),
+                                                groups=2)).pow(2).mean(),
+            (Wg.clone(), b.clone())),
+        "conv2d weight under MSE (the fused kernel)": (
+            lambda w: F.mse_loss(F.conv2d(x, w, b, padding=1), target), (W.clone(),)),
+        "conv1d weight, groups": (lambda w: torch.tanh(F.conv1d(x1, w, b, stride=2, padding=1, groups=2)).pow(2).sum(),
+                                  (W1d.clone(),)),
+        "conv2d input": (lambda inp: torch.tanh(F.conv2d(inp, W, b, padding=1)).mean(), (x.clone(),)),
+        "two convs (the change of a channel reaches the second)": (
+            lambda w: torch.tanh(F.conv2d(torch.tanh(F.conv2d(x, w, b, padding=1)), W2, padding=1)).pow(2).mean(),
+            (W.clone(),)),
+        "two convs, the second grouped and strided": (
+            lambda w: F.conv2d(torch.sigmoid(F.conv2d(x, w, b)), W2g, stride=2, groups=2).pow(2).mean(),
+            (W.clone(),)),
+        "batch norm eval": (
+            lambda w: F.conv2d(torch.tanh(F.batch_norm(F.conv2d(x, w, padding=1), rm, rv, g, beta)), W2).pow(2).mean(),
+            (W.clone(),)),
+        "batch norm train (batch statistics)": (
+            lambda w: (F.batch_norm(F.conv2d(x, w, b, padding=1), None, None, g, beta, training=True)
+                       * target).tanh().sum(),
+            (W.clone(),)),
+        "batch norm train, the input perturbed": (
+            lambda t: torch.tanh(F.batch_norm(t, None, None, g, beta, training=True)).pow(3).sum(), (y.clone(),)),
+        "batch norm eval, the input perturbed": (
+            lambda t: torch.tanh(F.batch_norm(t, rm, rv, g, beta)).pow(3).sum(), (y.clone(),)),
+        "layer norm over (C, H, W) and over W": (
+            lambda w: (F.layer_norm(F.conv2d(x, w, b), (6, 7, 6)).pow(3).mean()
+                       + torch.tanh(F.layer_norm(F.conv2d(x, w, b), (6,))).sum()), (W.clone(),)),
+        "group norm": (lambda w: torch.tanh(F.group_norm(F.conv2d(x, w, b), 3, g, beta)).pow(2).sum(), (W.clone(),)),
+        "max, average and adaptive pooling": (
+            lambda w: (lambda h: F.max_pool2d(h, 2).pow(2).sum() + F.avg_pool2d(h, 3, stride=2, padding=1).sum()
+                       + F.adaptive_avg_pool2d(h, (2, 3)).pow(2).sum() + F.adaptive_max_pool2d(h, 2).sum())(
+                torch.tanh(F.conv2d(x, w, b, padding=1))), (W.clone(),)),
+        "1-d pooling": (lambda w: (lambda h: F.max_pool1d(h, 3).pow(2).sum() + F.avg_pool1d(h, 2).sum())(
+            torch.tanh(F.conv1d(x1, w, groups=2))), (W1d.clone(),)),
+        "a small CNN under cross-entropy": (
+            lambda w1, w2: F.cross_entropy(F.adaptive_avg_pool2d(torch.relu(F.conv2d(
+                F.avg_pool2d(torch.relu(F.conv2d(x, w1, b, padding=1)), 2), W2[:, :6])), 1).flatten(1) + w2,
+                labels), (W.clone(), torch.zeros(1, dtype=dtype))),
+        "embedding": (lambda e: torch.tanh(F.embedding(idx, e) @ E[:3].t()).pow(2).sum(), (E.clone(),)),
+        "softmax over channels and over width": (
+            lambda w: (F.softmax(F.conv2d(x, w, b), 1).pow(2).sum() + F.log_softmax(F.conv2d(x, w, b), 3).sum()),
+            (W.clone(),)),
+    }
+
+
+LAYERS = list(_layers(0))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layers_agree_with_the_reference_in_float64(seed, name):
+    func, params = _layers(seed)[name]
+    for idx in range(len(params)):
+        ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured", chunk_size=37)
+        assert ev.engine == "structured", ev.notes
+        got = ev.estimate()[0].reshape(params[idx].shape)
+        ref = reference.numerical_gradient(func, params, idx)
+        assert _agrees_with_reference(got, ref, float(func(*params).detach())), (name, idx, _rel(got, ref))
+
+
+@pytest.mark.parametrize("name", [n for n in LAYERS if "max" not in n and "CNN" not in n])
+def test_layers_in_float32_are_as_accurate_as_the_generic_engine(seed, name):
+    # (smooth functions: at float32's steps a switch inside a stencil says nothing about the engine's accuracy)
+    func, params = _layers(seed, torch.float32)[name]
+    func64, _ = _layers(seed)[name]
+    for idx in range(len(params)):
+        clones = [p.double().requires_grad_(k == idx) for k, p in enumerate(params)]
+        (exact,) = torch.autograd.grad(func64(*clones), clones[idx])
+        got = gradfd.numerical_gradient(func, params, idx, h=None, engine="structured")
+        generic = gradfd.numerical_gradient(func, params, idx, h=None, engine="batched")
+        assert _rel(got, exact) <= max(2 * _rel(generic, exact), 2e-4), (name, idx, _rel(got, exact),
+                                                                          _rel(generic, exact))
+
+
+def test_layers_keep_the_region_narrow_where_they_can(seed):
+    # a first conv's weight moves one channel through batch norm, tanh and pooling; the second conv widens it
+    func, params = _layers(seed)["two convs (the change of a channel reaches the second)"]
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+    widened = [n for n in ev.notes if "widened" in n]
+    assert widened and "convolution_1" in widened[0] and "convolution," not in widened[0] + ",", ev.notes
+    func, params = _layers(seed)["conv2d weight under MSE (the fused kernel)"]
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+    assert any("fused kernel" in n for n in ev.notes), ev.notes
+
+
+def test_a_saved_statistic_read_downstream_is_refused_naming_the_op(seed):
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+
+    def func(w):  # the batch variance of a train-mode norm, read back through torch.var_mean's twin
+        h = x * w.view(1, 3, 1)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(h, None, None, None, None, True, 0.1, 1e-5)
+        return out.sum() + invstd.sum()
+
+    with pytest.raises(StructuredUnsupported, match="native_batch_norm"):
+        gradfd.numerical_gradient(func, (torch.rand(3, dtype=torch.float64) + 0.5,), 0, engine="structured")
+
+
+def test_a_transposed_convolution_is_refused_and_auto_falls_back(seed):
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    func = lambda w: F.conv_transpose2d(x, w).pow(2).sum()  # noqa: E731
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(StructuredUnsupported, match="transposed"):
+        gradfd.numerical_gradient(func, (w,), 0, engine="structured")
+    got = gradfd.numerical_gradient(func, (w,), 0, engine="auto")
+    assert _rel(got, reference.numerical_gradient(func, (w,), 0)) <= 1e-9
+
+
+def test_module_state_is_bitwise_intact_after_a_structured_check(seed):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(36, 2))
+    model.eval()
+    x = torch.randn(5, 3, 8, 8)
+    state = list(model.parameters()) + list(model.buffers())
+    before = snapshot(state)
+    report = gradfd.check_module(model, x, loss=lambda out: out.pow(2).mean(), wrt=["0.*", "5.*"],
+                                 engine="structured", raise_on_failure=False)
+    assert report.passed, str(report)
+    assert_unchanged(state, before)
+    assert not model.training
