@@ -211,7 +211,8 @@ def _layer_bars(data: dict) -> str:
         moonshot = ("" if moon is None else
                     f"; moonshot under {moon:g} s {'met' if ok and full['seconds'] < moon else 'not met'}")
         parts.append(f"{name} full in {full['seconds']:.1f} s: under {limit:g} s {verdict}{moonshot}")
-    return "Issue 21's bars (float32, full mode, every parameter): " + "; ".join(parts) + "."
+    return ("Issue 21's bars (float32, full mode, every parameter; the MLP here has 535,562 parameters, the issue's "
+            "300k): " + "; ".join(parts) + ".")
 
 
 def render(data: dict) -> str:

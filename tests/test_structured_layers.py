@@ -12,7 +12,7 @@ from helpers import assert_unchanged, snapshot
 from test_structured import _agrees_with_reference, _rel
 
 import gradfd
-from gradfd import engine, ops, reference
+from gradfd import engine, ops, reference, structured
 from gradfd.structured import StructuredUnsupported
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason=f"kernels unavailable: {ops.unavailable_reason()}")
@@ -79,6 +79,17 @@ def _layers(seed: int, dtype=torch.float64):
                 F.avg_pool2d(torch.relu(F.conv2d(x, w1, b, padding=1)), 2), W2[:, :6])), 1).flatten(1) + w2,
                 labels), (W.clone(), torch.zeros(1, dtype=dtype))),
         "embedding": (lambda e: torch.tanh(F.embedding(idx, e) @ E[:3].t()).pow(2).sum(), (E.clone(),)),
+        "conv1d input": (lambda inp: torch.tanh(F.conv1d(inp, W1d, b, padding=2, groups=2)).pow(2).mean(),
+                         (x1.clone(),)),
+        "the input through conv, batch norm eval, layer and group norm, pooling (one sample each)": (
+            lambda inp: (lambda h: F.avg_pool2d(F.group_norm(F.layer_norm(h, (6, 9, 8)), 3), 2).pow(2).sum())(
+                torch.tanh(F.batch_norm(F.conv2d(inp, W, b, padding=1), rm, rv, g, beta))), (x.clone(),)),
+        "batch norm eval and train after a second conv (whole tensors)": (
+            lambda w: (lambda h: F.batch_norm(h, rm[:5], rv[:5], g[:5], beta[:5]).sin().sum()
+                       + F.batch_norm(h, None, None, training=True).pow(3).sum())(
+                F.conv2d(torch.tanh(F.conv2d(x, w, b, padding=1)), W2)), (W.clone(),)),
+        "embedding with padding_idx": (lambda e: torch.tanh(F.embedding(idx, e, padding_idx=2) @ E[:3].t()).sum(),
+                                       (E.clone(),)),
         "softmax over channels and over width": (
             lambda w: (F.softmax(F.conv2d(x, w, b), 1).pow(2).sum() + F.log_softmax(F.conv2d(x, w, b), 3).sum()),
             (W.clone(),)),
@@ -99,7 +110,8 @@ def test_layers_agree_with_the_reference_in_float64(seed, name):
         assert _agrees_with_reference(got, ref, float(func(*params).detach())), (name, idx, _rel(got, ref))
 
 
-@pytest.mark.parametrize("name", [n for n in LAYERS if "max" not in n and "CNN" not in n])
+@pytest.mark.parametrize("name", [n for n in LAYERS if "max" not in n and "1-d pooling" not in n
+                                  and "CNN" not in n])
 def test_layers_in_float32_are_as_accurate_as_the_generic_engine(seed, name):
     # (smooth functions: at float32's steps a switch inside a stencil says nothing about the engine's accuracy)
     func, params = _layers(seed, torch.float32)[name]
@@ -114,7 +126,7 @@ def test_layers_in_float32_are_as_accurate_as_the_generic_engine(seed, name):
 
 
 def test_layers_keep_the_region_narrow_where_they_can(seed):
-    # a first conv's weight moves one channel through batch norm, tanh and pooling; the second conv widens it
+    # a first conv's weight moves one channel through tanh; the second conv widens it to the whole output
     func, params = _layers(seed)["two convs (the change of a channel reaches the second)"]
     ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
     widened = [n for n in ev.notes if "widened" in n]
@@ -136,14 +148,35 @@ def test_a_saved_statistic_read_downstream_is_refused_naming_the_op(seed):
         gradfd.numerical_gradient(func, (torch.rand(3, dtype=torch.float64) + 0.5,), 0, engine="structured")
 
 
-def test_a_transposed_convolution_is_refused_and_auto_falls_back(seed):
+def _falls_back_under_auto(func, params, op: str, monkeypatch) -> None:
+    """``func`` is refused naming ``op``, and ``"auto"`` (made to try the structured engine) falls back to the generic
+    engine with a note naming it, and the reference's gradient."""
+    with pytest.raises(StructuredUnsupported, match=op.replace(".", r"\.")):
+        gradfd.numerical_gradient(func, params, 0, engine="structured")
+    monkeypatch.setattr(structured, "_MIN_WORK", 0)  # make "auto" try the structured engine on this small problem
+    monkeypatch.setattr(engine, "_STRUCTURED_MIN_EVALUATIONS", 0)
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="auto")
+    assert ev.engine in ("batched", "loop")
+    assert any("structured engine not applicable" in note and op in note for note in ev.notes), ev.notes
+    got = ev.estimate()[0].reshape(params[0].shape)
+    assert _rel(got, reference.numerical_gradient(func, params, 0)) <= 1e-9
+
+
+def test_a_loss_that_reads_pooling_indices_is_refused_and_auto_falls_back(seed, monkeypatch):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+
+    def func(w):  # the indices of a max pool, read back as numbers
+        values, indices = F.max_pool2d(F.conv2d(x, w), 2, return_indices=True)
+        return values.pow(2).sum() + 1e-3 * indices.double().sum()
+
+    _falls_back_under_auto(func, (torch.randn(4, 3, 3, 3, dtype=torch.float64),), "max_pool2d_with_indices",
+                           monkeypatch)
+
+
+def test_a_transposed_convolution_is_refused_and_auto_falls_back(seed, monkeypatch):
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    func = lambda w: F.conv_transpose2d(x, w).pow(2).sum()  # noqa: E731
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
-    with pytest.raises(StructuredUnsupported, match="transposed"):
-        gradfd.numerical_gradient(func, (w,), 0, engine="structured")
-    got = gradfd.numerical_gradient(func, (w,), 0, engine="auto")
-    assert _rel(got, reference.numerical_gradient(func, (w,), 0)) <= 1e-9
+    _falls_back_under_auto(lambda w: F.conv_transpose2d(x, w).pow(2).sum(),
+                           (torch.randn(3, 2, 3, 3, dtype=torch.float64),), "transposed", monkeypatch)
 
 
 def test_module_state_is_bitwise_intact_after_a_structured_check(seed):

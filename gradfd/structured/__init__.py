@@ -17,8 +17,9 @@ exploits that structure:
    op other than the identities below computes the region's new values by running the op's own forward on them
    (restricted to the region), never a derivative. Elementwise ops, broadcasting, views, ``sum``/``mean``, ``mse_loss``,
    ``binary_cross_entropy_with_logits``, ``log_softmax``/``nll_loss`` (cross-entropy), products with a constant,
-   convolutions, batch/layer/group norm, pooling and embedding (:mod:`.handlers.layers`) are understood. Where an op mixes the changed entries into a whole fibre (a softmax across the changed column, a second
-   matmul over it) the region widens to that fibre -- it densifies, but only as far as the op reaches.
+   convolutions, batch/layer/group norm, pooling and embedding (:mod:`.handlers.layers`) are understood. Where an
+   op mixes the changed entries into a whole fibre (a softmax across the changed column, a second matmul over it) the
+   region widens to that fibre -- it densifies, but only as far as the op reaches.
 3. **Reductions in float64.** A full ``sum``/``mean`` of a value whose region changed is
    ``sum(base) - sum(base over the region) + sum(new values over the region)``, each sum a genuine float64 sum: only
    the changed terms are summed per perturbation. Losses are therefore reported in float64 relative to the base sum

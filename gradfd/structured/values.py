@@ -15,8 +15,8 @@ import torch
 
 from .kernels import ACTIVATION_FUNCS, linear_update
 
-__all__ = ["Lineage", "Perturbed", "Unavailable", "gather", "columns", "ravel", "unravel_batch", "absolute", "full", "widen",
-           "unit_axes", "broadcast_to", "with_unaffected", "common_region", "permute", "identity", "unsqueeze",
+__all__ = ["Lineage", "Perturbed", "Unavailable", "gather", "columns", "ravel", "unravel_batch", "absolute", "full",
+           "widen", "unit_axes", "broadcast_to", "with_unaffected", "common_region", "permute", "identity", "unsqueeze",
            "squeeze", "base_value"]
 
 

@@ -75,8 +75,8 @@ def propagate(an, node: torch.fx.Node, args: tuple, kwargs: dict):
     """
     op = node.target
     name = op_name(op)
-    if op is operator.getitem:
-        return args[0][args[1]]
+    if op is operator.getitem:  # (an unavailable op's outputs are all unavailable)
+        return args[0] if isinstance(args[0], Unavailable) else args[0][args[1]]
     unavailable = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Unavailable)]
     if unavailable:  # (what it computes stays unavailable: refused if it reaches the loss)
         return unavailable[0]

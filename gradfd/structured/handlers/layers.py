@@ -178,7 +178,7 @@ def _planes(q: Perturbed):
         return (inp, torch.arange(c_all, device=dev).repeat(b),
                 lambda out: out.reshape(n, b, c_all, *out.shape[2:]).transpose(0, 1))
     if q.axes == (1,):  # (B, N, *S): channel pos[b] of every sample -> (N, B, *S)
-        return q.slab.transpose(0, 1), q.pos[:, 0], lambda out: out.transpose(0, 1)
+        return q.slab.transpose(0, 1).contiguous(), q.pos[:, 0], lambda out: out.transpose(0, 1)
     if q.axes == (0,):  # (B, C, *S): one sample -> B samples of C channels
         return q.slab, torch.arange(c_all, device=dev), lambda out: out
     return q.slab.unsqueeze(0), q.pos[:, 1], lambda out: out.squeeze(0)  # (0, 1): one plane each
@@ -264,6 +264,7 @@ def handle_embedding(an, node, base, weight, indices, padding_idx=-1, scale_grad
     ``t``; a whole changed weight is looked up per perturbation."""
     if isinstance(indices, Perturbed):
         raise StructuredUnsupported(op_name(node.target), "the indices depend on the checked parameter")
+    _same_dtype(node, base, weight)
     p = unit_axes(weight)
     nd = base.dim()
     if p.axes != (0, 1):

@@ -15,7 +15,7 @@ from ..kernels import ACTIVATION_FUNCS, MAX_NODES, linear_update_mse
 from ..values import Perturbed, gather, widen
 from .pointwise import output_base
 
-SHORT_LAST_DIM = 32  # softmax along a last dim this short or shorter runs laid out along the first (handle_softmax)
+SHORT_LAST_DIM = 32  # on a CPU, softmax along a last dim this short runs laid out along the first (handle_softmax)
 
 __all__ = ["REDUCTIONS", "FULL_SUMS", "full_sum", "fused_sum", "handle_reduction", "handle_softmax"]
 
@@ -116,9 +116,11 @@ def handle_softmax(an, node, base, p, dim, half_to_float) -> Perturbed:
     else:
         d = 1
     slab = p.slab if nd else p.slab.unsqueeze(1)
-    if d == slab.dim() - 1 and slab.shape[d] <= SHORT_LAST_DIM and slab.numel() >= slab.shape[d] * SHORT_LAST_DIM:
-        # the op along a short last dim (classes) is several times faster laid out along the first: the same op
-        # and the same values (bench_models' MLP, 32 x 10 logits per perturbation: 4x)
+    if (slab.device.type == "cpu" and d == slab.dim() - 1 and slab.shape[d] <= SHORT_LAST_DIM
+            and slab.numel() >= slab.shape[d] * SHORT_LAST_DIM):
+        # on a CPU, the op along a short last dim (classes) is several times faster laid out along the first (the
+        # MLP of bench_models, 32 x 10 logits per perturbation: 4x): the same op, whose kernel for an inner dim may
+        # sum in another order (equal bitwise on that MLP's float32 logits, not in general)
         moved = slab.movedim(d, 0).contiguous()
         slab = node.target(moved, 0, half_to_float).movedim(0, d)
     else:
