@@ -35,9 +35,10 @@ forward pass, and no derivative formula: (a) ``mm``/``addmm``/``mv`` are linear 
 ``round(z + delta * feature)`` from the forward's own product ``z``; a replaced row moves every output by an outer
 product, in float64; a convolution likewise, in its weight, bias and input: :mod:`.handlers.layers`); (b) the
 unchanged terms of a full sum cancel (item 3); (c) changes propagate through ``add``, products with a constant and
-views as the changed region alone. The identities change only the rounding, and never
-add to it: every node shares the forward's rounding of ``z`` (a fresh forward would re-round the whole dot product
-at each node) and the rounding of the full sum drops out of the differences (docs/structured.md).
+views as the changed region alone. The identities change only the rounding: every node shares the forward's
+rounding of ``z`` (a fresh forward would re-round the whole dot product at each node) and the rounding of the full
+sum drops out of the differences; the fused kernel's own float32 ``tanh`` rounds a little more coarsely than
+PyTorch's (docs/structured.md).
 
 The rule: the structured engine may use only exact identities of the ops it understands and their own forwards on
 the changed region; it never uses a derivative formula, never caches a trace across calls, and refuses (with
