@@ -273,7 +273,7 @@ class FirstRound:
                     f"({float(self.walk_reach()[o]):.2g}, or its own kinks' share)")
         else:
             note = f"{seen}: " + ("curvature, not switches, at the refined steps" if rule == "curvature" else
-                                  "isolated switches, which a clean smaller stencil does not hold")
+                                  "isolated switches, which alone cannot confirm a disagreement")
             note += " (the rule on switches is off)"
         return {"clean": clean / count, "tall": tall, "rule": rule, "note": note}
 
