@@ -34,7 +34,8 @@ step "compute-sanitizer over the CUDA kernel tests"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck; do
     timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 $py -m pytest -q -x tests/test_kernels.py \
-      tests/test_structured.py tests/test_cuda_kernels.py tests/test_jacobian.py -k "cuda or custom_op" \
+      tests/test_structured.py tests/test_cuda_kernels.py tests/test_jacobian.py tests/test_reference_mode.py \
+      -k "cuda or custom_op" \
       -p no:cacheprovider > "$out/sanitizer-$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? (0 = clean)" | tee -a "$out/sanitizer.txt"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitizer-$tool.log" | tail -2 | tee -a "$out/sanitizer.txt"

@@ -51,6 +51,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "first-call": ("bench_first_call", "first-call.json"),
     "directional": ("bench_directional", "directional.json"),
     "detection": ("bench_detection", "detection.json"),
+    "reference": ("bench_reference", "reference.json"),
     "kinks": ("bench_kinks", "kinks.json"),
     "models": ("bench_models", "models.json"),
     "policy": ("policy_table", "policy.json"),

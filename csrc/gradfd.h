@@ -121,4 +121,44 @@ inline void check_bias_gelu_args(const char* op, const at::Tensor& x, const at::
               x.strides(), " and ", bias.strides());
 }
 
+// ---- the RMSNorm example op (float16, bfloat16, float32, float64) --------------------------------------------
+
+// The shared argument checks of rms_norm and rms_norm_backward: x (..., d) and weight (d,) contiguous, of one
+// floating dtype, on `device`; for the backward, grad like x and rstd float32 (float64 for float64) of x's rows.
+inline void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                c10::DeviceType device) {
+  TORCH_CHECK(x.device().type() == device, op, ": x must be on ", device, ", got ", x.device());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(), " like x, got ",
+              weight.device());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op,
+              ": x must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && weight.dim() == 1 && weight.size(0) == x.size(-1), op,
+              ": weight must be 1-D with x's last dimension (> 0), got x of shape ", x.sizes(),
+              " and weight of shape ", weight.sizes());
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), op, ": x and weight must be contiguous, got strides ",
+              x.strides(), " and ", weight.strides());
+}
+
+inline at::ScalarType rms_norm_stat_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_rms_norm_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& rstd, c10::DeviceType device) {
+  constexpr const char* op = "gradfd::rms_norm_backward";
+  check_rms_norm_args(op, x, weight, device);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous() &&
+                  grad.device() == x.device(),
+              op, ": grad must be a contiguous ", x.scalar_type(), " tensor of x's shape ", x.sizes(), " on ",
+              x.device(), ", got ", grad.scalar_type(), " of shape ", grad.sizes(), " on ", grad.device());
+  TORCH_CHECK(rstd.numel() * x.size(-1) == x.numel() && rstd.scalar_type() == rms_norm_stat_type(x.scalar_type()) &&
+                  rstd.is_contiguous() && rstd.device() == x.device(),
+              op, ": rstd must be rms_norm's contiguous ", rms_norm_stat_type(x.scalar_type()), " output of ",
+              x.numel() / x.size(-1), " rows on ", x.device(), ", got ", rstd.scalar_type(), " of shape ",
+              rstd.sizes(), " on ", rstd.device());
+}
+
 }  // namespace gradfd

@@ -16,4 +16,12 @@ TORCH_LIBRARY(gradfd, m) {
   // with respect to x. Its autograd formula is registered from Python (gradfd/custom_op.py).
   m.def("bias_gelu(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor bias) -> Tensor");
+  // The half-precision example op: RMSNorm over x's last dimension, y = x * rstd * weight with
+  // rstd = 1 / sqrt(mean(x^2) + eps) per row, for float16, bfloat16, float32 and float64, accumulating in float32
+  // (float64 for float64). Returns (y, rstd); rstd is float32 (float64 for float64), of shape x.shape[:-1].
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // Its backward: (grad_x, grad_weight). planted_bug=True leaves the weight out of the projection term of grad_x
+  // (mean(g * xhat) for mean(g * weight * xhat)), the planted bug of gradfd/custom_op.py's rms_norm_buggy.
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, bool planted_bug) -> "
+        "(Tensor, Tensor)");
 }

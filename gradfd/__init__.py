@@ -15,7 +15,7 @@ from .dropin import GradcheckError, gradcheck
 from .engine import numerical_gradient
 from .errors import CostWarning, FallbackWarning, GradfdWarning, NonFiniteLossError
 from .module import check_module
-from .report import CheckReport, GradientCheckError, TensorReport
+from .report import CheckReport, GradientCheckError, InvalidReferenceError, TensorReport
 from .sweep import SweepResult, step_sweep
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "CheckReport",
     "TensorReport",
     "GradientCheckError",
+    "InvalidReferenceError",
     "numerical_gradient",
     "step_sweep",
     "SweepResult",

@@ -19,8 +19,9 @@ from . import stencils
 from . import jacobian as _jacobian
 from .plot import EntryContext
 from .progress import Progress
-from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError
+from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError
 from .validation import check_checkable, check_choice, check_params, check_positive_int, check_step, describe
+from .verdict import against_reference as _against
 from .verdict import judge as _judge
 from .verdict import refine as _refine
 from .verdict.coordinates import check_coordinates
@@ -193,8 +194,10 @@ def check(
     nondet_tol: float | None = None,
     progress: bool | None | Callable[[int, int], None] = None,
     policy: Policy | dict | None = None,
+    reference: Callable | None = None,
 ) -> CheckReport:
-    """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry.
+    """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry (or, with
+    ``reference=``, against a validated plain-PyTorch reference: for float16/bfloat16 kernels).
 
     Args:
         func: called as ``func(*params)``; returns a one-element floating tensor (the loss).
@@ -234,6 +237,19 @@ def check(
         policy: the verdict thresholds: None (default: :data:`gradfd.verdict.policy.DEFAULT_POLICY`), a
             :class:`gradfd.verdict.policy.Policy`, or a mapping of field overrides (``{"tolerance_safety": 3.0}``).
             An explicit ``atol``/``rtol`` still replaces the floors that ``floor_eps`` sets.
+        reference: None (default), or the same mathematical function as ``func`` in plain PyTorch, called with the
+            same arguments (``reference(*params)``), returning what ``func`` returns (same shapes, dtype families
+            and device). Reference mode (docs/half-precision.md): the reference's float64 autograd is first checked
+            against float64 finite differences (by ``mode``, ``samples``, ``directions``, ``h``, ``stencil`` and
+            the engine options, on the scalar ``<reference(*params), v>`` for the first cotangent ``v``, to
+            ``reference_truth_share`` of the judged dtype's eps relative to each entry); then
+            ``func``'s vjps with ``Policy.reference_cotangents`` seeded Gaussian cotangents (1 for a loss) are
+            compared, every entry, with the reference's in float64, within ``reference_factor`` times what the
+            reference itself achieves in ``func``'s dtype at that entry (plus its RMS over the tensor), plus
+            ``reference_floor_eps`` eps (``atol``/``rtol`` replace that floor). Records have ``mode ==
+            "reference"``: ``numerical`` is the reference's float64 value, ``analytical`` func's, and
+            ``details["reference"]`` holds func's largest error, the reference's in func's dtype and their
+            ratio. ``nondet_tol`` compares two runs of func's backward with the first cotangent.
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees and no
@@ -256,7 +272,11 @@ def check(
         Exception: what ``func`` raised, when it raised at the unperturbed point, or at every perturbed node of a
             tensor at every step tried (with a note saying so).
         TypeError / ValueError / IndexError: bad arguments, naming the argument and what was passed (``policy``:
-            an unknown field, listing the valid ones, or a value of the wrong type or out of range).
+            an unknown field, listing the valid ones, or a value of the wrong type or out of range; ``reference``:
+            not callable, outputs that differ from func's in number, shape, dtype family or device, or a float64
+            func).
+        InvalidReferenceError: ``reference``'s float64 gradient disagrees with its float64 finite differences (or
+            none of its entries could be compared); ``.report`` holds that check, the message names the entries.
     """
     params, _ = check_params(params)
     wrt_idx = _resolve_wrt(params, wrt)
@@ -275,6 +295,11 @@ def check(
     if not callable(func):
         raise TypeError(f"func must be callable, got {describe(func)}")
     policy = resolve_policy(policy)
+    if reference is not None:
+        return _check_against_reference(func, reference, params, wrt_idx, dict(
+            mode=mode, samples=samples, directions=directions, h=h, stencil=stencil, engine=engine, seed=seed,
+            batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
+            policy=policy), atol, rtol, nondet_tol, raise_on_failure)
 
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
@@ -330,6 +355,59 @@ def check(
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
+    report = CheckReport(records, notes)
+    if raise_on_failure and not report.passed:
+        raise GradientCheckError(report)
+    return report
+
+
+def _check_against_reference(func: Callable, reference: Callable, params: list[torch.Tensor], wrt: list[int],
+                             options: dict, atol: float | None, rtol: float | None, nondet_tol: float | None,
+                             raise_on_failure: bool) -> CheckReport:
+    """:func:`check` with ``reference=`` (gradfd/verdict/against_reference.py has the rules): run both sides,
+    validate the reference in float64 by finite differences, judge every entry, report."""
+    if not callable(reference):
+        raise TypeError(f"reference must be callable (the same function as func in plain PyTorch), got "
+                        f"{describe(reference)}")
+    policy = options["policy"]
+    rng = _engine.RngGuard()
+    try:
+        with no_tf32(), _engine.warnings_once():
+            run = _against.run(func, reference, params, wrt, policy, options["seed"], rng.close,
+                               twice=nondet_tol is not None)
+            rng.close()
+            params64 = [p.detach().to(torch.float64) if p.is_floating_point() else p for p in params]
+            draw = [None if c is None else c.to(torch.float64) for c in run.cots[0]]
+
+            def projected(*args):  # <reference(*args), v>: its gradient is the truth the op is held to
+                outs = _against.outputs_of(reference(*args), "reference")
+                return sum((o * c).sum() for o, c in zip(outs, draw) if c is not None)
+
+            # the truth needs confirming only to a share of the judged dtype's eps (the finest judged): a finer error
+            # in it cannot move a verdict whose floor is reference_floor_eps eps
+            judged = min((s.dtype for s in run.sides.values()), key=stencils.eps)
+            validation = check(projected, params64, wrt=wrt, raise_on_failure=False,
+                               rtol=policy.reference_truth_share * torch.finfo(judged).eps, **options)
+    finally:
+        rng.close()
+    if not validation.verified:
+        raise InvalidReferenceError(validation)
+    spreads = {} if run.again is None else {k: _difference(run.again[k], run.sides[k].op[0]) for k in wrt}
+    records = []
+    for k in wrt:
+        v = validation[f"params[{k}]"]
+        e = v.entries
+        unconfirmed = e["index"][e["verdict"] == UNRESOLVED] if v.mode != "directional" and e else None
+        how = (f"its float64 gradient agrees with float64 finite differences ({v.mode} mode, {v.agree} of "
+               f"{v.checked} {'directions' if v.mode == 'directional' else 'entries'} compared"
+               + (f", {v.unresolved} unresolved" if v.unresolved else "") + ")")
+        record = _against.judge(run.sides[k], k, tuple(params[k].shape), policy, atol, rtol, unconfirmed, how)
+        if k in spreads:
+            record.details["backward_spread"] = spreads[k]
+            if spreads[k] > nondet_tol:
+                record.nondeterminism = _nondeterminism(spreads[k], nondet_tol)
+        records.append(record)
+    notes = [_against.forward_note(run.op_outs, run.ref64_outs, run.low_outs)]
     report = CheckReport(records, notes)
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)

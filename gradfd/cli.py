@@ -107,13 +107,13 @@ def run_check(args, stream=None) -> int:
             module.to(getattr(torch, args.dtype))
         inputs = tuple(map(convert, inputs)) if isinstance(inputs, (tuple, list)) else convert(inputs)
         report = gradfd.check_module(module, inputs, loss=loss, **options)
-    elif isinstance(result, tuple) and len(result) == 2 and callable(result[0]):
-        func, params = result
+    elif isinstance(result, tuple) and len(result) in (2, 3) and callable(result[0]):
+        func, params, reference = (*result, None)[:3]  # (func, params, reference): reference mode
         params = tuple(params) if isinstance(params, (tuple, list)) else (params,)
-        report = gradfd.check(func, tuple(map(convert, params)), **options)
+        report = gradfd.check(func, tuple(map(convert, params)), reference=reference, **options)
     else:
-        raise UsageError(f"{args.target} must return (func, params), (module, inputs), (module, inputs, loss) or a "
-                         f"CheckReport, got {type(result).__name__}")
+        raise UsageError(f"{args.target} must return (func, params), (func, params, reference), (module, inputs), "
+                         f"(module, inputs, loss) or a CheckReport, got {type(result).__name__}")
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2), file=stream)
     else:
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="a smaller suite (under 2 minutes on 2 CPU cores)")
     p_bench.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md, bench.png")
     p_check = sub.add_parser("check", help="check a function from a file: path/to/file.py:function returning "
-                                           "(func, params), (module, inputs), (module, inputs, loss) or a "
-                                           "CheckReport")
+                                           "(func, params), (func, params, reference) (a half-precision op "
+                                           "against its plain-PyTorch reference), (module, inputs), (module, "
+                                           "inputs, loss) or a CheckReport")
     p_check.add_argument("target", help="path/to/file.py:function")
     p_check.add_argument("--mode", default="full", choices=["full", "sample", "directional"])
     p_check.add_argument("--samples", type=int, default=None, help="entries per tensor in sample mode")

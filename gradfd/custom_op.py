@@ -1,5 +1,6 @@
-"""A real custom op to check: fused bias + GELU, with C++/CUDA kernels (float32 only) and its backward registered
-through ``torch.library.register_autograd`` -- and a deliberately broken twin for demos and tests.
+"""Real custom ops to check, each with C++/CUDA kernels, its backward registered through
+``torch.library.register_autograd``, a plain-PyTorch reference, and a deliberately broken twin for demos and tests:
+fused bias + GELU (float32 only) and RMSNorm (float16, bfloat16, float32, float64).
 
 ``bias_gelu(x, bias) = gelu(x + bias)`` (exact, erf-based GELU), ``bias`` broadcast over ``x``'s last dimension.
 This is the kind of op custom-kernel authors write; being float32-only, ``torch.autograd.gradcheck`` (which wants
@@ -7,6 +8,13 @@ float64) cannot check it, while :func:`gradfd.check` can.
 
 ``bias_gelu_buggy`` runs the same forward kernel, but its backward has a planted bug: the sign of the input
 gradient is flipped on one branch (``x + bias < -1``), as a misplaced minus sign in a piecewise formula would.
+
+``rms_norm(x, weight, eps) = x / sqrt(mean(x**2, -1) + eps) * weight``: the kind of fused half-precision kernel
+that :func:`gradfd.check`'s reference mode is for (``reference=rms_norm_reference``; docs/half-precision.md). Its
+kernels read and write the tensors' dtype and accumulate in float32. ``rms_norm_buggy`` runs the same forward; its
+backward leaves the weight out of the projection term of ``grad_x`` (``mean(g * xhat)`` for ``mean(g * weight *
+xhat)``), a slip that costs an error proportional to ``weight - 1``: small where the weight stays near its
+initial ones.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ import torch
 
 from . import ops
 
-__all__ = ["bias_gelu", "bias_gelu_buggy", "bias_gelu_reference", "BUGGY_BRANCH"]
+__all__ = ["bias_gelu", "bias_gelu_buggy", "bias_gelu_reference", "BUGGY_BRANCH", "rms_norm", "rms_norm_buggy",
+           "rms_norm_reference", "RMS_NORM_EPS"]
 
 BUGGY_BRANCH = -1.0  # the buggy backward flips the sign where x + bias < BUGGY_BRANCH
 _lock = threading.Lock()
@@ -36,7 +45,8 @@ def _backward(ctx, grad):
 
 
 def _register() -> None:
-    """Register the autograd formula and the fake kernel of ``gradfd::bias_gelu`` (once, after the kernels load)."""
+    """Register the autograd formulas and fake kernels of ``gradfd::bias_gelu`` and ``gradfd::rms_norm`` (once,
+    after the kernels load)."""
     global _registered
     if _registered:
         return
@@ -54,6 +64,17 @@ def _register() -> None:
         @torch.library.register_fake("gradfd::bias_gelu_backward")
         def _fake_backward(grad, x, bias):
             return torch.empty_like(x)
+
+        torch.library.register_autograd("gradfd::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
+
+        @torch.library.register_fake("gradfd::rms_norm")
+        def _fake_rms_norm(x, weight, eps):
+            stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=stat)
+
+        @torch.library.register_fake("gradfd::rms_norm_backward")
+        def _fake_rms_norm_backward(grad, x, weight, rstd, planted_bug):
+            return torch.empty_like(x), torch.empty_like(weight)
 
         _registered = True
 
@@ -101,3 +122,69 @@ def _buggy_backward(ctx, grad):
 
 
 bias_gelu_buggy.register_autograd(_buggy_backward, setup_context=_setup_context)
+
+
+RMS_NORM_EPS = 1e-6  # rms_norm's default eps
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])  # rstd: an internal statistic, saved for the backward
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, grad, grad_rstd, planted_bug: bool = False):
+    x, weight, rstd = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.gradfd.rms_norm_backward(grad.contiguous(), x, weight, rstd, planted_bug)
+    return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_NORM_EPS) -> torch.Tensor:
+    """RMSNorm over the last dimension by the fused kernel, differentiable in ``x`` and ``weight``.
+
+    Args:
+        x: ``(..., d)`` float16, bfloat16, float32 or float64, contiguous (CPU, or CUDA when the CUDA kernels are
+            built).
+        weight: ``(d,)``, of ``x``'s dtype and device.
+        eps: added to the mean square (default :data:`RMS_NORM_EPS`).
+
+    Returns:
+        ``x / sqrt(mean(x**2, -1) + eps) * weight``, of ``x``'s shape and dtype; computed in float32 (float64 for
+        float64) and rounded once.
+
+    Raises:
+        RuntimeError: naming ``gradfd::rms_norm`` on mismatched dtypes, shapes or devices, or a non-contiguous
+            tensor.
+        gradfd.ops.KernelsUnavailableError: when the extension cannot be loaded.
+    """
+    _register()
+    return torch.ops.gradfd.rms_norm(x, weight, float(eps))[0]
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_NORM_EPS) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm, the same function as :func:`rms_norm`: ``x`` ``(..., d)`` and ``weight`` ``(d,)`` of
+    any one floating dtype and device; each op rounds in that dtype. Returns ``x``'s shape and dtype."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@torch.library.custom_op("gradfd_examples::rms_norm_buggy", mutates_args=())
+def _rms_norm_buggy(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _register()
+    y, rstd = torch.ops.gradfd.rms_norm(x, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_buggy.register_fake
+def _(x, weight, eps):
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=stat)
+
+
+_rms_norm_buggy.register_autograd(lambda ctx, grad, grad_rstd: _rms_norm_backward(ctx, grad, grad_rstd, True),
+                                  setup_context=_rms_norm_setup)
+
+
+def rms_norm_buggy(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_NORM_EPS) -> torch.Tensor:
+    """:func:`rms_norm` (same arguments, forward, errors) with the planted bug in its backward (see the module
+    docstring): ``grad_x`` leaves ``weight`` out of its projection term; ``grad_weight`` is right."""
+    return _rms_norm_buggy(x, weight, float(eps))[0]

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from .check import check
 from .engine import RngGuard
-from .report import CheckReport, GradientCheckError
+from .report import CheckReport, GradientCheckError, InvalidReferenceError
 from .validation import describe
 
 __all__ = ["check_module"]
@@ -165,6 +165,10 @@ def check_module(
         check_inputs: also check the floating tensors among ``inputs`` and ``kwargs``.
         **check_options: passed to :func:`gradfd.check` (``mode``, ``samples``, ``directions``, ``atol``,
             ``rtol``, ``engine``, ``batching``, ``progress``, ``policy``, ``raise_on_failure``, ...).
+            ``reference=`` takes a module here: a plain-PyTorch version of ``module`` with the same parameter names
+            (a fused layer's unfused twin), run with ``module``'s parameter values (and its own buffers) through
+            the same ``loss``; reference mode then judges ``module``'s gradients against it
+            (docs/half-precision.md).
 
     Returns:
         The :class:`CheckReport`, its rows named by parameter name (``"0.weight"``), ``"inputs[i]"`` or
@@ -175,7 +179,8 @@ def check_module(
             ``check_options`` key that :func:`gradfd.check` does not take (``func``, ``params`` and ``wrt``
             belong to check_module).
         ValueError: ``wrt`` matches no parameter, nothing to check, inputs on another device than the parameters,
-            or a loss that is not one floating value.
+            a loss that is not one floating value, or a ``reference`` module without one of ``module``'s parameter
+            names.
         GradientCheckError: an entry disagrees (unless ``raise_on_failure=False``).
     """
     if not isinstance(module, torch.nn.Module):
@@ -191,6 +196,10 @@ def check_module(
         if bad in check_options:
             raise TypeError(f"check_module got {bad}=: the module and its inputs are the function and the params")
     raise_on_failure = check_options.pop("raise_on_failure", True)
+    reference = check_options.pop("reference", None)
+    if reference is not None and not isinstance(reference, torch.nn.Module):
+        raise TypeError(f"reference must be a torch.nn.Module with the module's parameter names (check_module runs it "
+                        f"with the module's parameter values), got {describe(reference)}")
 
     params = _parameters(module)
     chosen, frozen = _select(params, wrt)
@@ -211,7 +220,15 @@ def check_module(
     if frozen:
         notes.append(f"not checked (requires_grad=False): {', '.join(frozen)}")
 
-    def call(*tensors):
+    if reference is not None:
+        have = {n for n, _ in reference.named_parameters(remove_duplicate=False)}
+        missing = [n for n in fixed if n not in have]
+        if missing:
+            raise ValueError(f"reference: a module with the module's parameter names is needed; it lacks "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (it has {sorted(have)[:5]} ...)")
+    ref_buffers = _buffers(reference) if reference is not None else {}
+
+    def call(*tensors, target: torch.nn.Module = module, own: dict = buffers):
         state = dict(fixed)
         call_args, call_kwargs = list(args), dict(kwargs)
         for t, x in zip(chosen, tensors):
@@ -221,8 +238,8 @@ def check_module(
                 call_args[t.slot] = x  # by position: one tensor passed twice is two inputs
             else:
                 call_kwargs[t.slot] = x
-        state.update(buffers)
-        return torch.func.functional_call(module, state, tuple(call_args), call_kwargs, tie_weights=False,
+        state.update(own)
+        return torch.func.functional_call(target, state, tuple(call_args), call_kwargs, tie_weights=False,
                                           strict=False)
 
     before = {n: b.clone() for n, b in buffers.items() if b is not None}
@@ -252,8 +269,20 @@ def check_module(
     def func(*tensors):
         return reduce(call(*tensors))
 
+    if reference is not None:
+        def reference_func(*tensors):
+            return reduce(call(*tensors, target=reference, own=ref_buffers))
+
+        check_options["reference"] = reference_func
     tensors = tuple(t.tensor.detach().requires_grad_() for t in chosen)
-    report = _guarded(module, lambda: check(func, tensors, raise_on_failure=False, **check_options))
+
+    def run():
+        try:
+            return check(func, tensors, raise_on_failure=False, **check_options)
+        except InvalidReferenceError as exc:  # its records named by parameter, as the report's are
+            raise InvalidReferenceError(_renamed(exc.report, chosen)) from None
+
+    report = _guarded(module, run if reference is None else lambda: _guarded(reference, run))
     report = _renamed(report, chosen)
     report.notes = notes + report.notes
     if raise_on_failure and not report.passed:

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "GradientCheckError"]
+__all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "GradientCheckError",
+           "InvalidReferenceError"]
 
 AGREE, DISAGREE, UNRESOLVED = 0, 1, 2
 VERDICT_NAMES = {AGREE: "agree", DISAGREE: "disagree", UNRESOLVED: "unresolved"}
@@ -291,6 +292,8 @@ class CheckReport:
     def __str__(self) -> str:
         head = ["tensor", "shape", "dtype", "checked", "max abs err", "max rel err", "worst index", "analytical",
                 "numerical", "est. FD error", "agree/disagree/unresolved", "detects (95%)", "verdict"]
+        if self.tensors and all(t.mode == "reference" for t in self.tensors):  # reference mode's two sides
+            head[7:10] = ["func", "reference (f64)", "ref. rounding"]
         rows = []
         for t in self.tensors:
             worst = _fmt_index(t.worst_index)
@@ -315,6 +318,12 @@ class CheckReport:
                 out.append(f"  {t.name}: disagreeing entries (worst first): {shown}")
             if t.nondeterminism:
                 out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
+            ref = t.details.get("reference")
+            if ref:
+                out.append(f"  {t.name} against the reference: func's largest error {_fmt(ref['op_error'])}, the "
+                           f"reference's own in {ref['dtype']} {_fmt(ref['reference_error'])} (ratio "
+                           f"{ref['ratio']:.3g}); per entry within {ref['factor']:g} x the reference's rounding there"
+                           " (+ its RMS) + the floor; " + ref["validation"])
             if t.unresolved:
                 out.append(f"  {t.name}: {t.unresolved} unresolved entries (kink, discontinuity or non-finite loss "
                            "nearby); they do not fail the check")
@@ -451,4 +460,23 @@ class GradientCheckError(AssertionError):
 
     def __init__(self, report: CheckReport):
         super().__init__(str(report))
+        self.report = report
+
+
+class InvalidReferenceError(ValueError):
+    """Raised by :func:`gradfd.check` with ``reference=`` when the reference's float64 gradient disagrees with its
+    float64 finite differences, or none of its entries could be compared: the truth the op would be held to is not
+    established. ``.report`` holds that check's :class:`CheckReport`; the message names the entries."""
+
+    def __init__(self, report: CheckReport):
+        lines = []
+        for t in report.tensors:
+            bad = t.disagreeing(5)
+            if bad:
+                shown = ", ".join(str(list(b)) if isinstance(b, tuple) else f"dir {b}" for b in bad)
+                lines.append(f"{t.name}: {t.disagree} entries disagree, worst first {shown}")
+        why = "; ".join(lines) or report.uncompared_message()
+        super().__init__(f"reference: its float64 autograd gradient fails its own float64 finite-difference check "
+                         f"({why}); the reference must be a correct, differentiable plain-PyTorch version of func\n"
+                         f"{report}")
         self.report = report

@@ -84,6 +84,10 @@ CLI_TARGETS = textwrap.dedent('''
         torch.manual_seed(0)
         return torch.nn.Linear(3, 2), (torch.randn(5, 3),), lambda out: out.pow(2).mean()
 
+    def softmax_against_reference():
+        x = torch.randn(6, 16, requires_grad=True)
+        return (lambda x: torch.softmax(x.float(), -1).to(x.dtype)), (x,), (lambda x: torch.softmax(x, -1))
+
     def nothing_compared():
         x = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # sqrt at 0: every stencil leaves the domain
         return (lambda x: torch.sqrt(x).sum()), (x,)

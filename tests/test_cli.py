@@ -55,6 +55,13 @@ def test_check_json_output(targets, capsys):
     assert code == 1 and data["passed"] is False and data["tensors"][0]["disagree"] >= 1
 
 
+def test_check_takes_a_reference_and_the_dtype(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:softmax_against_reference", "--dtype", "float16", "--format", "json",
+                        "--no-progress"], capsys)
+    t = json.loads(out)["tensors"][0]
+    assert code == 0 and t["mode"] == "reference" and t["dtype"] == "float16" and t["passed"]
+
+
 def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
     code, out, _ = run(["check", f"{targets}:good", "--dtype", "float32", "--mode", "sample", "--samples", "5",
                         "--format", "json", "--no-progress"], capsys)
@@ -66,7 +73,8 @@ def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
     (["check", "no_colon_here"], "expected path/to/file.py:function"),
     (["check", "/nonexistent/file.py:f"], "no such file"),
     (["check", "{targets}:missing"], "has no function 'missing'"),
-    (["check", "{targets}:not_a_problem"], "must return (func, params), (module, inputs), (module, inputs, loss) or a CheckReport, got int"),
+    (["check", "{targets}:not_a_problem"], "must return (func, params), (func, params, reference), (module, inputs), "
+                                           "(module, inputs, loss) or a CheckReport, got int"),
     (["check", "{targets}:good", "--samples", "0"], "--samples and --directions must be positive"),
     (["bench", "--device", "tpu"], "--device takes cpu and/or cuda"),
 ])

@@ -227,6 +227,16 @@ BAD_BIAS_GELU = [
      "grad must be a contiguous float32 tensor of x's shape"),
     ("grad dtype", "bias_gelu_backward", (torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2), torch.randn(2)),
      "grad must be a contiguous float32"),
+    ("rms_norm int x", "rms_norm", (torch.ones(3, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 1e-6),
+     "x must be float16, bfloat16, float32 or float64, got Int"),
+    ("rms_norm weight dtype", "rms_norm", (torch.randn(3, 2), torch.randn(2).half(), 1e-6),
+     "weight must have x's dtype Float, got Half"),
+    ("rms_norm weight length", "rms_norm", (torch.randn(3, 2), torch.randn(3), 1e-6), "x's last dimension"),
+    ("rms_norm non-contiguous", "rms_norm", (torch.randn(2, 3).t(), torch.randn(2), 1e-6), "must be contiguous"),
+    ("rms_norm_backward rstd", "rms_norm_backward", (torch.randn(3, 2), torch.randn(3, 2), torch.randn(2),
+                                                      torch.randn(4), False), "rstd must be rms_norm's"),
+    ("rms_norm_backward grad", "rms_norm_backward", (torch.randn(3, 2).half(), torch.randn(3, 2), torch.randn(2),
+                                                      torch.randn(3), False), "grad must be a contiguous Float"),
 ]
 
 

@@ -148,6 +148,26 @@ int main() {
     auto gx = call("gradfd::bias_gelu_backward", {g, x, b})[0].toTensor();
     expect(gx.sizes() == x.sizes(), "bias_gelu_backward shape");
   }
+  // the RMSNorm example op, every dtype, the planted bug included, and no rows
+  for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (auto shape : {std::vector<int64_t>{5, 3}, std::vector<int64_t>{2, 4, 70}, std::vector<int64_t>{0, 6}}) {
+      auto x = at::randn(shape, at::kDouble).to(dtype);
+      auto w = (at::randn({shape.back()}, at::kDouble) * 0.1 + 1).to(dtype);
+      auto out = call("gradfd::rms_norm", {x, w, 1e-6});
+      auto y = out[0].toTensor();
+      auto rstd = out[1].toTensor();
+      auto x64 = x.to(at::kDouble);
+      auto ref = x64 * at::rsqrt(x64.pow(2).mean({-1}, true) + 1e-6) * w.to(at::kDouble);
+      const double tol = dtype == at::kDouble ? 1e-12 : dtype == at::kFloat ? 1e-5 : 5e-2;
+      expect(at::allclose(y.to(at::kDouble), ref, tol, tol), "rms_norm matches its reference");
+      for (bool bug : {false, true}) {
+        auto g = at::randn(shape, at::kDouble).to(dtype);
+        auto grads = call("gradfd::rms_norm_backward", {g, x, w, rstd, bug});
+        expect(grads[0].toTensor().sizes() == x.sizes() && grads[1].toTensor().sizes() == w.sizes(),
+               "rms_norm_backward shapes");
+      }
+    }
+  }
   // invalid inputs: every one must raise a c10::Error naming the op, never crash
   auto base = at::randn({8}, at::kDouble);
   auto rows = base.unsqueeze(0).repeat({4, 1});
@@ -170,6 +190,14 @@ int main() {
   expect_error("gradfd::bias_gelu", {at::randn({3, 2}), at::randn({3})}, "last dimension");
   expect_error("gradfd::bias_gelu_backward", {at::randn({3, 3}), at::randn({3, 2}), at::randn({2})},
                "grad must be a contiguous float32 tensor");
+  expect_error("gradfd::rms_norm", {at::randn({3, 2}), at::randn({2}, at::kDouble), 1e-6},
+               "weight must have x's dtype");
+  expect_error("gradfd::rms_norm", {at::randn({3, 2}), at::randn({3}), 1e-6}, "x's last dimension");
+  expect_error("gradfd::rms_norm", {at::randn({2, 3}).t(), at::randn({2}), 1e-6}, "must be contiguous");
+  expect_error("gradfd::rms_norm_backward", {at::randn({3, 2}), at::randn({3, 2}), at::randn({2}),
+                                             at::randn({3}, at::kDouble), false}, "rstd must be");
+  expect_error("gradfd::rms_norm_backward", {at::randn({3, 3}), at::randn({3, 2}), at::randn({2}), at::randn({3}),
+                                             false}, "grad must be a contiguous");
   {
     auto z = at::randn({13, 5}, at::kDouble);
     auto x = at::randn({13, 7}, at::kDouble);

@@ -90,6 +90,7 @@ def demo(out=None, sweep_path: str | None = None) -> None:
     except ImportError as exc:
         print(f"(no plot: {exc})", file=out)
     _demo_custom_op(out)
+    _demo_half_precision(out)
     if not ops.kernels_available():
         print(f"\nnote: native kernels unavailable ({ops.unavailable_reason()}); the loop engine was used", file=out)
 
@@ -137,3 +138,34 @@ def _demo_custom_op(out) -> None:
     print(f"torch.autograd.gradcheck(bias_gelu) in float32: {'passed' if verdict32 else 'FAILED'} on the correct op"
           + ("" if verdict32 or not good.passed else "\n  (gradfd.check passes the same op above: gradcheck's fixed "
              "step and tolerance are built for float64)"), file=out)
+
+
+def _demo_half_precision(out) -> None:
+    """The half-precision part of the demo: the RMSNorm kernel in float16 against its reference, correct and with
+    its planted bug, beside what finite differences alone say in float16."""
+    import gradfd
+    from gradfd import custom_op, ops
+
+    print("\nChecking a float16 kernel against a reference: gradfd.custom_op.rms_norm (C++/CUDA, float32 "
+          "accumulation)\nand rms_norm_buggy, whose backward leaves the weight out of grad_x's projection term; the "
+          "reference is\nrms_norm_reference, plain PyTorch, validated in float64 by finite differences first.",
+          file=out)
+    if not ops.kernels_available():
+        print(f"  (skipped: native kernels unavailable: {ops.unavailable_reason()})", file=out)
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g).half().requires_grad_()
+    w = (1 + 0.1 * torch.randn(64, generator=g)).half().requires_grad_()
+    verdicts = {}
+    for name, op in (("rms_norm", custom_op.rms_norm), ("rms_norm_buggy", custom_op.rms_norm_buggy)):
+        report = verdicts[name] = gradfd.check(op, (x, w), reference=custom_op.rms_norm_reference,
+                                               raise_on_failure=False)
+        print(f"\ngradfd.check({name}, (x, w), reference=rms_norm_reference) in float16: "
+              f"{'PASSED' if report.passed else 'FAILED'}", file=out)
+        print("\n".join("  " + line for line in str(report).splitlines()[1:]), file=out)
+    plain = gradfd.check(custom_op.rms_norm_buggy, (x, w), raise_on_failure=False)
+    print(f"\nFinite differences alone, gradfd.check(rms_norm_buggy, (x, w)) in float16: "
+          f"{'PASSED' if plain.passed else 'FAILED'} (detects (95%): "
+          f"{', '.join(t.detection_text() for t in plain.tensors)})" + (
+              ":\n  a float16 difference cannot resolve the bug; the reference can."
+              if plain.passed and not verdicts["rms_norm_buggy"].passed else "."), file=out)

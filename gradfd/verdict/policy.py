@@ -33,6 +33,7 @@ POLES = "benchmarks/bench_poles.py"
 JACOBIAN = "benchmarks/bench_jacobian.py"
 KINKS = "benchmarks/bench_kinks.py"
 DIRECTIONAL = "benchmarks/bench_directional.py"
+REFERENCE = "benchmarks/bench_reference.py"
 
 # check()'s argument defaults (not thresholds)
 DEFAULT_SAMPLES = 256  # entries per tensor in sample mode
@@ -163,6 +164,24 @@ class Policy:
                              maximum=1.0)
     probe_grid_tolerance: float = _f(1e-3, "probe columns whose nodes are off the stencil's grid by more than this "
                                            "share of a step are left out", maximum=1.0)
+    # reference mode (gradfd/verdict/against_reference.py; docs/half-precision.md)
+    reference_factor: float = _f(4.0, "an op's gradient entry disagrees beyond this x (the reference's rounding "
+                                      "there, the largest of its samples, + that rounding's RMS over the tensor); "
+                                      "FlashAttention's tests allow 2x one maximum per tensor", REFERENCE)
+    reference_floor_eps: float = _f(1.0, "... plus this many eps of the judged dtype, relative to the entry and "
+                                         "(x rel_floor) to the tensor's largest: the rounding of the op's output",
+                                    REFERENCE)
+    reference_truth_share: float = _f(1 / 16, "the reference's own float64 finite-difference check allows this "
+                                              "share of the finest judged dtype's eps relative to each entry (a "
+                                              "finer error in the truth cannot move a verdict whose floor is "
+                                              "reference_floor_eps eps; a design bound, not tuned)", REFERENCE,
+                                      maximum=1.0)
+    reference_cotangents: int = _f(3, "seeded Gaussian cotangents per check (1 for a one-element output; a design "
+                                      "choice, not tuned)", REFERENCE)
+    reference_rounding_samples: int = _f(8, "the reference's rounding is sampled at the point and this many - 1 "
+                                            "points one ulp away (independent roundings; with 4, the tuned draws of "
+                                            "a half-arithmetic softmax gave 4 false alarms in 40, with 8 one: an ad "
+                                            "hoc run)", REFERENCE)
     # report
     rel_floor: float = _f(1e-3, "relative errors are taken over entries at least this share of the tensor's "
                                 "largest (most Jacobian entries are zero)", JACOBIAN, maximum=1.0)
@@ -249,6 +268,11 @@ class Seeds:
     def directions(self, seed: int, k: int) -> int:
         """The seed of input ``k``'s directions (directional mode)."""
         return seed + self.stride * k
+
+    def reference(self, seed: int) -> int:
+        """The seed of reference mode's cotangents (its one-ulp moves use this + 1): past every other seed's reach
+        (they lie within a few strides of ``seed``)."""
+        return seed + self.stride ** 2
 
     def reentrancy(self, seed: int) -> int:
         """The seed of the reentrancy check's output gradients."""
