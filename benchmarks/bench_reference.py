@@ -232,7 +232,8 @@ def _bars(data: dict) -> list[str]:
                      f"{r['caught'][str(SIGN)]}/{n}, {float(rel):.0%} on one row flagged {r['caught'][rel]}/{n}: "
                      f"{'met' if met else 'NOT met'}" + (
                          f" ({hidden} of the misses lie below the reference's own rounding on their row: nowhere "
-                         f"on it does the planted error exceed the tolerance; {r['missed_resolvable'][rel]} do not)"
+                         f"on it, in each entry's worst cotangent draw, does the planted error exceed the tolerance; "
+                         f"{r['missed_resolvable'][rel]} do not)"
                          if not met and r["caught"][rel] < n else "") + ".")
     alarms = [f"{f} {d} ({r['draws'] - r['passes_correct']}/{r['draws']})" for (f, d), r in held.items()
               if f in BARRED and r["passes_correct"] < r["draws"]]
@@ -250,8 +251,8 @@ def render(data: dict) -> str:
     lines = [caption(data), "",
              f"Held-out draws (seeds {bench.span(data['held_out_seeds'])}); the factor "
              f"{data['factor']:g} was set on the tuned draws (seeds {bench.span(data['tuned_seeds'])}), whose "
-             "largest needed factor the table shows. \"flagged\": the check fails, and every flagged entry is on "
-             "the planted row. \"FlashAttention's 2x\": every tensor's largest error within twice the reference's "
+             "largest needed factor the table shows. \"flagged\": the check fails, and every flagged entry of the "
+             "first input (where the error is planted) is on the planted row. \"FlashAttention's 2x\": every tensor's largest error within twice the reference's "
              "(one maximum per tensor), on the same draws. \"median op/ref error\": that ratio for the first input.",
              "",
              "| kernel | dtype | correct passes | FlashAttention's 2x passes | factor needed (tuned) | median op/ref "

@@ -228,7 +228,7 @@ def check_module(
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (it has {sorted(have)[:5]} ...)")
     ref_buffers = _buffers(reference) if reference is not None else {}
 
-    def call(*tensors, target: torch.nn.Module = module, own: dict = buffers):
+    def call(*tensors, target: torch.nn.Module = module, own: dict = buffers, widen: bool = False):
         state = dict(fixed)
         call_args, call_kwargs = list(args), dict(kwargs)
         for t, x in zip(chosen, tensors):
@@ -239,6 +239,9 @@ def check_module(
             else:
                 call_kwargs[t.slot] = x
         state.update(own)
+        if widen:  # reference mode's float64 run: every floating tensor the module reads, not only the checked
+            state = {n: _widened(v) for n, v in state.items()}
+            call_args, call_kwargs = [_widened(a) for a in call_args], {n: _widened(v) for n, v in call_kwargs.items()}
         return torch.func.functional_call(target, state, tuple(call_args), call_kwargs, tie_weights=False,
                                           strict=False)
 
@@ -271,7 +274,10 @@ def check_module(
 
     if reference is not None:
         def reference_func(*tensors):
-            return reduce(call(*tensors, target=reference, own=ref_buffers))
+            # reference mode runs the reference in float64 by passing float64 copies of the checked tensors: the
+            # rest of its state follows
+            widen = any(t.dtype == torch.float64 != c.tensor.dtype for t, c in zip(tensors, chosen))
+            return reduce(call(*tensors, target=reference, own=ref_buffers, widen=widen))
 
         check_options["reference"] = reference_func
     tensors = tuple(t.tensor.detach().requires_grad_() for t in chosen)
@@ -288,6 +294,11 @@ def check_module(
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)
     return report
+
+
+def _widened(v):
+    """``v`` in float64 where it is a floating tensor of another dtype; anything else as it is."""
+    return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
 
 def _identity(out: torch.Tensor) -> torch.Tensor:

@@ -353,3 +353,28 @@ def test_rms_norm_ops_pass_opcheck(seed):
     _, rstd = torch.ops.gradfd.rms_norm(x.detach(), w.detach(), 1e-6)
     torch.library.opcheck(torch.ops.gradfd.rms_norm_backward.default,
                           (torch.randn(5, 12).half(), x.detach(), w.detach(), rstd, False))
+
+
+@needs_kernels
+def test_check_module_runs_the_whole_twin_in_float64_for_the_truth(seed):
+    dtype = torch.float16
+    torch.manual_seed(seed)
+    fused = torch.nn.Sequential(torch.nn.Linear(16, 16), FusedNorm(16, dtype)).to(dtype)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 16), FusedNorm(16, dtype, "plain")).to(dtype)
+    x = torch.randn(6, 16, dtype=torch.float64).to(dtype)  # an input not checked: it must follow to float64 too
+    report = gradfd.check_module(fused, x, reference=plain)
+    assert report.passed and [t.name for t in report.tensors] == ["0.weight", "0.bias", "1.weight"]
+    fused[1].kind = "buggy"
+    bad = gradfd.check_module(fused, x, reference=plain, raise_on_failure=False)
+    assert not bad["0.weight"].passed and bad["1.weight"].passed
+
+
+def test_complex_outputs_and_a_reference_without_a_gradient_in_the_ops_dtype_are_refused(seed):
+    x = _x(torch.float16, rows=4, cols=8)
+    with pytest.raises(TypeError, match="func's output\\[1\\] is complex .* real tensors only"):
+        gradfd.check(lambda x: (softmax_op()(x), torch.zeros(2, dtype=torch.complex64)), (x,),
+                     reference=lambda x: (torch.softmax(x, -1), torch.zeros(2, dtype=torch.complex64)))
+    with pytest.raises(ValueError, match="reference: its output\\[0\\] has a gradient in float64 but not in func's "
+                                         "dtype"):
+        gradfd.check(softmax_op(), (x,), reference=lambda x: torch.softmax(x if x.dtype == torch.float64
+                                                                           else x.detach(), -1))

@@ -86,6 +86,8 @@ def match_outputs(op_outs: Sequence[torch.Tensor], ref_outs: Sequence[torch.Tens
         if o.device != r.device:
             raise ValueError(f"reference: its {name} is on {r.device}, func's on {o.device}; run the reference on "
                              "the op's device (it is called with the same params)")
+        if o.is_complex():
+            raise TypeError(f"func's {name} is complex ({o.dtype}); reference mode compares real tensors only")
         if not o.is_floating_point():
             continue
         if run == "float64" and r.dtype != torch.float64:
@@ -170,7 +172,7 @@ class Sides:
         spread: ``S``: the largest ``|reference in the op's dtype - its float64 truth|`` over the rounding samples (at
             ``params`` and at points one ulp away), non-finite samples left out.
         rms: ``(K, 1)``: ``R``, the RMS of those samples over the samples and the tensor's entries.
-        own_error: the largest sample at ``params`` itself (FlashAttention's "reference in the kernel's dtype").
+        own: ``(K, n)``: the sample at ``params`` itself (FlashAttention's "reference in the kernel's dtype").
         unmeasured: ``(n,)`` bool: a sample was not finite there (the reference overflows in the op's dtype).
         samples: how many rounding samples were taken.
         dtype: the precision judged: the coarsest of the input's and the compared outputs' dtypes.
@@ -181,7 +183,7 @@ class Sides:
     truth: torch.Tensor
     spread: torch.Tensor
     rms: torch.Tensor
-    own_error: float
+    own: torch.Tensor
     unmeasured: torch.Tensor
     samples: int
     dtype: torch.dtype
@@ -192,8 +194,8 @@ class _Rounding:
     """The reference's rounding samples for one input, accumulated one at a time (no ``(D, K, n)`` array)."""
 
     def __init__(self):
-        self.spread = self.sumsq = self.unmeasured = None
-        self.count, self.own_error = 0, 0.0
+        self.spread = self.sumsq = self.unmeasured = self.first = None
+        self.count = 0
 
     def add(self, low: torch.Tensor, truth: torch.Tensor) -> None:
         r = (low - truth).abs()
@@ -201,7 +203,7 @@ class _Rounding:
         r = torch.where(finite, r, torch.zeros_like(r))
         if self.count == 0:
             self.spread, self.sumsq, self.unmeasured = r, r.pow(2).sum(1, keepdim=True), ~finite.all(0)
-            self.own_error = float(r.max()) if r.numel() else 0.0
+            self.first = r
         else:
             self.spread = torch.maximum(self.spread, r)
             self.sumsq += r.pow(2).sum(1, keepdim=True)
@@ -264,6 +266,11 @@ def run(op: Callable, reference: Callable, params: Sequence[torch.Tensor], wrt: 
     match_outputs(op_outs, low_live, "dtype")
     # an output the reference differentiates and the op does not (a lost gradient path) is compared too: the op's
     # vjp gets nothing from it
+    for j, (r64, lo) in enumerate(zip(ref64_live, low_live)):
+        if r64.is_floating_point() and r64.requires_grad != lo.requires_grad:
+            raise ValueError(f"reference: its output[{j}] has a gradient in float64 but not in func's dtype, or the "
+                             "reverse; its rounding in func's dtype cannot be measured: the reference must be one "
+                             "differentiable function in every dtype")
     differentiable = [o.is_floating_point() and (o.requires_grad or r.requires_grad)
                       for o, r in zip(op_live, ref64_live)]
     if not any(differentiable):
@@ -289,7 +296,7 @@ def run(op: Callable, reference: Callable, params: Sequence[torch.Tensor], wrt: 
         for j, r in enumerate(rounding):
             r.add(stack(l_d, j), stack(t_d, j))
     out_dtypes = [o.dtype for o, c in zip(op_outs, cots[0]) if c is not None]
-    result = {k: Sides(stack(op_grads, j), stack(truth, j), r.spread, r.rms(), r.own_error, r.unmeasured, r.count,
+    result = {k: Sides(stack(op_grads, j), stack(truth, j), r.spread, r.rms(), r.first, r.unmeasured, r.count,
                        stencils.coarsest([params[k].dtype, *out_dtypes]), params[k].dtype)
               for j, (k, r) in enumerate(zip(wrt, rounding))}
     return Run(result, cots, op_outs, ref64_outs, low_outs,
@@ -362,7 +369,7 @@ def judge(s: Sides, k: int, shape: tuple, policy: Policy, atol: float | None, rt
     worst = int(torch.where(judged, ratio.amax(0), -1.0).argmax()) if bool(judged.any()) else None
     rel = relative_errors(e_judged, s.truth, float(big.max()) if n else 0.0, policy.rel_floor)
     op_error = float(e_judged.max()) if n else 0.0
-    reference_error = s.own_error
+    reference_error = float(torch.where(judged, s.own, torch.zeros_like(s.own)).max()) if n else 0.0
     details = {"reference": {
         "op_error": op_error, "reference_error": reference_error,
         "ratio": op_error / reference_error if reference_error > 0 else (math.inf if op_error > 0 else 1.0),
