@@ -17,9 +17,10 @@ import torch
 from . import engine as _engine
 from . import stencils
 from . import jacobian as _jacobian
+from .errors import first_line
 from .plot import EntryContext
 from .progress import Progress
-from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError
+from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError, entry_name
 from .validation import check_checkable, check_choice, check_params, check_positive_int, check_step, describe
 from .verdict import against_reference as _against
 from .verdict import judge as _judge
@@ -31,7 +32,7 @@ from .verdict.plan import Request, sample_coordinates
 from .verdict.policy import DEFAULT_DIRECTIONS, DEFAULT_POLICY, DEFAULT_SAMPLES, SEEDS, Policy, resolve_policy
 
 __all__ = ["check", "MODES", "FLOOR_EPS", "TOLERANCE_SAFETY", "no_tf32", "analytical_gradients",
-           "sample_coordinates", "AGREE", "DISAGREE", "UNRESOLVED"]
+           "undefined_grad_problems", "sample_coordinates", "AGREE", "DISAGREE", "UNRESOLVED"]
 
 MODES = ("full", "sample", "directional")
 FLOOR_EPS = DEFAULT_POLICY.floor_eps  # (the policy's; kept importable from here)
@@ -162,6 +163,50 @@ def _backward_spreads(analytical: _jacobian.Analytical, wrt: Sequence[int], seed
     return {k: _difference(a, b) for k, a, b in zip(wrt, first, second)}
 
 
+def undefined_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
+    """The undefined-gradient check of ``torch.autograd.gradcheck`` (``check_undefined_grad``): ``func``'s backward
+    must treat an undefined output gradient as zeros. ``func`` runs once on clones of ``params``; its differentiable
+    outputs are wrapped so that their gradients arrive undefined (``torch._C._functions.UndefinedGrad``, as torch
+    does): all of them at once, then, for several outputs, each alone with the others given zeros. Every checked
+    input's gradient must then be undefined (None) or exactly zero.
+
+    Returns:
+        ``{k: what went wrong}`` for the inputs ``params[k]`` (``k`` in ``wrt``) whose gradient was nonzero (the
+        largest entry and where), or every input when the backward raised (its first line); empty when all is well.
+    """
+    clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
+    with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the undefined-gradient check"):
+        out = func(*clones)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    inputs = [clones[k] for k in wrt]
+    cases = [("every output gradient undefined", set(range(len(outs))))]
+    if len(outs) > 1:
+        cases += [(f"output {j}'s gradient undefined, the others zero", {j}) for j in range(len(outs))]
+    problems: dict[int, str] = {}
+    for label, undefined in cases:
+        wrapped = [torch._C._functions.UndefinedGrad()(o) if j in undefined else o for j, o in enumerate(outs)]
+        try:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(wrapped, inputs, [torch.zeros_like(o) for o in outs], retain_graph=True,
+                                            allow_unused=True)
+        except (RuntimeError, TypeError) as exc:  # what a backward that reads an undefined gradient (None) raises
+            return {k: f"with {label}, the backward raised {type(exc).__name__}: {first_line(exc)}" for k in wrt}
+        for k, g in zip(wrt, grads):
+            if k in problems or g is None:
+                continue
+            g = g.detach().to_dense() if g.layout != torch.strided else g.detach()
+            nonzero = g != 0  # (NaN included)
+            if bool(nonzero.any()):
+                flat = int(g.abs().nan_to_num(nan=math.inf).flatten().argmax())
+                where = entry_name(k, tuple(g.shape), flat)
+                largest = float(g.flatten()[flat])
+                problems[k] = (f"with {label}, the backward gave params[{k}] a nonzero gradient "
+                               f"({int(nonzero.sum())} of {g.numel()} entries, the largest {largest:.3g} at {where}); "
+                               "it must treat an undefined output gradient as zeros")
+    return problems
+
+
 def _nondeterminism(spread: float, nondet_tol: float) -> str:
     """The report's sentence for a backward whose two runs differ by ``spread > nondet_tol``."""
     if nondet_tol == 0:
@@ -195,6 +240,7 @@ def check(
     progress: bool | None | Callable[[int, int], None] = None,
     policy: Policy | dict | None = None,
     reference: Callable | None = None,
+    check_undefined_grad: bool = False,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry (or, with
     ``reference=``, against a validated plain-PyTorch reference: for float16/bfloat16 kernels).
@@ -250,6 +296,11 @@ def check(
             "reference"``: ``numerical`` is the reference's float64 value, ``analytical`` func's, and
             ``details["reference"]`` holds func's largest error, the reference's in func's dtype and their
             ratio. ``nondet_tol`` compares two runs of func's backward with the first cotangent.
+        check_undefined_grad: False (default) or True: also run ``torch.autograd.gradcheck``'s undefined-gradient
+            check (:func:`undefined_grad_problems`): with its output gradients undefined, func's backward must give
+            every checked input a zero (or no) gradient. A tensor where it does not fails, with the record's
+            ``undefined_grad`` saying what the backward did; ``details["undefined_grad"]`` is ``"passed"``
+            otherwise. Costs one forward and one to ``1 + outputs`` backward passes.
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees and no
@@ -292,14 +343,17 @@ def check(
             raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {describe(seed)}")
+    if not isinstance(check_undefined_grad, bool):
+        raise TypeError(f"check_undefined_grad must be a bool, got {describe(check_undefined_grad)}")
     if not callable(func):
         raise TypeError(f"func must be callable, got {describe(func)}")
     policy = resolve_policy(policy)
     if reference is not None:
-        return _check_against_reference(func, reference, params, wrt_idx, dict(
+        report = _check_against_reference(func, reference, params, wrt_idx, dict(
             mode=mode, samples=samples, directions=directions, h=h, stencil=stencil, engine=engine, seed=seed,
             batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
-            policy=policy), atol, rtol, nondet_tol, raise_on_failure)
+            policy=policy), atol, rtol, nondet_tol)
+        return _finish(report, func, params, wrt_idx, check_undefined_grad, raise_on_failure)
 
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
@@ -355,15 +409,33 @@ def check(
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
-    report = CheckReport(records, notes)
+    return _finish(CheckReport(records, notes), func, params, wrt_idx, check_undefined_grad, raise_on_failure)
+
+
+def _finish(report: CheckReport, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
+            check_undefined_grad: bool, raise_on_failure: bool) -> CheckReport:
+    """The last step of every check: the undefined-gradient check where asked for (its finding on every record of
+    the input), then the verdict (raising :class:`GradientCheckError` on failure, with ``raise_on_failure``)."""
+    if check_undefined_grad:
+        rng = _engine.RngGuard()
+        try:
+            problems = undefined_grad_problems(func, params, wrt)
+        finally:
+            rng.close()
+        names = {k: f"params[{k}]" for k in wrt}
+        for t in report.tensors:
+            k = next((k for k, name in names.items() if t.name == name or f"wrt {name}" in t.name), None)
+            if k is not None:
+                t.undefined_grad = problems.get(k)
+                t.details["undefined_grad"] = problems.get(k, "passed")
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)
     return report
 
 
 def _check_against_reference(func: Callable, reference: Callable, params: list[torch.Tensor], wrt: list[int],
-                             options: dict, atol: float | None, rtol: float | None, nondet_tol: float | None,
-                             raise_on_failure: bool) -> CheckReport:
+                             options: dict, atol: float | None, rtol: float | None,
+                             nondet_tol: float | None) -> CheckReport:
     """:func:`check` with ``reference=`` (gradfd/verdict/against_reference.py has the rules): run both sides,
     validate the reference in float64 by finite differences, judge every entry, report."""
     if not callable(reference):
@@ -407,11 +479,7 @@ def _check_against_reference(func: Callable, reference: Callable, params: list[t
             if spreads[k] > nondet_tol:
                 record.nondeterminism = _nondeterminism(spreads[k], nondet_tol)
         records.append(record)
-    notes = [_against.forward_note(run.op_outs, run.ref64_outs, run.low_outs)]
-    report = CheckReport(records, notes)
-    if raise_on_failure and not report.passed:
-        raise GradientCheckError(report)
-    return report
+    return CheckReport(records, [_against.forward_note(run.op_outs, run.ref64_outs, run.low_outs)])
 
 
 def _attach_plot_context(reports, func: Callable, params: Sequence[torch.Tensor], k: int, analytical: _jacobian.Analytical,

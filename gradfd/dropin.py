@@ -6,16 +6,14 @@ functions in their own dtype with tolerances derived from the finite difference'
 ``fast_mode`` its directional check's tolerance is not inflated by sqrt(N) (what one wrong entry among many it
 resolves, per dtype and size: docs/benchmarks.md, "What directional mode can see").
 
-What torch's defaults check, it checks too, or says it did not: the backward is run twice and must agree exactly
-(``nondet_tol=0.0``); a tensor where nothing could be compared fails; and the undefined-gradient check that
-``check_undefined_grad=True`` asks for, which gradfd does not perform yet, is announced by a
-:class:`~gradfd.GradfdWarning` on every call that asks for it (and a note in the report).
+What torch's defaults check, it checks too: the backward is run twice and must agree exactly (``nondet_tol=0.0``);
+a tensor where nothing could be compared fails; and with ``check_undefined_grad=True`` (the default) the backward must
+treat undefined output gradients as zeros (:func:`gradfd.check.undefined_grad_problems`), reported per input.
 """
 
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,11 +21,10 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
-from .errors import GradfdWarning
 from .validation import check_step, describe
 from .report import CheckReport, GradientCheckError
 
-__all__ = ["gradcheck", "GradcheckError", "UNDEFINED_GRAD_WARNING"]
+__all__ = ["gradcheck", "GradcheckError"]
 
 
 class GradcheckError(_TorchGradcheckError, GradientCheckError):
@@ -41,10 +38,10 @@ class GradcheckError(_TorchGradcheckError, GradientCheckError):
             self.args = (f"{headline}\n{report}",)
 
 
-# torch.autograd.gradcheck's other options: the values gradfd performs (or, for check_undefined_grad=True, accepts
-# with a warning), keyed by option. Any other value raises NotImplementedError naming the option.
+# torch.autograd.gradcheck's other options: the values gradfd performs, keyed by option. Any other value raises
+# NotImplementedError naming the option.
 _SUPPORTED: dict[str, tuple] = {
-    "check_undefined_grad": (True, False),  # True: torch's default; not performed yet, so it warns (see below)
+    "check_undefined_grad": (True, False),  # True: torch's default
     "check_grad_dtypes": (False,),
     "check_batched_grad": (False,),
     "check_batched_forward_grad": (False,),
@@ -54,15 +51,6 @@ _SUPPORTED: dict[str, tuple] = {
 }
 _BOOL_OPTIONS = ("check_undefined_grad", "check_grad_dtypes", "check_batched_grad", "check_batched_forward_grad",
                  "check_forward_ad", "check_backward_ad")
-
-UNDEFINED_GRAD_WARNING = (
-    "gradfd.gradcheck: the undefined-gradient check was not performed: check_undefined_grad=True (torch's default) "
-    "asks for it (the backward must treat undefined output gradients as zeros), and gradfd does not implement it "
-    "yet; only the gradients were checked. Pass check_undefined_grad=False to skip it explicitly and silence this "
-    "warning, or use torch.autograd.gradcheck for that check."
-)
-_UNDEFINED_GRAD_NOTE = ("undefined-gradient check not performed: check_undefined_grad=True asks for it, and gradfd "
-                        "does not implement it yet (pass check_undefined_grad=False to skip it explicitly)")
 
 
 def _validate_options(options: dict, raise_exception, fast_mode) -> dict:
@@ -130,11 +118,11 @@ def gradcheck(
         nondet_tol: as in torch: the backward is run twice on the same graph with the same output gradients, and the
             two results must agree within this absolute tolerance in every entry; the default 0.0 asks for
             identical results. None skips this reentrancy check (a gradfd extension; torch has no such value).
-        **options: torch's other options. ``check_undefined_grad`` (default True, as in torch): gradfd does not
-            perform the undefined-gradient check yet, so True issues one :class:`~gradfd.GradfdWarning` per call
-            (and a note in the report) saying it was not performed; pass False to skip it without a warning. Under
-            ``warnings.simplefilter("error")`` that warning is raised like any other, before the check runs.
-            ``check_backward_ad=False`` with ``check_forward_ad=False`` raises AssertionError, as torch does.
+        **options: torch's other options. ``check_undefined_grad`` (default True, as in torch): with every output
+            gradient undefined (and, for several outputs, each alone), the backward must give every input a zero
+            or undefined gradient; a failure names the input, the largest entry and what the backward did (the
+            record's ``undefined_grad``). ``check_backward_ad=False`` with ``check_forward_ad=False`` raises
+            AssertionError, as torch does.
             ``masked`` may be None or False (dense tensors). ``check_forward_ad``, ``check_batched_grad``,
             ``check_batched_forward_grad``, ``check_grad_dtypes`` set to True (and ``check_backward_ad=False``
             with ``check_forward_ad=True``) raise NotImplementedError.
@@ -161,12 +149,8 @@ def gradcheck(
         raise TypeError(f"gradcheck(): inputs must be a tensor or a tuple of tensors, got {describe(inputs)}")
     if eps is not None:
         eps = check_step(eps, "eps")
-    if opts["check_undefined_grad"]:
-        warnings.warn(UNDEFINED_GRAD_WARNING, GradfdWarning, stacklevel=2)
     report = check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                   raise_on_failure=False, nondet_tol=nondet_tol)
-    if opts["check_undefined_grad"]:
-        report.notes.append(_UNDEFINED_GRAD_NOTE)
+                   raise_on_failure=False, nondet_tol=nondet_tol, check_undefined_grad=opts["check_undefined_grad"])
     if report.verified:
         return True
     if raise_exception:

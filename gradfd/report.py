@@ -71,6 +71,8 @@ class TensorReport:
             kinks are switches', in full and sample modes (the shares of clean and of tall stencils, and
             whether the rule on switches held: docs/verdicts.md, "Switches at scale").
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
+        undefined_grad: set (to what the backward did) when ``check_undefined_grad`` found that the backward does not
+            treat undefined output gradients as zeros: it raised, or gave this input a nonzero gradient.
         detection_limit: the smallest error on a single entry, relative to the tensor's RMS gradient (of the
             Jacobian's entries the function depends on, for a tensor-valued function), that this check flags with
             95% probability
@@ -104,15 +106,17 @@ class TensorReport:
     details: dict[str, Any] = field(default_factory=dict)
     output_shape: tuple | None = None
     nondeterminism: str | None = None
+    undefined_grad: str | None = None
     detection_limit: float = math.nan
     unexamined: float = 0.0
     plot_context: Any = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
-        """No checked entry disagrees and the backward was not found non-deterministic. Unresolved entries do not
-        fail: a tensor whose every entry is unresolved passes (see :attr:`nothing_compared`)."""
-        return self.disagree == 0 and self.nondeterminism is None
+        """No checked entry disagrees, the backward was not found non-deterministic, and (where checked) it treats
+        undefined output gradients as zeros. Unresolved entries do not fail: a tensor whose every entry is unresolved
+        passes (see :attr:`nothing_compared`)."""
+        return self.disagree == 0 and self.nondeterminism is None and self.undefined_grad is None
 
     @property
     def nothing_compared(self) -> bool:
@@ -205,7 +209,8 @@ class TensorReport:
             "verdict": self.verdict,
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "worst_index": _jsonable(self.worst_index), "output_shape": _jsonable(self.output_shape),
-            "nondeterminism": self.nondeterminism, "detection_limit": self.detection_limit,
+            "nondeterminism": self.nondeterminism, "undefined_grad": self.undefined_grad,
+            "detection_limit": self.detection_limit,
             "unexamined": self.unexamined,
             "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
             "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
@@ -318,6 +323,8 @@ class CheckReport:
                 out.append(f"  {t.name}: disagreeing entries (worst first): {shown}")
             if t.nondeterminism:
                 out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
+            if t.undefined_grad:
+                out.append(f"  {t.name}: undefined output gradients: {t.undefined_grad}")
             ref = t.details.get("reference")
             if ref:
                 out.append(f"  {t.name} against the reference: func's largest error {_fmt(ref['op_error'])}, the "

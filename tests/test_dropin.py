@@ -1,10 +1,8 @@
-"""gradfd.gradcheck does what torch.autograd.gradcheck's defaults do, or says it did not (issue 17, part 3):
-reentrancy (nondet_tol=0.0 means identical backward passes), tensors where nothing could be compared fail the
-drop-in and the pytest helper, and the undefined-gradient check is announced as not performed."""
+"""gradfd.gradcheck does what torch.autograd.gradcheck's defaults do (issue 17, part 3; issue 23): reentrancy
+(nondet_tol=0.0 means identical backward passes), tensors where nothing could be compared fail the drop-in and the
+pytest helper, and the undefined-gradient check: a backward must treat undefined output gradients as zeros."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -12,10 +10,7 @@ from torch.autograd.gradcheck import GradcheckError as TorchGradcheckError
 
 import gradfd
 from gradfd.check import _difference
-from gradfd.dropin import UNDEFINED_GRAD_WARNING
 from helpers import assert_unchanged, snapshot
-
-UNDEFINED = "undefined-gradient check was not performed"
 
 
 def _sine(jitter: float = 0.0, scale: float = 1.0):
@@ -41,13 +36,6 @@ def _leaf(*tensors):
     return tuple(t.detach().clone().requires_grad_(True) for t in tensors)
 
 
-def _quiet(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with the undefined-gradient warning silenced (the tests below that are not about it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="gradfd.gradcheck: the undefined-gradient check")
-        return fn(*args, **kwargs)
-
-
 # ---- 1. reentrancy -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fast_mode", [False, True])
@@ -56,16 +44,16 @@ def test_a_backward_with_1e13_relative_jitter_fails_by_default_like_torch(seed, 
     snap = snapshot(x)
     jittery = _sine(jitter=1e-13)
     assert torch.autograd.gradcheck(jittery, x, fast_mode=fast_mode, raise_exception=False) is False
-    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, raise_exception=False) is False
+    assert gradfd.gradcheck(jittery, x, fast_mode=fast_mode, raise_exception=False) is False
     with pytest.raises(gradfd.GradcheckError, match="backward is not deterministic") as err:
-        _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode)
+        gradfd.gradcheck(jittery, x, fast_mode=fast_mode)
     assert "nondet_tol=0.0" in str(err.value) and isinstance(err.value, TorchGradcheckError)
     t = err.value.report.tensors[0]
     assert t.disagree == 0 and 0 < t.details["backward_spread"] < 1e-11  # the gradient itself is right
-    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, nondet_tol=1e-10) is True
+    assert gradfd.gradcheck(jittery, x, fast_mode=fast_mode, nondet_tol=1e-10) is True
     assert torch.autograd.gradcheck(jittery, x, fast_mode=fast_mode, nondet_tol=1e-10) is True
-    assert _quiet(gradfd.gradcheck, jittery, x, fast_mode=fast_mode, nondet_tol=None) is True  # gradfd's "off"
-    assert _quiet(gradfd.gradcheck, _sine(), x, fast_mode=fast_mode) is True  # deterministic: exact agreement
+    assert gradfd.gradcheck(jittery, x, fast_mode=fast_mode, nondet_tol=None) is True  # gradfd's "off"
+    assert gradfd.gradcheck(_sine(), x, fast_mode=fast_mode) is True  # deterministic: exact agreement
     assert_unchanged(x, snap)
 
 
@@ -76,10 +64,10 @@ def test_nondet_tol_is_an_absolute_bound_as_in_torch(seed, nondet_tol):
     jittery = _sine(jitter=1e-13, scale=1e6)
     expected = torch.autograd.gradcheck(jittery, x, nondet_tol=nondet_tol, raise_exception=False)
     assert expected is (nondet_tol == 1e-4)
-    assert _quiet(gradfd.gradcheck, jittery, x, nondet_tol=nondet_tol, raise_exception=False) is expected
+    assert gradfd.gradcheck(jittery, x, nondet_tol=nondet_tol, raise_exception=False) is expected
     loss = lambda x: jittery(x).sum()  # noqa: E731  (a loss: output gradient 1, as torch's)
     assert torch.autograd.gradcheck(loss, x, nondet_tol=nondet_tol, raise_exception=False) is expected
-    assert _quiet(gradfd.gradcheck, loss, x, nondet_tol=nondet_tol, raise_exception=False) is expected
+    assert gradfd.gradcheck(loss, x, nondet_tol=nondet_tol, raise_exception=False) is expected
 
 
 def test_check_nondet_tol_zero_means_exact_and_none_means_off(seed):
@@ -118,9 +106,9 @@ def test_a_nan_against_a_number_is_a_difference():
 def test_a_tensor_where_nothing_could_be_compared_fails_the_drop_in(seed, fast_mode):
     z = _leaf(torch.zeros(3, dtype=torch.float64))  # sqrt at 0: every stencil leaves the domain
     snap = snapshot(z)
-    assert _quiet(gradfd.gradcheck, torch.sqrt, z, fast_mode=fast_mode, raise_exception=False) is False
+    assert gradfd.gradcheck(torch.sqrt, z, fast_mode=fast_mode, raise_exception=False) is False
     with pytest.raises(gradfd.GradcheckError) as err:
-        _quiet(gradfd.gradcheck, torch.sqrt, z, fast_mode=fast_mode)
+        gradfd.gradcheck(torch.sqrt, z, fast_mode=fast_mode)
     what = "directions" if fast_mode else "entries"
     name = "outputs wrt params[0] (u^T J v)" if fast_mode else "output[0] wrt params[0]"
     first = str(err.value).splitlines()[0]
@@ -156,81 +144,78 @@ def test_partly_unresolved_tensors_still_pass(seed):
     report = gradfd.testing.assert_gradients_match(lambda x: torch.relu(x).sum(), x)
     t = report.tensors[0]
     assert t.unresolved >= 1 and t.agree >= 1 and report.verified and report.uncompared == []
-    assert _quiet(gradfd.gradcheck, torch.relu, x) is True
+    assert gradfd.gradcheck(torch.relu, x) is True
     assert_unchanged(x, snap)
 
 
 # ---- 3. undefined gradients --------------------------------------------------------------------------------------
 
-class _Buggy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
+def _two_outputs(undefined_as: str):
+    """``(2 x, 3 x)`` with a hand-written backward that sees undefined output gradients as None
+    (``set_materialize_grads(False)``) and takes them as ``undefined_as``: ``"zeros"`` (right), ``"ones"`` (the
+    planted bug) or ``"raise"`` (it multiplies None)."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        return 3 * grad
+    class TwoOutputs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.set_materialize_grads(False)
+            ctx.shape, ctx.dtype = x.shape, x.dtype
+            return 2 * x, 3 * x
+
+        @staticmethod
+        def backward(ctx, g1, g2):
+            total = torch.zeros(ctx.shape, dtype=ctx.dtype)
+            for g, c in ((g1, 2), (g2, 3)):
+                if g is None and undefined_as == "zeros":
+                    continue
+                if g is None and undefined_as == "ones":
+                    g = torch.ones(ctx.shape, dtype=ctx.dtype)
+                total = total + c * g
+            return total
+
+    return TwoOutputs
 
 
-def _record(fn, *args, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fn(*args, **kwargs)
-    return result, [w for w in caught if issubclass(w.category, gradfd.GradfdWarning) and UNDEFINED in str(w.message)]
+def _apply(kind: str):
+    return _two_outputs(kind).apply
 
 
-def test_the_undefined_gradient_check_is_announced_once_per_call(seed):
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_a_backward_that_takes_undefined_gradients_as_ones_fails_like_torch_and_its_twin_passes(seed, fast_mode):
     x = _leaf(torch.randn(5, dtype=torch.float64))
     snap = snapshot(x)
-    for _ in range(2):  # each call warns (once), not only the first
-        ok, caught = _record(gradfd.gradcheck, torch.sin, x)
-        assert ok is True and len(caught) == 1 and caught[0].category is gradfd.GradfdWarning
-        assert str(caught[0].message) == UNDEFINED_GRAD_WARNING
-        assert "check_undefined_grad=False" in UNDEFINED_GRAD_WARNING
-        assert caught[0].filename == __file__  # points at the caller's line
-    _, caught = _record(gradfd.gradcheck, torch.sin, x, fast_mode=True)
-    assert len(caught) == 1
-    with warnings.catch_warnings(record=True) as caught:  # a failing call warns too
-        warnings.simplefilter("always")
-        with pytest.raises(gradfd.GradcheckError):
-            gradfd.gradcheck(_Buggy.apply, x)
-    assert sum(UNDEFINED in str(w.message) for w in caught) == 1
+    assert torch.autograd.gradcheck(_apply("ones"), x, fast_mode=fast_mode, raise_exception=False) is False
+    with pytest.raises(gradfd.GradcheckError, match=r"undefined output gradients: with every output gradient "
+                                                    r"undefined, the backward gave params\[0\] a nonzero gradient "
+                                                    r"\(5 of 5 entries, the largest 5 at params\[0\]\[0\]\)"):
+        gradfd.gradcheck(_apply("ones"), x, fast_mode=fast_mode)
+    assert gradfd.gradcheck(_apply("ones"), x, fast_mode=fast_mode, check_undefined_grad=False) is True
+    assert torch.autograd.gradcheck(_apply("zeros"), x, fast_mode=fast_mode) is True
+    assert gradfd.gradcheck(_apply("zeros"), x, fast_mode=fast_mode) is True
     assert_unchanged(x, snap)
 
 
-def test_a_failing_report_carries_the_undefined_gradient_note(seed):
+def test_a_backward_that_raises_on_an_undefined_gradient_is_named(seed):
     x = _leaf(torch.randn(4, dtype=torch.float64))
-    with pytest.raises(gradfd.GradcheckError) as err:
-        _quiet(gradfd.gradcheck, _Buggy.apply, x)
-    assert any("undefined-gradient check not performed" in n for n in err.value.report.notes)
-    assert "undefined-gradient check not performed" in str(err.value)
-    with pytest.raises(gradfd.GradcheckError) as err:
-        gradfd.gradcheck(_Buggy.apply, x, check_undefined_grad=False)
-    assert not any("undefined" in n for n in err.value.report.notes)
+    with pytest.raises(TypeError):  # torch's check lets the backward's own error through
+        torch.autograd.gradcheck(_apply("raise"), x, raise_exception=False)
+    with pytest.raises(gradfd.GradcheckError, match="with every output gradient undefined, the backward raised "
+                                                    "TypeError"):
+        gradfd.gradcheck(_apply("raise"), x)
 
 
-def test_check_undefined_grad_false_is_silent(seed):
-    x = _leaf(torch.randn(5, dtype=torch.float64))
-    snap = snapshot(x)
-    ok, caught = _record(gradfd.gradcheck, torch.sin, x, check_undefined_grad=False)
-    assert ok is True and caught == []
-    assert_unchanged(x, snap)
-
-
-def test_the_warning_is_an_error_under_simplefilter_error(seed):
-    x = _leaf(torch.randn(5, dtype=torch.float64))
-    calls = []
-
-    def func(x):
-        calls.append(1)
-        return torch.sin(x)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(gradfd.GradfdWarning, match=UNDEFINED):
-            gradfd.gradcheck(func, x)
-        assert calls == []  # raised before the check runs
-        assert gradfd.gradcheck(func, x, check_undefined_grad=False) is True
+def test_check_takes_the_undefined_gradient_check_as_an_option(seed):
+    x = _leaf(torch.randn(4, dtype=torch.float64))
+    report = gradfd.check(_apply("ones"), x, raise_on_failure=False)
+    assert report.passed and all(t.undefined_grad is None and "undefined_grad" not in t.details
+                                 for t in report.tensors)
+    report = gradfd.check(_apply("ones"), x, raise_on_failure=False, check_undefined_grad=True)
+    assert not report.passed and all("nonzero gradient" in t.undefined_grad for t in report.tensors)
+    assert "undefined output gradients:" in str(report) and report.to_dict()["tensors"][0]["undefined_grad"]
+    good = gradfd.check(_apply("zeros"), x, check_undefined_grad=True)
+    assert all(t.details["undefined_grad"] == "passed" for t in good.tensors)
+    with pytest.raises(TypeError, match="check_undefined_grad must be a bool, got str"):
+        gradfd.check(torch.sin, x, check_undefined_grad="yes")
 
 
 # ---- torch's other options and bad input -------------------------------------------------------------------------
@@ -268,7 +253,7 @@ def test_bad_options_name_the_argument(kwargs, error, match):
     x = _leaf(torch.randn(3, dtype=torch.float64))
     snap = snapshot(x)
     with pytest.raises(error, match=match):
-        _quiet(gradfd.gradcheck, torch.sin, x, **kwargs)
+        gradfd.gradcheck(torch.sin, x, **kwargs)
     assert_unchanged(x, snap)
 
 
@@ -279,7 +264,7 @@ def test_bad_options_name_the_argument(kwargs, error, match):
 ])
 def test_bad_inputs_name_the_argument(inputs, error, match):
     with pytest.raises(error, match=match):
-        _quiet(gradfd.gradcheck, torch.sin, inputs)
+        gradfd.gradcheck(torch.sin, inputs)
 
 
 def test_truthy_flags_keep_torchs_call_sites_working():
@@ -287,7 +272,6 @@ def test_truthy_flags_keep_torchs_call_sites_working():
     import numpy as np
 
     x = _leaf(torch.randn(6, dtype=torch.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # check_undefined_grad=0 is False: no warning
-        assert gradfd.gradcheck(_sine(), x, fast_mode=np.bool_(False), raise_exception=1,
-                                check_undefined_grad=0) is True
+    assert gradfd.gradcheck(_sine(), x, fast_mode=np.bool_(False), raise_exception=1, check_undefined_grad=0) is True
+    # check_undefined_grad=0 is False: the planted undefined-gradient bug is not looked for
+    assert gradfd.gradcheck(_two_outputs("ones").apply, x, check_undefined_grad=0) is True
