@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -165,46 +166,83 @@ def _backward_spreads(analytical: _jacobian.Analytical, wrt: Sequence[int], seed
 
 def undefined_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
     """The undefined-gradient check of ``torch.autograd.gradcheck`` (``check_undefined_grad``): ``func``'s backward
-    must treat an undefined output gradient as zeros. ``func`` runs once on clones of ``params``; its differentiable
-    outputs are wrapped so that their gradients arrive undefined (``torch._C._functions.UndefinedGrad``, as torch
-    does): all of them at once, then, for several outputs, each alone with the others given zeros. Every checked
-    input's gradient must then be undefined (None) or exactly zero.
+    must treat an undefined output gradient as zeros. For each case ``func`` runs afresh on clones of ``params``
+    (from the caller's RNG state, with TF32 off), and its differentiable outputs are wrapped so that their gradients
+    arrive undefined (``torch._C._functions.UndefinedGrad``, as torch does): all of them at once, then, for several
+    outputs, each alone with the others given zeros. Every checked input's gradient must then be undefined (None)
+    or exactly zero. The caller's tensors and RNG state are unchanged.
+
+    Args:
+        func: as :func:`check` takes it.
+        params: its arguments (cloned, never modified).
+        wrt: the indices of the inputs to look at.
 
     Returns:
-        ``{k: what went wrong}`` for the inputs ``params[k]`` (``k`` in ``wrt``) whose gradient was nonzero (the
-        largest entry and where), or every input when the backward raised (its first line); empty when all is well.
+        ``{k: what went wrong}`` for the inputs ``params[k]`` whose gradient was nonzero (how many entries, the
+        largest and where), or, where the backward raised, what it raised (for every input not already named);
+        empty when all is well.
     """
-    clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
-    with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the undefined-gradient check"):
-        out = func(*clones)
-    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-            if isinstance(o, torch.Tensor) and o.requires_grad]
-    inputs = [clones[k] for k in wrt]
-    cases = [("every output gradient undefined", set(range(len(outs))))]
-    if len(outs) > 1:
-        cases += [(f"output {j}'s gradient undefined, the others zero", {j}) for j in range(len(outs))]
     problems: dict[int, str] = {}
-    for label, undefined in cases:
-        wrapped = [torch._C._functions.UndefinedGrad()(o) if j in undefined else o for j, o in enumerate(outs)]
-        try:
-            with torch.enable_grad():
-                grads = torch.autograd.grad(wrapped, inputs, [torch.zeros_like(o) for o in outs], retain_graph=True,
-                                            allow_unused=True)
-        except (RuntimeError, TypeError) as exc:  # what a backward that reads an undefined gradient (None) raises
-            return {k: f"with {label}, the backward raised {type(exc).__name__}: {first_line(exc)}" for k in wrt}
-        for k, g in zip(wrt, grads):
-            if k in problems or g is None:
-                continue
-            g = g.detach().to_dense() if g.layout != torch.strided else g.detach()
-            nonzero = g != 0  # (NaN included)
-            if bool(nonzero.any()):
-                flat = int(g.abs().nan_to_num(nan=math.inf).flatten().argmax())
-                where = entry_name(k, tuple(g.shape), flat)
-                largest = float(g.flatten()[flat])
-                problems[k] = (f"with {label}, the backward gave params[{k}] a nonzero gradient "
-                               f"({int(nonzero.sum())} of {g.numel()} entries, the largest {largest:.3g} at {where}); "
-                               "it must treat an undefined output gradient as zeros")
+    rng = _engine.RngGuard()
+    try:
+        with no_tf32():
+            for label, undefined in _undefined_cases(func, params, wrt, rng):
+                clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
+                rng.close()
+                with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the "
+                                                         "undefined-gradient check"):
+                    out = func(*clones)
+                outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(o, torch.Tensor) and o.requires_grad]
+                wrapped = [torch._C._functions.UndefinedGrad()(o) if j in undefined else o for j, o in enumerate(outs)]
+                zeros = [torch.zeros_like(o, memory_format=torch.legacy_contiguous_format) for o in outs]
+                try:
+                    with torch.enable_grad():
+                        grads = torch.autograd.grad(wrapped, [clones[k] for k in wrt], zeros, allow_unused=True)
+                except Exception as exc:  # a backward that reads the undefined gradient (None) raises anything
+                    for k in wrt:
+                        problems.setdefault(k, f"with {label}, the backward raised {type(exc).__name__}: "
+                                               f"{first_line(exc)}")
+                    continue
+                for k, g in zip(wrt, grads):
+                    if k not in problems and g is not None:
+                        problems.update(_nonzero(k, g, label))
+    finally:
+        rng.close()
     return problems
+
+
+def _undefined_cases(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int], rng) -> list:
+    """``[(label, indices of the outputs whose gradient is undefined)]``: all of them, then each alone where there
+    are several (one forward, from the caller's RNG state, counts the differentiable outputs)."""
+    rng.close()
+    with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the undefined-gradient check"):
+        out = func(*[p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)])
+    n = sum(isinstance(o, torch.Tensor) and o.requires_grad for o in (out if isinstance(out, (tuple, list)) else [out]))
+    if n == 0:
+        return []
+    cases = [("every output gradient undefined", set(range(n)))]
+    if n > 1:
+        cases += [(f"output {j}'s gradient undefined, the others zero", {j}) for j in range(n)]
+    return cases
+
+
+def _nonzero(k: int, g: torch.Tensor, label: str) -> dict[int, str]:
+    """``{k: sentence}`` where the gradient ``g`` of ``params[k]`` has a nonzero (or NaN) entry, else ``{}``."""
+    g = g.detach()
+    if g.layout != torch.strided:  # sparse: its stored values, never densified
+        g = g.coalesce() if g.is_sparse else g
+        values = g.values() if g.is_sparse else g.to_dense()
+        if not bool((values != 0).any()):
+            return {}
+        g = g.to_dense()
+    nonzero = g != 0  # (NaN included)
+    if not bool(nonzero.any()):
+        return {}
+    flat = int(g.abs().nan_to_num(nan=math.inf).flatten().argmax())
+    return {k: f"with {label}, the backward gave params[{k}] a nonzero gradient ({int(nonzero.sum())} of "
+               f"{g.numel()} entries, the largest {float(g.flatten()[flat]):.3g} at "
+               f"{entry_name(k, tuple(g.shape), flat)}); it must treat an undefined output gradient as zeros"}
 
 
 def _nondeterminism(spread: float, nondet_tol: float) -> str:
@@ -303,8 +341,9 @@ def check(
             otherwise. Costs one forward and one to ``1 + outputs`` backward passes.
 
     Returns:
-        A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees and no
-        backward was non-deterministic beyond ``nondet_tol``. Unresolved entries do not fail, so a tensor whose
+        A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees, no
+        backward was non-deterministic beyond ``nondet_tol``, and (with ``check_undefined_grad``) none mishandles
+        undefined output gradients. Unresolved entries do not fail, so a tensor whose
         every entry is unresolved passes (the headline says "PASSED (but nothing could be compared for ...)");
         ``report.uncompared`` lists such tensors and ``report.verified`` is ``passed`` without any, the verdict of
         :func:`gradfd.gradcheck` and :func:`gradfd.testing.assert_gradients_match`.
@@ -318,8 +357,9 @@ def check(
     checked at smaller steps, where its stencil is finite (see the module docstring); the report's notes say so.
 
     Raises:
-        GradientCheckError: a gradient entry disagrees, or the backward is non-deterministic beyond ``nondet_tol``
-            (and ``raise_on_failure``); not when nothing could be compared (see Returns).
+        GradientCheckError: a gradient entry disagrees, the backward is non-deterministic beyond ``nondet_tol``, or
+            it mishandles undefined output gradients (``check_undefined_grad``), with ``raise_on_failure``; not when
+            nothing could be compared (see Returns).
         Exception: what ``func`` raised, when it raised at the unperturbed point, or at every perturbed node of a
             tensor at every step tried (with a note saying so).
         TypeError / ValueError / IndexError: bad arguments, naming the argument and what was passed (``policy``:
@@ -417,17 +457,12 @@ def _finish(report: CheckReport, func: Callable, params: Sequence[torch.Tensor],
     """The last step of every check: the undefined-gradient check where asked for (its finding on every record of
     the input), then the verdict (raising :class:`GradientCheckError` on failure, with ``raise_on_failure``)."""
     if check_undefined_grad:
-        rng = _engine.RngGuard()
-        try:
-            problems = undefined_grad_problems(func, params, wrt)
-        finally:
-            rng.close()
-        names = {k: f"params[{k}]" for k in wrt}
+        problems = undefined_grad_problems(func, params, wrt)
         for t in report.tensors:
-            k = next((k for k, name in names.items() if t.name == name or f"wrt {name}" in t.name), None)
-            if k is not None:
-                t.undefined_grad = problems.get(k)
-                t.details["undefined_grad"] = problems.get(k, "passed")
+            # every record names its input once, as params[k] ("params[k]", "output[j] wrt params[k]", ...)
+            k = int(re.search(r"params\[(\d+)\]", t.name).group(1))
+            t.undefined_grad = problems.get(k)
+            t.details["undefined_grad"] = problems.get(k, "passed")
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)
     return report

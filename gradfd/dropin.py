@@ -128,7 +128,8 @@ def gradcheck(
             with ``check_forward_ad=True``) raise NotImplementedError.
 
     Returns:
-        True when no entry disagrees, the backward is reentrant (within ``nondet_tol``), and every checked tensor
+        True when no entry disagrees, the backward is reentrant (within ``nondet_tol``) and (with
+        ``check_undefined_grad``) treats undefined output gradients as zeros, and every checked tensor
         had at least one entry compared (``report.verified``): partly unresolved tensors (kinks) pass; a tensor
         whose every entry is unresolved (``sqrt`` at 0: every stencil leaves the domain) fails, naming the tensor.
 

@@ -137,6 +137,8 @@ def _renamed(report: CheckReport, targets: list[_Target]) -> CheckReport:
         if t.plot_context is not None:
             t.plot_context = dataclasses.replace(t.plot_context, label=sub(t.plot_context.label))
         t.details = {k: sub(v) if isinstance(v, str) else v for k, v in t.details.items()}
+        t.nondeterminism = sub(t.nondeterminism) if t.nondeterminism else t.nondeterminism
+        t.undefined_grad = sub(t.undefined_grad) if t.undefined_grad else t.undefined_grad
     report.notes = [sub(n) for n in report.notes]
     return report
 

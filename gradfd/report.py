@@ -126,8 +126,8 @@ class TensorReport:
 
     @property
     def verdict(self) -> str:
-        """``"FAIL"`` (a disagreement, or nondeterminism), ``"UNRESOLVED"`` (none, but no entry could be compared
-        either: every one is unresolved) or ``"PASS"``."""
+        """``"FAIL"`` (a disagreement, nondeterminism, or an undefined-gradient finding), ``"UNRESOLVED"`` (none, but
+        no entry could be compared either: every one is unresolved) or ``"PASS"``."""
         if not self.passed:
             return "FAIL"
         return "UNRESOLVED" if self.unresolved and not self.agree else "PASS"
@@ -249,7 +249,8 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        """No checked entry of any tensor disagrees, and no backward was found non-deterministic (``nondet_tol``).
+        """No checked entry of any tensor disagrees, no backward was found non-deterministic (``nondet_tol``), and none
+        mishandles undefined output gradients (``check_undefined_grad``).
 
         This is "no disagreement", not "verified": a tensor whose every entry is unresolved (a kink, a jump or a
         non-finite value of ``func`` within every step tried) passes, and the table's headline then reads

@@ -26,7 +26,8 @@ def assert_gradients_match(op: Callable, inputs: torch.Tensor | Sequence[torch.T
 
     Raises:
         AssertionError: with the report's table as its message, when an entry disagrees (or the backward is
-            non-deterministic beyond ``nondet_tol``), or when nothing could be compared for a tensor (every entry
+            non-deterministic beyond ``nondet_tol``, or mishandles undefined output gradients with
+            ``check_undefined_grad=True``), or when nothing could be compared for a tensor (every entry
             unresolved: ``sqrt`` at 0), naming that tensor. Partly unresolved tensors (kinks) pass.
 
     Example (pytest)::

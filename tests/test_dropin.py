@@ -150,72 +150,101 @@ def test_partly_unresolved_tensors_still_pass(seed):
 
 # ---- 3. undefined gradients --------------------------------------------------------------------------------------
 
-def _two_outputs(undefined_as: str):
-    """``(2 x, 3 x)`` with a hand-written backward that sees undefined output gradients as None
-    (``set_materialize_grads(False)``) and takes them as ``undefined_as``: ``"zeros"`` (right), ``"ones"`` (the
-    planted bug) or ``"raise"`` (it multiplies None)."""
+def _doubling(undefined_as: str):
+    """``2 x`` (or ``(2 x, 3 x)`` for the ``"alone"`` kinds) with a hand-written backward that sees an undefined
+    output gradient as None (``set_materialize_grads(False)``) and takes it as: ``"zeros"`` (right), ``"ones"``
+    (the planted bug of issue 23), ``"raise"`` (it reads ``None.shape``: AttributeError), ``"alone"`` (two outputs:
+    right when both are undefined, ones when one alone is)."""
 
-    class TwoOutputs(torch.autograd.Function):
+    class Doubling(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             ctx.set_materialize_grads(False)
             ctx.shape, ctx.dtype = x.shape, x.dtype
-            return 2 * x, 3 * x
+            return (2 * x, 3 * x) if undefined_as == "alone" else 2 * x
 
         @staticmethod
-        def backward(ctx, g1, g2):
+        def backward(ctx, *grads):
+            if undefined_as == "raise":
+                return 2 * grads[0].reshape(grads[0].shape)
+            both_missing = all(g is None for g in grads)
             total = torch.zeros(ctx.shape, dtype=ctx.dtype)
-            for g, c in ((g1, 2), (g2, 3)):
-                if g is None and undefined_as == "zeros":
-                    continue
-                if g is None and undefined_as == "ones":
+            for g, c in zip(grads, (2, 3)):
+                if g is None and (undefined_as == "ones" or (undefined_as == "alone" and not both_missing)):
                     g = torch.ones(ctx.shape, dtype=ctx.dtype)
-                total = total + c * g
+                if g is not None:
+                    total = total + c * g
             return total
 
-    return TwoOutputs
-
-
-def _apply(kind: str):
-    return _two_outputs(kind).apply
+    return Doubling.apply
 
 
 @pytest.mark.parametrize("fast_mode", [False, True])
-def test_a_backward_that_takes_undefined_gradients_as_ones_fails_like_torch_and_its_twin_passes(seed, fast_mode):
+def test_a_backward_that_takes_an_undefined_gradient_as_ones_fails_as_in_torch_and_its_twin_passes(seed, fast_mode):
     x = _leaf(torch.randn(5, dtype=torch.float64))
     snap = snapshot(x)
-    assert torch.autograd.gradcheck(_apply("ones"), x, fast_mode=fast_mode, raise_exception=False) is False
+    # torch: the Jacobian is right; only its undefined-gradient check fails the planted bug
+    assert torch.autograd.gradcheck(_doubling("ones"), x, fast_mode=fast_mode, check_undefined_grad=False) is True
+    with pytest.raises(TorchGradcheckError, match="Expected all input grads to be undefined or zero"):
+        torch.autograd.gradcheck(_doubling("ones"), x, fast_mode=fast_mode)
     with pytest.raises(gradfd.GradcheckError, match=r"undefined output gradients: with every output gradient "
                                                     r"undefined, the backward gave params\[0\] a nonzero gradient "
-                                                    r"\(5 of 5 entries, the largest 5 at params\[0\]\[0\]\)"):
-        gradfd.gradcheck(_apply("ones"), x, fast_mode=fast_mode)
-    assert gradfd.gradcheck(_apply("ones"), x, fast_mode=fast_mode, check_undefined_grad=False) is True
-    assert torch.autograd.gradcheck(_apply("zeros"), x, fast_mode=fast_mode) is True
-    assert gradfd.gradcheck(_apply("zeros"), x, fast_mode=fast_mode) is True
+                                                    r"\(5 of 5 entries, the largest 2 at params\[0\]\[0\]\)"):
+        gradfd.gradcheck(_doubling("ones"), x, fast_mode=fast_mode)
+    assert gradfd.gradcheck(_doubling("ones"), x, fast_mode=fast_mode, check_undefined_grad=False) is True
+    assert torch.autograd.gradcheck(_doubling("zeros"), x, fast_mode=fast_mode) is True
+    assert gradfd.gradcheck(_doubling("zeros"), x, fast_mode=fast_mode) is True
     assert_unchanged(x, snap)
 
 
-def test_a_backward_that_raises_on_an_undefined_gradient_is_named(seed):
+def test_a_backward_that_raises_on_an_undefined_gradient_fails_naming_what_it_raised(seed):
     x = _leaf(torch.randn(4, dtype=torch.float64))
-    with pytest.raises(TypeError):  # torch's check lets the backward's own error through
-        torch.autograd.gradcheck(_apply("raise"), x, raise_exception=False)
+    with pytest.raises(AttributeError):  # torch's check lets an error other than RuntimeError escape
+        torch.autograd.gradcheck(_doubling("raise"), x)
     with pytest.raises(gradfd.GradcheckError, match="with every output gradient undefined, the backward raised "
-                                                    "TypeError"):
-        gradfd.gradcheck(_apply("raise"), x)
+                                                    "AttributeError"):
+        gradfd.gradcheck(_doubling("raise"), x)
 
 
-def test_check_takes_the_undefined_gradient_check_as_an_option(seed):
+def test_each_output_is_undefined_alone_as_well(seed):
     x = _leaf(torch.randn(4, dtype=torch.float64))
-    report = gradfd.check(_apply("ones"), x, raise_on_failure=False)
+    report = gradfd.check(_doubling("alone"), x, raise_on_failure=False, check_undefined_grad=True)
+    assert not report.passed
+    assert all("with output 0's gradient undefined, the others zero" in t.undefined_grad for t in report.tensors)
+
+
+def test_check_takes_the_undefined_gradient_check_as_an_option_and_blames_the_right_input(seed):
+    x, y = _leaf(torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    f = lambda x, y: (_doubling("ones")(x), torch.sin(y))  # noqa: E731
+    report = gradfd.check(f, (x, y), raise_on_failure=False)
     assert report.passed and all(t.undefined_grad is None and "undefined_grad" not in t.details
                                  for t in report.tensors)
-    report = gradfd.check(_apply("ones"), x, raise_on_failure=False, check_undefined_grad=True)
-    assert not report.passed and all("nonzero gradient" in t.undefined_grad for t in report.tensors)
-    assert "undefined output gradients:" in str(report) and report.to_dict()["tensors"][0]["undefined_grad"]
-    good = gradfd.check(_apply("zeros"), x, check_undefined_grad=True)
+    report = gradfd.check(f, (x, y), raise_on_failure=False, check_undefined_grad=True)
+    assert not report.passed
+    for t in report.tensors:  # the records of x fail, those of y pass
+        assert (t.undefined_grad is not None) == t.name.endswith("wrt params[0]"), t.name
+    assert "undefined output gradients:" in str(report)
+    assert report.to_dict()["tensors"][0]["undefined_grad"]
+    good = gradfd.check(_doubling("zeros"), (x,), check_undefined_grad=True)
     assert all(t.details["undefined_grad"] == "passed" for t in good.tensors)
     with pytest.raises(TypeError, match="check_undefined_grad must be a bool, got str"):
-        gradfd.check(torch.sin, x, check_undefined_grad="yes")
+        gradfd.check(torch.sin, (x,), check_undefined_grad="yes")
+
+
+def test_check_module_names_the_parameter_in_the_undefined_gradient_finding(seed):
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return (_doubling("ones")(self.weight) * x).sum()
+
+    net = Scaled()
+    report = gradfd.check_module(net, torch.randn(3, dtype=torch.float64), check_undefined_grad=True,
+                                 raise_on_failure=False)
+    t = report["weight"]
+    assert not t.passed and "gave weight a nonzero gradient" in t.undefined_grad and "params[" not in str(report)
 
 
 # ---- torch's other options and bad input -------------------------------------------------------------------------
@@ -273,5 +302,6 @@ def test_truthy_flags_keep_torchs_call_sites_working():
 
     x = _leaf(torch.randn(6, dtype=torch.float64))
     assert gradfd.gradcheck(_sine(), x, fast_mode=np.bool_(False), raise_exception=1, check_undefined_grad=0) is True
-    # check_undefined_grad=0 is False: the planted undefined-gradient bug is not looked for
-    assert gradfd.gradcheck(_two_outputs("ones").apply, x, check_undefined_grad=0) is True
+    # check_undefined_grad=0 is False: the planted undefined-gradient bug is not looked for (as in torch)
+    assert gradfd.gradcheck(_doubling("ones"), x, check_undefined_grad=0) is True
+    assert torch.autograd.gradcheck(_doubling("ones"), x, check_undefined_grad=0) is True
