@@ -2,8 +2,8 @@
 kernels, and the detection of errors planted on one row of their backward, per dtype.
 
 Kernels, each against a plain-PyTorch reference:
-- ``softmax``: a custom ``torch.autograd.Function`` with a hand-written backward computed in float32 and rounded
-  once (as fused kernels do), against ``torch.softmax``;
+- ``softmax``: ``gradfd.custom_op.softmax``, a ``torch.autograd.Function`` with a hand-written backward computed in
+  float32 and rounded once (as fused kernels do), against ``torch.softmax``;
 - ``softmax (half arithmetic)``: the same backward computed in the tensor's own dtype, op by op: correct, but
   less accurate than the reference in that dtype (a stress case; no bar);
 - ``rms_norm``: gradfd's C++ kernel (``gradfd.custom_op.rms_norm``), against ``rms_norm_reference``;
@@ -43,22 +43,6 @@ SIGN = -2.0  # 1 + SIGN = -1: the sign error
 TUNED = range(0, 20)
 HELD_OUT = range(1000, 1050)
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-class Softmax(torch.autograd.Function):
-    """Softmax over the last dimension with a hand-written backward in float32, rounded once."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.softmax(x.float(), -1).to(x.dtype)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        yf, gf = y.float(), g.float()
-        return (yf * (gf - (gf * yf).sum(-1, keepdim=True))).to(g.dtype)
 
 
 class SoftmaxHalf(torch.autograd.Function):
@@ -119,8 +103,8 @@ def _draw(family: str, dtype: torch.dtype, seed: int):
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     if family.startswith("softmax"):
         x = randn(r(4, 64), r(8, 256)) * (0.5 + 4 * float(torch.rand(1, generator=gen)))
-        op = SoftmaxHalf.apply if "half" in family else Softmax.apply
-        params, ref = (x,), (lambda x: torch.softmax(x, -1))
+        op = SoftmaxHalf.apply if "half" in family else custom_op.softmax
+        params, ref = (x,), custom_op.softmax_reference
     elif family == "rms_norm":
         d = r(16, 512)
         params, op, ref = (randn(r(2, 32), d), 1 + 0.1 * randn(d)), custom_op.rms_norm, custom_op.rms_norm_reference

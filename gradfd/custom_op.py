@@ -1,6 +1,7 @@
 """Real custom ops to check, each with C++/CUDA kernels, its backward registered through
 ``torch.library.register_autograd``, a plain-PyTorch reference, and a deliberately broken twin for demos and tests:
-fused bias + GELU (float32 only) and RMSNorm (float16, bfloat16, float32, float64).
+fused bias + GELU (float32 only), RMSNorm (float16, bfloat16, float32, float64), and a softmax with a
+hand-written backward (a Python ``torch.autograd.Function``, any floating dtype).
 
 ``bias_gelu(x, bias) = gelu(x + bias)`` (exact, erf-based GELU), ``bias`` broadcast over ``x``'s last dimension.
 This is the kind of op custom-kernel authors write; being float32-only, ``torch.autograd.gradcheck`` (which wants
@@ -15,6 +16,10 @@ kernels read and write the tensors' dtype and accumulate in float32. ``rms_norm_
 backward leaves the weight out of the projection term of ``grad_x`` (``mean(g * xhat)`` for ``mean(g * weight *
 xhat)``), a slip that costs an error proportional to ``weight - 1``: small where the weight stays near its
 initial ones.
+
+``softmax(x)`` is softmax over the last dimension with a hand-written backward that computes in float32 and rounds
+once, as fused half-precision kernels do; ``softmax_planted(x, rows)`` has planted errors on chosen rows of its
+backward. Issue 22's bars are stated on this op (benchmarks/bench_reference.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from . import ops
 
 __all__ = ["bias_gelu", "bias_gelu_buggy", "bias_gelu_reference", "BUGGY_BRANCH", "rms_norm", "rms_norm_buggy",
-           "rms_norm_reference", "RMS_NORM_EPS"]
+           "rms_norm_reference", "RMS_NORM_EPS", "softmax", "softmax_planted", "softmax_reference"]
 
 BUGGY_BRANCH = -1.0  # the buggy backward flips the sign where x + bias < BUGGY_BRANCH
 _lock = threading.Lock()
@@ -188,3 +193,48 @@ def rms_norm_buggy(x: torch.Tensor, weight: torch.Tensor, eps: float = RMS_NORM_
     """:func:`rms_norm` (same arguments, forward, errors) with the planted bug in its backward (see the module
     docstring): ``grad_x`` leaves ``weight`` out of its projection term; ``grad_weight`` is right."""
     return _rms_norm_buggy(x, weight, float(eps))[0]
+
+
+class _Softmax(torch.autograd.Function):
+    """Softmax over the last dimension; backward ``y * (g - sum(g * y))`` in float32, rounded once to the input's
+    dtype, with each row ``r`` of ``planted`` (``...``: every row) multiplied by ``1 + planted[r]``."""
+
+    @staticmethod
+    def forward(ctx, x, planted):
+        y = torch.softmax(x.float(), -1).to(x.dtype)
+        ctx.save_for_backward(y)
+        ctx.planted = planted
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        yf, gf = y.float(), g.float()
+        out = yf * (gf - (gf * yf).sum(-1, keepdim=True))
+        for row, rel in ctx.planted.items():
+            out[row] *= 1 + rel
+        return out.to(g.dtype), None
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension with a hand-written backward.
+
+    Args:
+        x: ``(..., d)`` floating tensor (any floating dtype and device).
+
+    Returns:
+        ``softmax(x, -1)`` of ``x``'s shape and dtype, computed in float32 and rounded once; its backward computes
+        in float32 and rounds once too.
+    """
+    return _Softmax.apply(x, {})
+
+
+def softmax_planted(x: torch.Tensor, rows: dict) -> torch.Tensor:
+    """:func:`softmax` whose backward multiplies the rows ``r`` of its ``(..., d)`` input gradient (indices into its
+    leading dimension; ``...`` for every row) by ``1 + rows[r]``: a planted error (``-2``: a sign error)."""
+    return _Softmax.apply(x, dict(rows))
+
+
+def softmax_reference(x: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: ``torch.softmax(x, -1)``."""
+    return torch.softmax(x, -1)

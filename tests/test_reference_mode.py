@@ -23,31 +23,11 @@ ROW_ERROR = {torch.float16: 0.02, torch.bfloat16: 0.1}
 
 
 def softmax_op(planted: dict | None = None):
-    """A softmax op with a hand-written backward computed in float32 and rounded once; ``planted[row] = rel``
-    multiplies that row of its input gradient by ``1 + rel`` (``...`` for every row)."""
-    planted = dict(planted or {})
-
-    class Softmax(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            y = torch.softmax(x.float(), -1).to(x.dtype)
-            ctx.save_for_backward(y)
-            return y
-
-        @staticmethod
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            yf, gf = y.float(), g.float()
-            out = yf * (gf - (gf * yf).sum(-1, keepdim=True))
-            for row, rel in planted.items():
-                out[row] *= 1 + rel
-            return out.to(g.dtype)
-
-    return Softmax.apply
+    """gradfd's example softmax op (backward in float32, rounded once), with ``planted`` row errors if any."""
+    return custom_op.softmax if not planted else (lambda x: custom_op.softmax_planted(x, planted))
 
 
-def reference_softmax(x):
-    return torch.softmax(x, -1)
+reference_softmax = custom_op.softmax_reference
 
 
 def _x(dtype, rows=24, cols=64, device="cpu"):
