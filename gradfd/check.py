@@ -8,20 +8,19 @@ the verdicts, and every threshold, live there (:class:`gradfd.verdict.policy.Pol
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from . import engine as _engine
 from . import stencils
 from . import jacobian as _jacobian
-from .errors import first_line
+from . import second_order as _second_order
 from .plot import EntryContext
 from .progress import Progress
-from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError, entry_name
+from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError
 from .validation import check_checkable, check_choice, check_params, check_positive_int, check_step, describe
 from .verdict import against_reference as _against
 from .verdict import judge as _judge
@@ -30,34 +29,18 @@ from .verdict.coordinates import check_coordinates
 from .verdict.directional import Directions, directional_report
 from .verdict.estimates import Entries
 from .verdict.plan import Request, sample_coordinates
+from .engine import no_tf32
+from .rules import (batched_forward_problems, batched_grad_problems, grad_dtype_problems,
+                    undefined_grad_problems, undefined_tangent_problems)
 from .verdict.policy import DEFAULT_DIRECTIONS, DEFAULT_POLICY, DEFAULT_SAMPLES, SEEDS, Policy, resolve_policy
 
 __all__ = ["check", "MODES", "FLOOR_EPS", "TOLERANCE_SAFETY", "no_tf32", "analytical_gradients",
-           "undefined_grad_problems", "sample_coordinates", "AGREE", "DISAGREE", "UNRESOLVED"]
+           "undefined_grad_problems", "undefined_tangent_problems", "sample_coordinates", "AGREE", "DISAGREE",
+           "UNRESOLVED"]
 
 MODES = ("full", "sample", "directional")
 FLOOR_EPS = DEFAULT_POLICY.floor_eps  # (the policy's; kept importable from here)
 TOLERANCE_SAFETY = DEFAULT_POLICY.tolerance_safety
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """Turn TF32 matmul/cuDNN off (and float32 matmul precision to "highest"); restore the settings on exit.
-
-    cuDNN's flag goes through ``torch.backends.cudnn.flags``, which also works where the global flags are frozen
-    (``torch.backends.disable_global_flags()``, as in PyTorch's own test harness)."""
-    cudnn = torch.backends.cudnn
-    cuda_matmul = torch.backends.cuda.matmul.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
-        torch.set_float32_matmul_precision(precision)
 
 
 def _resolve_wrt(params: list[torch.Tensor], wrt) -> list[int]:
@@ -164,87 +147,6 @@ def _backward_spreads(analytical: _jacobian.Analytical, wrt: Sequence[int], seed
     return {k: _difference(a, b) for k, a, b in zip(wrt, first, second)}
 
 
-def undefined_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
-    """The undefined-gradient check of ``torch.autograd.gradcheck`` (``check_undefined_grad``): ``func``'s backward
-    must treat an undefined output gradient as zeros. For each case ``func`` runs afresh on clones of ``params``
-    (from the caller's RNG state, with TF32 off), and its differentiable outputs are wrapped so that their gradients
-    arrive undefined (``torch._C._functions.UndefinedGrad``, as torch does): all of them at once, then, for several
-    outputs, each alone with the others given zeros. Every checked input's gradient must then be undefined (None)
-    or exactly zero. The caller's tensors and RNG state are unchanged.
-
-    Args:
-        func: as :func:`check` takes it.
-        params: its arguments (cloned, never modified).
-        wrt: the indices of the inputs to look at.
-
-    Returns:
-        ``{k: what went wrong}`` for the inputs ``params[k]`` whose gradient was nonzero (how many entries, the
-        largest and where), or, where the backward raised, what it raised (for every input not already named);
-        empty when all is well.
-    """
-    problems: dict[int, str] = {}
-    rng = _engine.RngGuard()
-    try:
-        with no_tf32():
-            for label, undefined in _undefined_cases(func, params, wrt, rng):
-                clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
-                rng.close()
-                with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the "
-                                                         "undefined-gradient check"):
-                    out = func(*clones)
-                outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                        if isinstance(o, torch.Tensor) and o.requires_grad]
-                wrapped = [torch._C._functions.UndefinedGrad()(o) if j in undefined else o for j, o in enumerate(outs)]
-                zeros = [torch.zeros_like(o, memory_format=torch.legacy_contiguous_format) for o in outs]
-                try:
-                    with torch.enable_grad():
-                        grads = torch.autograd.grad(wrapped, [clones[k] for k in wrt], zeros, allow_unused=True)
-                except Exception as exc:  # a backward that reads the undefined gradient (None) raises anything
-                    for k in wrt:
-                        problems.setdefault(k, f"with {label}, the backward raised {type(exc).__name__}: "
-                                               f"{first_line(exc)}")
-                    continue
-                for k, g in zip(wrt, grads):
-                    if k not in problems and g is not None:
-                        problems.update(_nonzero(k, g, label))
-    finally:
-        rng.close()
-    return problems
-
-
-def _undefined_cases(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int], rng) -> list:
-    """``[(label, indices of the outputs whose gradient is undefined)]``: all of them, then each alone where there
-    are several (one forward, from the caller's RNG state, counts the differentiable outputs)."""
-    rng.close()
-    with torch.enable_grad(), _engine.noting("gradfd: raised while evaluating func for the undefined-gradient check"):
-        out = func(*[p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)])
-    n = sum(isinstance(o, torch.Tensor) and o.requires_grad for o in (out if isinstance(out, (tuple, list)) else [out]))
-    if n == 0:
-        return []
-    cases = [("every output gradient undefined", set(range(n)))]
-    if n > 1:
-        cases += [(f"output {j}'s gradient undefined, the others zero", {j}) for j in range(n)]
-    return cases
-
-
-def _nonzero(k: int, g: torch.Tensor, label: str) -> dict[int, str]:
-    """``{k: sentence}`` where the gradient ``g`` of ``params[k]`` has a nonzero (or NaN) entry, else ``{}``."""
-    g = g.detach()
-    if g.layout != torch.strided:  # sparse: its stored values, never densified
-        g = g.coalesce() if g.is_sparse else g
-        values = g.values() if g.is_sparse else g.to_dense()
-        if not bool((values != 0).any()):
-            return {}
-        g = g.to_dense()
-    nonzero = g != 0  # (NaN included)
-    if not bool(nonzero.any()):
-        return {}
-    flat = int(g.abs().nan_to_num(nan=math.inf).flatten().argmax())
-    return {k: f"with {label}, the backward gave params[{k}] a nonzero gradient ({int(nonzero.sum())} of "
-               f"{g.numel()} entries, the largest {float(g.flatten()[flat]):.3g} at "
-               f"{entry_name(k, tuple(g.shape), flat)}); it must treat an undefined output gradient as zeros"}
-
-
 def _nondeterminism(spread: float, nondet_tol: float) -> str:
     """The report's sentence for a backward whose two runs differ by ``spread > nondet_tol``."""
     if nondet_tol == 0:
@@ -254,6 +156,33 @@ def _nondeterminism(spread: float, nondet_tol: float) -> str:
         bound = f"> nondet_tol={nondet_tol:g}"
     return (f"two backward passes of the same graph, with the same output gradients, differ by {spread:.3g} "
             f"(largest absolute difference); {bound}")
+
+
+def _resolve_rules(check_forward_ad, check_backward_ad, check_undefined_grad, check_batched_grad,
+                   check_batched_forward_grad, check_grad_dtypes, order, reference) -> dict[str, bool]:
+    """:func:`check`'s AD and rule options validated (and ``order``, which they combine with): the rule checks of
+    :func:`_finish`, by name."""
+    rules = {"undefined_grad": check_undefined_grad, "batched_grad": check_batched_grad,
+             "batched_forward_grad": check_batched_forward_grad, "grad_dtypes": check_grad_dtypes}
+    for name, value in (("check_forward_ad", check_forward_ad), ("check_backward_ad", check_backward_ad),
+                        *((f"check_{r}", v) for r, v in rules.items())):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    if not (check_forward_ad or check_backward_ad):
+        raise ValueError("nothing to check: check_backward_ad=False and check_forward_ad=False (set one of them)")
+    if check_batched_grad and not check_backward_ad:
+        raise ValueError("check_batched_grad=True needs check_backward_ad=True (it checks the backward)")
+    if check_batched_forward_grad and not check_forward_ad:
+        raise ValueError("check_batched_forward_grad=True needs check_forward_ad=True (it checks forward-mode AD)")
+    if isinstance(order, bool) or order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if reference is not None and order == 2:
+        raise ValueError("order=2 with reference is not supported: reference mode compares first-order gradients "
+                         "(check the reference's double backward with gradfd.check(reference, ..., order=2))")
+    if reference is not None and (check_forward_ad or not check_backward_ad):
+        raise ValueError("reference mode compares reverse-mode gradients: check_forward_ad=True (or "
+                         "check_backward_ad=False) with reference is not supported")
+    return rules
 
 
 def check(
@@ -279,6 +208,12 @@ def check(
     policy: Policy | dict | None = None,
     reference: Callable | None = None,
     check_undefined_grad: bool = False,
+    order: int = 1,
+    check_forward_ad: bool = False,
+    check_backward_ad: bool = True,
+    check_batched_grad: bool = False,
+    check_batched_forward_grad: bool = False,
+    check_grad_dtypes: bool = False,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry (or, with
     ``reference=``, against a validated plain-PyTorch reference: for float16/bfloat16 kernels).
@@ -339,6 +274,34 @@ def check(
             every checked input a zero (or no) gradient. A tensor where it does not fails, with the record's
             ``undefined_grad`` saying what the backward did; ``details["undefined_grad"]`` is ``"passed"``
             otherwise. Costs one forward and one to ``1 + outputs`` backward passes.
+        order: 1 (default) or 2. ``order=2`` checks the double backward: autograd's derivative of the first-order
+            gradient ``g(*params) = grad(func(*params), params[wrt])`` (for a tensor-valued func, of
+            ``<func(*params), v>`` for seeded Gaussian ``v``, one per differentiable output) against finite
+            differences of that analytical ``g``, by ``mode``: full mode one Hessian column per entry, sample mode
+            sampled columns, directional mode ``uᵀ H v``. Records are named ``"grad(params[j]) wrt params[k]"``
+            (``"grads wrt params[k] (uᵀHv)"`` in directional mode) and carry ``details["order"] = 2``. Each
+            finite-difference point costs a forward and a backward pass of func; the analytical side one double
+            backward per Hessian row (batched where the backward allows). ``nondet_tol``, ``check_undefined_grad``
+            and ``check_forward_ad`` (forward-over-reverse) then apply to the first-order gradient's derivatives.
+            Not with ``reference``.
+        check_forward_ad: False (default) or True: also judge forward-mode AD (``torch.autograd.forward_ad``: a
+            custom Function's ``jvp`` rule) against the same finite differences, by the same rules and ``mode``
+            (:class:`gradfd.jacobian.ForwardAnalytical`): full and sample mode compare exact Jacobian columns, one
+            jvp per entry (sample mode alone picks a seeded uniform sample, as the largest entries need every
+            column); directional mode compares ``uᵀ J v`` from jvps of each node's realised displacement. Records
+            are named ``"... (forward AD)"`` with ``details["ad"] == "forward"``. With ``check_undefined_grad``,
+            the jvp must also treat an undefined input tangent as zeros (:func:`undefined_tangent_problems`). The
+            finite differences are evaluated again for this side (twice the cost of one side).
+        check_backward_ad: True (default): judge reverse-mode AD (the backward). False with
+            ``check_forward_ad=True`` judges forward mode alone.
+        check_batched_grad, check_batched_forward_grad: False (default) or True: the backward (forward-mode AD) run
+            under vmap over two seeded Gaussian output gradients (tangents) must give what a loop gives, within the
+            verdicts' floor (:func:`gradfd.rules.batched_grad_problems`,
+            :func:`~gradfd.rules.batched_forward_problems`);
+            need ``check_backward_ad`` (``check_forward_ad``).
+        check_grad_dtypes: False (default) or True: every gradient (output tangent) has its input's (output's)
+            dtype, device and shape (:func:`gradfd.rules.grad_dtype_problems`). A finding of these three fails the
+            record, in ``findings``.
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees, no
@@ -366,9 +329,14 @@ def check(
             an unknown field, listing the valid ones, or a value of the wrong type or out of range; ``reference``:
             not callable, outputs that differ from func's in number, shape, dtype family or device, or a float64
             func).
+        ValueError: ``order`` other than 1 or 2, ``order=2`` or ``check_forward_ad`` with ``reference``, both
+            ``check_forward_ad`` and ``check_backward_ad`` False, or a batched check without its side.
+        Exception: what forward-mode AD raised (``check_forward_ad``; a Function without a ``jvp`` rule raises
+            there), with a note saying so.
         InvalidReferenceError: ``reference``'s float64 gradient disagrees with its float64 finite differences (or
             none of its entries could be compared); ``.report`` holds that check, the message names the entries.
     """
+    arguments = dict(locals())  # (order 2 checks the first-order gradient with these same arguments)
     params, _ = check_params(params)
     wrt_idx = _resolve_wrt(params, wrt)
     check_choice(mode, "mode", MODES)
@@ -383,23 +351,32 @@ def check(
             raise ValueError(f"{name} must be a finite float >= 0 or None, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {describe(seed)}")
-    if not isinstance(check_undefined_grad, bool):
-        raise TypeError(f"check_undefined_grad must be a bool, got {describe(check_undefined_grad)}")
+    rules = _resolve_rules(check_forward_ad, check_backward_ad, check_undefined_grad, check_batched_grad,
+                           check_batched_forward_grad, check_grad_dtypes, order, reference)
     if not callable(func):
         raise TypeError(f"func must be callable, got {describe(func)}")
     policy = resolve_policy(policy)
+    if order == 2:
+        g = _second_order.gradient_function(func, wrt_idx, _second_order.SeededCotangents(SEEDS.second_order(seed)))
+        report = check(**{**arguments, "func": g, "params": params, "wrt": wrt_idx, "policy": policy, "order": 1,
+                          "raise_on_failure": False})
+        _second_order.rename(report, wrt_idx, g.lost)
+        if raise_on_failure and not report.passed:
+            raise GradientCheckError(report)
+        return report
     if reference is not None:
         report = _check_against_reference(func, reference, params, wrt_idx, dict(
             mode=mode, samples=samples, directions=directions, h=h, stencil=stencil, engine=engine, seed=seed,
             batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
             policy=policy), atol, rtol, nondet_tol)
-        return _finish(report, func, params, wrt_idx, check_undefined_grad, raise_on_failure)
+        return _finish(report, func, params, wrt_idx, rules, raise_on_failure)
 
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
     records = []
-    total = sum(directions if mode == "directional" else min(samples, params[k].numel()) if mode == "sample"
-                else params[k].numel() for k in wrt_idx)
+    total = (check_backward_ad + check_forward_ad) * sum(
+        directions if mode == "directional" else min(samples, params[k].numel()) if mode == "sample"
+        else params[k].numel() for k in wrt_idx)
     cheaper = {"sample": sum(min(samples, params[k].numel()) for k in wrt_idx),
                "directional": directions * len(wrt_idx)}
     cheaper = {m: u for m, u in cheaper.items() if MODES.index(m) > MODES.index(mode)}
@@ -407,15 +384,22 @@ def check(
     tick, close_bar = bar.tick, bar.close
     try:
         with no_tf32(), _engine.warnings_once():
-            analytical = _jacobian.Analytical(func, params, wrt_idx, budget // 2)
+            sides = []  # the analytical Jacobians judged: reverse mode's, forward mode's
+            if check_backward_ad:
+                sides.append(_jacobian.Analytical(func, params, wrt_idx, budget // 2))
+                rng.close()  # (every side, and the finite differences, see the random draws of the caller's state)
+            if check_forward_ad:
+                sides.append(_jacobian.ForwardAnalytical(func, params, wrt_idx, budget // 2))
+            analytical = sides[0]
             if analytical.scalar:
                 _engine.validate_scalar_output(analytical.outputs[0], detach=False)
             elif not analytical.spec.kept:
                 raise ValueError(f"func returned no floating-point output to compare (outputs "
                                  f"{[d for _, d in analytical.spec.skipped]} have no gradient)")
-            nondet = _backward_spreads(analytical, wrt_idx, seed) if nondet_tol is not None else {}
+            nondet = _backward_spreads(analytical, wrt_idx, seed) if nondet_tol is not None and check_backward_ad \
+                else {}
             rng.close()  # the finite differences see the random draws autograd saw
-            for k in wrt_idx:
+            for analytical, k in ((a, k) for a in sides for k in wrt_idx):
                 p = params[k]
                 if mode == "directional":
                     evaluator = Directions(func, params, k, analytical, directions, h, sten, batching, seed,
@@ -427,16 +411,24 @@ def check(
                     if mode == "full":
                         coords = torch.arange(p.numel(), device=p.device)
                     else:
-                        score = (analytical.columns(k, torch.arange(p.numel(), device=p.device))[:, 0]
-                                 if analytical.scalar else analytical.vjp(k, torch.randn(
-                                     analytical.spec.size, generator=torch.Generator().manual_seed(seed + k),
+                        scorer = sides[0]  # reverse mode's gradient picks the largest entries; forward mode alone
+                        # would need every column for it: its sample is then uniform (seeded)
+                        score = (torch.rand(p.numel(), generator=torch.Generator().manual_seed(seed + k),
+                                            dtype=torch.float64).to(p.device) if scorer.forward else
+                                 scorer.columns(k, torch.arange(p.numel(), device=p.device))[:, 0]
+                                 if scorer.scalar else scorer.vjp(k, torch.randn(
+                                     scorer.spec.size, generator=torch.Generator().manual_seed(seed + k),
                                      dtype=torch.float64).to(p.device)))
                         coords = sample_coordinates(score, samples, seed + k)
                     reports = check_coordinates(Request(
                         func, params, k, analytical, coords, h, sten, engine, batching, chunk_size, memory_budget,
                         atol, rtol, mode, policy, tick))
                     _attach_plot_context(reports, func, params, k, analytical, sten, h, policy, rng)
-                if k in nondet:
+                if analytical.forward:
+                    for r in reports:
+                        r.name += " (forward AD)"
+                        r.details["ad"] = "forward"
+                if k in nondet and not analytical.forward:
                     for r in reports:
                         r.details["backward_spread"] = nondet[k]
                         if nondet[k] > nondet_tol:
@@ -449,20 +441,35 @@ def check(
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
-    return _finish(CheckReport(records, notes), func, params, wrt_idx, check_undefined_grad, raise_on_failure)
+    return _finish(CheckReport(records, notes), func, params, wrt_idx, rules, raise_on_failure)
 
 
 def _finish(report: CheckReport, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
-            check_undefined_grad: bool, raise_on_failure: bool) -> CheckReport:
-    """The last step of every check: the undefined-gradient check where asked for (its finding on every record of
-    the input), then the verdict (raising :class:`GradientCheckError` on failure, with ``raise_on_failure``)."""
-    if check_undefined_grad:
-        problems = undefined_grad_problems(func, params, wrt)
-        for t in report.tensors:
-            # every record names its input once, as params[k] ("params[k]", "output[j] wrt params[k]", ...)
-            k = int(re.search(r"params\[(\d+)\]", t.name).group(1))
-            t.undefined_grad = problems.get(k)
-            t.details["undefined_grad"] = problems.get(k, "passed")
+            rules: dict[str, bool], raise_on_failure: bool) -> CheckReport:
+    """The last step of every check: the rule checks asked for (:mod:`gradfd.rules`; ``rules`` maps each to whether
+    it was), their findings on every record of the input and side (reverse or forward mode) they concern, then the
+    verdict (raising :class:`GradientCheckError` on failure, with ``raise_on_failure``)."""
+    sides = {"forward" if t.details.get("ad") == "forward" else "backward" for t in report.tensors}
+    checks = {("backward", "undefined_grad"): undefined_grad_problems,
+              ("forward", "undefined_grad"): undefined_tangent_problems,
+              ("backward", "batched_grad"): batched_grad_problems,
+              ("forward", "batched_forward_grad"): batched_forward_problems,
+              ("backward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=False),
+              ("forward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=True)}
+    found = {(side, rule): run(func, params, wrt) for (side, rule), run in checks.items()
+             if rules.get(rule) and side in sides}
+    for t in report.tensors:
+        side = "forward" if t.details.get("ad") == "forward" else "backward"
+        # every record names its input once, as params[k] ("params[k]", "output[j] wrt params[k]", ...)
+        k = int(re.findall(r"params\[(\d+)\]", t.name)[-1])  # (order 2: "grad(params[j]) wrt params[k]")
+        for (s, rule), problems in found.items():
+            if s != side:
+                continue
+            t.details[rule] = problems.get(k, "passed")
+            if rule == "undefined_grad":
+                t.undefined_grad = problems.get(k)
+            elif k in problems:
+                t.findings[rule] = problems[k]
     if raise_on_failure and not report.passed:
         raise GradientCheckError(report)
     return report

@@ -8,7 +8,13 @@ resolves, per dtype and size: docs/benchmarks.md, "What directional mode can see
 
 What torch's defaults check, it checks too: the backward is run twice and must agree exactly (``nondet_tol=0.0``);
 a tensor where nothing could be compared fails; and with ``check_undefined_grad=True`` (the default) the backward must
-treat undefined output gradients as zeros (:func:`gradfd.check.undefined_grad_problems`), reported per input.
+treat undefined output gradients as zeros (:func:`gradfd.rules.undefined_grad_problems`), reported per input. Its
+options -- forward-mode AD, batched gradients, gradient dtypes -- are performed, each by :func:`gradfd.check`'s
+option of the same name.
+
+``gradfd.gradgradcheck`` is ``torch.autograd.gradgradcheck``'s drop-in: the first-order gradient (with its output
+gradients as further inputs, as torch does) checked by :func:`gradcheck`, so that the double backward gets the same
+per-entry verdicts (:mod:`gradfd.second_order`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
+from .second_order import gradient_function
 from .validation import check_step, describe
+from .verdict.policy import SEEDS
 from .report import CheckReport, GradientCheckError
 
-__all__ = ["gradcheck", "GradcheckError"]
+__all__ = ["gradcheck", "gradgradcheck", "GradcheckError"]
 
 
 class GradcheckError(_TorchGradcheckError, GradientCheckError):
@@ -42,11 +50,11 @@ class GradcheckError(_TorchGradcheckError, GradientCheckError):
 # NotImplementedError naming the option.
 _SUPPORTED: dict[str, tuple] = {
     "check_undefined_grad": (True, False),  # True: torch's default
-    "check_grad_dtypes": (False,),
-    "check_batched_grad": (False,),
-    "check_batched_forward_grad": (False,),
-    "check_forward_ad": (False,),
-    "check_backward_ad": (True,),  # False (with check_forward_ad=False) is torch's AssertionError, raised first
+    "check_grad_dtypes": (True, False),
+    "check_batched_grad": (True, False),
+    "check_batched_forward_grad": (True, False),
+    "check_forward_ad": (True, False),
+    "check_backward_ad": (True, False),  # both False is torch's AssertionError, raised first
     "masked": (None, False),  # gradfd takes dense tensors only, for which torch treats None as False
 }
 _BOOL_OPTIONS = ("check_undefined_grad", "check_grad_dtypes", "check_batched_grad", "check_batched_forward_grad",
@@ -85,8 +93,8 @@ def _validate_options(options: dict, raise_exception, fast_mode) -> dict:
     for name, value in opts.items():
         if value not in _SUPPORTED[name]:
             raise NotImplementedError(
-                f"gradfd.gradcheck does not support {name}={value!r} (it checks the reverse-mode gradient only); "
-                "use torch.autograd.gradcheck for that check"
+                f"gradfd.gradcheck does not support {name}={value!r}: masked=True is for sparse inputs, and gradfd "
+                "checks dense tensors (sparse inputs are refused); use torch.autograd.gradcheck for that check"
             )
     return opts
 
@@ -118,14 +126,17 @@ def gradcheck(
         nondet_tol: as in torch: the backward is run twice on the same graph with the same output gradients, and the
             two results must agree within this absolute tolerance in every entry; the default 0.0 asks for
             identical results. None skips this reentrancy check (a gradfd extension; torch has no such value).
-        **options: torch's other options. ``check_undefined_grad`` (default True, as in torch): with every output
-            gradient undefined (and, for several outputs, each alone), the backward must give every input a zero
-            or undefined gradient; a failure names the input, the largest entry and what the backward did (the
-            record's ``undefined_grad``). ``check_backward_ad=False`` with ``check_forward_ad=False`` raises
-            AssertionError, as torch does.
-            ``masked`` may be None or False (dense tensors). ``check_forward_ad``, ``check_batched_grad``,
-            ``check_batched_forward_grad``, ``check_grad_dtypes`` set to True (and ``check_backward_ad=False``
-            with ``check_forward_ad=True``) raise NotImplementedError.
+        **options: torch's other options, each performed by :func:`gradfd.check`'s option of the same name (its
+            docstring, and docs/custom-ops.md, say how). ``check_undefined_grad`` (default True, as in torch): with
+            every output gradient undefined (and, for several outputs, each alone), the backward must give every
+            input a zero or undefined gradient (and, with ``check_forward_ad``, a jvp must treat an undefined tangent
+            as zeros); a failure names the input, the largest entry and what the backward did (the record's
+            ``undefined_grad``). ``check_forward_ad`` (default False): forward-mode AD judged against the same
+            finite differences, per entry (fast mode: directionally). ``check_backward_ad`` (default True).
+            ``check_batched_grad``, ``check_batched_forward_grad``, ``check_grad_dtypes`` (default False): vmap
+            over the backward (forward AD) against a loop; gradients in their input's dtype, device and shape.
+            Both AD checks False, or a batched check without its side, raises AssertionError, as torch does.
+            ``masked`` may be None or False (dense tensors); True raises NotImplementedError.
 
     Returns:
         True when no entry disagrees, the backward is reentrant (within ``nondet_tol``) and (with
@@ -151,9 +162,111 @@ def gradcheck(
     if eps is not None:
         eps = check_step(eps, "eps")
     report = check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                   raise_on_failure=False, nondet_tol=nondet_tol, check_undefined_grad=opts["check_undefined_grad"])
+                   raise_on_failure=False, nondet_tol=nondet_tol,
+                   **{n: opts[n] for n in _BOOL_OPTIONS})
     if report.verified:
         return True
     if raise_exception:
         raise GradcheckError(report, report.uncompared_message())
     return False
+
+
+def gradgradcheck(
+    func: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    grad_outputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    eps: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    gen_non_contig_grad_outputs: bool = False,
+    raise_exception: bool = True,
+    nondet_tol: float | None = 0.0,
+    check_undefined_grad: bool = True,
+    check_grad_dtypes: bool = False,
+    check_batched_grad: bool = False,
+    check_fwd_over_rev: bool = False,
+    check_rev_over_rev: bool = True,
+    fast_mode: bool = False,
+    masked: bool = False,
+) -> bool:
+    """Check the double backward of ``func`` at ``inputs`` with gradfd; same signature and return value as
+    ``torch.autograd.gradgradcheck``.
+
+    As torch does, this is :func:`gradcheck` of ``g(*inputs, *grad_outputs) = torch.autograd.grad(func's
+    differentiable outputs, the inputs that require grad, grad_outputs, create_graph=True)``: finite differences of
+    autograd's first-order gradient against its derivative (the double backward), every entry in the dtype of
+    ``inputs`` (float32 is trusted), and, where ``grad_outputs`` require grad, the first-order gradient's
+    derivative with respect to them too. Where ``func`` does not depend on an input, its gradient is zeros (torch
+    leaves it out).
+
+    Args:
+        func, inputs: as :func:`gradcheck`.
+        grad_outputs: one per differentiable output of ``func``, or None (default): seeded (not the global RNG's)
+            uniform draws in [-1, 1) of each output's shape, dtype and device, requiring grad (so also checked), as
+            torch's ``make_tensor(low=-1, high=1)``; ``gen_non_contig_grad_outputs`` makes them non-contiguous.
+        eps, atol, rtol, raise_exception, nondet_tol, fast_mode: as in :func:`gradcheck`.
+        check_undefined_grad, check_grad_dtypes, check_batched_grad: :func:`gradcheck`'s options, applied to ``g``
+            (the double backward).
+        check_fwd_over_rev, check_rev_over_rev: :func:`gradcheck`'s ``check_forward_ad`` and ``check_backward_ad``
+            for ``g``: forward-over-reverse and reverse-over-reverse (default).
+        masked: False (default) or None; True raises NotImplementedError (sparse).
+
+    Returns:
+        True when every entry of the second derivative agrees (and the options' rule checks pass).
+
+    Raises:
+        GradcheckError: on failure, with ``raise_exception``.
+        AssertionError: options torch refuses together (both of ``check_fwd_over_rev`` and ``check_rev_over_rev``
+            False; ``check_undefined_grad`` or ``check_batched_grad`` without ``check_rev_over_rev``).
+        TypeError, ValueError: bad ``inputs``, ``grad_outputs`` (a count or shape that does not match the outputs)
+            or options, named.
+    """
+    if not (check_fwd_over_rev or check_rev_over_rev):
+        raise AssertionError("Expected at least one of check_fwd_over_rev or check_rev_over_rev to be True")
+    if check_undefined_grad and not check_rev_over_rev:
+        raise AssertionError("Setting check_undefined_grad=True requires check_rev_over_rev to be True")
+    if check_batched_grad and not check_rev_over_rev:
+        raise AssertionError("Setting check_batched_grad=True requires check_rev_over_rev to be True")
+    if not isinstance(gen_non_contig_grad_outputs, (bool, numbers.Integral, np.bool_)):
+        raise TypeError(f"gradgradcheck(): gen_non_contig_grad_outputs must be a bool, got "
+                        f"{describe(gen_non_contig_grad_outputs)}")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif not isinstance(inputs, (tuple, list)):
+        raise TypeError(f"gradgradcheck(): inputs must be a tensor or a tuple of tensors, got {describe(inputs)}")
+    inputs = tuple(inputs)
+    wrt = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    with torch.enable_grad():
+        outs = [o for o in (lambda out: out if isinstance(out, (tuple, list)) else (out,))(
+            func(*[x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+                   for x in inputs])) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if grad_outputs is None:
+        gen = torch.Generator().manual_seed(SEEDS.second_order(0))
+        grad_outputs = tuple(_uniform(o, gen, bool(gen_non_contig_grad_outputs)) for o in outs)
+    elif isinstance(grad_outputs, torch.Tensor):
+        grad_outputs = (grad_outputs,)
+    elif not isinstance(grad_outputs, (tuple, list)):
+        raise TypeError(f"gradgradcheck(): grad_outputs must be a tensor, a tuple of tensors or None, got "
+                        f"{describe(grad_outputs)}")
+    grad_outputs = tuple(grad_outputs)
+    if len(grad_outputs) != len(outs) or any(
+            not isinstance(c, torch.Tensor) or c.shape != o.shape for c, o in zip(grad_outputs, outs)):
+        raise ValueError(f"gradgradcheck(): grad_outputs must match func's differentiable outputs: expected "
+                         f"{len(outs)} tensors of shapes {[tuple(o.shape) for o in outs]}, got "
+                         f"{[describe(c) for c in grad_outputs]}")
+    g = gradient_function(func, wrt, len(grad_outputs))
+    return gradcheck(g, inputs + grad_outputs, eps=eps, atol=atol, rtol=rtol, raise_exception=raise_exception,
+                     fast_mode=fast_mode, nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad,
+                     check_grad_dtypes=check_grad_dtypes, check_batched_grad=check_batched_grad,
+                     check_forward_ad=check_fwd_over_rev, check_backward_ad=check_rev_over_rev, masked=masked)
+
+
+def _uniform(like: torch.Tensor, gen: torch.Generator, noncontiguous: bool) -> torch.Tensor:
+    """Uniform [-1, 1) draws shaped like ``like`` (its dtype and device), requiring grad; non-contiguous (every
+    other element of a doubled last dimension) when asked, as ``torch.testing.make_tensor(noncontiguous=True)``."""
+    shape = (*like.shape[:-1], 2 * like.shape[-1]) if noncontiguous and like.dim() else like.shape
+    t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).to(like.dtype).to(like.device)
+    if noncontiguous and like.dim():
+        t = t[..., ::2]
+    return t.requires_grad_()

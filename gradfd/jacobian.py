@@ -16,12 +16,13 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import budget as _budget
 from . import engine as _engine
 from . import stencils
 
-__all__ = ["Analytical", "Compressed", "ColoredPass", "PATTERNS", "grad", "largest", "term_sizes"]
+__all__ = ["Analytical", "ForwardAnalytical", "Compressed", "ColoredPass", "PATTERNS", "grad", "largest", "term_sizes"]
 
 _F64 = torch.float64.itemsize  # bytes of a float64 value
 _JUDGED_PAIRS = _budget.JUDGED_PAIRS  # (read here at every colored pass, so that a test may patch it)
@@ -51,7 +52,10 @@ class Analytical:
     Attributes:
         spec: the :class:`~gradfd.engine.OutputSpec` of the compared outputs.
         scalar: ``func`` returned a single one-element tensor (a loss).
+        forward: False: this class's Jacobian is reverse-mode's (vjps); :class:`ForwardAnalytical`'s is forward-mode's.
     """
+
+    forward = False
 
     def __init__(self, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int], budget: int):
         self.clones = [p.detach().clone().requires_grad_(k in wrt) for k, p in enumerate(params)]
@@ -172,6 +176,92 @@ class Analytical:
         lo = self.spec.offsets[group]
         block = self._dense[k][:, lo:lo + self.spec.numels[group]]
         return largest(block)
+
+
+class ForwardAnalytical(Analytical):
+    """Forward-mode AD's Jacobian of ``func`` (``torch.autograd.forward_ad``: a hand-written ``jvp`` rule is what is
+    checked), with :class:`Analytical`'s interface, so that every mode's verdicts judge it as they judge reverse mode.
+
+    Rule: a column is one jvp with a one-hot tangent, exact in the input's dtype, one jvp per call of ``func`` (as in
+    ``torch.autograd.gradcheck``: a batching rule is not what this judges; ``check_batched_forward_grad`` does).
+    Every jvp replays ``func``'s random draws from the caller's RNG
+    state (the state at construction), and leaves the global RNG as it found it. Rows (vjps) need every column: they
+    cost ``N`` jvps, so the checks that only need columns (full and sample mode, exact columns) or a few jvps
+    (directional mode: :meth:`jvp`) use those, and colored passes are not used.
+    """
+
+    forward = True
+
+    def __init__(self, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int], budget: int):
+        self.func = func
+        self._rng = _engine.RngGuard()
+        super().__init__(func, params, wrt, budget)
+        self._rng.observe()  # func draws random numbers: every jvp starts from the same state
+
+    def _one(self, k: int, tangent: torch.Tensor) -> tuple:
+        """The output tangents (None where an output does not depend on ``params[k]``) of one jvp."""
+        args = [c.detach() for c in self.clones]
+        with fwAD.dual_level():
+            args[k] = fwAD.make_dual(args[k], tangent.view(args[k].shape))
+            out = self.func(*args)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            return tuple(fwAD.unpack_dual(outs[j]).tangent for j in self.spec.kept)
+
+    def jvp(self, k: int, tangents: torch.Tensor) -> torch.Tensor:
+        """``(r, O)`` float64: ``J v`` for each row of ``tangents`` (``(r, N_k)``, rounded to the input's dtype)."""
+        x = self.clones[k]
+        t = tangents.to(x.dtype)
+        r = t.shape[0]
+        parts = [torch.zeros(r, n, dtype=torch.float64, device=x.device) for n in self.spec.numels]
+        saved = _engine.RngGuard()
+        try:
+            with torch.no_grad(), _engine.noting(f"gradfd: raised in forward-mode AD (a jvp) of func for params[{k}] "
+                                                 "at the unperturbed params"):
+                for q in range(r):
+                    self._rng.reset()
+                    for part, g in zip(parts, self._one(k, t[q])):
+                        if g is not None:
+                            part[q] = g.reshape(-1).to(torch.float64)
+        finally:
+            saved.close()
+        return torch.cat(parts, dim=1) if parts else torch.zeros(r, 0, dtype=torch.float64, device=x.device)
+
+    def _jvp_columns(self, k: int, cols: torch.Tensor) -> torch.Tensor:
+        """``(c, O)`` float64 Jacobian columns ``cols`` from one-hot jvps, as many per batch as the budget holds."""
+        n = self.clones[k].numel()
+        step = max(1, self.budget // (_F64 * (n + self.spec.size) * 2))
+        parts = []
+        for a in range(0, cols.numel(), step):
+            c = cols[a:a + step]
+            onehot = torch.zeros(c.numel(), n, dtype=torch.float64, device=self.device)
+            onehot[torch.arange(c.numel(), device=self.device), c] = 1.0
+            parts.append(self.jvp(k, onehot))
+        return torch.cat(parts) if parts else torch.zeros(0, self.spec.size, dtype=torch.float64, device=self.device)
+
+    def _all_rows(self, k: int) -> torch.Tensor:
+        n = self.clones[k].numel()
+        return self._jvp_columns(k, torch.arange(n, device=self.device)).t()
+
+    def _rows(self, k: int, rows: torch.Tensor) -> torch.Tensor:
+        return self._all_rows(k)[rows]
+
+    def columns(self, k: int, cols: torch.Tensor) -> torch.Tensor:
+        n = self.clones[k].numel()
+        if k not in self._dense and self.spec.size * n * _F64 <= self.budget and cols.numel() == n:
+            self._dense[k] = self._all_rows(k).t().contiguous()
+        return self._dense[k][cols] if k in self._dense else self._jvp_columns(k, cols)
+
+    def vjp(self, k: int, cotangent: torch.Tensor) -> torch.Tensor:
+        return self.vjp_batched(k, cotangent.view(1, -1))[0]
+
+    def vjp_batched(self, k: int, cotangents: torch.Tensor) -> torch.Tensor:
+        """``cotangents (r, O)`` times the forward-mode Jacobian: every column (``N_k`` jvps, chunked)."""
+        n = self.clones[k].numel()
+        if k in self._dense:
+            return cotangents @ self._dense[k].t()
+        step = max(1, self.budget // (_F64 * (n + self.spec.size) * 2))
+        return torch.cat([cotangents @ self._jvp_columns(k, torch.arange(a, min(a + step, n), device=self.device)).t()
+                          for a in range(0, n, step)], dim=1)
 
 
 def largest(t: torch.Tensor) -> float:

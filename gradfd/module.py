@@ -139,6 +139,7 @@ def _renamed(report: CheckReport, targets: list[_Target]) -> CheckReport:
         t.details = {k: sub(v) if isinstance(v, str) else v for k, v in t.details.items()}
         t.nondeterminism = sub(t.nondeterminism) if t.nondeterminism else t.nondeterminism
         t.undefined_grad = sub(t.undefined_grad) if t.undefined_grad else t.undefined_grad
+        t.findings = {rule: sub(text) for rule, text in t.findings.items()}
     report.notes = [sub(n) for n in report.notes]
     return report
 

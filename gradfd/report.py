@@ -13,6 +13,9 @@ __all__ = ["AGREE", "DISAGREE", "UNRESOLVED", "TensorReport", "CheckReport", "Gr
            "InvalidReferenceError"]
 
 AGREE, DISAGREE, UNRESOLVED = 0, 1, 2
+# the rule checks whose findings a record holds (TensorReport.findings), as the report names them
+RULES = {"batched_grad": "batched backward", "batched_forward_grad": "batched forward AD",
+         "grad_dtypes": "gradient dtype"}
 VERDICT_NAMES = {AGREE: "agree", DISAGREE: "disagree", UNRESOLVED: "unresolved"}
 
 
@@ -71,6 +74,9 @@ class TensorReport:
             kinks are switches', in full and sample modes (the shares of clean and of tall stencils, and
             whether the rule on switches held: docs/verdicts.md, "Switches at scale").
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
+        findings: what the other rule checks found wrong, by option: ``"batched_grad"``, ``"batched_forward_grad"``,
+            ``"grad_dtypes"`` (:mod:`gradfd.rules`); empty when they passed or were not asked for. Any finding fails
+            the record.
         undefined_grad: set (to what the backward did) when ``check_undefined_grad`` found that the backward does not
             treat undefined output gradients as zeros: it raised, or gave this input a nonzero gradient.
         detection_limit: the smallest error on a single entry, relative to the tensor's RMS gradient (of the
@@ -107,6 +113,7 @@ class TensorReport:
     output_shape: tuple | None = None
     nondeterminism: str | None = None
     undefined_grad: str | None = None
+    findings: dict[str, str] = field(default_factory=dict)
     detection_limit: float = math.nan
     unexamined: float = 0.0
     plot_context: Any = field(default=None, repr=False, compare=False)
@@ -114,9 +121,9 @@ class TensorReport:
     @property
     def passed(self) -> bool:
         """No checked entry disagrees, the backward was not found non-deterministic, and (where checked) it treats
-        undefined output gradients as zeros. Unresolved entries do not fail: a tensor whose every entry is unresolved
-        passes (see :attr:`nothing_compared`)."""
-        return self.disagree == 0 and self.nondeterminism is None and self.undefined_grad is None
+        undefined output gradients as zeros and the other rule checks found nothing (:attr:`findings`). Unresolved
+        entries do not fail: a tensor whose every entry is unresolved passes (see :attr:`nothing_compared`)."""
+        return self.disagree == 0 and self.nondeterminism is None and self.undefined_grad is None and not self.findings
 
     @property
     def nothing_compared(self) -> bool:
@@ -126,8 +133,8 @@ class TensorReport:
 
     @property
     def verdict(self) -> str:
-        """``"FAIL"`` (a disagreement, nondeterminism, or an undefined-gradient finding), ``"UNRESOLVED"`` (none, but
-        no entry could be compared either: every one is unresolved) or ``"PASS"``."""
+        """``"FAIL"`` (a disagreement, nondeterminism, an undefined-gradient or other rule finding), ``"UNRESOLVED"``
+        (none, but no entry could be compared either: every one is unresolved) or ``"PASS"``."""
         if not self.passed:
             return "FAIL"
         return "UNRESOLVED" if self.unresolved and not self.agree else "PASS"
@@ -210,6 +217,7 @@ class TensorReport:
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "worst_index": _jsonable(self.worst_index), "output_shape": _jsonable(self.output_shape),
             "nondeterminism": self.nondeterminism, "undefined_grad": self.undefined_grad,
+            "findings": dict(self.findings),
             "detection_limit": self.detection_limit,
             "unexamined": self.unexamined,
             "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
@@ -326,6 +334,8 @@ class CheckReport:
                 out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
             if t.undefined_grad:
                 out.append(f"  {t.name}: undefined output gradients: {t.undefined_grad}")
+            for rule, text in t.findings.items():
+                out.append(f"  {t.name}: {RULES.get(rule, rule)}: {text}")
             ref = t.details.get("reference")
             if ref:
                 out.append(f"  {t.name} against the reference: func's largest error {_fmt(ref['op_error'])}, the "

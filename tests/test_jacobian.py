@@ -434,10 +434,8 @@ def test_gradcheck_drop_in_mirrors_torch(seed):
         gradfd.gradcheck(_Buggy.apply, (x,))
     with pytest.raises(gradfd.GradientCheckError):
         gradfd.gradcheck(_Buggy.apply, (x,))
-    with pytest.raises(NotImplementedError, match="check_forward_ad=True"):
-        gradfd.gradcheck(_softmax_rows, (x,), check_forward_ad=True)
-    with pytest.raises(NotImplementedError, match="check_batched_grad=True"):
-        gradfd.gradcheck(_softmax_rows, (x,), check_batched_grad=True)
+    assert gradfd.gradcheck(_softmax_rows, (x,), check_forward_ad=True, check_batched_grad=True,
+                            check_batched_forward_grad=True, check_grad_dtypes=True) is True
     with pytest.raises(TypeError, match="unexpected keyword argument 'frobnicate'"):
         gradfd.gradcheck(_softmax_rows, (x,), frobnicate=True)
 

@@ -53,12 +53,12 @@ from .coordinates import CoordinateBatches, sync
 from .evaluation import Evaluation, node_values, resolve_steps
 from .loop import loop_coordinates
 from .points import evaluate_points
-from .problem import OutputSpec, Problem, RngGuard, prepare
+from .problem import OutputSpec, Problem, RngGuard, no_tf32, prepare
 
 __all__ = [
     # the engine
     "ENGINES", "BATCHINGS", "numerical_gradient", "evaluate", "evaluate_points", "prepare", "Evaluation", "Problem",
-    "OutputSpec", "RngGuard", "node_values",
+    "OutputSpec", "RngGuard", "no_tf32", "node_values",
     # re-exported from the modules that own them, for code that reaches them through gradfd.engine
     "GradfdWarning", "FallbackWarning", "NonFiniteLossError", "NodeErrors", "CANNOT_RUN_THAT_WAY", "noting",
     "warnings_once", "validate_scalar_output", "check_params", "check_step", "parse_memory_budget",

@@ -1,6 +1,7 @@
 """The function under test on private copies: :class:`Problem` (``func``, copies of its arguments, the checked
 parameter as a flat buffer that the loop perturbs in place), :class:`OutputSpec` (which outputs of a tensor-valued
-``func`` are compared), :class:`RngGuard` (the same random draws at every node) and :func:`prepare`.
+``func`` are compared), :class:`RngGuard` (the same random draws at every node), :func:`no_tf32` and
+:func:`prepare`.
 
 How ``func`` is then evaluated at many points (batched, looped) lives in :mod:`.batched`, :mod:`.loop` and the
 drivers; argument checks live in :mod:`gradfd.validation`.
@@ -8,8 +9,9 @@ drivers; argument checks live in :mod:`gradfd.validation`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -19,7 +21,27 @@ from ..report import unravel
 from ..validation import describe, validate_scalar_output
 from .modes import AllocationMeter
 
-__all__ = ["RngGuard", "OutputSpec", "Problem", "prepare"]
+__all__ = ["RngGuard", "no_tf32", "OutputSpec", "Problem", "prepare"]
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Turn TF32 matmul/cuDNN off (and float32 matmul precision to "highest"); restore the settings on exit.
+
+    cuDNN's flag goes through ``torch.backends.cudnn.flags``, which also works where the global flags are frozen
+    (``torch.backends.disable_global_flags()``, as in PyTorch's own test harness)."""
+    cudnn = torch.backends.cudnn
+    cuda_matmul = torch.backends.cuda.matmul.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
+        torch.set_float32_matmul_precision(precision)
 
 
 class RngGuard:

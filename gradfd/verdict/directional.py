@@ -140,6 +140,14 @@ class Directions:
         self.u = torch.randn(count, size, generator=gen, dtype=torch.float64).to(x.device)
         if self.scalar:
             self.u = torch.ones(count, 1, dtype=torch.float64, device=x.device)
+        self.analytical = analytical
+        if analytical.forward:
+            # forward mode has J v, not u_dᵀJ: the nodes' analytical values are jvps of their realised displacements,
+            # and ||(u_dᵀJ) * v_d||_2 is estimated from jvps along v_d with random signs (its mean square)
+            self.grads = None
+            self.probes = torch.stack([self._probes(d) for d in range(count)])  # (D, M)
+            self.spreads = self.probes.pow(2).mean(-1).sqrt()
+        elif self.scalar:
             g = analytical.vjp(k, torch.ones(1, dtype=torch.float64, device=x.device))
             self.grads = g.expand(count, -1)
         else:
@@ -152,6 +160,14 @@ class Directions:
         memory stays one direction at a time)."""
         gen = torch.Generator().manual_seed(self.seed + 1 + d)
         return torch.randn(self.steps.numel(), generator=gen, dtype=torch.float64).to(self.steps.device) * self.steps
+
+    def _probes(self, d: int) -> torch.Tensor:
+        """``(M,)`` ``u_dᵀJ (v_d * s_m)`` for ``M = Policy.forward_probes`` seeded random signs ``s_m``: the mean
+        square is ``||(u_dᵀJ) * v_d||_2^2`` in expectation (forward mode)."""
+        gen = torch.Generator().manual_seed(self.seed + 1 + d + SEEDS.stride)
+        m = self.policy.forward_probes
+        signs = torch.randint(0, 2, (m, self.steps.numel()), generator=gen).to(torch.float64) * 2 - 1
+        return self.analytical.jvp(self.k, signs.to(self.steps.device) * self.direction(d)) @ self.u[d]
 
     def moves(self, shift: int) -> bool:
         """Whether the middle rung of the ladder, ``2^shift`` times smaller, still moves most entries by
@@ -180,12 +196,25 @@ class Directions:
         per = max(1, min(S, self.budget // max(1, node_bytes)))
         for col, d in enumerate(which):
             v = self.direction(d)  # (N,)
-            g = self.grads[d]
-            spread[col] = (v * g).norm()
+            g = None if self.grads is None else self.grads[d]
+            spread[col] = self.spreads[d] if g is None else (v * g).norm()
+            if g is None:  # forward mode: one jvp of the direction (in the input's dtype), scaled by each offset
+                v_in = v.to(x.dtype).to(torch.float64)
+                along, at_zero = (self.analytical.jvp(self.k, torch.stack([v_in, torch.zeros_like(v_in)])) @ self.u[d]
+                                  ).tolist()
             for start in range(0, S, per):
                 rows = slice(start, min(S, start + per))
                 points = (x64 + offsets[rows].view(-1, 1) * v).to(x.dtype)  # (s, N)
-                ana[rows, col] = (points.to(torch.float64) - x64) @ g  # exact for the nodes
+                disp = points.to(torch.float64) - x64
+                if g is not None:
+                    ana[rows, col] = disp @ g  # exact for the nodes
+                else:  # plus the linear part of a jvp of what rounding the nodes added: a jvp rule that is not
+                    # linear (an offset: a tangent not multiplied in) stays in `along` alone, a miss on every rung
+                    ana[rows, col] = offsets[rows] * along
+                    rest = disp - offsets[rows].view(-1, 1) * v_in
+                    moved = (rest != 0).any(dim=1).nonzero().flatten()
+                    if moved.numel():
+                        ana[start + moved, col] += self.analytical.jvp(self.k, rest[moved]) @ self.u[d] - at_zero
                 values, used = _engine.evaluate_points(problem, points, self.batching)
                 values = values.reshape(points.shape[0], -1)  # (s, O)
                 self.details["batching"] = used
@@ -553,7 +582,11 @@ def _limit(evaluator: Directions, ladder: Ladder) -> float:
     """The detection limit of the judged directions (:func:`~.detection.directional_limit`)."""
     # the RMS over the gradient's nonzero entries for a loss (as full mode counts the entries it depends on); for a
     # tensor-valued function over every Jacobian entry: E[(u_dᵀJ)_i^2] = sum_o J_oi^2
-    if evaluator.scalar:
+    if evaluator.grads is None:  # forward mode: E[probe^2] = sum_oi J_oi^2 steps_i^2 over the probes' directions
+        steps = evaluator.steps
+        scale = float(steps.pow(2).mean()) * steps.numel() * (1 if evaluator.scalar else evaluator.u.shape[1])
+        rms = math.sqrt(float(evaluator.probes.pow(2).mean()) / scale) if scale > 0 else 0.0
+    elif evaluator.scalar:
         g = evaluator.grads[0]
         g = g[g.isfinite() & (g != 0)]
         rms = math.sqrt(float(g.pow(2).mean())) if g.numel() else 0.0

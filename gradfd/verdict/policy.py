@@ -182,6 +182,9 @@ class Policy:
                                             "points one ulp away (independent roundings; with 4, the tuned draws of "
                                             "a half-arithmetic softmax gave 4 false alarms in 40, with 8 one: an ad "
                                             "hoc run)", REFERENCE)
+    forward_probes: int = _f(4, "forward AD in directional mode: jvps along each direction with seeded random signs, "
+                                "whose mean square estimates ||(u^T J) * v||_2^2 (the floor's scale) and the "
+                                "detection limit's RMS (a design choice, not tuned)", DIRECTIONAL)
     # report
     rel_floor: float = _f(1e-3, "relative errors are taken over entries at least this share of the tensor's "
                                 "largest (most Jacobian entries are zero)", JACOBIAN, maximum=1.0)
@@ -273,6 +276,14 @@ class Seeds:
         """The seed of reference mode's cotangents (its one-ulp moves use this + 1): past every other seed's reach
         (they lie within a few strides of ``seed``)."""
         return seed + self.stride ** 2
+
+    def second_order(self, seed: int) -> int:
+        """The seed of ``order=2``'s output gradients (a tensor-valued func): past reference mode's."""
+        return seed + 2 * self.stride ** 2
+
+    def batched(self, seed: int) -> int:
+        """The seed of the batched and gradient-dtype checks' cotangents and tangents (:mod:`gradfd.rules`)."""
+        return seed + 3 * self.stride ** 2
 
     def reentrancy(self, seed: int) -> int:
         """The seed of the reentrancy check's output gradients."""

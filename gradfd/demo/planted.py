@@ -1,0 +1,131 @@
+"""A custom op with every rule an op author writes, and one planted mistake per rule (issue 23's bars).
+
+``sin_mul(x, w) = sin(x * w)`` (elementwise; ``x`` and ``w`` of one shape) is a ``torch.autograd.Function`` with a
+hand-written backward, forward-mode rule (``jvp``) and double backward (the backward is itself a Function,
+``_SinMulGrad``, with its own hand-written backward and jvp, for reverse- and forward-over-reverse). Its first-order
+backward is right in every variant. Each entry of :data:`BUGS` plants one mistake, the kind an op author makes, and
+:data:`OPTIONS` names the check of its rule:
+
+- ``"jvp_one_input"``: the jvp leaves out ``x`` in ``w``'s term (``cos(xw) (t_x w + t_w)``): forward AD;
+- ``"double_backward"``: the double backward drops the ``cos`` of the cross derivative ``d(g_x)/dw``: gradgrad;
+- ``"detached"``: the backward computes from detached tensors, so that the double backward is lost: gradgrad;
+- ``"undefined_as_ones"``: an undefined output gradient is taken as ones (``set_materialize_grads(False)``):
+  the undefined-gradient check;
+- ``"backward_not_batchable"``: the backward exits early when the output gradient is all zeros, reading it with
+  ``.item()``, which vmap cannot batch: the batched-gradient check;
+- ``"jvp_not_batchable"``: the jvp does the same with its tangent: the batched forward check.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["sin_mul", "BUGS", "OPTIONS"]
+
+# each planted mistake, and the gradcheck options (of torch's and gradfd's drop-ins) that check its rule; "gradgrad"
+# means gradgradcheck, with these options
+OPTIONS: dict[str, dict] = {
+    "jvp_one_input": {"check_forward_ad": True},
+    "double_backward": {"gradgrad": True},
+    "detached": {"gradgrad": True},
+    "undefined_as_ones": {"check_undefined_grad": True},
+    "backward_not_batchable": {"check_batched_grad": True},
+    "jvp_not_batchable": {"check_forward_ad": True, "check_batched_forward_grad": True},
+}
+BUGS = tuple(OPTIONS)
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    return float(t.abs().sum()) == 0.0  # (.item(): a host read, which vmap cannot batch)
+
+
+@functools.cache
+def _op(bug: str | None) -> type:
+    """The Function of ``sin_mul`` with ``bug`` planted (None: correct)."""
+
+    class _SinMulGrad(torch.autograd.Function):
+        """``(g cos(xw) w, g cos(xw) x)`` with its own hand-written backward (sin_mul's double backward)."""
+
+        @staticmethod
+        def forward(ctx, x, w, g):
+            ctx.save_for_backward(x, w, g)
+            ctx.save_for_forward(x, w, g)
+            c = torch.cos(x * w)
+            return g * c * w, g * c * x
+
+        @staticmethod
+        def jvp(ctx, tx, tw, tg):  # (forward over reverse)
+            x, w, g = ctx.saved_tensors
+            tx, tw, tg = (torch.zeros_like(x) if t is None else t for t in (tx, tw, tg))
+            c, s = torch.cos(x * w), torch.sin(x * w)
+            moved = -g * s * (tx * w + x * tw)  # the tangent of g cos(xw)
+            return tg * c * w + moved * w + g * c * tw, tg * c * x + moved * x + g * c * tx
+
+        @staticmethod
+        def backward(ctx, ggx, ggw):
+            x, w, g = ctx.saved_tensors
+            c, s = torch.cos(x * w), torch.sin(x * w)
+            cross = g * (c - s * x * w)  # d(g_x)/dw = d(g_w)/dx
+            cross_x = g * (-s * x * w) if bug == "double_backward" else cross
+            dx = ggx * (-g * s * w * w) + ggw * cross_x
+            dw = ggx * cross + ggw * (-g * s * x * x)
+            dg = ggx * c * w + ggw * c * x
+            return dx, dw, dg
+
+    class SinMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            if bug == "undefined_as_ones":
+                ctx.set_materialize_grads(False)
+            ctx.save_for_backward(x, w)
+            ctx.save_for_forward(x, w)
+            return torch.sin(x * w)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            if bug == "undefined_as_ones" and g is None:
+                g = torch.ones_like(x)
+            if bug == "backward_not_batchable" and _all_zero(g):
+                return torch.zeros_like(x), torch.zeros_like(w)
+            if bug == "detached":
+                x, w = x.detach(), w.detach()
+                c = torch.cos(x * w)
+                return g * c * w, g * c * x
+            return _SinMulGrad.apply(x, w, g)
+
+        @staticmethod
+        def jvp(ctx, tx, tw):
+            x, w = ctx.saved_tensors
+            tx = torch.zeros_like(x) if tx is None else tx
+            tw = torch.zeros_like(w) if tw is None else tw
+            if bug == "jvp_not_batchable" and _all_zero(tx) and _all_zero(tw):
+                return torch.zeros_like(x)
+            if bug == "jvp_one_input":
+                return torch.cos(x * w) * (tx * w + tw)
+            return torch.cos(x * w) * (tx * w + x * tw)
+
+    SinMul.__name__ = f"SinMul_{bug}" if bug else "SinMul"
+    return SinMul
+
+
+def sin_mul(x: torch.Tensor, w: torch.Tensor, bug: str | None = None) -> torch.Tensor:
+    """``sin(x * w)``, elementwise, through hand-written rules (the module docstring).
+
+    Args:
+        x, w: floating tensors of one shape, dtype and device.
+        bug: None (default: every rule right), or one of :data:`BUGS`.
+
+    Returns:
+        ``sin(x * w)``, shaped like ``x``.
+
+    Raises:
+        ValueError: ``bug`` not None nor in :data:`BUGS`, or ``x`` and ``w`` of different shapes.
+    """
+    if bug is not None and bug not in BUGS:
+        raise ValueError(f"bug must be None or one of {BUGS}, got {bug!r}")
+    if x.shape != w.shape:
+        raise ValueError(f"x and w must have one shape, got {tuple(x.shape)} and {tuple(w.shape)}")
+    return _op(bug).apply(x, w)
