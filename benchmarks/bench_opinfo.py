@@ -710,7 +710,165 @@ def render_full(data: dict) -> str:
     return "\n".join(L)
 
 
-RENDER = {"opinfo": render_summary, "opinfo-full": render_full}
+# ---------------------------------------------------------------------------------------------------------------
+# --rules: forward-mode AD and gradgrad (issue 23), beside torch's own checks
+
+RULE_CHECKS = {  # the check -> the OpInfo flag an entry needs for it
+    "forward AD": "supports_forward_ad",
+    "gradgrad": "supports_gradgrad",
+}
+
+
+def run_rule(lib, check: str, fn, inputs, timeout: float, seed: int) -> dict:
+    """``lib``'s drop-in (``torch.autograd`` or ``gradfd``) on one sample: forward AD as PyTorch's own
+    ``test_forward_mode_AD`` runs it (``gradcheck(check_forward_ad=True, check_backward_ad=False)``), gradgrad as
+    ``test_fn_gradgrad`` (``gradgradcheck`` with its defaults)."""
+    row: dict = {}
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        with time_limit(timeout), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if check == "forward AD":
+                ok = lib.gradcheck(fn, inputs, check_forward_ad=True, check_backward_ad=False, raise_exception=False)
+            else:
+                ok = lib.gradgradcheck(fn, inputs, raise_exception=False)
+        row["verdict"] = PASS if ok else FAIL
+    except CheckTimeout as exc:
+        row.update(verdict=TIMEOUT, message=str(exc))
+    except Exception as exc:  # noqa: BLE001 -- a peer benchmark: record whatever goes wrong
+        row.update(verdict=ERROR, message=short(f"{type(exc).__name__}: {exc}"))
+    row["seconds"] = time.perf_counter() - t0
+    if row["verdict"] == FAIL and lib is gradfd:  # which records failed (not timed)
+        try:
+            with time_limit(timeout), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(seed)
+                if check == "forward AD":
+                    gradfd.gradcheck(fn, inputs, check_forward_ad=True, check_backward_ad=False)
+                else:
+                    gradfd.gradgradcheck(fn, inputs)
+        except Exception as exc:  # noqa: BLE001
+            row["message"] = short(f"{type(exc).__name__}: {exc}", 600)
+    return row
+
+
+def check_rules(op, dtype: torch.dtype, timeout: float) -> list[dict]:
+    """Each rule check the entry supports, on its first sample in ``dtype`` (the seed of the first-order rows):
+    torch's and gradfd's drop-ins in float64, gradfd's alone in float32 (torch's float64-built tolerances fail
+    float32)."""
+    name = entry_name(op)
+    seed = entry_seed(name, dtype)
+    rows = []
+    for check, flag in RULE_CHECKS.items():
+        row: dict = {"entry": name, "dtype": str(dtype).replace("torch.", ""), "seed": seed, "check": check}
+        if not getattr(op, flag, False):
+            continue
+        if dtype not in op.supported_backward_dtypes("cpu"):
+            rows.append({**row, "skipped": f"no backward in {row['dtype']} on cpu"})
+            continue
+        try:
+            sample = first_sample(op, dtype, seed)
+        except Exception as exc:  # noqa: BLE001 (StopIteration included)
+            rows.append({**row, "skipped": short(f"no sample input ({type(exc).__name__})")})
+            continue
+        fn, inputs = gradcheck_inputs(op, sample)
+        if not inputs:
+            rows.append({**row, "skipped": "sample has no tensor requiring grad"})
+            continue
+        row["inputs"] = describe_inputs(inputs)
+        if dtype == torch.float64:
+            row["torch"] = run_rule(torch.autograd, check, fn, inputs, timeout, seed)
+        row["gradfd"] = run_rule(gradfd, check, gradfd_wrapper(fn), inputs, timeout, seed)
+        rows.append(row)
+    return rows
+
+
+def summarise_rules(rows: list[dict]) -> dict:
+    """Per check: float64 passes of each tool, the samples torch passes and gradfd does not, and gradfd's float32
+    passes among the samples torch's float64 check passes (the bar: at least 95% for gradgrad)."""
+    out = {}
+    for check in RULE_CHECKS:
+        r64 = [r for r in rows if r["check"] == check and r["dtype"] == "float64" and "skipped" not in r]
+        r32 = {r["entry"]: r for r in rows if r["check"] == check and r["dtype"] == "float32" and "skipped" not in r}
+        torch_pass = [r["entry"] for r in r64 if verdict(r, "torch") == PASS]
+        on = [r32[e] for e in torch_pass if e in r32]
+        errors: dict[str, int] = {}
+        for r in r64 + list(r32.values()):
+            if verdict(r, "gradfd") in (ERROR, TIMEOUT):
+                key = r["gradfd"].get("message", r["gradfd"]["verdict"])[:90]
+                errors[key] = errors.get(key, 0) + 1
+        out[check] = {
+            "float64_samples": len(r64),
+            "float64_pass": {"torch": sum(verdict(r, "torch") == PASS for r in r64),
+                             "gradfd": sum(verdict(r, "gradfd") == PASS for r in r64)},
+            "torch_passes_gradfd_not": [(r["entry"], verdict(r, "gradfd")) for r in r64
+                                        if verdict(r, "torch") == PASS and verdict(r, "gradfd") != PASS],
+            "gradfd_passes_torch_not": [(r["entry"], verdict(r, "torch")) for r in r64
+                                        if verdict(r, "gradfd") == PASS and verdict(r, "torch") != PASS],
+            "float32_on_torch64_pass": {"samples": len(on), "gradfd": sum(verdict(r, "gradfd") == PASS for r in on),
+                                        "not_passing": [(r["entry"], verdict(r, "gradfd")) for r in on
+                                                        if verdict(r, "gradfd") != PASS]},
+            "seconds": {"torch float64": sum(r["torch"]["seconds"] for r in r64),
+                        "gradfd float64": sum(r["gradfd"]["seconds"] for r in r64),
+                        "gradfd float32": sum(r["gradfd"]["seconds"] for r in r32.values())},
+            "gradfd_errors": errors,
+        }
+    return out
+
+
+def render_rules(data: dict) -> str:
+    s = summarise_rules(data["rows"])
+    lines = [head(data), "",
+             "Each entry's first sample (the first-order rows' seeds). Forward AD: `gradcheck(check_forward_ad=True, "
+             "check_backward_ad=False)`, as PyTorch's `test_forward_mode_AD`; gradgrad: `gradgradcheck` with its "
+             "defaults, as `test_fn_gradgrad`. Both tools get the same function and tensors (complex outputs reach "
+             "gradfd as real pairs).", "",
+             "| check | float64 samples | torch passes (float64) | gradfd passes (float64) | torch passes, gradfd "
+             "not | gradfd float32 passes, of torch's float64 passes | seconds: torch f64 / gradfd f64 / f32 |",
+             "|---|---|---|---|---|---|---|"]
+    for check, c in s.items():
+        on = c["float32_on_torch64_pass"]
+        sec = c["seconds"]
+        lines.append(f"| {check} | {c['float64_samples']} | {c['float64_pass']['torch']} | "
+                     f"{c['float64_pass']['gradfd']} | {len(c['torch_passes_gradfd_not'])} | "
+                     f"{on['gradfd']} / {on['samples']} | {sec['torch float64']:.1f} / {sec['gradfd float64']:.1f} / "
+                     f"{sec['gradfd float32']:.1f} |")
+    lines.append("")
+    for check, c in s.items():
+        on = c["float32_on_torch64_pass"]
+        rate = on["gradfd"] / max(1, on["samples"])
+        lines.append(f"- **{check}**: gradfd passes {rate:.1%} in float32 of the samples torch's float64 check "
+                     f"passes" + (f" (bar: at least 95%: {'met' if rate >= 0.95 else 'NOT met'})"
+                                  if check == "gradgrad" else "") + ".")
+        listed = lambda pairs: ticks(f"{e} ({v})" for e, v in pairs)  # noqa: E731
+        lines.append(f"  - torch passes in float64, gradfd does not: {listed(c['torch_passes_gradfd_not'])}.")
+        lines.append(f"  - gradfd passes in float64, torch does not: {listed(c['gradfd_passes_torch_not'])}.")
+        lines.append(f"  - float32, not passing (of torch's float64 passes): {listed(on['not_passing'])}.")
+        if c["gradfd_errors"]:
+            lines.append("  - what gradfd raised: " + "; ".join(f"{n}x `{m}`" for m, n in sorted(
+                c["gradfd_errors"].items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines)
+
+
+def rules_main(selected: list, dtypes: list, timeout: float, command: str, info: dict, write: bool,
+               t_start: float) -> None:
+    rows = []
+    for i, op in enumerate(selected, 1):
+        for d in dtypes:
+            for r in check_rules(op, d, timeout):
+                rows.append(r)
+                cells = "skipped: " + r["skipped"] if "skipped" in r else " | ".join(
+                    f"{t} {r[t]['verdict']:7s} {r[t]['seconds']:6.2f}s" for t in ("torch", "gradfd") if t in r)
+                print(f"[{i:3d}/{len(selected)}] {r['entry']:40s} {r['dtype']:7s} {r['check']:10s} {cells}",
+                      flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    data = {"machine": info, "command": command, "wall_seconds": time.perf_counter() - t_start, "rows": rows}
+    data = json.loads(json.dumps(data, default=str))
+    print(record("opinfo-rules", data, write=write))
+
+
+RENDER = {"opinfo": render_summary, "opinfo-full": render_full, "opinfo-rules": render_rules}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -814,6 +972,8 @@ def main() -> None:
     ap.add_argument("--analyse", default=None, metavar="ENTRY[:DTYPE]",
                     help="print gradfd's flagged entries of one sample beside a float64 Ridders reference")
     ap.add_argument("--h0", type=float, default=None, help="initial Ridders step for --analyse")
+    ap.add_argument("--rules", action="store_true", help="forward AD and gradgrad instead of the first-order check "
+                                                         "(the section opinfo-rules, results/opinfo-rules.json)")
     args = ap.parse_args()
     command = "uv run python benchmarks/bench_opinfo.py" + "".join(f" {a}" for a in sys.argv[1:])
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -853,6 +1013,9 @@ def main() -> None:
         skipped_entries = []
     print(f"{len(selected)} differentiable entries to check ({len(op_db)} in op_db); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
+    if args.rules:
+        rules_main(selected, dtypes, args.gradcheck_timeout, command, info, not args.no_record, t_start)
+        return
     rows = {d: [] for d in dtypes}
     for i, op in enumerate(selected, 1):
         for d in dtypes:

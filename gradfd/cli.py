@@ -85,7 +85,8 @@ def run_check(args, stream=None) -> int:
     stream = stream or sys.stdout
     result = _load_target(args.target)
     options = dict(mode=args.mode, samples=args.samples, directions=args.directions, engine=args.engine,
-                   raise_on_failure=False, progress=not args.no_progress)
+                   raise_on_failure=False, progress=not args.no_progress, order=args.order,
+                   check_forward_ad=args.forward_ad)
 
     def convert(x):
         if not isinstance(x, torch.Tensor):
@@ -193,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="convert the floating params to this dtype first")
     p_check.add_argument("--device", default=None, help="move the params to this device first (e.g. cuda)")
     p_check.add_argument("--engine", default="auto", choices=["auto", "batched", "loop", "structured"])
+    p_check.add_argument("--order", type=int, default=1, choices=[1, 2],
+                         help="2: check the double backward (finite differences of the first-order gradient)")
+    p_check.add_argument("--forward-ad", action="store_true",
+                         help="also judge forward-mode AD (the jvp rules) against the same finite differences")
     p_check.add_argument("--format", default="table", choices=["table", "json"])
     p_check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_check.add_argument("--plot", default=None, metavar="DIR",

@@ -197,6 +197,9 @@ class ForwardAnalytical(Analytical):
         self._rng = _engine.RngGuard()
         super().__init__(func, params, wrt, budget)
         self._rng.observe()  # func draws random numbers: every jvp starts from the same state
+        for k in self.wrt:  # one jvp each now: a missing or failing jvp rule raises here, before any evaluation
+            if self.clones[k].numel():
+                self._jvp_columns(k, torch.zeros(1, dtype=torch.long, device=self.device))
 
     def _one(self, k: int, tangent: torch.Tensor) -> tuple:
         """The output tangents (None where an output does not depend on ``params[k]``) of one jvp."""

@@ -118,3 +118,12 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 1000 and (tmp_path / "bench.md").exists()
     if not torch.cuda.is_available():
         assert "cuda: skipped, no CUDA device" in out
+
+
+def test_check_takes_the_order_and_forward_ad(targets, capsys):
+    code, out, _ = run(["check", f"{targets}:good", "--order", "2", "--forward-ad", "--format", "json",
+                        "--no-progress"], capsys)
+    names = [t["name"] for t in json.loads(out)["tensors"]]
+    assert code == 0 and names == ["grad(params[0]) wrt params[0]", "grad(params[0]) wrt params[0] (forward AD)"]
+    code, out, _ = run(["check", f"{targets}:good", "--forward-ad", "--mode", "directional", "--no-progress"], capsys)
+    assert code == 0 and "outputs wrt params[0] (u^T J v) (forward AD)" not in out and "params[0] (forward AD)" in out
