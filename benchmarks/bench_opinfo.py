@@ -780,6 +780,12 @@ def check_rules(op, dtype: torch.dtype, timeout: float) -> list[dict]:
         if dtype == torch.float64:
             row["torch"] = run_rule(torch.autograd, check, fn, inputs, timeout, seed)
         row["gradfd"] = run_rule(gradfd, check, gradfd_wrapper(fn), inputs, timeout, seed)
+        if check == "forward AD" and verdict(row, "gradfd") == FAIL and verdict(row, "torch") == PASS:
+            # not timed: the jvp at gradfd's worst entry beside the exact derivative (as the first-order rows do)
+            torch.manual_seed(seed)
+            report = gradfd.check(gradfd_wrapper(fn), inputs, check_forward_ad=True, check_backward_ad=False,
+                                  raise_on_failure=False)
+            row["evidence"] = exact_evidence(name, gradfd_wrapper(fn), inputs, report)
         rows.append(row)
     return rows
 
@@ -802,8 +808,10 @@ def summarise_rules(rows: list[dict]) -> dict:
             "float64_samples": len(r64),
             "float64_pass": {"torch": sum(verdict(r, "torch") == PASS for r in r64),
                              "gradfd": sum(verdict(r, "gradfd") == PASS for r in r64)},
-            "torch_passes_gradfd_not": [(r["entry"], verdict(r, "gradfd")) for r in r64
-                                        if verdict(r, "torch") == PASS and verdict(r, "gradfd") != PASS],
+            "torch_passes_gradfd_not": [(r["entry"], verdict(r, "gradfd") + (
+                f"; {finding(r['evidence'])}: autograd {fmt(r['evidence'].get('analytical'))}, exact "
+                f"{fmt(r['evidence'].get('exact'))}" if r.get("evidence", {}).get("reference") else ""))
+                for r in r64 if verdict(r, "torch") == PASS and verdict(r, "gradfd") != PASS],
             "gradfd_passes_torch_not": [(r["entry"], verdict(r, "torch")) for r in r64
                                         if verdict(r, "gradfd") == PASS and verdict(r, "torch") != PASS],
             "float32_on_torch64_pass": {"samples": len(on), "gradfd": sum(verdict(r, "gradfd") == PASS for r in on),

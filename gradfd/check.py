@@ -274,16 +274,17 @@ def check(
             every checked input a zero (or no) gradient. A tensor where it does not fails, with the record's
             ``undefined_grad`` saying what the backward did; ``details["undefined_grad"]`` is ``"passed"``
             otherwise. Costs one forward and one to ``1 + outputs`` backward passes.
-        order: 1 (default) or 2. ``order=2`` checks the double backward: autograd's derivative of the first-order
-            gradient ``g(*params) = grad(func(*params), params[wrt])`` (for a tensor-valued func, of
-            ``<func(*params), v>`` for seeded Gaussian ``v``, one per differentiable output) against finite
-            differences of that analytical ``g``, by ``mode``: full mode one Hessian column per entry, sample mode
-            sampled columns, directional mode ``uᵀ H v``. Records are named ``"grad(params[j]) wrt params[k]"``
-            (``"grads wrt params[k] (uᵀHv)"`` in directional mode) and carry ``details["order"] = 2``. Each
-            finite-difference point costs a forward and a backward pass of func; the analytical side one double
-            backward per Hessian row (batched where the backward allows). ``nondet_tol``, ``check_undefined_grad``
-            and ``check_forward_ad`` (forward-over-reverse) then apply to the first-order gradient's derivatives.
-            Not with ``reference``.
+        order: 1 (default) or 2. ``order=2`` checks the double backward (:mod:`gradfd.second_order`): autograd's
+            derivative of the first-order gradient ``g(*params, *v) = grad(func(*params), params[wrt], v)``, with
+            output gradients ``v`` (1 for a one-element output, else seeded Gaussian), against finite differences of
+            that analytical ``g``, by ``mode``, with respect to the checked params and to ``v`` (a backward that
+            detaches its output gradient fails there): full mode one Hessian column per entry, sample mode sampled
+            columns, directional mode ``uᵀ H v``. Records are named ``"grad(params[j]) wrt params[k]"`` and
+            ``"grad(params[j]) wrt grad_outputs[i]"`` (``"grads wrt params[k] (u^T H v)"`` in directional mode)
+            and carry ``details["order"] = 2``. Each finite-difference point costs a forward and a backward pass of
+            func; the analytical side one double backward per Hessian row (batched where the backward allows).
+            ``nondet_tol``, ``check_undefined_grad`` and ``check_forward_ad`` (forward over reverse) then apply to
+            the first-order gradient's derivatives. Not with ``reference``.
         check_forward_ad: False (default) or True: also judge forward-mode AD (``torch.autograd.forward_ad``: a
             custom Function's ``jvp`` rule) against the same finite differences, by the same rules and ``mode``
             (:class:`gradfd.jacobian.ForwardAnalytical`): full and sample mode compare exact Jacobian columns, one
@@ -357,10 +358,12 @@ def check(
         raise TypeError(f"func must be callable, got {describe(func)}")
     policy = resolve_policy(policy)
     if order == 2:
-        g = _second_order.gradient_function(func, wrt_idx, _second_order.SeededCotangents(SEEDS.second_order(seed)))
-        report = check(**{**arguments, "func": g, "params": params, "wrt": wrt_idx, "policy": policy, "order": 1,
-                          "raise_on_failure": False})
-        _second_order.rename(report, wrt_idx, g.lost)
+        n = len(params)
+        cots = _second_order.output_gradients(func, params, SEEDS.second_order(seed))
+        g = _second_order.gradient_function(func, wrt_idx, len(cots))
+        report = check(**{**arguments, "func": g, "params": (*params, *cots), "policy": policy, "order": 1,
+                          "wrt": [*wrt_idx, *range(n, n + len(cots))], "raise_on_failure": False})
+        _second_order.rename(report, wrt_idx, n, g.lost)
         if raise_on_failure and not report.passed:
             raise GradientCheckError(report)
         return report
@@ -369,7 +372,7 @@ def check(
             mode=mode, samples=samples, directions=directions, h=h, stencil=stencil, engine=engine, seed=seed,
             batching=batching, chunk_size=chunk_size, memory_budget=memory_budget, progress=progress,
             policy=policy), atol, rtol, nondet_tol)
-        return _finish(report, func, params, wrt_idx, rules, raise_on_failure)
+        return _finish(report, func, params, wrt_idx, rules, raise_on_failure, seed)
 
     budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
@@ -441,21 +444,21 @@ def check(
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
-    return _finish(CheckReport(records, notes), func, params, wrt_idx, rules, raise_on_failure)
+    return _finish(CheckReport(records, notes), func, params, wrt_idx, rules, raise_on_failure, seed)
 
 
 def _finish(report: CheckReport, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
-            rules: dict[str, bool], raise_on_failure: bool) -> CheckReport:
+            rules: dict[str, bool], raise_on_failure: bool, seed: int) -> CheckReport:
     """The last step of every check: the rule checks asked for (:mod:`gradfd.rules`; ``rules`` maps each to whether
     it was), their findings on every record of the input and side (reverse or forward mode) they concern, then the
     verdict (raising :class:`GradientCheckError` on failure, with ``raise_on_failure``)."""
     sides = {"forward" if t.details.get("ad") == "forward" else "backward" for t in report.tensors}
     checks = {("backward", "undefined_grad"): undefined_grad_problems,
-              ("forward", "undefined_grad"): undefined_tangent_problems,
-              ("backward", "batched_grad"): batched_grad_problems,
-              ("forward", "batched_forward_grad"): batched_forward_problems,
-              ("backward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=False),
-              ("forward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=True)}
+              ("forward", "undefined_grad"): lambda *a: undefined_tangent_problems(*a, seed=seed),
+              ("backward", "batched_grad"): lambda *a: batched_grad_problems(*a, seed=seed),
+              ("forward", "batched_forward_grad"): lambda *a: batched_forward_problems(*a, seed=seed),
+              ("backward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=False, seed=seed),
+              ("forward", "grad_dtypes"): lambda *a: grad_dtype_problems(*a, forward=True, seed=seed)}
     found = {(side, rule): run(func, params, wrt) for (side, rule), run in checks.items()
              if rules.get(rule) and side in sides}
     for t in report.tensors:

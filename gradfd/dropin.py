@@ -27,7 +27,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
-from .second_order import gradient_function
+from .second_order import differentiable_outputs, gradient_function, rename
 from .validation import check_step, describe
 from .verdict.policy import SEEDS
 from .report import CheckReport, GradientCheckError
@@ -139,8 +139,9 @@ def gradcheck(
             ``masked`` may be None or False (dense tensors); True raises NotImplementedError.
 
     Returns:
-        True when no entry disagrees, the backward is reentrant (within ``nondet_tol``) and (with
-        ``check_undefined_grad``) treats undefined output gradients as zeros, and every checked tensor
+        True when no entry disagrees, the backward is reentrant (within ``nondet_tol``), (with
+        ``check_undefined_grad``) treats undefined output gradients as zeros, the other options' rule checks found
+        nothing (the records' ``findings``), and every checked tensor
         had at least one entry compared (``report.verified``): partly unresolved tensors (kinks) pass; a tensor
         whose every entry is unresolved (``sqrt`` at 0: every stencil leaves the domain) fails, naming the tensor.
 
@@ -152,23 +153,36 @@ def gradcheck(
         ValueError, TypeError, IndexError: bad ``eps``, ``atol``, ``rtol``, ``nondet_tol`` or ``inputs``, named (from
             :func:`gradfd.check`).
     """
+    return _verdict(_report(func, inputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options),
+                    raise_exception)
+
+
+def _report(func, inputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options: dict,
+            name: str = "gradcheck") -> CheckReport:
+    """:func:`gradfd.check`'s report of ``func`` at ``inputs`` under torch's gradcheck options (validated)."""
     opts = _validate_options(options, raise_exception, fast_mode)
-    if isinstance(inputs, torch.Tensor):
-        params = (inputs,)
-    elif isinstance(inputs, (tuple, list)):
-        params = tuple(inputs)
-    else:
-        raise TypeError(f"gradcheck(): inputs must be a tensor or a tuple of tensors, got {describe(inputs)}")
+    params = _as_tuple(inputs, "inputs", name)
     if eps is not None:
         eps = check_step(eps, "eps")
-    report = check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                   raise_on_failure=False, nondet_tol=nondet_tol,
-                   **{n: opts[n] for n in _BOOL_OPTIONS})
+    return check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
+                 raise_on_failure=False, nondet_tol=nondet_tol, **{n: opts[n] for n in _BOOL_OPTIONS})
+
+
+def _verdict(report: CheckReport, raise_exception: bool) -> bool:
+    """The drop-ins' verdict: True when ``report.verified``; else :class:`GradcheckError` or False."""
     if report.verified:
         return True
     if raise_exception:
         raise GradcheckError(report, report.uncompared_message())
     return False
+
+
+def _as_tuple(value, what: str, name: str) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    raise TypeError(f"{name}(): {what} must be a tensor or a tuple of tensors, got {describe(value)}")
 
 
 def gradgradcheck(
@@ -204,7 +218,10 @@ def gradgradcheck(
         func, inputs: as :func:`gradcheck`.
         grad_outputs: one per differentiable output of ``func``, or None (default): seeded (not the global RNG's)
             uniform draws in [-1, 1) of each output's shape, dtype and device, requiring grad (so also checked), as
-            torch's ``make_tensor(low=-1, high=1)``; ``gen_non_contig_grad_outputs`` makes them non-contiguous.
+            torch's ``make_tensor(low=-1, high=1)``. Records name them ``grad_outputs[i]`` and the first-order
+            gradients ``grad(params[k])``.
+        gen_non_contig_grad_outputs: the backward gets its output gradients in a non-contiguous layout, at every
+            evaluation (gradfd's private copies are contiguous otherwise).
         eps, atol, rtol, raise_exception, nondet_tol, fast_mode: as in :func:`gradcheck`.
         check_undefined_grad, check_grad_dtypes, check_batched_grad: :func:`gradcheck`'s options, applied to ``g``
             (the double backward).
@@ -231,42 +248,33 @@ def gradgradcheck(
     if not isinstance(gen_non_contig_grad_outputs, (bool, numbers.Integral, np.bool_)):
         raise TypeError(f"gradgradcheck(): gen_non_contig_grad_outputs must be a bool, got "
                         f"{describe(gen_non_contig_grad_outputs)}")
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    elif not isinstance(inputs, (tuple, list)):
-        raise TypeError(f"gradgradcheck(): inputs must be a tensor or a tuple of tensors, got {describe(inputs)}")
-    inputs = tuple(inputs)
-    wrt = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
-    with torch.enable_grad():
-        outs = [o for o in (lambda out: out if isinstance(out, (tuple, list)) else (out,))(
-            func(*[x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
-                   for x in inputs])) if isinstance(o, torch.Tensor) and o.requires_grad]
+    inputs = _as_tuple(inputs, "inputs", "gradgradcheck")
+    outs = differentiable_outputs(func, inputs)
     if grad_outputs is None:
         gen = torch.Generator().manual_seed(SEEDS.second_order(0))
-        grad_outputs = tuple(_uniform(o, gen, bool(gen_non_contig_grad_outputs)) for o in outs)
-    elif isinstance(grad_outputs, torch.Tensor):
-        grad_outputs = (grad_outputs,)
-    elif not isinstance(grad_outputs, (tuple, list)):
+        grad_outputs = tuple(_uniform(o, gen) for o in outs)
+    elif not isinstance(grad_outputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"gradgradcheck(): grad_outputs must be a tensor, a tuple of tensors or None, got "
                         f"{describe(grad_outputs)}")
-    grad_outputs = tuple(grad_outputs)
+    grad_outputs = _as_tuple(grad_outputs, "grad_outputs", "gradgradcheck")
     if len(grad_outputs) != len(outs) or any(
             not isinstance(c, torch.Tensor) or c.shape != o.shape for c, o in zip(grad_outputs, outs)):
         raise ValueError(f"gradgradcheck(): grad_outputs must match func's differentiable outputs: expected "
                          f"{len(outs)} tensors of shapes {[tuple(o.shape) for o in outs]}, got "
                          f"{[describe(c) for c in grad_outputs]}")
-    g = gradient_function(func, wrt, len(grad_outputs))
-    return gradcheck(g, inputs + grad_outputs, eps=eps, atol=atol, rtol=rtol, raise_exception=raise_exception,
-                     fast_mode=fast_mode, nondet_tol=nondet_tol, check_undefined_grad=check_undefined_grad,
-                     check_grad_dtypes=check_grad_dtypes, check_batched_grad=check_batched_grad,
-                     check_forward_ad=check_fwd_over_rev, check_backward_ad=check_rev_over_rev, masked=masked)
+    wrt = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    g = gradient_function(func, wrt, len(grad_outputs), noncontiguous=bool(gen_non_contig_grad_outputs))
+    options = dict(check_undefined_grad=check_undefined_grad, check_grad_dtypes=check_grad_dtypes,
+                   check_batched_grad=check_batched_grad, check_forward_ad=check_fwd_over_rev,
+                   check_backward_ad=check_rev_over_rev, masked=masked)
+    report = _report(g, inputs + grad_outputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options,
+                     "gradgradcheck")
+    rename(report, wrt, len(inputs), g.lost)
+    return _verdict(report, raise_exception)
 
 
-def _uniform(like: torch.Tensor, gen: torch.Generator, noncontiguous: bool) -> torch.Tensor:
-    """Uniform [-1, 1) draws shaped like ``like`` (its dtype and device), requiring grad; non-contiguous (every
-    other element of a doubled last dimension) when asked, as ``torch.testing.make_tensor(noncontiguous=True)``."""
-    shape = (*like.shape[:-1], 2 * like.shape[-1]) if noncontiguous and like.dim() else like.shape
-    t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).to(like.dtype).to(like.device)
-    if noncontiguous and like.dim():
-        t = t[..., ::2]
-    return t.requires_grad_()
+def _uniform(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Uniform [-1, 1) draws shaped like ``like`` (its dtype and device), requiring grad (torch's
+    ``make_tensor(low=-1, high=1)``, from a seeded generator)."""
+    return (torch.rand(like.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(like.dtype).to(
+        like.device).requires_grad_()

@@ -257,8 +257,9 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        """No checked entry of any tensor disagrees, no backward was found non-deterministic (``nondet_tol``), and none
-        mishandles undefined output gradients (``check_undefined_grad``).
+        """No checked entry of any tensor disagrees, no backward was found non-deterministic (``nondet_tol``), none
+        mishandles undefined output gradients (``check_undefined_grad``), and no other rule check found anything
+        (:attr:`TensorReport.findings`: batched gradients, gradient dtypes).
 
         This is "no disagreement", not "verified": a tensor whose every entry is unresolved (a kink, a jump or a
         non-finite value of ``func`` within every step tried) passes, and the table's headline then reads
@@ -333,7 +334,8 @@ class CheckReport:
             if t.nondeterminism:
                 out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
             if t.undefined_grad:
-                out.append(f"  {t.name}: undefined output gradients: {t.undefined_grad}")
+                kind = "undefined tangents" if t.details.get("ad") == "forward" else "undefined output gradients"
+                out.append(f"  {t.name}: {kind}: {t.undefined_grad}")
             for rule, text in t.findings.items():
                 out.append(f"  {t.name}: {RULES.get(rule, rule)}: {text}")
             ref = t.details.get("reference")

@@ -6,7 +6,8 @@ shape (:func:`grad_dtype_problems`).
 
 Rule: every function here runs ``func`` afresh on private copies, from the caller's RNG state and with TF32 off,
 leaves the caller's tensors and RNG state unchanged, and returns ``{k: what went wrong}`` for the inputs
-``params[k]`` that break the rule (empty when all is well); an exception of ``func``'s own rule (a backward or jvp
+``params[k]`` that break the rule (empty when all is well); the seeded draws (cotangents, tangents) come from
+``seed`` (``check``'s); an exception of ``func``'s own rule (a backward or jvp
 that raises) is a finding, named, not raised. Where two computations of the same value are compared (batched
 against looped, a zero tangent against an undefined one) they may round differently: they must agree within
 ``Policy.floor_eps`` eps of their dtype, relative to the entry and to the tensor's largest entry (the verdicts'
@@ -58,19 +59,28 @@ def _gaussian(like: torch.Tensor, gen: torch.Generator, batch: int | None = None
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(like.dtype).to(like.device)
 
 
+def _beyond_floor(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bad, gap)``: where ``a`` and ``b`` (one shape) differ beyond the floor of the module docstring, relative to
+    ``b``'s entry and its largest finite entry, and by how much. Equal values (equal infinities) and NaN in both
+    places differ by 0; a NaN against a number by inf."""
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    same = (a64 == b64) | (a64.isnan() & b64.isnan())
+    gap = torch.where(same, torch.zeros_like(a64), (a64 - b64).abs().nan_to_num(nan=math.inf))
+    size = torch.where(b64.isfinite(), b64.abs(), torch.zeros_like(b64))
+    scale = float(size.max()) if size.numel() else 0.0
+    return gap > DEFAULT_POLICY.floor_eps * stencils.eps(b.dtype) * (size + scale), gap
+
+
 def _mismatch(batched: torch.Tensor, looped: torch.Tensor) -> str | None:
-    """Where ``batched`` and ``looped`` differ beyond the floor (the module docstring): a sentence, else None."""
+    """Where ``batched`` and ``looped`` differ beyond the floor (:func:`_beyond_floor`): a sentence, else None."""
     if batched.shape != looped.shape:
         return f"shape {tuple(batched.shape)} where the loop gave {tuple(looped.shape)}"
-    a, b = batched.detach().to(torch.float64), looped.detach().to(torch.float64)
-    gap = (a - b).abs().nan_to_num(nan=math.inf)
-    scale = float(b.abs().nan_to_num(0.0).max()) if b.numel() else 0.0
-    bad = gap > DEFAULT_POLICY.floor_eps * stencils.eps(looped.dtype) * (b.abs().nan_to_num(0.0) + scale)
+    bad, gap = _beyond_floor(batched, looped)
     if not bool(bad.any()):
         return None
     w = int(torch.where(bad, gap, torch.zeros_like(gap)).flatten().argmax())
     return (f"{int(bad.sum())} of {bad.numel()} entries differ, the largest by {float(gap.flatten()[w]):.3g} "
-            f"({float(a.flatten()[w]):.6g} batched, {float(b.flatten()[w]):.6g} looped)")
+            f"({float(batched.flatten()[w]):.6g} batched, {float(looped.flatten()[w]):.6g} looped)")
 
 
 def undefined_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
@@ -121,7 +131,8 @@ def undefined_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt:
     return problems
 
 
-def undefined_tangent_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
+def undefined_tangent_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
+                               seed: int = 0) -> dict[int, str]:
     """Forward mode's undefined-tangent check (``torch.autograd.gradcheck``'s with ``check_forward_ad`` and
     ``check_undefined_grad``): a jvp rule must treat an undefined input tangent as zeros.
 
@@ -137,13 +148,13 @@ def undefined_tangent_problems(func: Callable, params: Sequence[torch.Tensor], w
     """
     problems: dict[int, str] = {}
     rng = _engine.RngGuard()
-    gen = torch.Generator().manual_seed(SEEDS.batched(0) + 3)
+    gen = torch.Generator().manual_seed(SEEDS.batched(seed) + 3)
     tangents = {k: torch.randn(params[k].shape, generator=gen, dtype=torch.float64).to(params[k].dtype).to(
         params[k].device) for k in wrt}
 
     def run(k: int, zero: bool) -> list:
         rng.close()
-        args = [p.detach() for p in params]
+        args = [p.detach().clone() for p in params]
         with fwAD.dual_level():
             for i in wrt:
                 if i != k:
@@ -168,13 +179,12 @@ def undefined_tangent_problems(func: Callable, params: Sequence[torch.Tensor], w
                 for j, (a, b) in enumerate(zip(materialized, undefined)):
                     if a is None or b is None:
                         continue
-                    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-                    scale = float(torch.maximum(a64.abs(), b64.abs()).nan_to_num(0.0).max()) if a.numel() else 0.0
-                    gap = (a64 - b64).abs().nan_to_num(nan=math.inf)
-                    if bool((gap > DEFAULT_POLICY.floor_eps * stencils.eps(a.dtype) * scale).any()):
+                    bad, gap = _beyond_floor(b, a)
+                    if bool(bad.any()):
                         problems[k] = (f"with params[{k}]'s tangent undefined, output {j}'s tangent differs from "
-                                       f"its value with a zero tangent by up to {float(gap.max()):.3g} (largest "
-                                       f"{scale:.3g}); a jvp rule must treat an undefined tangent as zeros")
+                                       f"its value with a zero tangent in {int(bad.sum())} of {bad.numel()} entries, "
+                                       f"by up to {float(gap.max()):.3g}; a jvp rule must treat an undefined tangent "
+                                       "as zeros")
                         break
     finally:
         rng.close()
@@ -216,7 +226,8 @@ def _nonzero(k: int, g: torch.Tensor, label: str) -> dict[int, str]:
 
 
 
-def batched_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
+def batched_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
+                          seed: int = 0) -> dict[int, str]:
     """``torch.autograd.gradcheck``'s ``check_batched_grad``: the backward run batched -- vmap over ``BATCH``
     seeded Gaussian output gradients (``torch.autograd.grad(..., is_grads_batched=True)``) -- must give what a loop
     of backward passes gives. A backward that cannot run under vmap (``.item()``, an in-place write into a captured
@@ -228,7 +239,7 @@ def batched_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: S
             clones, outs = _differentiable(func, params, wrt, rng, "the batched-gradient check")
             if not outs:
                 return problems
-            gen = torch.Generator().manual_seed(SEEDS.batched(0))
+            gen = torch.Generator().manual_seed(SEEDS.batched(seed))
             cots = [_gaussian(o, gen, BATCH) for o in outs]
             xs = [clones[k] for k in wrt]
             with torch.enable_grad(), _engine.noting("gradfd: raised in the backward of func (the batched-gradient "
@@ -257,20 +268,21 @@ def batched_grad_problems(func: Callable, params: Sequence[torch.Tensor], wrt: S
     return problems
 
 
-def batched_forward_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int]) -> dict[int, str]:
+def batched_forward_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
+                             seed: int = 0) -> dict[int, str]:
     """``torch.autograd.gradcheck``'s ``check_batched_forward_grad``: forward-mode AD run batched -- vmap over
     ``BATCH`` seeded Gaussian tangents of ``params[k]`` (``torch._vmap_internals._vmap``, as torch's check does) --
     must give what a loop of jvps gives. A jvp rule that cannot run under vmap is a finding that names what it
     raised."""
     problems: dict[int, str] = {}
     rng = _engine.RngGuard()
-    gen = torch.Generator().manual_seed(SEEDS.batched(0) + 1)
+    gen = torch.Generator().manual_seed(SEEDS.batched(seed) + 1)
     try:
         with _engine.no_tf32(), torch.no_grad():
             for k in wrt:
                 def jvp(tangent, k=k):
                     rng.close()
-                    args = [p.detach() for p in params]
+                    args = [p.detach().clone() for p in params]
                     with fwAD.dual_level():
                         args[k] = fwAD.make_dual(args[k], tangent)
                         outs = [o for o in _outputs(func(*args))
@@ -301,18 +313,20 @@ def batched_forward_problems(func: Callable, params: Sequence[torch.Tensor], wrt
 def _tangent(o: torch.Tensor) -> torch.Tensor:
     """A dual output's tangent, zeros (batched like the primal) where it has none."""
     primal, tangent = fwAD.unpack_dual(o)
-    return primal * 0 if tangent is None else tangent
+    return torch.zeros_like(primal) if tangent is None else tangent
 
 
 def grad_dtype_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],
-                        forward: bool) -> dict[int, str]:
+                        forward: bool, seed: int = 0) -> dict[int, str]:
     """``torch.autograd.gradcheck``'s ``check_grad_dtypes``: each gradient has its input's dtype, device and shape
     (reverse mode: a vjp with seeded Gaussian output gradients), or each output tangent its output's (forward mode:
-    a jvp with a seeded Gaussian tangent per input). Autograd casts a backward's real gradient to its input's dtype
-    before it is returned, so for real tensors a finding here is a device, shape, or a tangent's dtype."""
+    a jvp with a seeded Gaussian tangent per input). For real strided tensors the reverse side cannot fail: autograd
+    casts a backward's gradient to its input's dtype, sums it to its shape and refuses another device before it is
+    returned (it is kept for parity with torch's option); forward AD lets a tangent of another dtype through, which
+    the forward side finds (torch's check compares only complex against real)."""
     problems: dict[int, str] = {}
     rng = _engine.RngGuard()
-    gen = torch.Generator().manual_seed(SEEDS.batched(0) + 2)
+    gen = torch.Generator().manual_seed(SEEDS.batched(seed) + 2)
     try:
         with _engine.no_tf32():
             if not forward:
@@ -332,7 +346,7 @@ def grad_dtype_problems(func: Callable, params: Sequence[torch.Tensor], wrt: Seq
                 return problems
             for k in wrt:
                 rng.close()
-                args = [p.detach() for p in params]
+                args = [p.detach().clone() for p in params]
                 with torch.no_grad(), fwAD.dual_level(), _engine.noting(
                         "gradfd: raised in forward-mode AD of func (the gradient-dtype check)"):
                     args[k] = fwAD.make_dual(args[k], _gaussian(params[k], gen))

@@ -13,7 +13,11 @@ backward is right in every variant. Each entry of :data:`BUGS` plants one mistak
   the undefined-gradient check;
 - ``"backward_not_batchable"``: the backward exits early when the output gradient is all zeros, reading it with
   ``.item()``, which vmap cannot batch: the batched-gradient check;
-- ``"jvp_not_batchable"``: the jvp does the same with its tangent: the batched forward check.
+- ``"jvp_not_batchable"``: the jvp does the same with its tangent: the batched forward check;
+- ``"undefined_tangent_as_ones"``: an undefined tangent of ``w`` is taken as ones: forward AD and the
+  undefined-tangent check;
+- ``"jvp_wrong_dtype"``: the jvp returns its tangent in another floating dtype (float64, or float32 for a float64
+  op), which forward AD lets through: the gradient-dtype check (torch's checks only complex against real).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import functools
 
 import torch
 
-__all__ = ["sin_mul", "BUGS", "OPTIONS"]
+__all__ = ["sin_mul", "BUGS", "OPTIONS", "TORCH_MISSES"]
 
 # each planted mistake, and the gradcheck options (of torch's and gradfd's drop-ins) that check its rule; "gradgrad"
 # means gradgradcheck, with these options
@@ -33,7 +37,10 @@ OPTIONS: dict[str, dict] = {
     "undefined_as_ones": {"check_undefined_grad": True},
     "backward_not_batchable": {"check_batched_grad": True},
     "jvp_not_batchable": {"check_forward_ad": True, "check_batched_forward_grad": True},
+    "undefined_tangent_as_ones": {"check_forward_ad": True, "check_undefined_grad": True},
+    "jvp_wrong_dtype": {"check_forward_ad": True, "check_grad_dtypes": True},
 }
+TORCH_MISSES = ("jvp_wrong_dtype",)  # planted mistakes torch's own checks let through (by design: see above)
 BUGS = tuple(OPTIONS)
 
 
@@ -77,8 +84,8 @@ def _op(bug: str | None) -> type:
     class SinMul(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w):
-            if bug == "undefined_as_ones":
-                ctx.set_materialize_grads(False)
+            if bug in ("undefined_as_ones", "undefined_tangent_as_ones"):
+                ctx.set_materialize_grads(False)  # (undefined gradients and tangents then reach the rules as None)
             ctx.save_for_backward(x, w)
             ctx.save_for_forward(x, w)
             return torch.sin(x * w)
@@ -86,7 +93,9 @@ def _op(bug: str | None) -> type:
         @staticmethod
         def backward(ctx, g):
             x, w = ctx.saved_tensors
-            if bug == "undefined_as_ones" and g is None:
+            if g is None:  # (only where grads are not materialized): undefined means zero
+                if bug != "undefined_as_ones":
+                    return None, None
                 g = torch.ones_like(x)
             if bug == "backward_not_batchable" and _all_zero(g):
                 return torch.zeros_like(x), torch.zeros_like(w)
@@ -100,11 +109,15 @@ def _op(bug: str | None) -> type:
         def jvp(ctx, tx, tw):
             x, w = ctx.saved_tensors
             tx = torch.zeros_like(x) if tx is None else tx
-            tw = torch.zeros_like(w) if tw is None else tw
+            tw = (torch.ones_like(w) if bug == "undefined_tangent_as_ones" else torch.zeros_like(w)) if tw is None \
+                else tw
             if bug == "jvp_not_batchable" and _all_zero(tx) and _all_zero(tw):
                 return torch.zeros_like(x)
             if bug == "jvp_one_input":
                 return torch.cos(x * w) * (tx * w + tw)
+            if bug == "jvp_wrong_dtype":
+                other = torch.float32 if x.dtype == torch.float64 else torch.float64
+                return (torch.cos(x * w) * (tx * w + x * tw)).to(other)
             return torch.cos(x * w) * (tx * w + x * tw)
 
     SinMul.__name__ = f"SinMul_{bug}" if bug else "SinMul"

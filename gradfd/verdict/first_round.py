@@ -178,8 +178,8 @@ class FirstRound:
     def start(plan: Plan, compress: bool) -> "FirstRound":
         r = plan.request
         a, size, device = r.analytical, plan.size, r.params[r.k].device
-        comp = (Compressed(a, r.k) if compress and not a.scalar and size >= _budget.COMPRESSION_MIN_OUTPUTS
-                else None)
+        comp = (Compressed(a, r.k) if compress and not a.scalar and not a.forward
+                and size >= _budget.COMPRESSION_MIN_OUTPUTS else None)  # (forward mode: exact columns, no rows)
         return FirstRound(plan, comp, None, torch.zeros(size, dtype=torch.float64, device=device),
                           torch.zeros(size, dtype=torch.float64, device=device),
                           torch.zeros(size, dtype=torch.bool, device=device),

@@ -115,8 +115,9 @@ def tensor_reports(first: FirstRound, e: Entries | None, j: Judgement | None, de
             sel = ((e.index % size) >= lo) & ((e.index % size) < hi)
             max_abs, max_rel, worst = _refined_into(tally, e, j, sel, plan.scales[g] or 0.0, r.policy.rel_floor,
                                                     counts)
-        if analytical.scalar and plan.m < plan.n:  # sample mode: the RMS of the whole tensor's gradient, not of
-            # the sample (a quarter of it the largest-|gradient| entries)
+        if analytical.scalar and plan.m < plan.n and not analytical.forward:  # sample mode: the RMS of the whole
+            # tensor's gradient, not of the sample (a quarter of it the largest-|gradient| entries); forward mode's
+            # sample is uniform (its own RMS estimates the tensor's) and the whole gradient would cost every column
             tally.thresholds.rms_of(analytical.columns(r.k, torch.arange(plan.n, device=p.device))[:, 0])
         walk = first.walk_reach() if bool(first.loose.any()) else None
         limit = _detection_limit(tally, e, j, sel if e is not None else None, plan.floors, size, r.policy,
