@@ -876,7 +876,128 @@ def rules_main(selected: list, dtypes: list, timeout: float, command: str, info:
     print(record("opinfo-rules", data, write=write))
 
 
-RENDER = {"opinfo": render_summary, "opinfo-full": render_full, "opinfo-rules": render_rules}
+# ---------------------------------------------------------------------------------------------------------------
+# --complex: complex samples (issue 24), beside torch's gradcheck
+
+COMPLEX_DTYPES = (torch.complex128, torch.complex64)
+
+
+def _complex_output(fn, inputs) -> bool:
+    with torch.no_grad():
+        out = fn(*[t.detach() for t in inputs])
+    return any(isinstance(o, torch.Tensor) and o.is_complex() for o in (out if isinstance(out, (tuple, list))
+                                                                          else (out,)))
+
+
+def check_complex(op, timeout: float, gc_timeout: float) -> list[dict]:
+    """The entry's first sample in complex128 and complex64 (where it supports them on the CPU), and its float64
+    sample where that returns a complex output: torch's gradcheck (complex128 and the float64 complex-output samples)
+    and gradfd.check, given ``fn`` as it is (gradfd checks complex tensors as real pairs itself)."""
+    name = entry_name(op)
+    rows = []
+    for dtype in (*COMPLEX_DTYPES, torch.float64):
+        row: dict = {"entry": name, "dtype": str(dtype).replace("torch.", ""), "seed": entry_seed(name, dtype)}
+        if dtype not in op.supported_backward_dtypes("cpu"):
+            if dtype != torch.float64:
+                rows.append({**row, "skipped": f"no backward in {row['dtype']} on cpu"})
+            continue
+        try:
+            sample = first_sample(op, dtype, row["seed"])
+            fn, inputs = gradcheck_inputs(op, sample)
+            if dtype == torch.float64 and not (inputs and _complex_output(fn, inputs)):
+                continue  # a real sample: the first-order table's
+        except Exception as exc:  # noqa: BLE001 (StopIteration included)
+            rows.append({**row, "skipped": short(f"no sample ({type(exc).__name__}: {exc})")})
+            continue
+        if not inputs:
+            rows.append({**row, "skipped": "sample has no tensor requiring grad"})
+            continue
+        if dtype == torch.float64:
+            row["dtype"] = "float64, complex output"
+        row["inputs"] = describe_inputs(inputs)
+        if dtype != torch.complex64:
+            row["gradcheck"] = run_gradcheck(fn, inputs, gc_timeout, row["seed"])
+        row["gradfd"], _ = run_gradfd(fn, inputs, timeout, row["seed"])
+        rows.append(row)
+    return rows
+
+
+def summarise_complex(rows: list[dict]) -> dict:
+    """Per kind of sample: gradfd's verdicts beside gradcheck's, the samples gradcheck passes and gradfd does not
+    (false alarms, the bar: none), those without a verdict (error, timeout, nothing compared; the bar: at most 1% of
+    the samples), and complex64's passes among the samples gradcheck passes in complex128."""
+    out: dict = {}
+    for kind in ("complex128", "float64, complex output", "complex64"):
+        rs = [r for r in rows if r["dtype"] == kind and "skipped" not in r]
+        no_verdict = [(r["entry"], verdict(r, "gradfd")) for r in rs if verdict(r, "gradfd") in (ERROR, TIMEOUT)
+                      or (verdict(r, "gradfd") == PASS and r["gradfd"].get("agree", 0) == 0)]
+        out[kind] = {
+            "samples": len(rs),
+            "gradcheck_pass": sum(verdict(r, "gradcheck") == PASS for r in rs),
+            "gradfd_pass": sum(verdict(r, "gradfd") == PASS for r in rs),
+            "false_alarms": [(r["entry"], verdict(r, "gradfd")) for r in rs
+                             if verdict(r, "gradcheck") == PASS and verdict(r, "gradfd") != PASS],
+            "gradfd_catches": [(r["entry"], verdict(r, "gradcheck")) for r in rs
+                               if verdict(r, "gradfd") == FAIL and verdict(r, "gradcheck") != PASS],
+            "no_verdict": no_verdict,
+            "seconds": {"gradcheck": sum(r.get("gradcheck", {}).get("seconds", 0.0) for r in rs),
+                        "gradfd": sum(r["gradfd"]["seconds"] for r in rs)},
+        }
+    c128 = {r["entry"] for r in rows if r["dtype"] == "complex128" and verdict(r, "gradcheck") == PASS}
+    c64 = [r for r in rows if r["dtype"] == "complex64" and "skipped" not in r and r["entry"] in c128]
+    out["complex64"]["on_gradcheck128_pass"] = {"samples": len(c64), "gradfd": sum(verdict(r, "gradfd") == PASS
+                                                                                    for r in c64)}
+    return out
+
+
+def render_complex(data: dict) -> str:
+    s = summarise_complex(data["rows"])
+    lines = [head(data), "",
+             "Each entry's first sample in complex128 and complex64, and its float64 sample where that returns a "
+             "complex output; `torch.autograd.gradcheck` (slow mode) beside `gradfd.check` (defaults), both given "
+             "the function as it is.", "",
+             "| samples | checked | gradcheck passes | gradfd passes | gradcheck passes, gradfd not | no gradfd "
+             "verdict | seconds: gradcheck / gradfd |", "|---|---|---|---|---|---|---|"]
+    for kind, c in s.items():
+        gc = "-" if kind == "complex64" else str(c["gradcheck_pass"])
+        fa = "-" if kind == "complex64" else str(len(c["false_alarms"]))
+        lines.append(f"| {kind} | {c['samples']} | {gc} | {c['gradfd_pass']} | {fa} | {len(c['no_verdict'])} | "
+                     f"{c['seconds']['gradcheck']:.1f} / {c['seconds']['gradfd']:.1f} |")
+    total = sum(c["samples"] for c in s.values())
+    none = sum(len(c["no_verdict"]) for c in s.values())
+    alarms = [e for kind in ("complex128", "float64, complex output") for e in s[kind]["false_alarms"]]
+    on = s["complex64"]["on_gradcheck128_pass"]
+    listed = lambda pairs: ticks(f"{e} ({v})" for e, v in pairs)  # noqa: E731
+    lines += ["",
+              f"- Samples without a gradfd verdict: {none} of {total} ({none / max(1, total):.1%}; bar: at most 1%: "
+              f"{'met' if none <= 0.01 * total else 'NOT met'}): "
+              f"{listed(e for c in s.values() for e in c['no_verdict'])}.",
+              f"- gradcheck passes, gradfd does not (complex128 and float64 complex outputs; bar: none: "
+              f"{'met' if not alarms else 'NOT met'}): {listed(alarms)}.",
+              f"- gradfd fails where gradcheck fails or cannot run: "
+              f"{listed(e for c in s.values() for e in c['gradfd_catches'])}.",
+              f"- complex64: gradfd passes {on['gradfd']} of the {on['samples']} samples gradcheck passes in "
+              "complex128."]
+    return "\n".join(lines)
+
+
+def complex_main(selected: list, timeout: float, gc_timeout: float, command: str, info: dict, write: bool,
+                 t_start: float) -> None:
+    rows = []
+    for i, op in enumerate(selected, 1):
+        for r in check_complex(op, timeout, gc_timeout):
+            rows.append(r)
+            cells = "skipped: " + r["skipped"] if "skipped" in r else " | ".join(
+                f"{t} {r[t]['verdict']:7s} {r[t]['seconds']:6.2f}s" for t in ("gradcheck", "gradfd") if t in r)
+            print(f"[{i:3d}/{len(selected)}] {r['entry']:40s} {r['dtype']:24s} {cells}", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    data = {"machine": info, "command": command, "wall_seconds": time.perf_counter() - t_start, "rows": rows}
+    data = json.loads(json.dumps(data, default=str))
+    print(record("opinfo-complex", data, write=write))
+
+
+RENDER = {"opinfo": render_summary, "opinfo-full": render_full, "opinfo-rules": render_rules,
+          "opinfo-complex": render_complex}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -982,6 +1103,8 @@ def main() -> None:
     ap.add_argument("--h0", type=float, default=None, help="initial Ridders step for --analyse")
     ap.add_argument("--rules", action="store_true", help="forward AD and gradgrad instead of the first-order check "
                                                          "(the section opinfo-rules, results/opinfo-rules.json)")
+    ap.add_argument("--complex", action="store_true", help="complex samples instead (the section opinfo-complex, "
+                                                           "results/opinfo-complex.json)")
     args = ap.parse_args()
     command = "uv run python benchmarks/bench_opinfo.py" + "".join(f" {a}" for a in sys.argv[1:])
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -1023,6 +1146,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads", flush=True)
     if args.rules:
         rules_main(selected, dtypes, args.gradcheck_timeout, command, info, not args.no_record, t_start)
+        return
+    if args.complex:
+        complex_main(selected, args.timeout, args.gradcheck_timeout, command, info, not args.no_record, t_start)
         return
     rows = {d: [] for d in dtypes}
     for i, op in enumerate(selected, 1):

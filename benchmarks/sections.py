@@ -49,6 +49,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "opinfo": ("bench_opinfo", "opinfo.json"),
     "opinfo-full": ("bench_opinfo", "opinfo.json"),
     "opinfo-rules": ("bench_opinfo", "opinfo-rules.json"),
+    "opinfo-complex": ("bench_opinfo", "opinfo-complex.json"),
     "first-call": ("bench_first_call", "first-call.json"),
     "directional": ("bench_directional", "directional.json"),
     "detection": ("bench_detection", "detection.json"),

@@ -18,6 +18,7 @@ from . import engine as _engine
 from . import stencils
 from . import jacobian as _jacobian
 from . import second_order as _second_order
+from . import wirtinger as _wirtinger
 from .plot import EntryContext
 from .progress import Progress
 from .report import AGREE, DISAGREE, UNRESOLVED, CheckReport, GradientCheckError, InvalidReferenceError
@@ -30,6 +31,7 @@ from .verdict.directional import Directions, directional_report
 from .verdict.estimates import Entries
 from .verdict.plan import Request, sample_coordinates
 from .engine import no_tf32
+from .errors import ComplexOutputs
 from .rules import (batched_forward_problems, batched_grad_problems, grad_dtype_problems,
                     undefined_grad_problems, undefined_tangent_problems)
 from .verdict.policy import DEFAULT_DIRECTIONS, DEFAULT_POLICY, DEFAULT_SAMPLES, SEEDS, Policy, resolve_policy
@@ -337,8 +339,10 @@ def check(
         InvalidReferenceError: ``reference``'s float64 gradient disagrees with its float64 finite differences (or
             none of its entries could be compared); ``.report`` holds that check, the message names the entries.
     """
-    arguments = dict(locals())  # (order 2 checks the first-order gradient with these same arguments)
+    arguments = dict(locals())  # (order 2, and complex tensors, check a derived function with these arguments)
     params, _ = check_params(params)
+    if _wirtinger.has_complex(params):
+        return _check_pairs(arguments, params)
     wrt_idx = _resolve_wrt(params, wrt)
     check_choice(mode, "mode", MODES)
     samples = check_positive_int(samples, "samples") or DEFAULT_SAMPLES
@@ -437,6 +441,10 @@ def check(
                         if nondet[k] > nondet_tol:
                             r.nondeterminism = _nondeterminism(nondet[k], nondet_tol)
                 records.extend(reports)
+    except ComplexOutputs:  # real params, a complex output: checked as its real pairs
+        rng.close()
+        close_bar()
+        return _check_pairs(arguments, params)
     finally:
         rng.close()
         close_bar()
@@ -445,6 +453,21 @@ def check(
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
     return _finish(CheckReport(records, notes), func, params, wrt_idx, rules, raise_on_failure, seed)
+
+
+def _check_pairs(arguments: dict, params: tuple) -> CheckReport:
+    """:func:`check` of a function with complex inputs or outputs, as the real function of their real pairs
+    (:mod:`gradfd.wirtinger`: PyTorch's convention, the conjugate Wirtinger derivative), its records marked so that
+    they show the complex dtypes and name the parts."""
+    if arguments["reference"] is not None:
+        raise TypeError("reference mode compares real tensors: complex params or outputs are not supported with "
+                        "reference (check the complex op without reference, in complex64 or complex128)")
+    pairs_func, pairs_params = _wirtinger.as_pairs(arguments["func"], params)
+    report = check(**{**arguments, "func": pairs_func, "params": pairs_params, "raise_on_failure": False})
+    _wirtinger.mark(report, params, pairs_func.complex_outputs)
+    if arguments["raise_on_failure"] and not report.passed:
+        raise GradientCheckError(report)
+    return report
 
 
 def _finish(report: CheckReport, func: Callable, params: Sequence[torch.Tensor], wrt: Sequence[int],

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["GradfdWarning", "FallbackWarning", "CostWarning", "NonFiniteLossError", "NodeErrors", "DOMAIN_ERRORS",
+__all__ = ["GradfdWarning", "FallbackWarning", "CostWarning", "NonFiniteLossError", "ComplexOutputs", "NodeErrors",
+           "DOMAIN_ERRORS",
            "CANNOT_RUN_THAT_WAY", "OOM_ERRORS", "warnings_once", "warn_fallback", "note", "noting", "first_line"]
 
 OOM_ERRORS = tuple(
@@ -54,6 +55,11 @@ def warn_fallback(message: str, stacklevel: int) -> None:
             return
         seen.add(message)
     warnings.warn(message, FallbackWarning, stacklevel=stacklevel + 1)
+
+
+class ComplexOutputs(TypeError):
+    """``func`` returned a complex tensor where the engine compares real outputs: :func:`gradfd.check` then checks
+    its real pairs (:mod:`gradfd.wirtinger`); the engine's own entry points say how to."""
 
 
 class NonFiniteLossError(FloatingPointError):

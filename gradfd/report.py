@@ -34,14 +34,21 @@ def entry_name(param_idx: int, shape: Sequence[int], flat: int) -> str:
     return f"params[{param_idx}][{', '.join(map(str, idx))}]" if idx else f"params[{param_idx}]"
 
 
-def _fmt_index(index) -> str:
+def _part(index: tuple, complex_: bool) -> str:
+    """``[i, j]``, or for the real pairs of a complex tensor ``[i, j].re`` / ``.im`` (the last index is the part)."""
+    if complex_ and index:
+        return f"[{', '.join(map(str, index[:-1]))}].{'im' if index[-1] else 're'}"
+    return f"[{', '.join(map(str, index))}]"
+
+
+def _fmt_index(index, complex_input: bool = False, complex_output: bool = False) -> str:
     if index is None:
         return "-"
     if isinstance(index, int):
         return f"dir {index}"
     if index and isinstance(index[0], tuple):  # (output index, input index)
-        return f"out[{', '.join(map(str, index[0]))}] in[{', '.join(map(str, index[1]))}]"
-    return f"[{', '.join(map(str, index))}]"
+        return f"out{_part(index[0], complex_output)} in{_part(index[1], complex_input)}"
+    return _part(index, complex_input)
 
 
 def _fmt(x: float) -> str:
@@ -74,6 +81,9 @@ class TensorReport:
             kinks are switches', in full and sample modes (the shares of clean and of tall stencils, and
             whether the rule on switches held: docs/verdicts.md, "Switches at scale").
         nondeterminism: set (to what was measured) when two backward passes differed by more than ``nondet_tol``.
+        complex_input, complex_output: the checked input (the compared output) is complex, checked as its real
+            pairs (:mod:`gradfd.wirtinger`): ``shape`` (``output_shape``) is the real view's, its last index the
+            part (0 real, 1 imaginary), which the table names (``[2, 1].im``); ``dtype`` is the complex one.
         findings: what the other rule checks found wrong, by option: ``"batched_grad"``, ``"batched_forward_grad"``,
             ``"grad_dtypes"`` (:mod:`gradfd.rules`); empty when they passed or were not asked for. Any finding fails
             the record.
@@ -114,6 +124,8 @@ class TensorReport:
     nondeterminism: str | None = None
     undefined_grad: str | None = None
     findings: dict[str, str] = field(default_factory=dict)
+    complex_input: bool = False
+    complex_output: bool = False
     detection_limit: float = math.nan
     unexamined: float = 0.0
     plot_context: Any = field(default=None, repr=False, compare=False)
@@ -219,6 +231,7 @@ class TensorReport:
             "nondeterminism": self.nondeterminism, "undefined_grad": self.undefined_grad,
             "findings": dict(self.findings),
             "detection_limit": self.detection_limit,
+            "complex_input": self.complex_input, "complex_output": self.complex_output,
             "unexamined": self.unexamined,
             "worst_analytical": self.worst_analytical, "worst_numerical": self.worst_numerical,
             "worst_error_estimate": self.worst_error_estimate, "worst_tolerance": self.worst_tolerance,
@@ -311,7 +324,7 @@ class CheckReport:
             head[7:10] = ["func", "reference (f64)", "ref. rounding"]
         rows = []
         for t in self.tensors:
-            worst = _fmt_index(t.worst_index)
+            worst = _fmt_index(t.worst_index, t.complex_input, t.complex_output)
             checked = f"{t.checked}/{t.total}" + (" dirs" if t.mode == "directional" else "")
             rows.append([t.name, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""),
                          checked, _fmt(t.max_abs_error), _fmt(t.max_rel_error), worst, _fmt(t.worst_analytical),
@@ -329,7 +342,8 @@ class CheckReport:
         for t in self.tensors:
             bad = t.disagreeing(5)
             if bad:
-                shown = ", ".join(_fmt_index(b) if t.output_shape is not None else str(b) for b in bad)
+                shown = ", ".join(_fmt_index(b, t.complex_input, t.complex_output)
+                                  if t.output_shape is not None or t.complex_input else str(b) for b in bad)
                 out.append(f"  {t.name}: disagreeing entries (worst first): {shown}")
             if t.nondeterminism:
                 out.append(f"  {t.name}: backward is not deterministic: {t.nondeterminism}")
@@ -453,7 +467,7 @@ class CheckReport:
         j = int(rows[0])
         e = t.entries
         n_out = 1 if t.output_shape is None else math.prod(t.output_shape)
-        label = f"{t.name} {_fmt_index(t._index_of(flat))}"
+        label = f"{t.name} {_fmt_index(t._index_of(flat), t.complex_input, t.complex_output)}"
         view = _plot.EntryView(label, VERDICT_NAMES[int(e["verdict"][j])], float(e["analytical"][j]),
                                float(e["numerical"][j]), float(e["error_estimate"][j]), float(e["tolerance"][j]),
                                flat // n_out, None if t.output_shape is None else flat % n_out)

@@ -56,8 +56,9 @@ def check_checkable(p: torch.Tensor, name: str) -> None:
     """Raise unless ``p`` is a real floating-point tensor that finite differences can perturb."""
     if p.is_complex():
         raise TypeError(
-            f"{name} is complex ({p.dtype}); gradfd checks real tensors only: pass torch.view_as_real({name}) "
-            "and adapt func"
+            f"{name} is complex ({p.dtype}); this entry point differentiates real tensors: gradfd.check, the "
+            "drop-ins and gradfd.numerical_gradient take complex ones (as real pairs), or pass "
+            f"torch.view_as_real({name}) and adapt func"
         )
     if not p.is_floating_point():
         raise TypeError(

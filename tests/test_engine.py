@@ -169,7 +169,6 @@ BAD = [
     ("params a tensor", dict(params=W), TypeError, "params must be a tuple or list of tensors"),
     ("integer param", dict(params=(torch.arange(3), B)), TypeError,
      r"params\[0\] must be a floating-point tensor .* got dtype torch.int64"),
-    ("complex param", dict(params=(W.to(torch.complex128), B)), TypeError, r"params\[0\] is complex"),
     ("sparse param", dict(params=(W.to_sparse(), B)), TypeError, "dense"),
     ("non-scalar output", dict(func=lambda w, b: w * 2), ValueError,
      r"func must return a scalar tensor \(one element\), got shape \(3,\)"),

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import ops, stencils
+from .. import ops, stencils, wirtinger
 from ..budget import default_memory_budget, parse_memory_budget
 from ..errors import (CANNOT_RUN_THAT_WAY, FallbackWarning, GradfdWarning, NodeErrors, NonFiniteLossError, noting,
                       warn_fallback, warnings_once)
@@ -220,7 +220,8 @@ def numerical_gradient(
             its inputs in place.
         params: tuple or list of tensors, all on one device. Never modified; ``func`` gets private copies.
         param_idx: which of ``params`` to differentiate; a floating tensor (float64/32/16, bfloat16) of any
-            shape. Its dtype is the evaluation dtype; differences are taken in float64, and so are a
+            shape, or a complex one (complex128/64: its real and imaginary parts are differentiated as real pairs,
+            :mod:`gradfd.wirtinger`, and the gradient is PyTorch's ``dL/da + i dL/db``). Its dtype is the evaluation dtype; differences are taken in float64, and so are a
             low-precision loss's full reductions when that reproduces ``func``'s loss (:mod:`gradfd.reductions`).
         h: absolute step (default ``1e-5``, the reference's), or None for the automatic per-element step
             ``~eps**(1/(order+1)) * max(1, |x|)``.
@@ -256,6 +257,11 @@ def numerical_gradient(
         >>> g.shape
         torch.Size([3, 1])
     """
+    if wirtinger.has_complex(params) and isinstance(params, (tuple, list)):  # the real pairs, in PyTorch's convention
+        pairs_func, pairs = wirtinger.as_pairs(func, params)
+        grad = numerical_gradient(pairs_func, pairs, param_idx, h, engine=engine, chunk_size=chunk_size,
+                                  memory_budget=memory_budget, stencil=stencil, batching=batching)
+        return wirtinger.to_complex(grad) if params[param_idx].is_complex() else grad
     params, param_idx = check_params(params, param_idx)
     if h is not None:
         h = check_step(h)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .. import reductions
-from ..errors import CANNOT_RUN_THAT_WAY, NodeErrors, NonFiniteLossError, noting
+from ..errors import CANNOT_RUN_THAT_WAY, ComplexOutputs, NodeErrors, NonFiniteLossError, noting
 from ..report import unravel
 from ..validation import describe, validate_scalar_output
 from .modes import AllocationMeter
@@ -84,7 +84,8 @@ class OutputSpec:
         skip: numbers of further outputs to leave out (autograd marks them non-differentiable).
 
     Raises:
-        TypeError: naming ``func`` when an output is not a tensor, is sparse or nested, or is complex.
+        TypeError: naming ``func`` when an output is not a tensor, is sparse or nested; :class:`ComplexOutputs` (a
+            TypeError) when it is complex.
     """
 
     def __init__(self, out, skip: Sequence[int] = ()):
@@ -101,8 +102,9 @@ class OutputSpec:
                 raise TypeError(f"func's output[{k}] is a {o.layout}{' nested' if o.is_nested else ''} tensor; gradfd "
                                 "compares dense (strided) outputs only: return output.to_dense()")
             if o.is_complex():
-                raise TypeError(f"func's output[{k}] is complex ({o.dtype}); gradfd compares real outputs only: return "
-                                "torch.view_as_real(...) instead")
+                raise ComplexOutputs(f"func's output[{k}] is complex ({o.dtype}); the engine compares real outputs: "
+                                     "gradfd.check checks a complex output as its real pairs, or return "
+                                     "torch.view_as_real(...)")
             if o.is_floating_point() and k not in skip:
                 self.kept.append(k)
                 self.shapes.append(tuple(o.shape))
