@@ -183,11 +183,12 @@ class ForwardAnalytical(Analytical):
     checked), with :class:`Analytical`'s interface, so that every mode's verdicts judge it as they judge reverse mode.
 
     Rule: a column is one jvp with a one-hot tangent, exact in the input's dtype, one jvp per call of ``func`` (as in
-    ``torch.autograd.gradcheck``: a batching rule is not what this judges; ``check_batched_forward_grad`` does).
+    ``torch.autograd.gradcheck``: a batching rule is not what this judges; ``check_batched_forward_grad`` does); a
+    colored pass's columns are one jvp per input color (:meth:`ColoredPass.analytical_entries`).
     Every jvp replays ``func``'s random draws from the caller's RNG
     state (the state at construction), and leaves the global RNG as it found it. Rows (vjps) need every column: they
-    cost ``N`` jvps, so the checks that only need columns (full and sample mode, exact columns) or a few jvps
-    (directional mode: :meth:`jvp`) use those, and colored passes are not used.
+    cost ``N`` jvps, so the checks that only need columns (full and sample mode, exact or colored columns) or a few
+    jvps (directional mode: :meth:`jvp`) use those, and compressed rows are not used.
     """
 
     forward = True
@@ -460,22 +461,33 @@ class ColoredPass:
 
     def analytical_entries(self, atol_floor: Callable[[float], float], u: torch.Tensor) -> str | None:
         """Decode the pattern's analytical entries from ``p`` backward passes weighted by ``u`` (``(O,)`` float64
-        random weights, on the device); None, or why the pattern is refuted (a gradient from an output color where
-        the pattern has no entry)."""
+        random weights, on the device) -- in forward mode from ``q`` jvps, one per input color, the columns the
+        numerical side perturbs together -- ; None, or why the pattern is refuted (a gradient from an output color,
+        or a tangent from an input color, where the pattern has no entry)."""
         device = self.colors.device
-        out_colors = torch.arange(self.size, device=device) % self.p
-        cot = torch.zeros(self.p, self.size, dtype=torch.float64, device=device)
-        cot[out_colors, torch.arange(self.size, device=device)] = u
-        sums = self.analytical.vjp_batched(self.k, cot)  # (p, N)
-        self.vals = sums[self.outs % self.p, self.ins] / u[self.outs]
-        claimed = torch.zeros_like(sums, dtype=torch.bool)
-        claimed[self.outs % self.p, self.ins] = True
+        if self.analytical.forward:  # forward mode: one jvp per input color (the numerical side's own colors)
+            tangents = (self.colors.unsqueeze(0) == torch.arange(self.q, device=device).unsqueeze(1)).to(torch.float64)
+            sums = self.analytical.jvp(self.k, tangents)  # (q, O)
+            self.vals = sums[self.colors[self.ins], self.outs]
+            claimed = torch.zeros_like(sums, dtype=torch.bool)
+            claimed[self.colors[self.ins], self.outs] = True
+        else:
+            out_colors = torch.arange(self.size, device=device) % self.p
+            cot = torch.zeros(self.p, self.size, dtype=torch.float64, device=device)
+            cot[out_colors, torch.arange(self.size, device=device)] = u
+            sums = self.analytical.vjp_batched(self.k, cot)  # (p, N)
+            self.vals = sums[self.outs % self.p, self.ins] / u[self.outs]
+            claimed = torch.zeros_like(sums, dtype=torch.bool)
+            claimed[self.outs % self.p, self.ins] = True
         if not bool(torch.isfinite(sums).all()):
             return "non-finite analytical gradients (reported entry by entry from exact columns)"
         scale = float(self.vals.abs().max()) if self.vals.numel() else 0.0
         leak = torch.where(claimed, torch.zeros_like(sums), sums).abs()
         if bool((leak > atol_floor(scale)).any()):
             d, i = (int(v) for v in (leak > atol_floor(scale)).nonzero()[0])
+            if self.analytical.forward:
+                return (f"forward AD gives output {i} a tangent from input color {d}, where the {self.name} pattern "
+                        "has no entry")
             return (f"autograd gives input {i} a gradient from output color {d}, where the {self.name} pattern has "
                     "no entry")
         return None

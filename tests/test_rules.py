@@ -330,3 +330,33 @@ def test_gradgradcheck_bad_options_name_the_argument(kwargs, error, match):
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(error, match=match):
         gradfd.gradgradcheck(torch.sin, (x,), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_mode_takes_colored_columns_and_still_locates_a_one_entry_jvp_error(seed, dtype):
+    # an elementwise op: one jvp per input color gives every column the colored finite differences perturb
+    x, w = _inputs(seed, dtype, shape=(20, 30))
+    report = gradfd.check(lambda x, w: sin_mul(x, w), (x, w), check_forward_ad=True, check_backward_ad=False)
+    assert all(t.details["engine"] == "colored" for t in report.tensors), [t.details for t in report.tensors]
+
+    class OneEntry(torch.autograd.Function):  # sin(x) whose jvp is 1% off on entry (3, 7)
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_forward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            scale = torch.ones_like(x)
+            scale[3, 7] = 1.01
+            return t * x.cos() * scale
+
+    report = gradfd.check(OneEntry.apply, (x,), check_forward_ad=True, check_backward_ad=False,
+                          raise_on_failure=False)
+    t = report.tensors[0]
+    assert t.disagree == 1 and t.disagreeing(1)[0] == ((3, 7), (3, 7))

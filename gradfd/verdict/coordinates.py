@@ -137,7 +137,6 @@ def _colored_first_round(plan: Plan, first: FirstRound, colored: int):
 def _colored_applies(r: Request, attempt: Attempt, n: int, size: int) -> bool:
     return (attempt.colored is not None and r.mode == "full" and r.h is None and r.engine == "auto"
             and r.batching == "auto" and r.chunk_size is None and not r.analytical.scalar
-            and not r.analytical.forward  # (its rows would cost every column: forward mode takes exact columns)
             and n >= 2 * _budget.COLORED_SAVING and size >= _budget.COMPRESSION_MIN_OUTPUTS)
 
 
