@@ -441,13 +441,13 @@ def check(
                         if nondet[k] > nondet_tol:
                             r.nondeterminism = _nondeterminism(nondet[k], nondet_tol)
                 records.extend(reports)
-    except ComplexOutputs:  # real params, a complex output: checked as its real pairs
-        rng.close()
-        close_bar()
-        return _check_pairs(arguments, params)
+    except ComplexOutputs:  # real params, a complex output: checked as its real pairs (below, out of this handler)
+        records = None
     finally:
         rng.close()
         close_bar()
+    if records is None:
+        return _check_pairs(arguments, params)
     notes = []
     if not analytical.scalar and analytical.spec.skipped:
         notes.append("skipped outputs without gradient: " + ", ".join(

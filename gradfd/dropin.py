@@ -276,5 +276,8 @@ def gradgradcheck(
 def _uniform(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Uniform [-1, 1) draws shaped like ``like`` (its dtype and device), requiring grad (torch's
     ``make_tensor(low=-1, high=1)``, from a seeded generator)."""
+    if like.is_complex():  # both parts uniform, as make_tensor draws a complex tensor
+        pairs = torch.rand((*like.shape, 2), generator=gen, dtype=torch.float64) * 2 - 1
+        return torch.view_as_complex(pairs).to(like.dtype).to(like.device).requires_grad_()
     return (torch.rand(like.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(like.dtype).to(
         like.device).requires_grad_()

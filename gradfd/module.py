@@ -87,17 +87,25 @@ def _select(params: list[_Target], wrt) -> tuple[list[_Target], list[str]]:
     return chosen, []
 
 
+def _inexact(t) -> bool:
+    """A floating or complex tensor: one that has gradients (complex ones checked as real pairs)."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
 def _floating_inputs(args: tuple, kwargs: dict) -> list[_Target]:
-    found = [_Target((f"inputs[{i}]",), a, "input", i) for i, a in enumerate(args)
-             if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    found += [_Target((f"kwargs[{k!r}]",), v, "kwarg", k) for k, v in kwargs.items()
-              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    found = [_Target((f"inputs[{i}]",), a, "input", i) for i, a in enumerate(args) if _inexact(a)]
+    found += [_Target((f"kwargs[{k!r}]",), v, "kwarg", k) for k, v in kwargs.items() if _inexact(v)]
     return found
 
 
 def _projection(output) -> tuple[Callable[[Any], torch.Tensor], str]:
-    """A seeded random projection of every floating tensor in ``output`` to one float64 number."""
-    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """A seeded random projection of every floating (and complex: its real pairs) tensor in ``output`` to one
+    float64 number."""
+    leaves = [_real(t) for t in tree_flatten(output)[0] if _inexact(t)]
     if not leaves:
         raise ValueError(f"the module's output has no floating tensor to check (got {describe(output)}); pass loss=")
     gen = torch.Generator().manual_seed(PROJECTION_SEED)
@@ -105,7 +113,7 @@ def _projection(output) -> tuple[Callable[[Any], torch.Tensor], str]:
                for t in leaves]
 
     def project(out) -> torch.Tensor:
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        outs = [_real(t) for t in tree_flatten(out)[0] if _inexact(t)]
         return sum((o.to(torch.float64) * v).sum() for o, v in zip(outs, weights))
 
     shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in leaves)

@@ -37,7 +37,8 @@ def entry_name(param_idx: int, shape: Sequence[int], flat: int) -> str:
 def _part(index: tuple, complex_: bool) -> str:
     """``[i, j]``, or for the real pairs of a complex tensor ``[i, j].re`` / ``.im`` (the last index is the part)."""
     if complex_ and index:
-        return f"[{', '.join(map(str, index[:-1]))}].{'im' if index[-1] else 're'}"
+        part = "im" if index[-1] else "re"
+        return f"[{', '.join(map(str, index[:-1]))}].{part}" if len(index) > 1 else part
     return f"[{', '.join(map(str, index))}]"
 
 

@@ -46,11 +46,13 @@ def differentiable_outputs(func: Callable, params: Sequence[torch.Tensor]) -> li
 
 def output_gradients(func: Callable, params: Sequence[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
     """``order=2``'s output gradients: one per differentiable output, seeded Gaussian in its dtype and device (1 for
-    a one-element output: a loss's gradient is its vjp with 1), requiring grad, so that the check differentiates
-    them too."""
+    a one-element real output: a loss's gradient is its vjp with 1; a complex output's has both parts random, so
+    that a double backward wrong in the imaginary part of its output gradient is seen), requiring grad, so that the
+    check differentiates them too."""
     gen = torch.Generator().manual_seed(seed)
-    return tuple((torch.ones_like(o) if o.numel() == 1 else
-                  torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(o.device)).requires_grad_()
+    return tuple((torch.ones_like(o) if o.numel() == 1 and not o.is_complex() else
+                  torch.randn(o.shape, generator=gen, dtype=o.dtype if o.is_complex() else torch.float64).to(
+                      o.dtype).to(o.device)).requires_grad_()
                  for o in differentiable_outputs(func, params))
 
 

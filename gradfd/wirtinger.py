@@ -38,7 +38,7 @@ def _pairs_out(out):
     def one(o):
         return torch.view_as_real(o.resolve_conj()) if isinstance(o, torch.Tensor) and o.is_complex() else o
     if isinstance(out, (tuple, list)):
-        return type(out)(one(o) for o in out)
+        return [one(o) for o in out] if isinstance(out, list) else tuple(one(o) for o in out)
     return one(out)
 
 
@@ -70,11 +70,15 @@ def mark(report, params: Sequence, complex_outputs: set) -> None:
     complex outputs (``output[j]``), so that their indices name the part (``.re``/``.im``)."""
     import re
 
-    for t in report.tensors:
-        k = int(re.findall(r"params\[(\d+)\]", t.name)[-1])
-        p = params[k]
-        if isinstance(p, torch.Tensor) and p.is_complex():
-            t.dtype, t.complex_input = p.dtype, True
+    def complex_param(m) -> torch.dtype | None:
+        p = params[int(m.group(1))] if m is not None else None
+        return p.dtype if isinstance(p, torch.Tensor) and p.is_complex() else None
+
+    for t in report.tensors:  # names: "params[k]", "output[j] wrt params[k]", "grad(params[j]) wrt params[k]" ...
+        dtype = complex_param(re.search(r"(?:^|wrt )params\[(\d+)\]", t.name))  # (grad_outputs[i]: not a param)
+        if dtype is not None:
+            t.dtype, t.complex_input = dtype, True
         j = re.match(r"output\[(\d+)\]", t.name)
-        if j is not None and int(j.group(1)) in complex_outputs:
+        if (j is not None and int(j.group(1)) in complex_outputs) or complex_param(
+                re.match(r"grad\(params\[(\d+)\]\)", t.name)) is not None:
             t.complex_output = True

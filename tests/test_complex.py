@@ -125,3 +125,79 @@ def test_reference_mode_refuses_complex_tensors_naming_reference():
     with pytest.raises(TypeError, match="reference mode compares real tensors"):
         gradfd.check(torch.exp, (z,), reference=torch.exp)
     assert_unchanged((z,), snap)
+
+
+def _square(bug: bool = False):
+    """``z * z`` whose backward is itself a Function (the double backward hand-written); with ``bug``, that double
+    backward conjugates the output gradient it saved: invisible while output gradients are real."""
+
+    class SquareGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, g):
+            ctx.save_for_backward(z, g)
+            return 2 * g * z.conj()
+
+        @staticmethod
+        def backward(ctx, gg):
+            z, g = ctx.saved_tensors
+            return 2 * (g.conj() if bug else g) * gg.conj(), 2 * gg * z
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            ctx.save_for_backward(z)
+            return z * z
+
+        @staticmethod
+        def backward(ctx, g):
+            (z,) = ctx.saved_tensors
+            return SquareGrad.apply(z, g)
+
+    return Square.apply
+
+
+@pytest.mark.parametrize("dtype", COMPLEX)
+def test_a_double_backward_wrong_only_for_complex_output_gradients_is_caught(seed, dtype):
+    z = torch.randn(5, dtype=dtype, requires_grad=True)
+    real_v = torch.randn(5, dtype=torch.float64).to(dtype).requires_grad_()
+    if dtype == torch.complex128:  # torch: caught with its random (complex) output gradients, not with real ones
+        assert torch.autograd.gradgradcheck(_square(True), (z,), (real_v,), raise_exception=False)
+        assert not torch.autograd.gradgradcheck(_square(True), (z,), raise_exception=False)
+    assert gradfd.gradgradcheck(_square(True), (z,), raise_exception=False) is False
+    assert not gradfd.check(_square(True), (z,), order=2, raise_on_failure=False).passed
+    assert gradfd.gradgradcheck(_square(), (z,)) and gradfd.check(_square(), (z,), order=2).passed
+
+
+def test_complex_checks_leave_the_callers_tensors_their_grad_conj_bit_and_the_rng_unchanged(seed):
+    z = torch.randn(4, dtype=torch.complex64, requires_grad=True)
+    z.grad = torch.randn(4, dtype=torch.complex64)
+    w = torch.randn(4, dtype=torch.complex64).conj()  # a conjugate view
+    snap = snapshot((z,))
+    w_bits, rng = torch.view_as_real(w.resolve_conj()).clone(), torch.get_rng_state()
+    f = lambda z, w: torch.nn.functional.dropout(torch.view_as_real(z * w), 0.3).sum()  # noqa: E731
+    assert gradfd.check(f, (z, w)).passed
+    assert gradfd.check(lambda z: torch.fft.fft(z.abs()), (z,), order=2).passed  # the ComplexOutputs retry
+    assert_unchanged((z,), snap)
+    assert w.is_conj() and torch.equal(torch.view_as_real(w.resolve_conj()), w_bits)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_check_module_takes_complex_parameters_and_outputs(seed):
+    class Spectral(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64) / 3)
+
+        def forward(self, x):
+            return torch.fft.irfft(torch.fft.rfft(x) * self.weight, n=x.shape[-1]), torch.fft.rfft(x) * self.weight
+
+    m = Spectral()
+    x = torch.randn(3, 8)
+    before = m.weight.detach().clone()
+    report = gradfd.check_module(m, (x,))  # loss=None: both outputs projected, the complex one as real pairs
+    t = report["weight"]
+    assert report.passed and t.complex_input and t.dtype == torch.complex64 and t.shape == (5, 2)
+    assert torch.equal(m.weight.detach(), before)
+    report = gradfd.check_module(m, (x.clone().requires_grad_(),), check_inputs=True,
+                                 loss=lambda out: out[0].pow(2).sum())
+    assert "inputs[0]" in {t.name for t in report.tensors}
