@@ -55,6 +55,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "detection": ("bench_detection", "detection.json"),
     "reference": ("bench_reference", "reference.json"),
     "rules": ("bench_rules", "rules.json"),
+    "complex-ops": ("bench_complex", "complex.json"),
     "kinks": ("bench_kinks", "kinks.json"),
     "models": ("bench_models", "models.json"),
     "policy": ("policy_table", "policy.json"),

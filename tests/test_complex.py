@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradfd
+from gradfd.demo.planted import COMPLEX_OPS, complex_op
 from helpers import assert_unchanged, snapshot
 
 COMPLEX = [torch.complex128, torch.complex64]
@@ -201,3 +202,12 @@ def test_check_module_takes_complex_parameters_and_outputs(seed):
     report = gradfd.check_module(m, (x.clone().requires_grad_(),), check_inputs=True,
                                  loss=lambda out: out[0].pow(2).sum())
     assert "inputs[0]" in {t.name for t in report.tensors}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLEX_OPS))
+@pytest.mark.parametrize("dtype", COMPLEX)
+def test_each_example_complex_op_passes_and_its_missing_conjugate_is_caught(seed, name, dtype):
+    z, w = _inputs(seed, dtype)
+    assert gradfd.gradcheck(lambda z, w: complex_op(name, z, w), (z, w)) is True
+    assert gradfd.gradcheck(lambda z, w: complex_op(name, z, w, missing_conj=True), (z, w),
+                            raise_exception=False) is False

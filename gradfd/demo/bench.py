@@ -383,7 +383,8 @@ def _caught(func, params, k: int, dtype: torch.dtype, among: int | None = None) 
 # and 8000-8099 judge the one kept (benchmarks/bench_directional.py; developed on seeds 0-19 and 100-239, and 0-2
 # for its models); 9000-9099 (FRESH_SEEDS) judge the rule that isolated switches turn the rule on switches off
 # (benchmarks/bench_kinks.py and the verdict table; developed on seeds 0-11 of the conv families and 0-19 of the
-# ReLU MLPs); 10000-10049 judge the rule checks of an op author (benchmarks/bench_rules.py; developed on seeds 0-2).
+# ReLU MLPs); 10000-10049 judge the rule checks of an op author (benchmarks/bench_rules.py; developed on seeds 0-2);
+# 10100-10149 the complex custom ops (benchmarks/bench_complex.py).
 TUNED_SEEDS = range(0, 20)
 HELD_OUT_SEEDS = range(1000, 1100)
 FRESH_SEEDS = range(9000, 9100)

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-__all__ = ["sin_mul", "BUGS", "OPTIONS", "TORCH_MISSES"]
+__all__ = ["sin_mul", "BUGS", "OPTIONS", "TORCH_MISSES", "complex_op", "COMPLEX_OPS"]
 
 # each planted mistake, and the gradcheck options (of torch's and gradfd's drop-ins) that check its rule; "gradgrad"
 # means gradgradcheck, with these options
@@ -142,3 +142,52 @@ def sin_mul(x: torch.Tensor, w: torch.Tensor, bug: str | None = None) -> torch.T
     if x.shape != w.shape:
         raise ValueError(f"x and w must have one shape, got {tuple(x.shape)} and {tuple(w.shape)}")
     return _op(bug).apply(x, w)
+
+
+# ---- complex ops with hand-written backward (issue 24): each right, or with its conjugate missing ----------------
+# Each entry: (forward, backward with conjugates, backward without). PyTorch's convention for y = f(z, ...) and a
+# real loss: grad_z = conj(dy/dz) * g + (dy/dz̄) * conj(g) (the conjugate Wirtinger vjp); the planted mistake drops
+# the conjugate of dy/dz, the slip an author porting a real backward makes.
+COMPLEX_OPS: dict[str, tuple] = {
+    "mul": (lambda z, w: z * w, lambda g, z, w: (g * w.conj(), g * z.conj()), lambda g, z, w: (g * w, g * z.conj())),
+    "mul_conj": (lambda z, w: z * w.conj(), lambda g, z, w: (g * w, z * g.conj()),
+                 lambda g, z, w: (g * w.conj(), z * g.conj())),
+    "exp": (lambda z, w: torch.exp(z) * w, lambda g, z, w: (g * (torch.exp(z) * w).conj(), g * torch.exp(z).conj()),
+            lambda g, z, w: (g * torch.exp(z) * w, g * torch.exp(z).conj())),
+    "square": (lambda z, w: z * z + w, lambda g, z, w: (g * (2 * z).conj(), g), lambda g, z, w: (g * 2 * z, g)),
+    "sin": (lambda z, w: torch.sin(z) * w, lambda g, z, w: (g * (torch.cos(z) * w).conj(), g * torch.sin(z).conj()),
+            lambda g, z, w: (g * torch.cos(z) * w, g * torch.sin(z).conj())),
+    "abs2": (lambda z, w: (z * z.conj()).real * w,
+             lambda g, z, w: (2 * z * (g * w.conj()).real, g * (z * z.conj()).real),
+             lambda g, z, w: (2 * z.conj() * (g * w.conj()).real, g * (z * z.conj()).real)),
+}
+
+
+@functools.cache
+def _complex_op(name: str, conjugated: bool) -> type:
+    forward, right, wrong = COMPLEX_OPS[name]
+    backward = right if conjugated else wrong
+
+    class ComplexOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, w):
+            ctx.save_for_backward(z, w)
+            return forward(z, w)
+
+        @staticmethod
+        def backward(ctx, g):
+            z, w = ctx.saved_tensors
+            return backward(g, z, w)
+
+    ComplexOp.__name__ = f"{name}{'' if conjugated else '_missing_conj'}"
+    return ComplexOp
+
+
+def complex_op(name: str, z: torch.Tensor, w: torch.Tensor, missing_conj: bool = False) -> torch.Tensor:
+    """``COMPLEX_OPS[name]`` of the complex tensors ``z`` and ``w`` (one shape, dtype and device) through a hand-written
+    backward, right or (``missing_conj``) without the conjugate of ``z``'s derivative.
+
+    Raises:
+        KeyError: ``name`` not in :data:`COMPLEX_OPS`.
+    """
+    return _complex_op(name, not missing_conj).apply(z, w)
