@@ -962,8 +962,7 @@ def render_complex(data: dict) -> str:
     lines = [head(data), "",
              "Each entry's first sample in complex128 and complex64, and its float64 and float32 samples where they "
              "return a complex output; `torch.autograd.gradcheck` (slow mode) beside `gradfd.check` (defaults), both "
-             "given "
-             "the function as it is.", "",
+             "given the function as it is.", "",
              "| samples | checked | gradcheck passes | gradfd passes | gradcheck passes, gradfd not | no gradfd "
              "verdict | unresolved entries | seconds: gradcheck / gradfd |", "|---|---|---|---|---|---|---|---|"]
     for kind, c in s.items():

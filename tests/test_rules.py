@@ -70,8 +70,10 @@ def test_a_double_backward_lost_to_a_detach_is_compared_as_zero_and_fails_with_a
         gradfd.check(_loss("detached"), (x, w), order=2)
 
 
-def test_a_first_order_gradient_without_any_graph_is_compared_as_constant_with_a_note(seed):
-    class Host(torch.autograd.Function):  # a backward computed off the graph entirely (as through numpy)
+def _sin_with(backward):
+    """``sin(x)`` whose hand-written backward is ``backward(g, x)``."""
+
+    class Sin(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
@@ -80,11 +82,16 @@ def test_a_first_order_gradient_without_any_graph_is_compared_as_constant_with_a
         @staticmethod
         def backward(ctx, g):
             (x,) = ctx.saved_tensors
-            return (g * x.cos()).detach()
+            return backward(g, x)
 
+    return Sin.apply
+
+
+def test_a_first_order_gradient_without_any_graph_is_compared_as_constant_with_a_note(seed):
+    host = _sin_with(lambda g, x: (g * x.cos()).detach())  # a backward computed off the graph (as through numpy)
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert gradfd.check(lambda x: Host.apply(x).sum(), (x,)).passed  # right at first order
-    report = gradfd.check(lambda x: Host.apply(x).sum(), (x,), order=2, raise_on_failure=False)
+    assert gradfd.check(lambda x: host(x).sum(), (x,)).passed  # right at first order
+    report = gradfd.check(lambda x: host(x).sum(), (x,), order=2, raise_on_failure=False)
     assert any("first-order gradient of params[0] has no autograd graph" in n for n in report.notes)
     assert all(t.disagree > 0 for t in report.tensors)  # wrt x (-sin) and wrt the output gradient (cos)
 
@@ -234,19 +241,9 @@ def test_gradgradcheck_takes_given_grad_outputs_and_differentiates_them_when_the
     v = torch.randn(4, dtype=torch.float64)
     assert gradfd.gradgradcheck(torch.sin, (x,), (v,)) is True
     assert gradfd.gradgradcheck(torch.sin, (x,), v.clone().requires_grad_()) is True
+    half = _sin_with(lambda g, x: g.detach() * x.cos())  # right at first order; its derivative in g is lost
     with pytest.raises(gradfd.GradcheckError) as info:  # a wrong gradient with respect to the grad_output
-        class Half(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                ctx.save_for_backward(x)
-                return x.sin()
-
-            @staticmethod
-            def backward(ctx, g):
-                (x,) = ctx.saved_tensors
-                return g.detach() * x.cos()  # right at first order; its derivative in g is lost
-
-        gradfd.gradgradcheck(Half.apply, (x,), torch.ones(4, dtype=torch.float64, requires_grad=True))
+        gradfd.gradgradcheck(half, (x,), torch.ones(4, dtype=torch.float64, requires_grad=True))
     assert "grad(params[0]) wrt grad_outputs[0]" in str(info.value)
 
 
