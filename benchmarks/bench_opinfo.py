@@ -944,8 +944,9 @@ def summarise_complex(rows: list[dict]) -> dict:
             "gradfd_pass": sum(verdict(r, "gradfd") == PASS for r in rs),
             "false_alarms": [(r["entry"], verdict(r, "gradfd")) for r in rs
                              if verdict(r, "gradcheck") == PASS and verdict(r, "gradfd") != PASS],
-            "gradfd_catches": [(r["entry"], verdict(r, "gradcheck")) for r in rs
-                               if verdict(r, "gradfd") == FAIL and verdict(r, "gradcheck") != PASS],
+            "gradfd_catches": [(r["entry"], verdict(r, "gradcheck")) for r in rs if "gradcheck" in r
+                               and verdict(r, "gradfd") == FAIL and verdict(r, "gradcheck") != PASS],
+            "gradfd_fails": [(r["entry"], verdict(r, "gradfd")) for r in rs if verdict(r, "gradfd") != PASS],
             "no_verdict": no_verdict,
             "seconds": {"gradcheck": sum(r.get("gradcheck", {}).get("seconds", 0.0) for r in rs),
                         "gradfd": sum(r["gradfd"]["seconds"] for r in rs)},
@@ -953,7 +954,9 @@ def summarise_complex(rows: list[dict]) -> dict:
     c128 = {r["entry"] for r in rows if r["dtype"] == "complex128" and verdict(r, "gradcheck") == PASS}
     c64 = [r for r in rows if r["dtype"] == "complex64" and "skipped" not in r and r["entry"] in c128]
     out["complex64"]["on_gradcheck128_pass"] = {"samples": len(c64), "gradfd": sum(verdict(r, "gradfd") == PASS
-                                                                                    for r in c64)}
+                                                                                    for r in c64),
+                                                "not_passing": [(r["entry"], verdict(r, "gradfd")) for r in c64
+                                                                if verdict(r, "gradfd") != PASS]}
     return out
 
 
@@ -986,10 +989,11 @@ def render_complex(data: dict) -> str:
               f"{listed(e for c in s.values() for e in c['no_verdict'])}.",
               f"- gradcheck passes, gradfd does not (complex128 and float64 complex outputs; bar: none: "
               f"{'met' if not alarms else 'NOT met'}): {listed(alarms)}.",
-              f"- gradfd fails where gradcheck fails or cannot run: "
+              f"- gradfd fails where gradcheck fails or cannot run (gradcheck's verdict): "
               f"{listed(e for c in s.values() for e in c['gradfd_catches'])}.",
               f"- complex64: gradfd passes {on['gradfd']} of the {on['samples']} samples gradcheck passes in "
-              "complex128."]
+              f"complex128; not passing: {listed(on['not_passing'])}; float32 complex outputs not passing: "
+              f"{listed(s['float32, complex output']['gradfd_fails'])}."]
     return "\n".join(lines)
 
 
