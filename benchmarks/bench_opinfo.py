@@ -966,7 +966,7 @@ def render_complex(data: dict) -> str:
              "Each entry's first sample in complex128 and complex64, and its float64 and float32 samples where they "
              "return a complex output; `torch.autograd.gradcheck` (slow mode) beside `gradfd.check` (defaults), both "
              "given the function as it is.", "",
-             "| samples | checked | gradcheck passes | gradfd passes | gradcheck passes, gradfd not | no gradfd "
+             "| samples | count | gradcheck passes | gradfd passes | gradcheck passes, gradfd not | no gradfd "
              "verdict | unresolved entries | seconds: gradcheck / gradfd |", "|---|---|---|---|---|---|---|---|"]
     for kind, c in s.items():
         torch_ran = kind in ("complex128", "float64, complex output")
@@ -974,7 +974,8 @@ def render_complex(data: dict) -> str:
         fa = str(len(c["false_alarms"])) if torch_ran else "-"
         lines.append(f"| {kind} | {c['samples']} | {gc} | {c['gradfd_pass']} | {fa} | {len(c['no_verdict'])} | "
                      f"{c['unresolved_entries']} of {c['checked_entries']} | "
-                     f"{c['seconds']['gradcheck']:.1f} / {c['seconds']['gradfd']:.1f} |")
+                     f"{c['seconds']['gradcheck']:.1f} / {c['seconds']['gradfd']:.1f} |" if torch_ran else
+                     f"- / {c['seconds']['gradfd']:.1f} |")
     total = sum(c["samples"] for c in s.values())
     none = sum(len(c["no_verdict"]) for c in s.values())
     unresolved = sum(c["unresolved_entries"] for c in s.values()) / max(1, sum(c["checked_entries"]

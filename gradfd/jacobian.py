@@ -456,19 +456,32 @@ class ColoredPass:
         return cls(analytical, k, outs, ins, q, p, base_steps * weights, stencil, name)
 
     def describe(self) -> str:
+        analytical = (f"{self.q} jvp(s), one per input color" if self.analytical.forward else
+                      f"{self.p} output color(s) per backward pass")
         return (f"{self.name} pattern ({self.key.numel()} entries), verified: {self.q} input color(s) perturbed "
-                f"together, {self.p} output color(s) per backward pass (Curtis-Powell-Reid compression)")
+                f"together, {analytical} (Curtis-Powell-Reid compression)")
 
-    def analytical_entries(self, atol_floor: Callable[[float], float], u: torch.Tensor) -> str | None:
+    def passes(self) -> str:
+        """What the analytical side cost, for the report: ``"3 colored backward passes"`` or ``"1 colored jvp"``."""
+        return f"{self.q} colored jvps" if self.analytical.forward else f"{self.p} colored backward passes"
+
+    def analytical_entries(self, atol_floor: Callable[[float], float], u: torch.Tensor,
+                           tangent_weights: torch.Tensor) -> str | None:
         """Decode the pattern's analytical entries from ``p`` backward passes weighted by ``u`` (``(O,)`` float64
-        random weights, on the device) -- in forward mode from ``q`` jvps, one per input color, the columns the
-        numerical side perturbs together -- ; None, or why the pattern is refuted (a gradient from an output color,
-        or a tangent from an input color, where the pattern has no entry)."""
+        random weights, on the device) -- in forward mode from ``q`` jvps, one per input color (the columns the
+        numerical side perturbs together), weighted by ``tangent_weights`` (``(N,)`` float64) --; None, or why the
+        pattern is refuted (a gradient from an output color, or a tangent from an input color, where the pattern has
+        no entry)."""
         device = self.colors.device
-        if self.analytical.forward:  # forward mode: one jvp per input color (the numerical side's own colors)
-            tangents = (self.colors.unsqueeze(0) == torch.arange(self.q, device=device).unsqueeze(1)).to(torch.float64)
+        if self.analytical.forward:  # forward mode: one jvp per input color (the numerical side's own colors), the
+            # tangent weighted by seeded random weights (rounded to the input's dtype, as the jvp sees them) of their
+            # own seed, so that a jvp that does not use its tangent entry by entry (ignores, moves or averages it)
+            # cannot match on the all-ones direction of a one-color pattern
+            x = self.analytical.clones[self.k]
+            v = tangent_weights.to(device).to(x.dtype).to(torch.float64)
+            tangents = (self.colors.unsqueeze(0) == torch.arange(self.q, device=device).unsqueeze(1)) * v
             sums = self.analytical.jvp(self.k, tangents)  # (q, O)
-            self.vals = sums[self.colors[self.ins], self.outs]
+            self.vals = sums[self.colors[self.ins], self.outs] / v[self.ins]
             claimed = torch.zeros_like(sums, dtype=torch.bool)
             claimed[self.colors[self.ins], self.outs] = True
         else:

@@ -38,7 +38,7 @@ def _part(index: tuple, complex_: bool) -> str:
     """``[i, j]``, or for the real pairs of a complex tensor ``[i, j].re`` / ``.im`` (the last index is the part)."""
     if complex_ and index:
         part = "im" if index[-1] else "re"
-        return f"[{', '.join(map(str, index[:-1]))}].{part}" if len(index) > 1 else part
+        return f"[{', '.join(map(str, index[:-1]))}].{part}" if len(index) > 1 else f".{part}"
     return f"[{', '.join(map(str, index))}]"
 
 

@@ -51,8 +51,8 @@ def output_gradients(func: Callable, params: Sequence[torch.Tensor], seed: int) 
     check differentiates them too."""
     gen = torch.Generator().manual_seed(seed)
     return tuple((torch.ones_like(o) if o.numel() == 1 and not o.is_complex() else
-                  torch.randn(o.shape, generator=gen, dtype=o.dtype if o.is_complex() else torch.float64).to(
-                      o.dtype).to(o.device)).requires_grad_()
+                  torch.randn(o.shape, generator=gen, dtype=torch.complex128 if o.is_complex() else torch.float64
+                              ).to(o.dtype).to(o.device)).requires_grad_()
                  for o in differentiable_outputs(func, params))
 
 

@@ -90,7 +90,7 @@ def test_a_disagreeing_entry_names_its_part(seed):
     z, w = _inputs(seed, torch.complex128, shape=(4,))
     report = gradfd.check(lambda z, w: _mul("imag")(z, w).abs().pow(2).sum(), (z, w), raise_on_failure=False)
     t = report["params[0]"]
-    assert str(t.dtype) == "torch.complex128" and t.shape == (4, 2)
+    assert t.disagree > 0 and str(t.dtype) == "torch.complex128" and t.shape == (4, 2)
     assert all(index[-1] == 1 for index in t.disagreeing())  # only imaginary parts are wrong
     assert "].im" in str(report) and "].re" not in str(report).split("disagreeing entries")[1]
 
@@ -177,7 +177,12 @@ def test_complex_checks_leave_the_callers_tensors_their_grad_conj_bit_and_the_rn
     w_bits, rng = torch.view_as_real(w.resolve_conj()).clone(), torch.get_rng_state()
     f = lambda z, w: torch.nn.functional.dropout(torch.view_as_real(z * w), 0.3).sum()  # noqa: E731
     assert gradfd.check(f, (z, w)).passed
-    assert gradfd.check(lambda z: torch.fft.fft(z.abs()), (z,), order=2).passed  # the ComplexOutputs retry
+    assert gradfd.check(lambda z: torch.fft.fft(z.abs()), (z,), order=2).passed
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=True)  # (no draw from the RNG under test)
+    ticks = []  # real params, a complex output: the ComplexOutputs retry (its progress callback and RNG)
+    report = gradfd.check(lambda x: torch.fft.fft(torch.nn.functional.dropout(x, 0.3)), (x,),
+                          progress=lambda done, total: ticks.append((done, total)))
+    assert report.passed and report.tensors[0].complex_output and ticks and ticks[-1][0] == ticks[-1][1]
     assert_unchanged((z,), snap)
     assert w.is_conj() and torch.equal(torch.view_as_real(w.resolve_conj()), w_bits)
     assert torch.equal(torch.get_rng_state(), rng)

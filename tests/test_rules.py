@@ -357,3 +357,33 @@ def test_forward_mode_takes_colored_columns_and_still_locates_a_one_entry_jvp_er
                           raise_on_failure=False)
     t = report.tensors[0]
     assert t.disagree == 1 and t.disagreeing(1)[0] == ((3, 7), (3, 7))
+    assert any("colored pass" in note for note in t.details.get("notes", [])), t.details  # refuted, then exact
+
+
+@pytest.mark.parametrize("jvp", ["ignores the tangent", "rolls the tangent", "averages the tangent"])
+def test_a_jvp_that_does_not_use_its_tangent_entry_by_entry_is_caught_through_colors(seed, jvp):
+    # a one-color elementwise pattern: an all-ones tangent would hide these; the colored jvp's random weights do not
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    wrong = {"ignores the tangent": lambda t, x: x.cos(), "rolls the tangent": lambda t, x: x.cos() * t.roll(1, 1),
+             "averages the tangent": lambda t, x: x.cos() * t.mean()}[jvp]
+
+    class Sin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_forward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return wrong(t, x)
+
+    report = gradfd.check(Sin.apply, (x,), check_forward_ad=True, check_backward_ad=False, raise_on_failure=False)
+    t = report.tensors[0]
+    assert t.disagree > 0 and any("colored pass" in note for note in t.details.get("notes", [])), t.details
+    assert gradfd.gradcheck(Sin.apply, (x,), check_forward_ad=True, check_backward_ad=False,
+                            raise_exception=False) is False

@@ -147,7 +147,8 @@ def sin_mul(x: torch.Tensor, w: torch.Tensor, bug: str | None = None) -> torch.T
 # ---- complex ops with hand-written backward (issue 24): each right, or with its conjugate missing ----------------
 # Each entry: (forward, backward with conjugates, backward without). PyTorch's convention for y = f(z, ...) and a
 # real loss: grad_z = conj(dy/dz) * g + (dy/dz̄) * conj(g) (the conjugate Wirtinger vjp); the planted mistake drops
-# the conjugate of dy/dz, the slip an author porting a real backward makes.
+# a conjugate, the slip an author porting a real backward makes (that of dy/dz; for |z|^2, whose dy/dz̄ is z, it
+# conjugates z instead).
 COMPLEX_OPS: dict[str, tuple] = {
     "mul": (lambda z, w: z * w, lambda g, z, w: (g * w.conj(), g * z.conj()), lambda g, z, w: (g * w, g * z.conj())),
     "mul_conj": (lambda z, w: z * w.conj(), lambda g, z, w: (g * w, z * g.conj()),

@@ -116,7 +116,8 @@ def _colored_first_round(plan: Plan, first: FirstRound, colored: int):
     sparse = ColoredPass.build(a, k, plan.base_steps, r.stencil, whole,
                                lambda n: SEEDS.weights(n, SEEDS.colored_inputs(k, whole)))
     why = None if sparse is None else sparse.analytical_entries(
-        atol_floor, SEEDS.weights(a.spec.size, SEEDS.colored_outputs(k)).to(plan.base_steps.device))
+        atol_floor, SEEDS.weights(a.spec.size, SEEDS.colored_outputs(k)).to(plan.base_steps.device),
+        SEEDS.weights(plan.n, SEEDS.colored_tangents(k)))
     if sparse is None or why is not None:
         return None, None, why
     # every analytical entry is known now: each block's scale is the whole block's, not its first judged block's
@@ -197,7 +198,7 @@ def _run(r: Request, attempt: Attempt) -> list[TensorReport] | Retry:
     if sparse is not None and r.progress is not None:
         r.progress(plan.m)
     details = finish_details(first, e, refined, domain_note,
-                             f"{sparse.p} colored backward passes" if sparse is not None else None)
+                             sparse.passes() if sparse is not None else None)
     return tensor_reports(first, e, j, details)
 
 

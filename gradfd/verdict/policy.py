@@ -297,6 +297,10 @@ class Seeds:
         """The seed of the colored pass's input weights (pattern ``whole``)."""
         return self.stride * (k + 1) + whole
 
+    def colored_tangents(self, k: int) -> int:
+        """The seed of forward mode's colored tangent weights (their own: not the input steps' weights)."""
+        return 4 * self.stride ** 2 + self.stride * k
+
     def colored_outputs(self, k: int) -> int:
         """The seed of the colored pass's cotangent weights."""
         return self.stride * (k + 2)
