@@ -158,14 +158,15 @@ def gradcheck(
 
 
 def _report(func, inputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options: dict,
-            name: str = "gradcheck") -> CheckReport:
+            name: str = "gradcheck", batching: str = "auto") -> CheckReport:
     """:func:`gradfd.check`'s report of ``func`` at ``inputs`` under torch's gradcheck options (validated)."""
     opts = _validate_options(options, raise_exception, fast_mode)
     params = _as_tuple(inputs, "inputs", name)
     if eps is not None:
         eps = check_step(eps, "eps")
     return check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                 raise_on_failure=False, nondet_tol=nondet_tol, **{n: opts[n] for n in _BOOL_OPTIONS})
+                 raise_on_failure=False, nondet_tol=nondet_tol, batching=batching,
+                 **{n: opts[n] for n in _BOOL_OPTIONS})
 
 
 def _verdict(report: CheckReport, raise_exception: bool) -> bool:
@@ -268,7 +269,7 @@ def gradgradcheck(
                    check_batched_grad=check_batched_grad, check_forward_ad=check_fwd_over_rev,
                    check_backward_ad=check_rev_over_rev, masked=masked)
     report = _report(g, inputs + grad_outputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options,
-                     "gradgradcheck")
+                     "gradgradcheck", batching="loop")  # (g makes its own leaves: neither vmap nor stacking can)
     rename(report, wrt, len(inputs), g.lost)
     return _verdict(report, raise_exception)
 

@@ -91,6 +91,7 @@ def demo(out=None, sweep_path: str | None = None) -> None:
         print(f"(no plot: {exc})", file=out)
     _demo_custom_op(out)
     _demo_half_precision(out)
+    _demo_rules(out)
     if not ops.kernels_available():
         print(f"\nnote: native kernels unavailable ({ops.unavailable_reason()}); the loop engine was used", file=out)
 
@@ -169,3 +170,28 @@ def _demo_half_precision(out) -> None:
           f"{', '.join(t.detection_text() for t in plain.tensors)})" + (
               ":\n  a float16 difference cannot resolve the bug; the reference can."
               if plain.passed and not verdicts["rms_norm_buggy"].passed else "."), file=out)
+
+
+def _demo_rules(out) -> None:
+    """The other rules of a custom op, in float32: a double backward with a planted mistake (gradfd.check's
+    ``order=2``), and a complex backward with its conjugate missing (complex64), each pointed at."""
+    import gradfd
+    from gradfd.demo.planted import complex_op, sin_mul
+
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(3, 4, generator=g).requires_grad_() for _ in range(2))
+    print("\nThe other rules of a custom op, in float32: sin(x * w) (gradfd.demo.planted.sin_mul) whose hand-written "
+          "double\nbackward drops a cos, checked with gradfd.check(loss, (x, w), order=2):", file=out)
+    report = gradfd.check(lambda x, w: sin_mul(x, w, "double_backward").sum(), (x, w), order=2,
+                          raise_on_failure=False)
+    failed = [t.name for t in report.tensors if not t.passed]
+    print(f"  {'PASSED' if report.passed else 'FAILED'}: {', '.join(failed) or 'nothing'} "
+          f"(the planted term is d(grad w)/dx); the correct op: "
+          f"{'PASSED' if gradfd.check(lambda x, w: sin_mul(x, w).sum(), (x, w), order=2).passed else 'FAILED'}",
+          file=out)
+    z, v = (torch.randn(6, generator=g, dtype=torch.complex64).requires_grad_() for _ in range(2))
+    bad = gradfd.check(lambda z, v: complex_op("mul", z, v, missing_conj=True), (z, v), raise_on_failure=False)
+    flagged = [line.strip() for line in str(bad).splitlines() if "disagreeing entries" in line]
+    print(f"z * w in complex64 with its backward's conjugate missing: {'PASSED' if bad.passed else 'FAILED'}:\n  "
+          + "\n  ".join(flagged) + "\n(torch.autograd.gradcheck cannot judge float32 or complex64.)", file=out)
+
