@@ -365,10 +365,9 @@ def check(
         n = len(params)
         cots = _second_order.output_gradients(func, params, SEEDS.second_order(seed))
         g = _second_order.gradient_function(func, wrt_idx, len(cots))
-        # (g makes its own leaves, which neither vmap nor a stacked batch can: "auto" is the loop, without warnings)
-        report = check(**{**arguments, "func": g, "params": (*params, *cots), "policy": policy, "order": 1,
-                          "wrt": [*wrt_idx, *range(n, n + len(cots))], "raise_on_failure": False,
-                          "batching": "loop" if batching == "auto" else batching})
+        with _second_order.unbatchable():
+            report = check(**{**arguments, "func": g, "params": (*params, *cots), "policy": policy, "order": 1,
+                              "wrt": [*wrt_idx, *range(n, n + len(cots))], "raise_on_failure": False})
         _second_order.rename(report, wrt_idx, n, g.lost)
         if raise_on_failure and not report.passed:
             raise GradientCheckError(report)

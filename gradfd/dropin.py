@@ -27,7 +27,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError as _TorchGradcheckError
 
 from .check import check
-from .second_order import differentiable_outputs, gradient_function, rename
+from .second_order import differentiable_outputs, gradient_function, rename, unbatchable
 from .validation import check_step, describe
 from .verdict.policy import SEEDS
 from .report import CheckReport, GradientCheckError
@@ -158,15 +158,14 @@ def gradcheck(
 
 
 def _report(func, inputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options: dict,
-            name: str = "gradcheck", batching: str = "auto") -> CheckReport:
+            name: str = "gradcheck") -> CheckReport:
     """:func:`gradfd.check`'s report of ``func`` at ``inputs`` under torch's gradcheck options (validated)."""
     opts = _validate_options(options, raise_exception, fast_mode)
     params = _as_tuple(inputs, "inputs", name)
     if eps is not None:
         eps = check_step(eps, "eps")
     return check(func, params, mode="directional" if fast_mode else "full", h=eps, atol=atol, rtol=rtol,
-                 raise_on_failure=False, nondet_tol=nondet_tol, batching=batching,
-                 **{n: opts[n] for n in _BOOL_OPTIONS})
+                 raise_on_failure=False, nondet_tol=nondet_tol, **{n: opts[n] for n in _BOOL_OPTIONS})
 
 
 def _verdict(report: CheckReport, raise_exception: bool) -> bool:
@@ -268,8 +267,9 @@ def gradgradcheck(
     options = dict(check_undefined_grad=check_undefined_grad, check_grad_dtypes=check_grad_dtypes,
                    check_batched_grad=check_batched_grad, check_forward_ad=check_fwd_over_rev,
                    check_backward_ad=check_rev_over_rev, masked=masked)
-    report = _report(g, inputs + grad_outputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options,
-                     "gradgradcheck", batching="loop")  # (g makes its own leaves: neither vmap nor stacking can)
+    with unbatchable():
+        report = _report(g, inputs + grad_outputs, eps, atol, rtol, raise_exception, fast_mode, nondet_tol, options,
+                         "gradgradcheck")
     rename(report, wrt, len(inputs), g.lost)
     return _verdict(report, raise_exception)
 

@@ -13,15 +13,28 @@ the verdicts, error estimates and float32 trust of first order carry over unchan
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import engine as _engine
+from .errors import FallbackWarning
 
-__all__ = ["gradient_function", "differentiable_outputs", "output_gradients", "rename"]
+__all__ = ["gradient_function", "differentiable_outputs", "output_gradients", "rename", "unbatchable"]
+
+
+@contextlib.contextmanager
+def unbatchable() -> Iterator[None]:
+    """Around a check of :func:`gradient_function`: its function makes its own autograd leaves, which vmap and a
+    stacked batch cannot run, so the engine's fallback to the loop is expected and not warned about (the records'
+    ``details["batching"]`` still say which ran; the colored pass, which batches on its own, is unaffected)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="gradfd: func cannot be evaluated batched", category=FallbackWarning)
+        yield
 
 
 def _tensors(out) -> list:
