@@ -87,6 +87,27 @@ def _sin_with(backward):
     return Sin.apply
 
 
+def _sin_forward(jvp):
+    """``sin(x)`` with a forward-mode rule only: ``jvp(t, x)`` (its backward raises)."""
+
+    class Sin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_forward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return jvp(t, x)
+
+    return Sin.apply
+
+
 def test_a_first_order_gradient_without_any_graph_is_compared_as_constant_with_a_note(seed):
     host = _sin_with(lambda g, x: (g * x.cos()).detach())  # a backward computed off the graph (as through numpy)
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -336,24 +357,12 @@ def test_forward_mode_takes_colored_columns_and_still_locates_a_one_entry_jvp_er
     report = gradfd.check(lambda x, w: sin_mul(x, w), (x, w), check_forward_ad=True, check_backward_ad=False)
     assert all(t.details["engine"] == "colored" for t in report.tensors), [t.details for t in report.tensors]
 
-    class OneEntry(torch.autograd.Function):  # sin(x) whose jvp is 1% off on entry (3, 7)
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_forward(x)
-            return x.sin()
+    def one_entry(t, x):  # sin(x)'s jvp, 1% off on entry (3, 7)
+        scale = torch.ones_like(x)
+        scale[3, 7] = 1.01
+        return t * x.cos() * scale
 
-        @staticmethod
-        def backward(ctx, g):
-            raise NotImplementedError
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            scale = torch.ones_like(x)
-            scale[3, 7] = 1.01
-            return t * x.cos() * scale
-
-    report = gradfd.check(OneEntry.apply, (x,), check_forward_ad=True, check_backward_ad=False,
+    report = gradfd.check(_sin_forward(one_entry), (x,), check_forward_ad=True, check_backward_ad=False,
                           raise_on_failure=False)
     t = report.tensors[0]
     assert t.disagree == 1 and t.disagreeing(1)[0] == ((3, 7), (3, 7))
@@ -367,23 +376,9 @@ def test_a_jvp_that_does_not_use_its_tangent_entry_by_entry_is_caught_through_co
     wrong = {"ignores the tangent": lambda t, x: x.cos(), "rolls the tangent": lambda t, x: x.cos() * t.roll(1, 1),
              "averages the tangent": lambda t, x: x.cos() * t.mean()}[jvp]
 
-    class Sin(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_forward(x)
-            return x.sin()
-
-        @staticmethod
-        def backward(ctx, g):
-            raise NotImplementedError
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return wrong(t, x)
-
-    report = gradfd.check(Sin.apply, (x,), check_forward_ad=True, check_backward_ad=False, raise_on_failure=False)
+    sin = _sin_forward(wrong)
+    report = gradfd.check(sin, (x,), check_forward_ad=True, check_backward_ad=False, raise_on_failure=False)
     t = report.tensors[0]
     assert t.disagree > 0 and any("colored pass" in note for note in t.details.get("notes", [])), t.details
-    assert gradfd.gradcheck(Sin.apply, (x,), check_forward_ad=True, check_backward_ad=False,
+    assert gradfd.gradcheck(sin, (x,), check_forward_ad=True, check_backward_ad=False,
                             raise_exception=False) is False
