@@ -223,7 +223,8 @@ def check(
     Args:
         func: called as ``func(*params)``; returns a one-element floating tensor (the loss).
         params: tuple or list of tensors on one device. Never modified (nor their ``.grad``): autograd and the
-            finite differences run on private copies.
+            finite differences run on private copies. Complex tensors (and complex outputs) are checked as their
+            real pairs, in PyTorch's convention (:mod:`gradfd.wirtinger`); their records name the part.
         wrt: indices into ``params`` to check; default every floating tensor with ``requires_grad=True``.
         mode: ``"full"`` (every entry; for tensor-valued functions with an elementwise, broadcasting or row-wise
             Jacobian, checked by colors -- many inputs perturbed together, a few backward passes -- when both sides
@@ -289,9 +290,9 @@ def check(
             the first-order gradient's derivatives. Not with ``reference``.
         check_forward_ad: False (default) or True: also judge forward-mode AD (``torch.autograd.forward_ad``: a
             custom Function's ``jvp`` rule) against the same finite differences, by the same rules and ``mode``
-            (:class:`gradfd.jacobian.ForwardAnalytical`): full and sample mode compare exact Jacobian columns, one
-            jvp per entry (sample mode alone picks a seeded uniform sample, as the largest entries need every
-            column); directional mode compares ``uᵀ J v`` from jvps of each node's realised displacement. Records
+            (:class:`gradfd.jacobian.ForwardAnalytical`): full and sample mode compare Jacobian columns, one jvp per
+            entry (a colored pass one jvp per input color; sample mode alone picks a seeded uniform sample, as the
+            largest entries need every column); directional mode compares ``uᵀ J v`` from jvps of each node's realised displacement. Records
             are named ``"... (forward AD)"`` with ``details["ad"] == "forward"``. With ``check_undefined_grad``,
             the jvp must also treat an undefined input tangent as zeros (:func:`undefined_tangent_problems`). The
             finite differences are evaluated again for this side (twice the cost of one side).
