@@ -293,9 +293,10 @@ def check(
             (:class:`gradfd.jacobian.ForwardAnalytical`): full and sample mode compare Jacobian columns, one jvp per
             entry (a colored pass one jvp per input color; sample mode alone picks a seeded uniform sample, as the
             largest entries need every column); directional mode compares ``uᵀ J v`` from jvps of each node's
-            realised displacement. Records are named ``"... (forward AD)"`` with ``details["ad"] == "forward"``. With ``check_undefined_grad``,
-            the jvp must also treat an undefined input tangent as zeros (:func:`undefined_tangent_problems`). The
-            finite differences are evaluated again for this side (twice the cost of one side).
+            realised displacement. Records are named ``"... (forward AD)"`` with ``details["ad"] == "forward"``.
+            With ``check_undefined_grad``, the jvp must also treat an undefined input tangent as zeros
+            (:func:`undefined_tangent_problems`). The finite differences are evaluated again for this side (twice
+            the cost of one side).
         check_backward_ad: True (default): judge reverse-mode AD (the backward). False with
             ``check_forward_ad=True`` judges forward mode alone.
         check_batched_grad, check_batched_forward_grad: False (default) or True: the backward (forward-mode AD) run
