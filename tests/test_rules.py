@@ -70,38 +70,27 @@ def test_a_double_backward_lost_to_a_detach_is_compared_as_zero_and_fails_with_a
         gradfd.check(_loss("detached"), (x, w), order=2)
 
 
-def _sin_with(backward):
-    """``sin(x)`` whose hand-written backward is ``backward(g, x)``."""
+def _sin(backward=None, jvp=None):
+    """``sin(x)`` with hand-written rules: ``backward(g, x)`` and ``jvp(t, x)``; a rule not given raises."""
 
     class Sin(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
-            return x.sin()
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return backward(g, x)
-
-    return Sin.apply
-
-
-def _sin_forward(jvp):
-    """``sin(x)`` with a forward-mode rule only: ``jvp(t, x)`` (its backward raises)."""
-
-    class Sin(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
             ctx.save_for_forward(x)
             return x.sin()
 
         @staticmethod
         def backward(ctx, g):
-            raise NotImplementedError
+            if backward is None:
+                raise NotImplementedError
+            (x,) = ctx.saved_tensors
+            return backward(g, x)
 
         @staticmethod
         def jvp(ctx, t):
+            if jvp is None:
+                raise NotImplementedError
             (x,) = ctx.saved_tensors
             return jvp(t, x)
 
@@ -109,7 +98,7 @@ def _sin_forward(jvp):
 
 
 def test_a_first_order_gradient_without_any_graph_is_compared_as_constant_with_a_note(seed):
-    host = _sin_with(lambda g, x: (g * x.cos()).detach())  # a backward computed off the graph (as through numpy)
+    host = _sin(backward=lambda g, x: (g * x.cos()).detach())  # a backward computed off the graph (as through numpy)
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert gradfd.check(lambda x: host(x).sum(), (x,)).passed  # right at first order
     report = gradfd.check(lambda x: host(x).sum(), (x,), order=2, raise_on_failure=False)
@@ -262,7 +251,7 @@ def test_gradgradcheck_takes_given_grad_outputs_and_differentiates_them_when_the
     v = torch.randn(4, dtype=torch.float64)
     assert gradfd.gradgradcheck(torch.sin, (x,), (v,)) is True
     assert gradfd.gradgradcheck(torch.sin, (x,), v.clone().requires_grad_()) is True
-    half = _sin_with(lambda g, x: g.detach() * x.cos())  # right at first order; its derivative in g is lost
+    half = _sin(backward=lambda g, x: g.detach() * x.cos())  # right at first order; its derivative in g is lost
     with pytest.raises(gradfd.GradcheckError) as info:  # a wrong gradient with respect to the grad_output
         gradfd.gradgradcheck(half, (x,), torch.ones(4, dtype=torch.float64, requires_grad=True))
     assert "grad(params[0]) wrt grad_outputs[0]" in str(info.value)
@@ -362,7 +351,7 @@ def test_forward_mode_takes_colored_columns_and_still_locates_a_one_entry_jvp_er
         scale[3, 7] = 1.01
         return t * x.cos() * scale
 
-    report = gradfd.check(_sin_forward(one_entry), (x,), check_forward_ad=True, check_backward_ad=False,
+    report = gradfd.check(_sin(jvp=one_entry), (x,), check_forward_ad=True, check_backward_ad=False,
                           raise_on_failure=False)
     t = report.tensors[0]
     assert t.disagree == 1 and t.disagreeing(1)[0] == ((3, 7), (3, 7))
@@ -376,7 +365,7 @@ def test_a_jvp_that_does_not_use_its_tangent_entry_by_entry_is_caught_through_co
     wrong = {"ignores the tangent": lambda t, x: x.cos(), "rolls the tangent": lambda t, x: x.cos() * t.roll(1, 1),
              "averages the tangent": lambda t, x: x.cos() * t.mean()}[jvp]
 
-    sin = _sin_forward(wrong)
+    sin = _sin(jvp=wrong)
     report = gradfd.check(sin, (x,), check_forward_ad=True, check_backward_ad=False, raise_on_failure=False)
     t = report.tensors[0]
     assert t.disagree > 0 and any("colored pass" in note for note in t.details.get("notes", [])), t.details
