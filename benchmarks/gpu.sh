@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (torch preinstalled, no package index): build the extension with the machine's own
 # torch, run the tests (CUDA cases included), run the CUDA kernel tests under compute-sanitizer (memcheck and
-# racecheck), and run `gradfd bench --device cpu,cuda`; everything is written to OUTDIR.
+# racecheck), run `gradfd bench --device cpu,cuda` and a check shared over one NCCL rank; everything is written to
+# OUTDIR.
 #
 #   bash benchmarks/gpu.sh OUTDIR        # OUTDIR defaults to $OUT, then ./gpu-results
 #
@@ -46,6 +47,10 @@ fi
 
 step "gradfd bench --device cpu,cuda"
 timeout 200 $py -m gradfd bench --device cpu,cuda --out "$out" 2>/dev/null | tee "$out/bench-table.md" || status=1
+
+step "a check shared over one NCCL rank (torchrun; issue 25)"
+timeout 120 $py -m torch.distributed.run --nproc-per-node 1 -m gradfd check gradfd/demo/distributed.py:target \
+  --distributed --device cuda --no-progress 2>&1 | tee "$out/distributed-nccl.txt" | tail -8 || status=1
 
 step "structured engine on the GPU (the 4096x4096 bar)"
 timeout 120 $py benchmarks/bench_structured.py --device cuda --no-record 2>/dev/null | tee "$out/bench-structured-cuda.md" || status=1

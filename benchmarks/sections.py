@@ -58,6 +58,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "complex-ops": ("bench_complex", "complex.json"),
     "kinks": ("bench_kinks", "kinks.json"),
     "models": ("bench_models", "models.json"),
+    "distributed": ("bench_distributed", "distributed.json"),
     "policy": ("policy_table", "policy.json"),
 }
 

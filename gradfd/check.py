@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import distributed as _distributed
 from . import engine as _engine
 from . import stencils
 from . import jacobian as _jacobian
@@ -216,6 +217,7 @@ def check(
     check_batched_grad: bool = False,
     check_batched_forward_grad: bool = False,
     check_grad_dtypes: bool = False,
+    distributed=False,
 ) -> CheckReport:
     """Check autograd's gradient of ``func(*params)`` against finite differences, entry by entry (or, with
     ``reference=``, against a validated plain-PyTorch reference: for float16/bfloat16 kernels).
@@ -307,6 +309,12 @@ def check(
         check_grad_dtypes: False (default) or True: every gradient (output tangent) has its input's (output's)
             dtype, device and shape (:func:`gradfd.rules.grad_dtype_problems`). A finding of these three fails the
             record, in ``findings``.
+        distributed: False (default); True (the default ``torch.distributed`` process group), a ``ProcessGroup``,
+            or :class:`gradfd.distributed.Distributed` (a group and the collectives' timeout, default 300 s): the
+            finite differences are shared out over the group's ranks, which must all call ``check`` with the same
+            problem (verified: parameters, options, unperturbed outputs and analytical gradient); every rank
+            returns the same report, bitwise equal to one process's with the same choices (:mod:`gradfd.distributed`;
+            docs/distributed.md).
 
     Returns:
         A :class:`CheckReport`: ``str(report)`` is a table, ``report.passed`` the verdict: no entry disagrees, no
@@ -340,9 +348,15 @@ def check(
             there), with a note saying so.
         InvalidReferenceError: ``reference``'s float64 gradient disagrees with its float64 finite differences (or
             none of its entries could be compared); ``.report`` holds that check, the message names the entries.
+        gradfd.distributed.DistributedError: (``distributed``) the ranks' problems differ, naming what differs, or a
+            rank died or did not answer within the timeout. An exception on one rank is raised on every rank, with a
+            note naming the rank. RuntimeError: ``distributed=True`` without an initialized process group.
     """
     arguments = dict(locals())  # (order 2, and complex tensors, check a derived function with these arguments)
     params, _ = check_params(params)
+    session = _distributed.resolve(distributed)
+    if session is not None and _distributed.active() is None:  # the outermost check of a distributed run
+        return _check_distributed(session, arguments, params)
     if _wirtinger.has_complex(params):
         return _check_pairs(arguments, params)
     wrt_idx = _resolve_wrt(params, wrt)
@@ -381,7 +395,7 @@ def check(
             policy=policy), atol, rtol, nondet_tol)
         return _finish(report, func, params, wrt_idx, rules, raise_on_failure, seed)
 
-    budget = _engine.parse_memory_budget(memory_budget) or _engine.default_memory_budget(params[wrt_idx[0]].device)
+    budget = _engine.parse_memory_budget(memory_budget) or _distributed.memory_budget(params[wrt_idx[0]].device)
     rng = _engine.RngGuard()
     records = []
     total = (check_backward_ad + check_forward_ad) * sum(
@@ -406,6 +420,8 @@ def check(
             elif not analytical.spec.kept:
                 raise ValueError(f"func returned no floating-point output to compare (outputs "
                                  f"{[d for _, d in analytical.spec.skipped]} have no gradient)")
+            if session is not None:  # the ranks check one problem: the same outputs, the same gradient
+                _verify_analytical(analytical, wrt_idx)
             nondet = _backward_spreads(analytical, wrt_idx, seed) if nondet_tol is not None and check_backward_ad \
                 else {}
             rng.close()  # the finite differences see the random draws autograd saw
@@ -456,6 +472,28 @@ def check(
         notes.append("skipped outputs without gradient: " + ", ".join(
             f"output[{i}] ({d})" for i, d in analytical.spec.skipped))
     return _finish(CheckReport(records, notes), func, params, wrt_idx, rules, raise_on_failure, seed)
+
+
+def _check_distributed(session: _distributed.Session, arguments: dict, params: tuple) -> CheckReport:
+    """:func:`check` over the ranks of ``session`` (:mod:`gradfd.distributed`): the parameters and options verified
+    alike first, the report returned by every rank, with a note on the split."""
+    options = {name: getattr(v, "__qualname__", v) if callable(v) and not isinstance(v, Policy) else v
+               for name, v in arguments.items() if name not in ("params", "progress", "distributed")}
+    progress = arguments["progress"] if session.rank == 0 or callable(arguments["progress"]) else False  # one bar
+    with session.running({"params": params, "options": options}):
+        report = check(**{**arguments, "distributed": session, "raise_on_failure": False, "progress": progress})
+    report.notes.append(session.notes())
+    if arguments["raise_on_failure"] and not report.passed:
+        raise GradientCheckError(report)
+    return report
+
+
+def _verify_analytical(analytical: _jacobian.Analytical, wrt: Sequence[int]) -> None:
+    """In a distributed check, every rank must see the same unperturbed outputs and (reverse mode) the same
+    gradient, as a vjp of ones per checked tensor (:func:`gradfd.distributed.verify`)."""
+    ones = torch.ones(analytical.spec.size, dtype=torch.float64, device=analytical.device)
+    _distributed.verify({"unperturbed outputs": analytical.outputs,
+                         "analytical gradient": None if analytical.forward else [analytical.vjp(k, ones) for k in wrt]})
 
 
 def _check_pairs(arguments: dict, params: tuple) -> CheckReport:

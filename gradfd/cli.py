@@ -83,10 +83,13 @@ def run_check(args, stream=None) -> int:
     from .report import CheckReport
 
     stream = stream or sys.stdout
+    distributed = _start_distributed(args) if args.distributed else False
+    if distributed:  # every rank runs the same file: the same draws make it the same problem (verified in check)
+        torch.manual_seed(0)
     result = _load_target(args.target)
     options = dict(mode=args.mode, samples=args.samples, directions=args.directions, engine=args.engine,
                    raise_on_failure=False, progress=not args.no_progress, order=args.order,
-                   check_forward_ad=args.forward_ad)
+                   check_forward_ad=args.forward_ad, distributed=distributed)
 
     def convert(x):
         if not isinstance(x, torch.Tensor):
@@ -115,6 +118,8 @@ def run_check(args, stream=None) -> int:
     else:
         raise UsageError(f"{args.target} must return (func, params), (func, params, reference), (module, inputs), "
                          f"(module, inputs, loss) or a CheckReport, got {type(result).__name__}")
+    if distributed and distributed.rank != 0:  # every rank has the report: rank 0 prints it
+        return 0 if report.verified else 1
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2), file=stream)
     else:
@@ -124,6 +129,30 @@ def run_check(args, stream=None) -> int:
     # exit 0 only for a check that compared something in every tensor (report.verified): a CI script must not pass
     # a tensor of which nothing could be compared (tests/test_cli.py::test_nothing_compared_exits_1)
     return 0 if report.verified else 1
+
+
+def _start_distributed(args):
+    """``--distributed``: the process group torchrun's environment describes (gloo; NCCL with ``--device cuda``,
+    each rank on its ``LOCAL_RANK``'s GPU), joined here unless the target's module does it; the check's session."""
+    import os
+
+    import torch.distributed as dist
+
+    from .distributed import DEFAULT_TIMEOUT, Distributed, resolve
+
+    timeout = DEFAULT_TIMEOUT if args.distributed_timeout is None else args.distributed_timeout
+    if not timeout > 0:
+        raise UsageError(f"--distributed-timeout must be a positive number of seconds, got {timeout}")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise UsageError("--distributed runs under torchrun: torchrun --nproc-per-node N -m gradfd check "
+                             f"{args.target} --distributed")
+        backend = "gloo"
+        if (args.device or "").startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        dist.init_process_group(backend)
+    return resolve(Distributed(timeout=timeout))
 
 
 PLOTS_PER_RECORD = 5
@@ -198,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                          help="2: check the double backward (finite differences of the first-order gradient)")
     p_check.add_argument("--forward-ad", action="store_true",
                          help="also judge forward-mode AD (the jvp rules) against the same finite differences")
+    p_check.add_argument("--distributed", action="store_true",
+                         help="share the finite differences over the ranks of a torch.distributed group (under "
+                              "torchrun: torchrun --nproc-per-node N -m gradfd check file.py:fn --distributed); "
+                              "torch's generators are seeded with 0 on every rank before the target is called; rank 0 "
+                              "prints the report, every rank exits with the verdict")
+    p_check.add_argument("--distributed-timeout", type=float, default=None, metavar="SECONDS",
+                         help="seconds a collective waits for the other ranks (default: "
+                              "gradfd.distributed.DEFAULT_TIMEOUT, 300)")
     p_check.add_argument("--format", default="table", choices=["table", "json"])
     p_check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_check.add_argument("--plot", default=None, metavar="DIR",

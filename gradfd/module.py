@@ -175,7 +175,9 @@ def check_module(
             with ``requires_grad`` (frozen ones are skipped and listed in the notes).
         check_inputs: also check the floating tensors among ``inputs`` and ``kwargs``.
         **check_options: passed to :func:`gradfd.check` (``mode``, ``samples``, ``directions``, ``atol``,
-            ``rtol``, ``engine``, ``batching``, ``progress``, ``policy``, ``raise_on_failure``, ...).
+            ``rtol``, ``engine``, ``batching``, ``progress``, ``policy``, ``raise_on_failure``, ``distributed``
+            (every rank calls ``check_module`` on its own copy of the module: its parameters, buffers and inputs are
+            verified equal across ranks), ...).
             ``reference=`` takes a module here: a plain-PyTorch version of ``module`` with the same parameter names
             (a fused layer's unfused twin), run with ``module``'s parameter values (and its own buffers) through
             the same ``loss``; reference mode then judges ``module``'s gradients against it

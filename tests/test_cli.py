@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,6 +78,9 @@ def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
                                            "(module, inputs, loss) or a CheckReport, got int"),
     (["check", "{targets}:good", "--samples", "0"], "--samples and --directions must be positive"),
     (["bench", "--device", "tpu"], "--device takes cpu and/or cuda"),
+    (["check", "{targets}:good", "--distributed"], "--distributed runs under torchrun: torchrun --nproc-per-node N"),
+    (["check", "{targets}:good", "--distributed", "--distributed-timeout", "0"],
+     "--distributed-timeout must be a positive number of seconds, got 0"),
 ])
 def test_usage_errors_exit_2_with_a_message(targets, capsys, args, message):
     args = [a.replace("{targets}", targets) for a in args]
@@ -94,6 +98,14 @@ def test_python_dash_m_runs_the_cli(targets):
     proc = subprocess.run([sys.executable, "-m", "gradfd", "check", f"{targets}:good", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "PASSED" in proc.stdout
+
+
+def test_torchrun_shares_a_check_and_rank_0_prints_the_report(targets):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gradfd",
+                           "check", f"{targets}:good", "--distributed", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("PASSED") == 1 and "distributed over 2 ranks (gloo)" in proc.stdout
 
 
 def test_bench_writes_json_markdown_and_plot(tmp_path, monkeypatch, capsys):

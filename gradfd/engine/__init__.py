@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import distributed as _distributed
 from .. import ops, stencils, wirtinger
 from ..budget import default_memory_budget, parse_memory_budget
 from ..errors import (CANNOT_RUN_THAT_WAY, FallbackWarning, GradfdWarning, NodeErrors, NonFiniteLossError, noting,
@@ -51,7 +52,7 @@ from ..stencils import Stencil
 from ..validation import check_choice, check_params, check_positive_int, check_step, validate_scalar_output
 from .coordinates import CoordinateBatches, sync
 from .evaluation import Evaluation, node_values, resolve_steps
-from .loop import loop_coordinates
+from .loop import delivery_groups, loop_coordinates
 from .points import evaluate_points
 from .problem import OutputSpec, Problem, RngGuard, no_tf32, prepare
 
@@ -179,6 +180,10 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     if engine == "auto" and m * s <= _TINY:
         result.notes.append(f"{m * s} evaluations: loop (below the batching threshold of {_TINY})")
         engine = "loop"
+    session = _distributed.active()
+    if engine == "auto" and session is not None:  # ranks choose alike: by rule, never by their clocks
+        result.notes.append("distributed: batched, without the timing probe")
+        engine = "batched"
     loop_rate = None
     if engine == "auto":
         probe = min(_PROBE_LOOP, m)
@@ -193,7 +198,15 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
 
         done = CoordinateBatches(problem, result, batching, chunk_size, budget, loop_rate, loop,
                                  time.perf_counter).run(done)
-    if done < m:
+    sharing = _distributed.sharing()
+    if done < m and sharing is not None:  # a node's value does not depend on the others': the split is exact
+        # (the ranks' blocks keep the one loop's deliveries: a loss's in one, a tensor-valued func's in its blocks)
+        per = delivery_groups(problem, s) if problem.vector else 1
+        blocks = _distributed.blocks_of(done, m, per * -(-(m - done) // (per * sharing.world)))
+        _distributed.share_columns(result, problem.node_errors, blocks,
+                                   lambda a, b: loop_coordinates(problem, result, a, b, moved, x),
+                                   None if problem.vector else [(done, m)])
+    elif done < m:
         loop_coordinates(problem, result, done, m, moved, x)
     return result
 
@@ -209,6 +222,7 @@ def numerical_gradient(
     memory_budget: int | str | None = None,
     stencil: str = "central",
     batching: str = "auto",
+    distributed=False,
 ) -> torch.Tensor:
     """Numerical gradient of ``func(*params)`` with respect to ``params[param_idx]``, batched.
 
@@ -239,12 +253,17 @@ def numerical_gradient(
             batchable forms, :mod:`gradfd.engine.forms`; then stacking), ``"vmap"`` (the first two), ``"stack"``
             (``func`` accepts the parameter with a leading batch dimension and returns one loss per row; verified on
             the first chunk) or ``"loop"``.
+        distributed: False (default), True, a ``torch.distributed`` ProcessGroup or
+            :class:`gradfd.distributed.Distributed`: the evaluations are shared out over the group's ranks, as in
+            :func:`gradfd.check` (every rank returns the whole gradient).
 
     Returns:
         A tensor of the parameter's shape, dtype and device.
 
     Raises:
         TypeError / ValueError / IndexError: bad arguments, each message naming the argument.
+        gradfd.distributed.DistributedError: (``distributed``) the ranks' problems differ, or a rank stopped
+            answering; an exception on one rank is raised on every rank.
         NonFiniteLossError: ``func`` returned NaN or inf at some evaluated point (the message names the
             entries; ``.gradient`` holds the estimate with NaN there).
         Any exception raised by ``func`` propagates unchanged, with a note naming the entry being evaluated.
@@ -260,12 +279,22 @@ def numerical_gradient(
     if wirtinger.has_complex(params) and isinstance(params, (tuple, list)):  # the real pairs, in PyTorch's convention
         pairs_func, pairs = wirtinger.as_pairs(func, params)
         grad = numerical_gradient(pairs_func, pairs, param_idx, h, engine=engine, chunk_size=chunk_size,
-                                  memory_budget=memory_budget, stencil=stencil, batching=batching)
+                                  memory_budget=memory_budget, stencil=stencil, batching=batching,
+                                  distributed=distributed)
         return wirtinger.to_complex(grad) if params[param_idx].is_complex() else grad
     params, param_idx = check_params(params, param_idx)
     if h is not None:
         h = check_step(h)
+    session = _distributed.resolve(distributed)
+    if session is not None and _distributed.active() is None:
+        options = dict(func=getattr(func, "__qualname__", None), param_idx=param_idx, h=h, engine=engine,
+                       chunk_size=chunk_size, memory_budget=memory_budget, stencil=stencil, batching=batching)
+        with session.running({"params": params, "options": options}):
+            return numerical_gradient(func, params, param_idx, h, engine=engine, chunk_size=chunk_size,
+                                      memory_budget=memory_budget, stencil=stencil, batching=batching,
+                                      distributed=session)
     problem = prepare(func, params, param_idx)
+    _distributed.verify({"unperturbed loss": problem.base_loss})
     result = evaluate(func, params, param_idx, steps=h, stencil=stencil, engine=engine, batching=batching,
                       chunk_size=chunk_size, memory_budget=memory_budget, problem=problem)
     estimate, _ = result.estimate()

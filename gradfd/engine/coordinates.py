@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import ops
-from ..budget import GENERIC_CPU_MIN_CHUNK, GENERIC_CPU_WORKING_SET, default_memory_budget
+from .. import distributed, ops
+from ..budget import GENERIC_CPU_MIN_CHUNK, GENERIC_CPU_WORKING_SET
 from ..errors import CANNOT_RUN_THAT_WAY, OOM_ERRORS, first_line, note, warn_fallback
 from ..report import entry_name
 from .batched import call_batched, strategies
@@ -123,6 +123,7 @@ class CoordinateBatches:
         self.phase = "warmup" if loop_rate is not None else None
         self.probe_rates: list[float] = []
         self.trial_inner: int | None = None  # the split rows layout, once tried
+        self.trial_open = True  # the split layout is considered after the first chunk of a run only
         self.plain_copies: float | None = None  # copies per column in the plain layout, while the trial is undecided
         self.retried = False  # the strategies were tried again after a chunk where func raised at a node
         self.start = 0  # the first column of this run of batched calls (a failure after it is func's own)
@@ -143,6 +144,8 @@ class CoordinateBatches:
         self.chunk = self._chunk_size(m)
         self.start = pos = start
         while pos < m:
+            if distributed.sharing() is not None and self._settled(pos):
+                return self._share(pos, m)
             limit = {"warmup": PROBE_WARMUP, "probe": PROBE_BATCH}.get(self.phase, self.chunk)
             t0 = self.clock()
             done = self._attempt(pos, min(self.chunk, m - pos, limit))
@@ -169,12 +172,30 @@ class CoordinateBatches:
                 self._try_layout(done)
         return pos
 
+    def _settled(self, pos: int) -> bool:
+        """Whether every later chunk runs as one process would run it: a strategy has run and checked itself, and
+        the rows layout is decided (which is all the state one chunk leaves the next, without a probe)."""
+        return (pos > self.start and self.batch is not None and self.batch.verified and not self.trial_open
+                and self.plain_copies is None and self.phase is None)
+
+    def _share(self, pos: int, m: int) -> int:
+        """Columns ``pos:m`` in chunks dealt out over the ranks of the distributed check
+        (:func:`gradfd.distributed.share_columns`)."""
+        def fill(a: int, b: int) -> None:
+            while a < b:
+                done = self._attempt(a, min(self.chunk, b - a))
+                a = a + done.size if done.looped else self._store(a, done)
+
+        distributed.share_columns(self.result, self.problem.node_errors, distributed.blocks_of(pos, m, self.chunk),
+                                  fill)
+        return m
+
     def _chunk_size(self, m: int) -> int:
         """Coordinates per call: as given, else what the budget holds, cache-sized on a CPU."""
         if self.chunk_size is not None:
             return min(self.chunk_size, m)
         problem, device = self.problem, self.problem.device
-        budget = self.budget or default_memory_budget(device)
+        budget = self.budget or distributed.memory_budget(device)
         outputs = problem.spec.size * 8 if problem.vector else 0
         per_coord = len(self.offsets) * (problem.numel * problem.flat.element_size() + problem.activation_bytes()
                                          + outputs + 256) * 2
@@ -300,7 +321,9 @@ class CoordinateBatches:
         copies less per column."""
         batch = self.batch
         copied = batch.mode.copied - done.copies_before
-        if self.trial_inner is None and copied and batch.split_inner and batch.strategy in ("vmap", "vmap+forms"):
+        opened, self.trial_open = self.trial_open, False
+        if (opened and self.trial_inner is None and copied and batch.split_inner
+                and batch.strategy in ("vmap", "vmap+forms")):
             self.trial_inner, self.plain_copies = batch.split_inner, copied / done.size
             batch.set_layout(batch.split_inner)
         elif self.plain_copies is not None and self.trial_inner == batch.inner:

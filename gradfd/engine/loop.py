@@ -19,7 +19,7 @@ from ..validation import validate_scalar_output
 from .evaluation import Evaluation
 from .problem import Problem
 
-__all__ = ["Nodes", "CoordinateNodes", "PointNodes", "run_loop", "loop_coordinates", "loop_points"]
+__all__ = ["Nodes", "CoordinateNodes", "PointNodes", "run_loop", "loop_coordinates", "loop_points", "delivery_groups"]
 
 _NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16)
 LOOP_BLOCK_VALUES = 1 << 22  # values (nodes x outputs) the loop collects before handing them over
@@ -132,8 +132,7 @@ def run_loop(problem: Problem, nodes: Nodes, deliver: Callable[[int, int, torch.
     errors = problem.node_errors
     nan = problem.nan_values(as_floats) if errors is not None else None
     reset = problem.rng.reset if problem.rng.consumed else None
-    block = (group * max(1, LOOP_BLOCK_VALUES // max(1, group * problem.spec.size)) if problem.vector
-             else max(1, nodes.count))
+    block = group * delivery_groups(problem, group) if problem.vector else max(1, nodes.count)
     k = 0
     try:
         for first in range(0, nodes.count, block):
@@ -157,6 +156,12 @@ def run_loop(problem: Problem, nodes: Nodes, deliver: Callable[[int, int, torch.
         nodes.leave(k)
         note(exc, f"gradfd: raised while evaluating func at {nodes.where(k)}")
         raise
+
+
+def delivery_groups(problem: Problem, group: int) -> int:
+    """Groups of ``group`` nodes per block a tensor-valued ``func``'s loop hands over (at most ``LOOP_BLOCK_VALUES``
+    values, at least one group); a loss's loop hands all its nodes over at once."""
+    return max(1, LOOP_BLOCK_VALUES // max(1, group * problem.spec.size))
 
 
 def _recorded(func: Callable, args: list, record: Callable, errors: NodeErrors, nodes: Nodes, k: int, nan):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import STRUCTURED_CPU_WORKING_SET, default_memory_budget
+from .. import distributed
+from ..budget import STRUCTURED_CPU_WORKING_SET
 from .analysis import Analysis
 
 __all__ = ["evaluate_into", "PROBE_COORDS", "INDEX_BYTES_PER_NODE"]
@@ -41,19 +42,31 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
     s, m = moved.shape
     device = problem.device
     if budget is None:
-        budget = default_memory_budget(device)
+        budget = distributed.memory_budget(device)
         if device.type == "cpu":
             budget = min(budget, STRUCTURED_CPU_WORKING_SET)
     chunk = chunk_size or min(m, PROBE_COORDS)
     start = 0
     base = None
-    while start < m:
-        this = min(chunk, m - start)
-        vals, base = analysis.run(result.coords[start:start + this], moved[:, start:start + this])
+
+    def fill(a: int, b: int) -> float:
+        vals, base = analysis.run(result.coords[a:b], moved[:, a:b])
         if result.sink is not None:  # a sink (gradfd.check) takes whole losses: the change plus the float64 base
-            result.store(start, start + this, vals.view(s, this) + float(base))
+            result.store(a, b, vals.view(s, b - a) + float(base))
         else:
-            result.store(start, start + this, vals.view(s, this))
+            result.store(a, b, vals.view(s, b - a))
+        return base
+
+    while start < m:
+        session = distributed.sharing()
+        if start > 0 and session is not None:  # the chunk size is settled: deal the rest out, each chunk cut in
+            # one block per rank (a column's values do not depend on its chunk's other columns) and stored whole
+            chunks = distributed.blocks_of(start, m, chunk)
+            blocks = [sub for a, b in chunks for sub in distributed.blocks_of(a, b, -(-(b - a) // session.world))]
+            distributed.share_columns(result, None, blocks, fill, chunks)
+            break
+        this = min(chunk, m - start)
+        base = fill(start, start + this)
         if start == 0 and chunk_size is None:
             per_coord = analysis.bytes / this + INDEX_BYTES_PER_NODE * s
             chunk = int(max(1, min(m, budget // max(per_coord, 1))))

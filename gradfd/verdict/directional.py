@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed as _distributed
 from .. import engine as _engine
 from ..budget import DIRECTIONAL_NODE_COPIES
 from .. import stencils
@@ -180,47 +181,65 @@ class Directions:
     def _values(self, problem, which: list[int], levels: torch.Tensor):
         """``(S, D)`` cotangent-weighted outputs at the nodes ``+-levels`` (in ``(+m, -m)`` pairs), ``(S, D)`` the
         analytical side's ``<u_dᵀJ, realised displacement>``, ``(S, D)`` whether every output at a node is finite,
-        the base outputs and ``(D,)`` each direction's ``||(u_dᵀJ) * v_d||_2``."""
+        the base outputs and ``(D,)`` each direction's ``||(u_dᵀJ) * v_d||_2``. In a distributed check the
+        directions are dealt out over the ranks (:func:`gradfd.distributed.share_rows`: a direction's values depend on
+        it alone)."""
         offsets = torch.stack([levels, -levels], 1).reshape(-1)  # (S,)
         S = len(offsets)
-        losses = torch.empty(S, len(which), dtype=torch.float64, device=self.steps.device)
-        ana, finite = torch.empty_like(losses), torch.ones_like(losses, dtype=torch.bool)
-        spread = torch.empty(len(which), dtype=torch.float64, device=self.steps.device)
+        device = self.steps.device
+        # per direction: S losses, S analytical values, S finite flags and the spread, as one (3S + 1,) row
+        out = torch.empty(len(which), 3 * S + 1, dtype=torch.float64, device=device)
+        base_vec = problem.base_loss.to(torch.float64).reshape(-1)
+
+        def fill(a: int, b: int) -> torch.Tensor:
+            return torch.stack([self._direction(problem, which[c], offsets, base_vec) for c in range(a, b)])
+
+        out[:1] = fill(0, 1)  # (on every rank: the batching strategy it settles is in the details)
+        if _distributed.sharing() is not None:
+            _distributed.share_rows(out, problem.node_errors, [(c, c + 1) for c in range(1, len(which))], fill)
+        else:
+            out[1:] = fill(1, len(which))
+        losses, ana, finite = out[:, :S].t(), out[:, S:2 * S].t(), out[:, 2 * S:3 * S].t() != 0
+        return losses.contiguous(), ana.contiguous(), finite.contiguous(), base_vec, out[:, -1].clone()
+
+    def _direction(self, problem, d: int, offsets: torch.Tensor, base_vec: torch.Tensor) -> torch.Tensor:
+        """Direction ``d``'s ``(3S + 1,)`` row of :meth:`_values`: losses, analytical values, finite flags, spread."""
+        S = len(offsets)
+        row = torch.empty(3 * S + 1, dtype=torch.float64, device=self.steps.device)
         x = problem.flat
         x64 = x.to(torch.float64)
-        base_vec = problem.base_loss.to(torch.float64).reshape(-1)
         # the nodes of one direction at a time, `per` of them per call: float64 staging (the points, their
         # displacement) plus the points and func's outputs, within the budget
         node_bytes = (DIRECTIONAL_NODE_COPIES * torch.float64.itemsize + x.element_size()) * x.numel() + (
             torch.float64.itemsize * base_vec.numel())
         per = max(1, min(S, self.budget // max(1, node_bytes)))
-        for col, d in enumerate(which):
-            v = self.direction(d)  # (N,)
-            g = None if self.grads is None else self.grads[d]
-            spread[col] = self.spreads[d] if g is None else (v * g).norm()
-            if g is None:  # forward mode: one jvp of the direction (in the input's dtype), scaled by each offset
-                v_in = v.to(x.dtype).to(torch.float64)
-                along, at_zero = (self.analytical.jvp(self.k, torch.stack([v_in, torch.zeros_like(v_in)])) @ self.u[d]
-                                  ).tolist()
-            for start in range(0, S, per):
-                rows = slice(start, min(S, start + per))
-                points = (x64 + offsets[rows].view(-1, 1) * v).to(x.dtype)  # (s, N)
-                disp = points.to(torch.float64) - x64
-                if g is not None:
-                    ana[rows, col] = disp @ g  # exact for the nodes
-                else:  # plus the linear part of a jvp of what rounding the nodes added: a jvp rule that is not
-                    # linear (an offset: a tangent not multiplied in) stays in `along` alone, a miss on every rung
-                    ana[rows, col] = offsets[rows] * along
-                    rest = disp - offsets[rows].view(-1, 1) * v_in
-                    moved = (rest != 0).any(dim=1).nonzero().flatten()
-                    if moved.numel():
-                        ana[start + moved, col] += self.analytical.jvp(self.k, rest[moved]) @ self.u[d] - at_zero
-                values, used = _engine.evaluate_points(problem, points, self.batching)
-                values = values.reshape(points.shape[0], -1)  # (s, O)
-                self.details["batching"] = used
-                finite[rows, col] = torch.isfinite(values).all(-1)
-                losses[rows, col] = values @ self.u[d]
-        return losses, ana, finite, base_vec, spread
+        v = self.direction(d)  # (N,)
+        g = None if self.grads is None else self.grads[d]
+        row[-1] = self.spreads[d] if g is None else (v * g).norm()
+        if g is None:  # forward mode: one jvp of the direction (in the input's dtype), scaled by each offset
+            v_in = v.to(x.dtype).to(torch.float64)
+            along, at_zero = (self.analytical.jvp(self.k, torch.stack([v_in, torch.zeros_like(v_in)])) @ self.u[d]
+                              ).tolist()
+        for start in range(0, S, per):
+            rows = slice(start, min(S, start + per))
+            points = (x64 + offsets[rows].view(-1, 1) * v).to(x.dtype)  # (s, N)
+            disp = points.to(torch.float64) - x64
+            ana = row[S + start:S + rows.stop]
+            if g is not None:
+                ana[:] = disp @ g  # exact for the nodes
+            else:  # plus the linear part of a jvp of what rounding the nodes added: a jvp rule that is not
+                # linear (an offset: a tangent not multiplied in) stays in `along` alone, a miss on every rung
+                ana[:] = offsets[rows] * along
+                rest = disp - offsets[rows].view(-1, 1) * v_in
+                moved = (rest != 0).any(dim=1).nonzero().flatten()
+                if moved.numel():
+                    ana[moved] += self.analytical.jvp(self.k, rest[moved]) @ self.u[d] - at_zero
+            values, used = _engine.evaluate_points(problem, points, self.batching)
+            values = values.reshape(points.shape[0], -1)  # (s, O)
+            self.details["batching"] = used
+            row[2 * S + start:2 * S + rows.stop] = torch.isfinite(values).all(-1).to(torch.float64)
+            row[start:rows.stop] = values @ self.u[d]
+        return row
 
     def __call__(self, which: list[int], shift: int = 0) -> Rungs:
         """The ladder of directions ``which``, every rung ``2^shift`` times smaller (a retreat)."""

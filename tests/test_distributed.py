@@ -1,0 +1,193 @@
+"""``distributed=``: one check over the ranks of a torch.distributed group (gradfd/distributed.py).
+
+Two gloo ranks are spawned (``gradfd.demo.distributed.launch``) for the issue's bars: every rank's report equals the
+one-process report bitwise, a planted error is located identically, differing parameters and a func raising on one
+rank make every rank raise, and a rank that dies or hangs leaves the other an error within the timeout. The rest runs
+in this process, on a one-rank group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradfd
+from gradfd import distributed as D
+from gradfd.demo import distributed as demo
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def bits(value):
+    """``value`` with every tensor as its bytes (NaNs and signed zeros compare as bits)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        return (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if isinstance(value, dict):
+        return {k: bits(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [bits(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return value
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The spawned ranks run on one thread: the comparisons here do too (a reduction's order may follow threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_true_without_a_process_group_says_how_to_start_one():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for call in (lambda: gradfd.check(lambda w: w.sum(), (w,), distributed=True),
+                 lambda: gradfd.numerical_gradient(lambda w: w.sum(), (w,), 0, distributed=True)):
+        with pytest.raises(RuntimeError, match="torchrun.*init_process_group"):
+            call()
+
+
+def test_bad_arguments_name_distributed():
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="distributed must be False, True, a torch.distributed ProcessGroup.*got str"):
+        gradfd.check(lambda w: w.sum(), (w,), distributed="yes")
+    with pytest.raises(ValueError, match="distributed's timeout must be a positive number of seconds, got -1"):
+        gradfd.check(lambda w: w.sum(), (w,), distributed=D.Distributed(timeout=-1))
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A one-rank gloo group in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The suite scenario (equality problems, planted error, differing params, a raising func) on 2 gloo ranks, with
+    a fresh seed."""
+    import random
+
+    seed = random.SystemRandom().randrange(2**31)
+    t0 = time.perf_counter()
+    results = demo.launch(2, "suite", seed=seed, timeout=60.0)
+    return seed, results, time.perf_counter() - t0
+
+
+def test_every_rank_returns_the_one_process_report_bitwise(two_ranks, group):
+    seed, (rank0, rank1), _ = two_ranks
+    assert isinstance(rank0["equal"], dict), rank0["equal"]
+    untimed = [{k: (v[0], v[2]) if isinstance(v, tuple) else v for k, v in r["equal"].items()} for r in (rank0, rank1)]
+    assert bits(untimed[0]) == bits(untimed[1]), f"the ranks' reports differ (seed {seed})"
+    with one_thread():
+        # one process, the same choices: a one-rank group (choices without timing) ...
+        one = demo._equal(0, 1, seed=seed)
+        # ... and, where the choices are pinned, a plain check with no group at all
+        plain = {name: demo.summary(gradfd.check(func, params, raise_on_failure=False, progress=False, **options))
+                 for name, (func, params, options) in demo.problems(seed).items() if "engine" in options}
+        points = demo._points(seed, False)
+    for name, (summary, _, notes) in ((k, v) for k, v in rank0["equal"].items() if isinstance(v, tuple)):
+        assert bits(summary) == bits(one[name][0]), f"{name}: 2 ranks differ from 1 (seed {seed})"
+        if name in plain:
+            assert bits(summary) == bits(plain[name]), f"{name}: 2 ranks differ from a plain check (seed {seed})"
+        assert any(n.startswith("distributed over 2 ranks (gloo)") for n in notes)
+        assert all(r["verdict"] == "PASS" for r in summary), (name, seed)
+    assert bits(rank0["equal"]["numerical_gradient"]) == bits(one["numerical_gradient"])
+    assert bits(rank0["equal"]["points"]) == bits(points)
+
+
+def test_the_split_is_real_every_rank_computes_blocks(two_ranks):
+    seed, (rank0, _), _ = two_ranks
+    notes = dict((name, v[2][-1]) for name, v in rank0["equal"].items() if isinstance(v, tuple))
+    counts = {name: int(n.split("; ")[-1].split(" collectives")[0]) for name, n in notes.items()}
+    # beyond the fixed ones (parameters, budget, analytical side, closing), rounds of the split ran for every engine
+    assert all(c > 5 for name, c in counts.items() if name != "mlp auto"), counts
+
+
+def test_a_planted_error_is_located_identically(two_ranks, group):
+    seed, (rank0, rank1), _ = two_ranks
+    with one_thread():
+        plain = demo._planted(0, 0, seed=seed)
+    assert rank0["planted"] == rank1["planted"] == plain
+    assert rank0["planted"] == [("params[0]", "FAIL", [demo.PLANTED])]
+
+
+def test_parameters_that_differ_make_every_rank_raise_naming_them(two_ranks):
+    _, results, _ = two_ranks
+    for rank in results:
+        raised, kind, message, seconds = rank["differ"]
+        assert (raised, kind) == ("raised", "DistributedError")
+        assert "differ in params (ranks 1 differ from rank 0)" in message
+        assert seconds < 60
+
+
+def test_func_raising_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
+    _, results, _ = two_ranks
+    for rank in results:
+        raised, kind, message, seconds = rank["raises"]
+        assert (raised, kind) == ("raised", "KeyError") and "planted failure on rank 1" in message
+        assert seconds < 60
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_rank_that_dies_or_hangs_leaves_the_other_an_error_within_the_timeout(how):
+    timeout = 8.0
+    rank0, _ = demo.launch(2, "killed", timeout=timeout, how=how)
+    raised, kind, message, seconds = rank0
+    assert (raised, kind) == ("raised", "DistributedError")
+    assert "did not answer within 8 s" in message
+    assert seconds < timeout + 5
+
+
+def test_on_one_rank_the_callers_tensors_are_unchanged_and_the_report_notes_the_split(group, seed):
+    w = torch.randn(12, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    before = w.detach().clone()
+    version = w._version
+    report = gradfd.check(lambda w: torch.tanh(x @ w).square().sum(), (w,), distributed=group)
+    assert report.passed and torch.equal(w.detach(), before) and w._version == version and w.grad is None
+    assert report.notes[-1].startswith("distributed over 1 ranks (gloo)")
+    assert D.active() is None  # the session ends with the check
+
+
+def test_a_check_failing_on_one_rank_still_raises_gradient_check_error(group):
+    with one_thread():
+        with pytest.raises(gradfd.GradientCheckError) as info:
+            gradfd.check(lambda x: (demo._PlantedSin.apply(x) * 2).sum(),
+                         (torch.randn(30, 20, dtype=torch.float64, requires_grad=True),), distributed=True)
+    assert info.value.report.tensors[0].disagreeing() == [demo.PLANTED]
+
+
+def test_module_checks_share_too_and_leave_the_module_intact(group, seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with one_thread():
+        shared = gradfd.check_module(net, x, distributed=True, engine="batched", memory_budget="1MB")
+        plain = gradfd.check_module(net, x, engine="batched", memory_budget="1MB")
+    assert shared.passed
+    assert bits(demo.summary(shared)) == bits(demo.summary(plain))
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_fingerprints_see_values_shapes_and_dtypes():
+    a = torch.arange(6.0)
+    assert D.fingerprint(a) == D.fingerprint(a.clone())
+    for other in (a.reshape(2, 3), a.double(), a + torch.tensor([0, 0, 0, 0, 0, 1e-6])):
+        assert D.fingerprint(other) != D.fingerprint(a)
