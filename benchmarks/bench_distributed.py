@@ -1,12 +1,13 @@
 """Issue 25: one check over 1 and 2 gloo processes on this CPU -- time, bitwise equality of the reports, and the
 measurements of the cost model in docs/distributed.md.
 
-Each case runs twice in 1 process and twice in 2 (``gradfd.demo.distributed.launch``, one thread per rank, the same
-seed), alternating; the table shows the fastest run of each, and every report of every run (each rank's) is compared
-bitwise with the others (same choices: they are made without timing). A ping-pong of 8-byte and 4 MiB exchanges measures the collectives' latency
-and bandwidth. Every rank also reports where its time went: its blocks of the split (``share``), the collectives
-(waiting for the others included), and the rest, which every rank pays in full (autograd, the verdict pipeline, the
-settling chunks).
+Each case runs twice on a group of 1 process and twice on 2 (``gradfd.demo.distributed.launch``, one thread per rank,
+the same seed), alternating; the table shows the fastest run of each, and every report of every run (each rank's) is
+compared bitwise with the others. A group of one makes a plain check's choices where they are pinned, and otherwise
+differs from it only in skipping the timing probe (tests/test_distributed.py compares both). A ping-pong of 8-byte
+and 4 MiB exchanges measures the collectives' latency and bandwidth. Every rank also reports where its time went: its
+blocks of the split (``share``), the collectives (waiting for the others included), and the rest, which every rank
+pays in full (autograd, the verdict pipeline, the settling chunks).
 
     uv run python benchmarks/bench_distributed.py            # records results/distributed.json, renders it
     uv run python benchmarks/bench_distributed.py --quick --no-record
@@ -68,7 +69,8 @@ def case(rank: int, world: int, name: str):
     report = gradfd.check(func, params, raise_on_failure=False, progress=False, seed=SEED, distributed=session,
                           **CASES[name][2])
     return {"summary": summary(report), "seconds": time.perf_counter() - t0, "notes": report.notes,
-            "split": dict(session.seconds), "collectives": session.totals[0] // world, "bytes": session.totals[1]}
+            "split": dict(session.seconds), "collectives": session.totals[0] // world, "bytes": session.totals[1],
+            "rounds": session.rounds}
 
 
 def ping(rank: int, world: int, rounds: int = 50):
@@ -76,11 +78,11 @@ def ping(rank: int, world: int, rounds: int = 50):
     session = D.resolve(True)
     out = {}
     for label, payload in (("8 B", 0), ("4 MiB", torch.zeros(2**19, dtype=torch.float64))):
-        session.exchange(payload)  # warm-up
+        session.exchange("ping", payload)  # warm-up
         count = rounds if label == "8 B" else max(1, rounds // 5)
         t0 = time.perf_counter()
         for _ in range(count):
-            session.exchange(payload)
+            session.exchange("ping", payload)
         out[label] = (time.perf_counter() - t0) / count
     buffer = io.BytesIO()
     torch.save(torch.zeros(2**19, dtype=torch.float64), buffer)
@@ -118,7 +120,7 @@ def measure(names) -> dict:
                      "verdicts": [t["verdict"] for t in two[0]["summary"]], "bitwise_equal": same,
                      "seconds_1": one["seconds"], "seconds_2": max(r["seconds"] for r in two),
                      "split_1": one["split"], "split_2": [r["split"] for r in two],
-                     "collectives_1": one["collectives"], "collectives_2": two[0]["collectives"],
+                     "rounds_1": one["rounds"], "collectives_2": two[0]["collectives"],
                      "bytes_2": two[0]["bytes"]})
         print(rows[-1]["case"], f"{rows[-1]['seconds_1']:.2f} s -> {rows[-1]['seconds_2']:.2f} s", same, flush=True)
     pings = launch(2, "bench_distributed:ping")
@@ -131,7 +133,7 @@ def model(r: dict, ping: dict, ranks: int) -> float:
     s1 = r["split_1"]
     shared = s1["share"]
     everyone = r["seconds_1"] - shared - s1["collectives"]
-    blocks = r["collectives_1"]  # one process: one block per round, nearly one collective per block
+    blocks = r["rounds_1"]  # one process: one block per round
     latency = ping["8 B"] * (ranks - 1)
     bandwidth = ping["4 MiB bytes"] / max(ping["4 MiB"] - ping["8 B"], 1e-9)
     volume = r["bytes_2"] * (ranks - 1) / ranks  # what one rank receives: the others' share of every block
@@ -140,13 +142,14 @@ def model(r: dict, ping: dict, ranks: int) -> float:
 
 def render(data: dict) -> str:
     lines = [caption(data), "",
-             "One process against two (gloo, one thread each; the same seed). *Equal*: the two ranks' reports and the "
-             "one-process report are bitwise equal, every entry tensor of every record. *Shared*: seconds each rank "
+             "A group of one process against two (gloo, one thread each; the same seed). *Equal*: the two ranks' "
+             "reports and the one-process report are bitwise equal, every entry tensor and detail of every record. "
+             "*Shared*: seconds each rank "
              "spent in its own blocks of the split (rank 0 / rank 1); *collectives*: rank 0's seconds in them, waiting "
              "for rank 1 included; *everyone*: what each rank pays in full (autograd, the verdicts, the chunks that "
              "settle the engine's choices), the rest of rank 0's time.", "",
              "| case | entries | verdicts | 1 process s | 2 processes s | speed-up | equal | shared s | "
-             "collectives s | everyone s | collectives | MB sent |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "collectives s | everyone s | collectives | MB sent |", "|" + "---|" * 12]
     for r in data["rows"]:
         s2 = r["split_2"]
         everyone = r["seconds_2"] - s2[0]["share"] - s2[0]["collectives"]
@@ -163,14 +166,14 @@ def render(data: dict) -> str:
               f"{bandwidth / 1e9:.2f} GB/s.", "",
               "The cost model (below) from the one-process run's split and the exchange figures: seconds predicted for "
               "2 ranks (against the measured), and for 8 ranks of this kind; *blocks* are the one-process run's "
-              "rounds, *ms per block* its shared seconds per block.", "",
+              "blocks of the split, *ms per block* its shared seconds per block.", "",
               "| case | everyone s | shared s | blocks | ms per block | model, 2 ranks | measured, 2 ranks | "
               "model, 8 ranks | speed-up at 8 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         s1 = r["split_1"]
         everyone = r["seconds_1"] - s1["share"] - s1["collectives"]
-        lines.append(f"| {r['case']} | {everyone:.2f} | {s1['share']:.2f} | {r['collectives_1']} | "
-                     f"{1e3 * s1['share'] / max(r['collectives_1'], 1):.1f} | {model(r, p, 2):.2f} | "
+        lines.append(f"| {r['case']} | {everyone:.2f} | {s1['share']:.2f} | {r['rounds_1']} | "
+                     f"{1e3 * s1['share'] / max(r['rounds_1'], 1):.1f} | {model(r, p, 2):.2f} | "
                      f"{r['seconds_2']:.2f} | {model(r, p, 8):.2f} | {r['seconds_1'] / model(r, p, 8):.1f}x |")
     lines += ["", "- Every rank's report equals the one-process report, numerical values bitwise: "
               + ("yes, in every case (bar met)." if equal else "NO (bar NOT met).")]

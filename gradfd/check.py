@@ -354,7 +354,7 @@ def check(
     """
     arguments = dict(locals())  # (order 2, and complex tensors, check a derived function with these arguments)
     params, _ = check_params(params)
-    session = _distributed.resolve(distributed)
+    session = _distributed.resolve(distributed) or _distributed.active()  # (a check inside one: reference mode)
     if session is not None and _distributed.active() is None:  # the outermost check of a distributed run
         return _check_distributed(session, arguments, params)
     if _wirtinger.has_complex(params):
@@ -477,7 +477,7 @@ def check(
 def _check_distributed(session: _distributed.Session, arguments: dict, params: tuple) -> CheckReport:
     """:func:`check` over the ranks of ``session`` (:mod:`gradfd.distributed`): the parameters and options verified
     alike first, the report returned by every rank, with a note on the split."""
-    options = {name: getattr(v, "__qualname__", v) if callable(v) and not isinstance(v, Policy) else v
+    options = {name: v if not callable(v) or isinstance(v, Policy) else getattr(v, "__qualname__", type(v).__qualname__)
                for name, v in arguments.items() if name not in ("params", "progress", "distributed")}
     progress = arguments["progress"] if session.rank == 0 or callable(arguments["progress"]) else False  # one bar
     with session.running({"params": params, "options": options}):

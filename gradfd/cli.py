@@ -83,10 +83,10 @@ def run_check(args, stream=None) -> int:
     from .report import CheckReport
 
     stream = stream or sys.stdout
-    distributed = _start_distributed(args) if args.distributed else False
-    if distributed:  # every rank runs the same file: the same draws make it the same problem (verified in check)
+    if args.distributed:  # every rank runs the same file: the same draws make it the same problem (verified in check)
         torch.manual_seed(0)
     result = _load_target(args.target)
+    distributed = _start_distributed(args) if args.distributed else False
     options = dict(mode=args.mode, samples=args.samples, directions=args.directions, engine=args.engine,
                    raise_on_failure=False, progress=not args.no_progress, order=args.order,
                    check_forward_ad=args.forward_ad, distributed=distributed)
@@ -132,8 +132,9 @@ def run_check(args, stream=None) -> int:
 
 
 def _start_distributed(args):
-    """``--distributed``: the process group torchrun's environment describes (gloo; NCCL with ``--device cuda``,
-    each rank on its ``LOCAL_RANK``'s GPU), joined here unless the target's module does it; the check's session."""
+    """``--distributed``, after the target was called: the process group torchrun's environment describes (gloo;
+    NCCL with ``--device cuda``, each rank on its ``LOCAL_RANK``'s GPU), joined here unless the target joined one;
+    the check's session."""
     import os
 
     import torch.distributed as dist
@@ -141,8 +142,8 @@ def _start_distributed(args):
     from .distributed import DEFAULT_TIMEOUT, Distributed, resolve
 
     timeout = DEFAULT_TIMEOUT if args.distributed_timeout is None else args.distributed_timeout
-    if not timeout > 0:
-        raise UsageError(f"--distributed-timeout must be a positive number of seconds, got {timeout}")
+    if not 0 < timeout < float("inf"):
+        raise UsageError(f"--distributed-timeout must be a positive, finite number of seconds, got {timeout}")
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise UsageError("--distributed runs under torchrun: torchrun --nproc-per-node N -m gradfd check "

@@ -17,13 +17,18 @@ rules:
 - **The same problem everywhere.** Ranks compare fingerprints (SHA-256) of the parameters' values, shapes and
   dtypes and of the options before anything else, and of the unperturbed outputs and the analytical gradient after
   autograd; a difference raises :class:`DistributedError` on every rank, naming the item and the ranks.
-- **Errors reach every rank.** A chunk that raises on one rank raises on every rank after that round: the original
-  exception there, a copy of it elsewhere (its type kept, so that every rank takes the same fallback), each with a
-  note naming the rank. A rank that raises outside a collective sends its error into the next one it would have
-  joined (:meth:`Session.running`).
+- **Ranks in step.** Every collective carries a tag saying where the rank is; ranks whose tags differ raise
+  :class:`DistributedError` ("out of step") rather than read each other's payloads. Shared chunks are not halved on
+  out of memory (every rank must run the same chunks): the error is raised on every rank.
+- **Errors reach every rank.** A chunk that raises on one rank raises on every rank after the chunks before it are
+  stored: the original exception there, a copy elsewhere (its type kept, so that every rank takes the same
+  fallback), each with a note naming the rank; where no copy can be made, the same :class:`DistributedError`
+  everywhere. A rank that raises outside the split sends its error into the next collective the others join, where
+  they raise a :class:`DistributedError` naming it (:meth:`Session.running`).
 - **No hang.** Every collective waits at most ``timeout`` seconds (:data:`DEFAULT_TIMEOUT`, set through
   :class:`Distributed`); a rank that dies leaves the others a :class:`DistributedError` when its connection drops
-  (gloo) or when the timeout expires. With NCCL the wait is the process group's own timeout.
+  (gloo) or when the timeout expires. Payloads are pickled on the host and gathered through gloo (an NCCL default
+  group gets a gloo side group); an NCCL subgroup waits for its own timeout.
 
 Cost (docs/distributed.md): every rank pays the analytical side, the verdict pipeline and the settling chunks in
 full; the finite differences, the bulk of a full check, are divided by the number of ranks. Each round moves every
@@ -37,6 +42,7 @@ import contextvars
 import datetime
 import hashlib
 import io
+import math
 import pickle
 import time
 from dataclasses import dataclass
@@ -53,9 +59,17 @@ __all__ = ["Distributed", "DistributedError", "Session", "DEFAULT_TIMEOUT", "res
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks (a round includes their share of the work)
 
 
-class DistributedError(RuntimeError):
-    """The ranks of a distributed check disagree (their problems differ), a rank stopped answering, or a collective
-    failed. Raised on every rank that can still raise."""
+class DistributedError(Exception):
+    """The ranks of a distributed check disagree (their problems differ, or they are out of step), a rank raised
+    outside the split or stopped answering, or a collective failed. Raised on every rank that can still raise. Not a
+    RuntimeError: no engine fallback takes it for a function that cannot run some way. The group should be destroyed
+    and made again after one (a collective may be left pending)."""
+
+
+def _marked(exc: BaseException) -> BaseException:
+    """``exc``, marked as known to every rank (no rank forwards it again)."""
+    exc._gradfd_exchanged = True
+    return exc
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,8 @@ def resolve(distributed, name: str = "distributed") -> "Session | None":
         raise TypeError(f"{name} must be False, True, a torch.distributed ProcessGroup or gradfd.distributed."
                         f"Distributed, got {type(distributed).__name__}")
     timeout = distributed.timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"{name}'s timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"{name}'s timeout must be a positive, finite number of seconds, got {timeout!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"{name}=True needs an initialized torch.distributed process group: start the processes with torchrun "
@@ -166,9 +180,12 @@ def verify(items: dict[str, Any]) -> None:
         session.verify(items)
 
 
+_FORWARDED = "an error raised outside the split"  # the tag of what Session.running sends for a rank that raised
+
+
 class _Failure:
-    """What a rank sends in place of its payload when it raised: the exception (pickled when it can be), its type's
-    name and its text."""
+    """What a rank sends in place of a payload when it raised: the exception (a pickled copy when it can be made),
+    its type's name and its text."""
 
     def __init__(self, exc: BaseException):
         self.kind, self.text = type(exc).__name__, str(exc)
@@ -177,28 +194,32 @@ class _Failure:
         except Exception:
             self.exc = None
 
-    def raise_here(self, rank: int, world: int, local: BaseException | None):
-        if local is not None:
-            local._gradfd_exchanged = True
-            raise local
-        exc = self.exc
-        if not isinstance(exc, Exception) or isinstance(exc, DistributedError):
-            exc = DistributedError(f"rank {rank} of {world} raised {self.kind}: {self.text}")
-        exc._gradfd_exchanged = True
+    def describe(self, rank: int, world: int) -> str:
+        return f"gradfd: rank {rank} of {world} of a distributed check raised {self.kind}: {self.text}"
+
+    def raise_block(self, rank: int, world: int, local: BaseException | None, start: int):
+        """Raise, on every rank alike, what a block's computation raised on ``rank``: its type kept (a copy here, the
+        original there, each with a note naming the rank, ``_gradfd_block_start`` the block's first column), so that
+        every rank takes the same fallback; a DistributedError everywhere when no copy can be made."""
+        if self.exc is None:
+            raise _marked(DistributedError(self.describe(rank, world))) from local
+        exc = local if local is not None else self.exc
+        exc._gradfd_block_start = start
         note(exc, f"gradfd: raised on rank {rank} of {world} of a distributed check")
-        raise exc
+        raise _marked(exc)
 
 
 class Session:
-    """A distributed check's group, and the collectives it runs (every one through :meth:`exchange`).
+    """A distributed check's group, and the collectives it runs (every one through :meth:`exchange`: each rank's
+    payload under a tag saying where the rank is; ranks whose tags differ are out of step and raise).
 
     Attributes:
         rank, world: this process's rank in the group, and the group's size.
-        timeout: seconds a collective waits (gloo).
-        exchanges, bytes_sent: collectives run, and bytes this rank contributed to them (the cost model's
-            measurement); seconds: this rank's time computing its blocks (``"share"``) and in collectives
-            (``"collectives"``: waiting for the others included). Neither is in the report, which is the same on every
-            rank.
+        timeout: seconds a collective waits (gloo; an NCCL default group's collectives run on a gloo side group).
+        exchanges, bytes_sent, rounds: collectives run, the bytes this rank contributed to them and the rounds of the
+            split, in the current check (the cost model's measurements); seconds: this rank's time computing its
+            blocks (``"share"``) and in collectives (``"collectives"``: waiting for the others included). None of it
+            is in the report, which is the same on every rank.
     """
 
     def __init__(self, group, timeout: float = DEFAULT_TIMEOUT):
@@ -206,62 +227,72 @@ class Session:
 
         self.dist, self.group, self.timeout = dist, group, timeout
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        backend = str(dist.get_backend(group)).lower()
-        self.backend = backend
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend
-                       else torch.device("cpu"))
-        self.exchanges = self.bytes_sent = 0
+        self.backend = str(dist.get_backend(group)).lower()
+        self.comm, self.device = group, torch.device("cpu")
+        if "gloo" not in self.backend:  # payloads are pickled on the host: gloo carries them, with its timeout
+            if group is None or group is dist.group.WORLD:
+                self.comm = _gloo_side_group(dist)
+            else:  # (a side group needs every rank of the world: a subgroup's collectives wait its own timeout)
+                self.device = torch.device("cuda", torch.cuda.current_device())
         self.local = False  # computing a block of its share: no collective may start (see sharing())
-        self.totals = (0, 0)  # collectives per rank, and bytes sent by all ranks: from the closing exchange
-        self.seconds = {"share": 0.0, "collectives": 0.0}  # this rank's time in its blocks, and in collectives
         self._budgets: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters (at the start of each check)."""
+        self.exchanges = self.bytes_sent = self.rounds = 0
+        self.totals = (0, 0)  # collectives per rank, and bytes sent by all ranks: from the closing exchange
+        self.seconds = {"share": 0.0, "collectives": 0.0}
 
     # -- the one collective ---------------------------------------------------------------------------------------
-    def exchange(self, obj) -> list:
-        """Every rank's ``obj`` (picklable; tensors are moved to the CPU), in rank order.
+    def exchange(self, tag: str, obj) -> list:
+        """Every rank's ``(tag, obj)``, in rank order; ``obj`` picklable (tensors moved to the CPU first).
 
         Raises:
-            The exception a rank sent in its place (see :class:`_Failure`), on every rank.
-            DistributedError: a rank did not answer within ``timeout`` or its connection dropped.
+            DistributedError, on every rank: a rank sent an error raised outside the split (:meth:`running`; that
+            rank re-raises its own), the ranks' tags differ (they are out of step), or a rank did not answer within
+            ``timeout`` or its connection dropped.
         """
         if self.local:
             raise AssertionError("gradfd: a collective was started while a rank computed its share alone")
-        if isinstance(obj, BaseException):
-            local, payload = obj, _Failure(obj)
-        else:
-            local, payload = None, obj
         buffer = io.BytesIO()
-        torch.save(payload, buffer)
+        torch.save((tag, obj), buffer)
         data = buffer.getbuffer()
         self.exchanges += 1
         self.bytes_sent += len(data)
         t0 = time.perf_counter()
         try:
             sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
-            self._wait(self.dist.all_gather(sizes, torch.tensor([len(data)], device=self.device), group=self.group,
+            self._wait(self.dist.all_gather(sizes, torch.tensor([len(data)], device=self.device), group=self.comm,
                                             async_op=True))
             top = int(max(int(s) for s in sizes))
             mine = torch.zeros(top, dtype=torch.uint8)
             mine[:len(data)] = torch.frombuffer(data, dtype=torch.uint8) if len(data) else mine[:0]
             parts = [torch.empty(top, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
-            self._wait(self.dist.all_gather(parts, mine.to(self.device), group=self.group, async_op=True))
+            self._wait(self.dist.all_gather(parts, mine.to(self.device), group=self.comm, async_op=True))
         except Exception as exc:
-            err = DistributedError(
+            raise _marked(DistributedError(
                 f"gradfd: a collective of the distributed check failed on rank {self.rank} of {self.world} (a rank "
-                f"died, was interrupted, or did not answer within {self.timeout:g} s): {type(exc).__name__}: {exc}")
-            err._gradfd_exchanged = True
-            raise err from exc
+                f"died, was interrupted, or did not answer within {self.timeout:g} s; destroy the process group and "
+                f"make it again before the next check): {type(exc).__name__}: {exc}")) from exc
+        except BaseException as exc:  # KeyboardInterrupt: out at once, forwarded to no one
+            raise _marked(exc)
         finally:
             self.seconds["collectives"] += time.perf_counter() - t0
         out = [torch.load(io.BytesIO(p[:int(n)].cpu().numpy().tobytes()), weights_only=False)
                for p, n in zip(parts, sizes)]
-        for r, item in enumerate(out):
-            if isinstance(item, _Failure):
-                item.raise_here(r, self.world, local if r == self.rank else None)
-        return out
+        for r, (t, item) in enumerate(out):
+            if t == _FORWARDED and r != self.rank:
+                raise _marked(DistributedError(item.describe(r, self.world)))
+        tags = [t for t, _ in out]
+        if len(set(tags)) > 1:
+            raise _marked(DistributedError(
+                "gradfd: the ranks of a distributed check are out of step (did one run out of memory, or plan other "
+                "chunks?): " + "; ".join(f"rank {r} at {t}" for r, t in enumerate(tags))))
+        return [item for _, item in out]
 
     def _wait(self, work) -> None:
-        if "gloo" in self.backend:
+        if self.device.type == "cpu":
             work.wait(datetime.timedelta(seconds=self.timeout))
         else:
             work.wait()
@@ -271,31 +302,31 @@ class Session:
         """Rank 0's default memory budget for ``device``'s type (one exchange, then cached)."""
         key = device.type
         if key not in self._budgets:
-            self._budgets[key] = self.exchange(default_memory_budget(device))[0]
+            self._budgets[key] = self.exchange(f"memory budget {key}", default_memory_budget(device))[0]
         return self._budgets[key]
 
     def verify(self, items: dict[str, Any]) -> None:
         """Raise :class:`DistributedError` on every rank unless every rank's fingerprint of each item equals rank
         0's; the message names the items and the ranks that differ."""
         prints = {name: fingerprint(value) for name, value in items.items()}
-        everyone = self.exchange(prints)
-        differ = [f"{name} (ranks {', '.join(str(r) for r, p in enumerate(everyone) if p.get(name) != ref)} differ "
-                  "from rank 0)" for name, ref in everyone[0].items()
-                  if any(p.get(name) != ref for p in everyone)]
+        everyone = self.exchange("verify " + ", ".join(prints), prints)
+        differ = [f"{name} (ranks {', '.join(str(r) for r, p in enumerate(everyone) if p[name] != ref)} differ "
+                  "from rank 0)" for name, ref in everyone[0].items() if any(p[name] != ref for p in everyone)]
         if differ:
-            err = DistributedError("gradfd: the ranks of a distributed check must check the same problem, but they "
-                                   "differ in " + "; ".join(differ))
-            err._gradfd_exchanged = True
-            raise err
+            hint = ("; a backward that is not deterministic (atomics) differs from run to run: "
+                    "torch.use_deterministic_algorithms(True)" if "analytical gradient" in prints else "")
+            raise _marked(DistributedError("gradfd: the ranks of a distributed check must check the same problem, "
+                                           "but they differ in " + "; ".join(differ) + hint))
 
     def share(self, blocks: Sequence[tuple[int, int]], compute: Callable[[int, int], Any],
               apply: Callable[[int, int, Any], None]) -> None:
         """Deal ``blocks`` out round-robin: block ``i`` is computed (``compute(a, b)``, a picklable payload) by rank
         ``i % world``; after each round every rank applies every block of the round, in order
-        (``apply(a, b, payload)``). A block that raises raises on every rank after its round (see
-        :meth:`exchange`)."""
+        (``apply(a, b, payload)``). A block that raised is raised on every rank after the blocks before it are
+        applied (:meth:`_Failure.raise_block`)."""
+        tag = f"the split of blocks {fingerprint(list(blocks))[:12]}"
         for first in range(0, len(blocks), self.world):
-            mine = first + self.rank
+            mine, local = first + self.rank, None
             payload: Any = None
             if mine < len(blocks):
                 self.local = True
@@ -303,43 +334,57 @@ class Session:
                 try:
                     payload = compute(*blocks[mine])
                 except Exception as exc:
-                    payload = exc
+                    payload, local = _Failure(exc), exc
                 finally:
                     self.local = False
                     self.seconds["share"] += time.perf_counter() - t0
-            everyone = self.exchange(payload)
-            for i, item in enumerate(everyone):
-                if first + i < len(blocks):
-                    apply(*blocks[first + i], item)
+            self.rounds += 1
+            everyone = self.exchange(f"{tag}, round {first // self.world}", payload)
+            for r, item in enumerate(everyone[:len(blocks) - first]):
+                if isinstance(item, _Failure):
+                    item.raise_block(r, self.world, local if r == self.rank else None, blocks[first + r][0])
+                apply(*blocks[first + r], item)
 
     @contextlib.contextmanager
     def running(self, items: dict[str, Any]) -> Iterator["Session"]:
         """Make this the active session for a check: first verify ``items`` (the parameters and options), last
         exchange a closing message. A rank that raises outside a collective sends its error into the next collective
-        of the others (once: the closing one at the latest), so that they raise too instead of waiting."""
+        of the others (once: the closing one at the latest), where they raise a DistributedError naming it; a
+        KeyboardInterrupt is sent to no one (the others see the rank go)."""
         token = _active.set(self)
+        self.reset()
         try:
             self.verify(items)
             for device in sorted({t.device.type for t in items.get("params", ()) if isinstance(t, torch.Tensor)}):
                 self.memory_budget(torch.device(device))  # (now: no collective may start inside a share)
             yield self
-            closing = self.exchange((self.exchanges + 1, self.bytes_sent))
+            closing = self.exchange("the end of the check", (self.exchanges + 1, self.bytes_sent))
             self.totals = tuple(sum(c[i] for c in closing) for i in range(2))
         except BaseException as exc:
-            if not getattr(exc, "_gradfd_exchanged", False):
-                exc._gradfd_exchanged = True
+            if isinstance(exc, Exception) and not getattr(exc, "_gradfd_exchanged", False):
+                _marked(exc)
                 with contextlib.suppress(BaseException):
-                    self.exchange(exc)
+                    self.exchange(_FORWARDED, _Failure(exc))
             raise
         finally:
             _active.reset(token)
 
     def notes(self) -> str:
         """The report's line on the split (the same on every rank)."""
-        budgets = ", ".join(f"{k}: {v / 2**20:g} MiB" for k, v in sorted(self._budgets.items()))
+        budgets = ", ".join(f"{k}: {v} bytes" for k, v in sorted(self._budgets.items()))
         return (f"distributed over {self.world} ranks ({self.backend}): choices made without timing, default memory "
                 f"budget rank 0's ({budgets or 'not used'}); {self.totals[0] // max(self.world, 1)} collectives, "
                 f"{self.totals[1]} bytes sent in all")
+
+
+_SIDE_GROUPS: dict = {}
+
+
+def _gloo_side_group(dist):
+    """A gloo group over the whole world, made once (every rank makes it in the same call: its first check)."""
+    if "world" not in _SIDE_GROUPS:
+        _SIDE_GROUPS["world"] = dist.new_group(backend="gloo")
+    return _SIDE_GROUPS["world"]
 
 
 def share_columns(result, errors, blocks: Sequence[tuple[int, int]], fill: Callable[[int, int], None],
@@ -412,15 +457,16 @@ def share_rows(out: torch.Tensor, errors, blocks: Sequence[tuple[int, int]],
 
 def _recording(errors, run: Callable[[], Any]):
     """``run()``, and what it added to ``errors`` (a NodeErrors or None) as a picklable record; ``errors`` itself
-    is left as before, for :func:`_replay` to add it back on every rank in block order."""
+    is left as before (also when ``run`` raises), for :func:`_replay` to add it back on every rank in block order."""
     before = None if errors is None else (errors.count, errors.first, errors.where)
-    value = run()
-    if errors is None or errors.count == before[0]:
-        return value, None
-    first = _Failure(errors.first) if before[1] is None else None
-    raised = (errors.count - before[0], first, errors.where)
-    errors.count, errors.first, errors.where = before
-    return value, raised
+    try:
+        value = run()
+        if errors is None or errors.count == before[0]:
+            return value, None
+        return value, (errors.count - before[0], _Failure(errors.first) if before[1] is None else None, errors.where)
+    finally:
+        if errors is not None:
+            errors.count, errors.first, errors.where = before
 
 
 def _replay(errors, raised) -> None:

@@ -176,8 +176,8 @@ def check_module(
         check_inputs: also check the floating tensors among ``inputs`` and ``kwargs``.
         **check_options: passed to :func:`gradfd.check` (``mode``, ``samples``, ``directions``, ``atol``,
             ``rtol``, ``engine``, ``batching``, ``progress``, ``policy``, ``raise_on_failure``, ``distributed``
-            (every rank calls ``check_module`` on its own copy of the module: its parameters, buffers and inputs are
-            verified equal across ranks), ...).
+            (every rank calls ``check_module`` on its own copy of the module: its parameters and inputs are verified
+            equal across ranks, its buffers through the unperturbed outputs), ...).
             ``reference=`` takes a module here: a plain-PyTorch version of ``module`` with the same parameter names
             (a fused layer's unfused twin), run with ``module``'s parameter values (and its own buffers) through
             the same ``loss``; reference mode then judges ``module``'s gradients against it

@@ -80,7 +80,7 @@ def test_check_converts_dtype_and_uses_the_mode(targets, capsys):
     (["bench", "--device", "tpu"], "--device takes cpu and/or cuda"),
     (["check", "{targets}:good", "--distributed"], "--distributed runs under torchrun: torchrun --nproc-per-node N"),
     (["check", "{targets}:good", "--distributed", "--distributed-timeout", "0"],
-     "--distributed-timeout must be a positive number of seconds, got 0"),
+     "--distributed-timeout must be a positive, finite number of seconds, got 0"),
 ])
 def test_usage_errors_exit_2_with_a_message(targets, capsys, args, message):
     args = [a.replace("{targets}", targets) for a in args]
@@ -101,7 +101,8 @@ def test_python_dash_m_runs_the_cli(targets):
 
 
 def test_torchrun_shares_a_check_and_rank_0_prints_the_report(targets):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gradfd",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "gradfd",
                            "check", f"{targets}:good", "--distributed", "--no-progress"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

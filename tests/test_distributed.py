@@ -9,7 +9,6 @@ in this process, on a one-rank group.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
 import pytest
@@ -37,6 +36,11 @@ def bits(value):
     return value
 
 
+def untimed(summary: list[dict]) -> list[dict]:
+    """A report's summary without its notes (one process's say what its clock chose, and how long tracing took)."""
+    return [{**r, "details": {k: v for k, v in r["details"].items() if k != "notes"}} for r in summary]
+
+
 @contextlib.contextmanager
 def one_thread():
     """The spawned ranks run on one thread: the comparisons here do too (a reduction's order may follow threads)."""
@@ -62,17 +66,16 @@ def test_bad_arguments_name_distributed():
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(TypeError, match="distributed must be False, True, a torch.distributed ProcessGroup.*got str"):
         gradfd.check(lambda w: w.sum(), (w,), distributed="yes")
-    with pytest.raises(ValueError, match="distributed's timeout must be a positive number of seconds, got -1"):
-        gradfd.check(lambda w: w.sum(), (w,), distributed=D.Distributed(timeout=-1))
+    for timeout in (-1, float("inf")):
+        with pytest.raises(ValueError, match="distributed's timeout must be a positive, finite number of seconds"):
+            gradfd.check(lambda w: w.sum(), (w,), distributed=D.Distributed(timeout=timeout))
 
 
 @pytest.fixture(scope="module")
-def group():
+def group(tmp_path_factory):
     """A one-rank gloo group in this process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    rendezvous = tmp_path_factory.mktemp("rendezvous") / "file"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -92,21 +95,25 @@ def two_ranks():
 def test_every_rank_returns_the_one_process_report_bitwise(two_ranks, group):
     seed, (rank0, rank1), _ = two_ranks
     assert isinstance(rank0["equal"], dict), rank0["equal"]
-    untimed = [{k: (v[0], v[2]) if isinstance(v, tuple) else v for k, v in r["equal"].items()} for r in (rank0, rank1)]
-    assert bits(untimed[0]) == bits(untimed[1]), f"the ranks' reports differ (seed {seed})"
+    timeless = [{k: (v[0], v[2]) if isinstance(v, tuple) else v for k, v in r["equal"].items()}
+                for r in (rank0, rank1)]
+    assert bits(timeless[0]) == bits(timeless[1]), f"the ranks' reports differ (seed {seed})"
     with one_thread():
         # one process, the same choices: a one-rank group (choices without timing) ...
         one = demo._equal(0, 1, seed=seed)
         # ... and, where the choices are pinned, a plain check with no group at all
         plain = {name: demo.summary(gradfd.check(func, params, raise_on_failure=False, progress=False, **options))
                  for name, (func, params, options) in demo.problems(seed).items() if "engine" in options}
+        net, x = demo._module(seed)
+        plain["check_module"] = demo.summary(gradfd.check_module(net, x, raise_on_failure=False, progress=False,
+                                                                 engine="batched", chunk_size=16))
         points = demo._points(seed, False)
     for name, (summary, _, notes) in ((k, v) for k, v in rank0["equal"].items() if isinstance(v, tuple)):
         assert bits(summary) == bits(one[name][0]), f"{name}: 2 ranks differ from 1 (seed {seed})"
-        if name in plain:
-            assert bits(summary) == bits(plain[name]), f"{name}: 2 ranks differ from a plain check (seed {seed})"
+        if name in plain:  # (a plain check's choices equal the split's where they are pinned; its notes time)
+            assert bits(untimed(summary)) == bits(untimed(plain[name])), \
+                f"{name}: 2 ranks differ from a plain check (seed {seed})"
         assert any(n.startswith("distributed over 2 ranks (gloo)") for n in notes)
-        assert all(r["verdict"] == "PASS" for r in summary), (name, seed)
     assert bits(rank0["equal"]["numerical_gradient"]) == bits(one["numerical_gradient"])
     assert bits(rank0["equal"]["points"]) == bits(points)
 
@@ -141,7 +148,20 @@ def test_func_raising_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
     for rank in results:
         raised, kind, message, seconds = rank["raises"]
         assert (raised, kind) == ("raised", "KeyError") and "planted failure on rank 1" in message
+        assert "raised on rank 1 of 2 of a distributed check" in message  # (a note, on every rank)
         assert seconds < 60
+    for rank in results:  # an exception no other rank can rebuild: the same DistributedError everywhere
+        raised, kind, message, _ = rank["unpicklable"]
+        assert (raised, kind) == ("raised", "DistributedError")
+        assert "rank 1 of 2 of a distributed check raised _Unpicklable: planted on rank 1" in message
+
+
+def test_ranks_out_of_step_raise_instead_of_mixing_payloads(two_ranks):
+    _, results, _ = two_ranks
+    for rank in results:
+        raised, kind, message, _ = rank["out of step"]
+        assert (raised, kind) == ("raised", "DistributedError")
+        assert "out of step" in message and "rank 0 at step of rank 0; rank 1 at step of rank 1" in message
 
 
 @pytest.mark.parametrize("how", ["exit", "hang"])
@@ -182,8 +202,18 @@ def test_module_checks_share_too_and_leave_the_module_intact(group, seed):
         shared = gradfd.check_module(net, x, distributed=True, engine="batched", memory_budget="1MB")
         plain = gradfd.check_module(net, x, engine="batched", memory_budget="1MB")
     assert shared.passed
-    assert bits(demo.summary(shared)) == bits(demo.summary(plain))
+    assert bits(untimed(demo.summary(shared))) == bits(untimed(demo.summary(plain)))
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_directional_mode_on_one_rank_and_with_one_direction(group, seed):
+    w = torch.randn(30, 20, dtype=torch.float64, requires_grad=True)
+    func = lambda w: torch.tanh(w).square().sum()  # noqa: E731
+    with one_thread():
+        for directions in (1, 5):
+            plain = gradfd.check(func, (w,), mode="directional", directions=directions)
+            shared = gradfd.check(func, (w,), mode="directional", directions=directions, distributed=group)
+            assert plain.passed and bits(untimed(demo.summary(shared))) == bits(untimed(demo.summary(plain)))
 
 
 def test_fingerprints_see_values_shapes_and_dtypes():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import time
 from typing import Callable
@@ -72,11 +71,23 @@ def problems(seed: int) -> dict[str, tuple[Callable, tuple, dict]]:
 
 
 def summary(report: gradfd.CheckReport) -> list[dict]:
-    """A report's records as plain data: every entry tensor (to compare bitwise) and the verdict fields."""
+    """A report's records as plain data: every entry tensor (to compare bitwise), the verdict fields and the details
+    (engine, chunking, notes)."""
     return [{"name": t.name, "verdict": t.verdict, "disagreeing": t.disagreeing(),
              "entries": {k: v.detach().cpu().clone() for k, v in t.entries.items()},
-             "worst": (t.worst_index, t.worst_analytical, t.worst_numerical, t.worst_error_estimate)}
+             "worst": (t.worst_index, t.worst_analytical, t.worst_numerical, t.worst_error_estimate),
+             "details": {k: v for k, v in t.details.items() if k != "analytical"}, "limit": t.detection_limit}
             for t in report.tensors]
+
+
+def _module(seed: int):
+    """A module and its input for ``check_module``: Linear-Tanh-Linear, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return net, torch.randn(6, 12, generator=gen, dtype=torch.float64)
 
 
 def _equal(rank: int, world: int, seed: int = 0, names: list[str] | None = None, timeout: float = 60.0):
@@ -95,6 +106,10 @@ def _equal(rank: int, world: int, seed: int = 0, names: list[str] | None = None,
     out["numerical_gradient"] = gradfd.numerical_gradient(lambda w: torch.tanh(xs @ w).sum(), (w,), 0, None,
                                                           engine="batched", memory_budget="1MB", distributed=True)
     out["points"] = _points(seed, True)
+    net, x = _module(seed)
+    report = gradfd.check_module(net, x, raise_on_failure=False, progress=False, distributed=True, engine="batched",
+                                 chunk_size=16)
+    out["check_module"] = (summary(report), 0.0, report.notes)
     return out
 
 
@@ -139,8 +154,10 @@ PLANTED = (7, 11)
 def _planted(rank: int, world: int, seed: int = 0, timeout: float = 60.0, dtype: str = "float32"):
     """A 1% error planted on one entry of a Function's backward: each record's verdict and disagreeing entries."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(30, 20, generator=gen, dtype=torch.float64).to(getattr(torch, dtype)).requires_grad_()
-    w = torch.randn(30, 20, generator=gen, dtype=torch.float64).to(x.dtype)
+    x = torch.randn(30, 20, generator=gen, dtype=torch.float64)
+    w = torch.randn(30, 20, generator=gen, dtype=torch.float64)
+    x[PLANTED], w[PLANTED] = 0.3, 1.0  # (the planted entry's gradient is of the tensor's size)
+    x, w = x.to(getattr(torch, dtype)).requires_grad_(), w.to(getattr(torch, dtype))
     report = gradfd.check(lambda x: (_PlantedSin.apply(x) * w).sum(), (x,), raise_on_failure=False,
                           progress=False, distributed=Distributed(timeout=timeout) if world else False)
     return [(t.name, t.verdict, t.disagreeing(100)) for t in report.tensors]
@@ -187,28 +204,61 @@ def _killed(rank: int, world: int, seed: int = 0, timeout: float = 20.0, how: st
     return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
 
 
+class _Unpicklable(Exception):
+    def __init__(self, a, b):  # (pickle calls cls(*args) with one argument: no copy can be made)
+        super().__init__(f"{a} {b}")
+
+
+def _unpicklable(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
+    """func raises, on rank 1 only, an exception no other rank can rebuild."""
+    w = torch.randn(40, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
+    calls = [0]
+
+    def func(w):
+        calls[0] += 1
+        if rank == 1 and calls[0] > 3:
+            raise _Unpicklable("planted", "on rank 1")
+        return (w.sin() ** 2).sum()
+
+    return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
+
+
+def _out_of_step(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
+    """The ranks reach different collectives."""
+    from gradfd.distributed import resolve
+
+    return resolve(Distributed(timeout=timeout)).exchange(f"step of rank {rank}", rank)
+
+
 def _suite(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
     """The equality problems, the planted error, differing parameters and a raising func, one after the other in
     the same group: each one's result (or what it raised)."""
     out = {}
-    for name, scenario in (("equal", _equal), ("planted", _planted), ("differ", _differ), ("raises", _raises)):
+    for name, scenario in (("equal", _equal), ("planted", _planted), ("differ", _differ), ("raises", _raises),
+                           ("unpicklable", _unpicklable), ("out of step", _out_of_step)):
         t0 = time.perf_counter()
         try:
             out[name] = scenario(rank, world, seed=seed, timeout=timeout)
         except Exception as exc:
-            out[name] = ("raised", type(exc).__name__, str(exc), time.perf_counter() - t0)
+            out[name] = _raised(exc, t0)
     return out
 
 
 SCENARIOS = {"equal": _equal, "planted": _planted, "differ": _differ, "raises": _raises, "killed": _killed,
-             "suite": _suite}
+             "unpicklable": _unpicklable, "out of step": _out_of_step, "suite": _suite}
 
 
-def _worker(rank: int, world: int, address: str, scenario: str, options: dict, folder: str) -> None:
+def _raised(exc: BaseException, t0: float) -> tuple:
+    """What a scenario returns for an exception: ``("raised", type name, message and notes, seconds)``."""
+    text = "\n".join([str(exc), *getattr(exc, "__notes__", [])])
+    return ("raised", type(exc).__name__, text, time.perf_counter() - t0)
+
+
+def _worker(rank: int, world: int, scenario: str, options: dict, folder: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, int(os.environ.get("GRADFD_THREADS_PER_RANK", "1"))))
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     if ":" in scenario:  # module:function (a benchmark's own scenario; the module is on the parent's sys.path)
         import importlib
 
@@ -220,17 +270,11 @@ def _worker(rank: int, world: int, address: str, scenario: str, options: dict, f
     try:
         result = run(rank, world, **options)
     except Exception as exc:
-        result = ("raised", type(exc).__name__, str(exc), time.perf_counter() - t0)
+        result = _raised(exc, t0)
     path = os.path.join(folder, f"rank{rank}.pt")
     torch.save(result, path + ".part")
     os.replace(path + ".part", path)  # (whole, or not there: a rank may die in what follows)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, scenario: str, **options) -> list:
@@ -239,9 +283,8 @@ def launch(world: int, scenario: str, **options) -> list:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        context = mp.start_processes(_worker, args=(world, address, scenario, options, folder), nprocs=world,
-                                     join=False, start_method="spawn")
+        context = mp.start_processes(_worker, args=(world, scenario, options, folder), nprocs=world, join=False,
+                                     start_method="spawn")
         deadline = time.monotonic() + 900
         for process in context.processes:  # (not context.join: it would end the others when one rank dies)
             process.join(max(0.0, deadline - time.monotonic()))

@@ -123,7 +123,8 @@ class CoordinateBatches:
         self.phase = "warmup" if loop_rate is not None else None
         self.probe_rates: list[float] = []
         self.trial_inner: int | None = None  # the split rows layout, once tried
-        self.trial_open = True  # the split layout is considered after the first chunk of a run only
+        self.trial_open = True  # in a distributed check, the split layout is tried after the first chunk only
+        self.halving = True  # out of memory halves the chunk (not in a distributed check's shared chunks)
         self.plain_copies: float | None = None  # copies per column in the plain layout, while the trial is undecided
         self.retried = False  # the strategies were tried again after a chunk where func raised at a node
         self.start = 0  # the first column of this run of batched calls (a failure after it is func's own)
@@ -186,6 +187,7 @@ class CoordinateBatches:
                 done = self._attempt(a, min(self.chunk, b - a))
                 a = a + done.size if done.looped else self._store(a, done)
 
+        self.halving = False
         distributed.share_columns(self.result, self.problem.node_errors, distributed.blocks_of(pos, m, self.chunk),
                                   fill)
         return m
@@ -224,6 +226,10 @@ class CoordinateBatches:
             except OOM_ERRORS as exc:
                 if size == 1:
                     raise MemoryError(f"gradfd: out of memory evaluating a single perturbed point: {exc}") from exc
+                if not self.halving:  # every rank must run the same chunks
+                    note(exc, "gradfd: out of memory in a shared chunk of a distributed check (shared chunks are not "
+                              "halved: pass a smaller memory_budget or chunk_size)")
+                    raise
                 size = self.chunk = max(1, size // 2)
                 self.cap = min(self.cap, size)  # sizing never doubles back into it
                 self.batch.set_layout(self.batch.inner)  # drop the buffer before retrying smaller
@@ -321,7 +327,8 @@ class CoordinateBatches:
         copies less per column."""
         batch = self.batch
         copied = batch.mode.copied - done.copies_before
-        opened, self.trial_open = self.trial_open, False
+        opened = self.trial_open
+        self.trial_open = distributed.sharing() is None  # (one process: at any chunk that copied; see _settled)
         if (opened and self.trial_inner is None and copied and batch.split_inner
                 and batch.strategy in ("vmap", "vmap+forms")):
             self.trial_inner, self.plain_copies = batch.split_inner, copied / done.size

@@ -49,12 +49,13 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                 if start > 0 and distributed.sharing() is not None:  # the strategy ran: deal the rest out
                     blocks = distributed.blocks_of(start, count, POINTS_PER_CALL)
                     distributed.share_rows(out, problem.node_errors, blocks,
-                                           lambda a, b: _later_chunk(problem, points, a, b, strategy))
+                                           lambda a, b: call_batched(problem, points[a:b], strategy, verify=False))
                     break
                 rows = points[start:start + POINTS_PER_CALL]
                 out[start:start + rows.shape[0]] = call_batched(problem, rows, strategy, verify=start == 0)
             return out, strategy
         except CANNOT_RUN_THAT_WAY + OOM_ERRORS + (MemoryError,) as exc:
+            start = getattr(exc, "_gradfd_block_start", start)  # (a shared chunk's, raised on every rank)
             if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 if problem.node_errors is not None:  # the rest one point at a time: those that raise are recorded
                     out[start:] = loop_points(problem, points[start:], start, count)
@@ -73,19 +74,6 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                       "point", stacklevel=3)
     out[:] = loop_points(problem, points, 0, count)
     return out, "loop"
-
-
-def _later_chunk(problem: Problem, points: torch.Tensor, a: int, b: int, strategy: str) -> torch.Tensor:
-    """Points ``a:b`` (not the first chunk) of a distributed check, by ``strategy``, which ran on the first chunk; a
-    failure to run that way is ``func``'s own, unless ``problem.node_errors`` records the nodes one at a time (the
-    chunk only: one process would loop every later chunk too)."""
-    try:
-        return call_batched(problem, points[a:b], strategy, verify=False)
-    except CANNOT_RUN_THAT_WAY as exc:
-        if problem.node_errors is None:
-            note(exc, _where(problem, a, points.shape[0]))
-            raise
-        return loop_points(problem, points[a:b], a, points.shape[0])
 
 
 def _where(problem: Problem, start: int, count: int) -> str:

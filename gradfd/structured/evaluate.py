@@ -58,12 +58,8 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
         return base
 
     while start < m:
-        session = distributed.sharing()
-        if start > 0 and session is not None:  # the chunk size is settled: deal the rest out, each chunk cut in
-            # one block per rank (a column's values do not depend on its chunk's other columns) and stored whole
-            chunks = distributed.blocks_of(start, m, chunk)
-            blocks = [sub for a, b in chunks for sub in distributed.blocks_of(a, b, -(-(b - a) // session.world))]
-            distributed.share_columns(result, None, blocks, fill, chunks)
+        if start > 0 and distributed.sharing() is not None:  # the chunk size is settled: deal the rest out
+            distributed.share_columns(result, None, distributed.blocks_of(start, m, chunk), fill)
             break
         this = min(chunk, m - start)
         base = fill(start, start + this)
@@ -75,8 +71,9 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
         result.loss_offset = float(base) if base is not None else float(problem.base_loss)
         result.base_loss = torch.zeros((), dtype=torch.float64, device=device)
     result.engine, result.batching, result.chunk_size = "structured", None, chunk
-    result.notes.append(f"structured: traced {sum(n.op == 'call_function' for n in analysis.nodes)} aten ops in "
-                        f"{analysis.trace_seconds * 1e3:.0f} ms; chunks of {chunk} coordinates")
+    traced = "" if distributed.active() else f" in {analysis.trace_seconds * 1e3:.0f} ms"  # (ranks' clocks differ)
+    result.notes.append(f"structured: traced {sum(n.op == 'call_function' for n in analysis.nodes)} aten ops{traced}; "
+                        f"chunks of {chunk} coordinates")
     if analysis.fused:
         result.notes.append("structured: fused kernel gradfd::linear_update_mse at "
                             + ", ".join(sorted(analysis.fused)))

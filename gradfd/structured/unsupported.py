@@ -26,6 +26,9 @@ class StructuredUnsupported(RuntimeError):
         self.op = op
         self.reason = reason
 
+    def __reduce__(self):  # (a distributed check sends it to every rank: each takes the same fallback)
+        return type(self), (self.op, self.reason)
+
 
 def op_name(target) -> str:
     """``aten.<overload>`` for an aten op, the qualified name of any other op, else the callable's ``__name__``."""

@@ -112,6 +112,9 @@ class Rungs:
                 mine[:, where] = getattr(other, f.name)
 
 
+_ROW = ("losses", "analytical", "finite")  # a direction's row (Directions._direction), the spread last
+
+
 class Directions:
     """Evaluates random directions of one input on the step ladder (the module docstring): Gaussian input
     directions ``v`` scaled entry-wise by the per-entry steps and (for tensor-valued functions) Gaussian output
@@ -187,25 +190,27 @@ class Directions:
         offsets = torch.stack([levels, -levels], 1).reshape(-1)  # (S,)
         S = len(offsets)
         device = self.steps.device
-        # per direction: S losses, S analytical values, S finite flags and the spread, as one (3S + 1,) row
-        out = torch.empty(len(which), 3 * S + 1, dtype=torch.float64, device=device)
+        # per direction: S losses, S analytical values, S finite flags and the spread, as one row
+        out = torch.empty(len(which), len(_ROW) * S + 1, dtype=torch.float64, device=device)
         base_vec = problem.base_loss.to(torch.float64).reshape(-1)
 
         def fill(a: int, b: int) -> torch.Tensor:
-            return torch.stack([self._direction(problem, which[c], offsets, base_vec) for c in range(a, b)])
+            return torch.stack([self._direction(problem, which[c], offsets, base_vec)[0] for c in range(a, b)])
 
-        out[:1] = fill(0, 1)  # (on every rank: the batching strategy it settles is in the details)
+        # the first direction on every rank: its batching strategy is the one in the details
+        out[0], self.details["batching"] = self._direction(problem, which[0], offsets, base_vec)
         if _distributed.sharing() is not None:
             _distributed.share_rows(out, problem.node_errors, [(c, c + 1) for c in range(1, len(which))], fill)
-        else:
+        elif len(which) > 1:
             out[1:] = fill(1, len(which))
-        losses, ana, finite = out[:, :S].t(), out[:, S:2 * S].t(), out[:, 2 * S:3 * S].t() != 0
+        losses, ana, finite = out[:, :S].t(), out[:, S:2 * S].t(), out[:, 2 * S:-1].t() != 0
         return losses.contiguous(), ana.contiguous(), finite.contiguous(), base_vec, out[:, -1].clone()
 
-    def _direction(self, problem, d: int, offsets: torch.Tensor, base_vec: torch.Tensor) -> torch.Tensor:
-        """Direction ``d``'s ``(3S + 1,)`` row of :meth:`_values`: losses, analytical values, finite flags, spread."""
+    def _direction(self, problem, d: int, offsets: torch.Tensor, base_vec: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Direction ``d``'s row of :meth:`_values` (``S`` losses, analytical values and finite flags, then the
+        spread), and the batching strategy that evaluated it."""
         S = len(offsets)
-        row = torch.empty(3 * S + 1, dtype=torch.float64, device=self.steps.device)
+        row = torch.empty(len(_ROW) * S + 1, dtype=torch.float64, device=self.steps.device)
         x = problem.flat
         x64 = x.to(torch.float64)
         # the nodes of one direction at a time, `per` of them per call: float64 staging (the points, their
@@ -236,10 +241,9 @@ class Directions:
                     ana[moved] += self.analytical.jvp(self.k, rest[moved]) @ self.u[d] - at_zero
             values, used = _engine.evaluate_points(problem, points, self.batching)
             values = values.reshape(points.shape[0], -1)  # (s, O)
-            self.details["batching"] = used
             row[2 * S + start:2 * S + rows.stop] = torch.isfinite(values).all(-1).to(torch.float64)
             row[start:rows.stop] = values @ self.u[d]
-        return row
+        return row, used
 
     def __call__(self, which: list[int], shift: int = 0) -> Rungs:
         """The ladder of directions ``which``, every rung ``2^shift`` times smaller (a retreat)."""
