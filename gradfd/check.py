@@ -482,6 +482,8 @@ def _check_distributed(session: _distributed.Session, arguments: dict, params: t
     progress = arguments["progress"] if session.rank == 0 or callable(arguments["progress"]) else False  # one bar
     with session.running({"params": params, "options": options}):
         report = check(**{**arguments, "distributed": session, "raise_on_failure": False, "progress": progress})
+        session.verify({"report": [(t.name, t.verdict, t.entries, t.details, t.findings, t.detection_limit)
+                                   for t in report.tensors]})  # every rank returns the same report, or raises
     report.notes.append(session.notes())
     if arguments["raise_on_failure"] and not report.passed:
         raise GradientCheckError(report)

@@ -85,6 +85,10 @@ def run_check(args, stream=None) -> int:
     stream = stream or sys.stdout
     if args.distributed:  # every rank runs the same file: the same draws make it the same problem (verified in check)
         torch.manual_seed(0)
+        if (args.device or "").startswith("cuda"):  # each rank on its own GPU, before the target allocates
+            import os
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     result = _load_target(args.target)
     distributed = _start_distributed(args) if args.distributed else False
     options = dict(mode=args.mode, samples=args.samples, directions=args.directions, engine=args.engine,
@@ -133,8 +137,8 @@ def run_check(args, stream=None) -> int:
 
 def _start_distributed(args):
     """``--distributed``, after the target was called: the process group torchrun's environment describes (gloo;
-    NCCL with ``--device cuda``, each rank on its ``LOCAL_RANK``'s GPU), joined here unless the target joined one;
-    the check's session."""
+    NCCL with ``--device cuda``, each rank on its ``LOCAL_RANK``'s GPU, set before the target ran), joined here unless
+    the target joined one; the check's session."""
     import os
 
     import torch.distributed as dist
@@ -148,11 +152,7 @@ def _start_distributed(args):
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise UsageError("--distributed runs under torchrun: torchrun --nproc-per-node N -m gradfd check "
                              f"{args.target} --distributed")
-        backend = "gloo"
-        if (args.device or "").startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if (args.device or "").startswith("cuda") else "gloo")
     return resolve(Distributed(timeout=timeout))
 
 

@@ -9,11 +9,13 @@ rules:
   one per rank per round (:meth:`Session.share`). After each round every rank receives every chunk's values and
   stores them in column order, so each rank's evaluation, and everything computed from it, is what one process
   would have computed: the noise calibrations that pool over chunks see the same chunks in the same order.
-- **Choices without clocks or free memory.** Nothing depends on a rank's clock or free memory: ``engine="auto"``
-  does not time a probe (batched above the loop's threshold, the structured engine when it applies), chunks are not
-  resized by timing, and the default memory budget is rank 0's. A distributed report is therefore bitwise equal to
-  a one-process check with the same choices: ``engine="batched"`` where ``"auto"`` chose batched, and
-  ``memory_budget`` set to the budget the report's notes give (``tests/test_distributed.py``).
+- **Choices without clocks.** Nothing depends on a rank's clock: ``engine="auto"`` does not time a probe (batched
+  above the loop's threshold, the structured engine when it applies), chunks are not resized by timing, and the
+  default memory budget is the least of the ranks'. A distributed report is therefore bitwise equal to a
+  one-process check with the same choices: ``engine="batched"`` where ``"auto"`` chose batched, and
+  ``memory_budget`` set to the budget the report's notes give (``tests/test_distributed.py``). Every rank
+  fingerprints its report at the end: a rank whose settling chunks took another way (out of memory there) makes
+  every rank raise rather than return another report.
 - **The same problem everywhere.** Ranks compare fingerprints (SHA-256) of the parameters' values, shapes and
   dtypes and of the options before anything else, and of the unperturbed outputs and the analytical gradient after
   autograd; a difference raises :class:`DistributedError` on every rank, naming the item and the ranks.
@@ -28,7 +30,7 @@ rules:
 - **No hang.** Every collective waits at most ``timeout`` seconds (:data:`DEFAULT_TIMEOUT`, set through
   :class:`Distributed`); a rank that dies leaves the others a :class:`DistributedError` when its connection drops
   (gloo) or when the timeout expires. Payloads are pickled on the host and gathered through gloo (an NCCL default
-  group gets a gloo side group); an NCCL subgroup waits for its own timeout.
+  group gets a gloo side group); an NCCL subgroup's are gathered on its GPUs and wait for its own timeout.
 
 Cost (docs/distributed.md): every rank pays the analytical side, the verdict pipeline and the settling chunks in
 full; the finite differences, the bulk of a full check, are divided by the number of ranks. Each round moves every
@@ -80,7 +82,8 @@ class Distributed:
         group: the ``torch.distributed`` process group to share the work over; None: the default group (which must
             be initialized: ``torch.distributed.init_process_group``, or ``torchrun``).
         timeout: seconds each collective waits for the other ranks before raising :class:`DistributedError` (default
-            :data:`DEFAULT_TIMEOUT`); gloo only: NCCL waits its process group's timeout.
+            :data:`DEFAULT_TIMEOUT`); the collectives run over gloo (an NCCL default group gets a gloo side group),
+            except an NCCL subgroup's, which wait for their process group's own timeout.
     """
 
     group: Any = None
@@ -141,8 +144,8 @@ def resolve(distributed, name: str = "distributed") -> "Session | None":
 
 
 def memory_budget(device: torch.device) -> int:
-    """The default memory budget: rank 0's in a distributed check (every rank then chunks alike), else this
-    process's (:func:`gradfd.budget.default_memory_budget`)."""
+    """The default memory budget: the least of the ranks' in a distributed check (every rank then chunks alike), else
+    this process's (:func:`gradfd.budget.default_memory_budget`)."""
     session = active()
     return default_memory_budget(device) if session is None else session.memory_budget(device)
 
@@ -216,8 +219,9 @@ class Session:
     Attributes:
         rank, world: this process's rank in the group, and the group's size.
         timeout: seconds a collective waits (gloo; an NCCL default group's collectives run on a gloo side group).
-        exchanges, bytes_sent, rounds: collectives run, the bytes this rank contributed to them and the rounds of the
-            split, in the current check (the cost model's measurements); seconds: this rank's time computing its
+        exchanges, bytes_sent, rounds, computed: collectives run, the bytes this rank contributed to them, the rounds
+            of the split and the blocks this rank computed, in the current check (the cost model's measurements);
+            seconds: this rank's time computing its
             blocks (``"share"``) and in collectives (``"collectives"``: waiting for the others included). None of it
             is in the report, which is the same on every rank.
     """
@@ -231,7 +235,7 @@ class Session:
         self.comm, self.device = group, torch.device("cpu")
         if "gloo" not in self.backend:  # payloads are pickled on the host: gloo carries them, with its timeout
             if group is None or group is dist.group.WORLD:
-                self.comm = _gloo_side_group(dist)
+                self.comm = _gloo_side_group(dist, timeout)
             else:  # (a side group needs every rank of the world: a subgroup's collectives wait its own timeout)
                 self.device = torch.device("cuda", torch.cuda.current_device())
         self.local = False  # computing a block of its share: no collective may start (see sharing())
@@ -240,7 +244,7 @@ class Session:
 
     def reset(self) -> None:
         """Zero the counters (at the start of each check)."""
-        self.exchanges = self.bytes_sent = self.rounds = 0
+        self.exchanges = self.bytes_sent = self.rounds = self.computed = 0
         self.totals = (0, 0)  # collectives per rank, and bytes sent by all ranks: from the closing exchange
         self.seconds = {"share": 0.0, "collectives": 0.0}
 
@@ -253,8 +257,8 @@ class Session:
             rank re-raises its own), the ranks' tags differ (they are out of step), or a rank did not answer within
             ``timeout`` or its connection dropped.
         """
-        if self.local:
-            raise AssertionError("gradfd: a collective was started while a rank computed its share alone")
+        if self.local:  # (no engine fallback takes a DistributedError for a function that cannot run some way)
+            raise _marked(DistributedError("gradfd: a collective was started while a rank computed its share alone"))
         buffer = io.BytesIO()
         torch.save((tag, obj), buffer)
         data = buffer.getbuffer()
@@ -270,17 +274,18 @@ class Session:
             mine[:len(data)] = torch.frombuffer(data, dtype=torch.uint8) if len(data) else mine[:0]
             parts = [torch.empty(top, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
             self._wait(self.dist.all_gather(parts, mine.to(self.device), group=self.comm, async_op=True))
+            out = [torch.load(io.BytesIO(p[:int(n)].cpu().numpy().tobytes()), weights_only=False)
+                   for p, n in zip(parts, sizes)]
         except Exception as exc:
             raise _marked(DistributedError(
                 f"gradfd: a collective of the distributed check failed on rank {self.rank} of {self.world} (a rank "
-                f"died, was interrupted, or did not answer within {self.timeout:g} s; destroy the process group and "
-                f"make it again before the next check): {type(exc).__name__}: {exc}")) from exc
+                f"died, was interrupted, or did not answer within {self.timeout:g} s, or sent what this rank cannot "
+                f"load; destroy the process group and make it again before the next check): {type(exc).__name__}: "
+                f"{exc}")) from exc
         except BaseException as exc:  # KeyboardInterrupt: out at once, forwarded to no one
             raise _marked(exc)
         finally:
             self.seconds["collectives"] += time.perf_counter() - t0
-        out = [torch.load(io.BytesIO(p[:int(n)].cpu().numpy().tobytes()), weights_only=False)
-               for p, n in zip(parts, sizes)]
         for r, (t, item) in enumerate(out):
             if t == _FORWARDED and r != self.rank:
                 raise _marked(DistributedError(item.describe(r, self.world)))
@@ -299,10 +304,11 @@ class Session:
 
     # -- what is built on it --------------------------------------------------------------------------------------
     def memory_budget(self, device: torch.device) -> int:
-        """Rank 0's default memory budget for ``device``'s type (one exchange, then cached)."""
+        """The smallest of the ranks' default memory budgets for ``device``'s type (one exchange, then cached): every
+        rank chunks alike, within what each can hold."""
         key = device.type
         if key not in self._budgets:
-            self._budgets[key] = self.exchange(f"memory budget {key}", default_memory_budget(device))[0]
+            self._budgets[key] = min(self.exchange(f"memory budget {key}", default_memory_budget(device)))
         return self._budgets[key]
 
     def verify(self, items: dict[str, Any]) -> None:
@@ -329,7 +335,7 @@ class Session:
             mine, local = first + self.rank, None
             payload: Any = None
             if mine < len(blocks):
-                self.local = True
+                self.local, self.computed = True, self.computed + 1
                 t0 = time.perf_counter()
                 try:
                     payload = compute(*blocks[mine])
@@ -359,7 +365,7 @@ class Session:
                 self.memory_budget(torch.device(device))  # (now: no collective may start inside a share)
             yield self
             closing = self.exchange("the end of the check", (self.exchanges + 1, self.bytes_sent))
-            self.totals = tuple(sum(c[i] for c in closing) for i in range(2))
+            self.totals = (sum(c[0] for c in closing), sum(c[1] for c in closing))
         except BaseException as exc:
             if isinstance(exc, Exception) and not getattr(exc, "_gradfd_exchanged", False):
                 _marked(exc)
@@ -373,18 +379,19 @@ class Session:
         """The report's line on the split (the same on every rank)."""
         budgets = ", ".join(f"{k}: {v} bytes" for k, v in sorted(self._budgets.items()))
         return (f"distributed over {self.world} ranks ({self.backend}): choices made without timing, default memory "
-                f"budget rank 0's ({budgets or 'not used'}); {self.totals[0] // max(self.world, 1)} collectives, "
-                f"{self.totals[1]} bytes sent in all")
+                f"budget the ranks' least ({budgets or 'not used'}); {self.totals[0] // max(self.world, 1)} "
+                f"collectives ({self.rounds} rounds of the split), {self.totals[1]} bytes sent in all")
 
 
-_SIDE_GROUPS: dict = {}
+_SIDE_GROUP: list = []  # (the default group it was made for, the gloo group)
 
 
-def _gloo_side_group(dist):
-    """A gloo group over the whole world, made once (every rank makes it in the same call: its first check)."""
-    if "world" not in _SIDE_GROUPS:
-        _SIDE_GROUPS["world"] = dist.new_group(backend="gloo")
-    return _SIDE_GROUPS["world"]
+def _gloo_side_group(dist, timeout: float):
+    """A gloo group over the whole world, made once per default group (every rank makes it in the same call: its
+    first check) and again after the default group was made anew."""
+    if not _SIDE_GROUP or _SIDE_GROUP[0] is not dist.group.WORLD:
+        _SIDE_GROUP[:] = [dist.group.WORLD, dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))]
+    return _SIDE_GROUP[1]
 
 
 def share_columns(result, errors, blocks: Sequence[tuple[int, int]], fill: Callable[[int, int], None],
@@ -397,11 +404,10 @@ def share_columns(result, errors, blocks: Sequence[tuple[int, int]], fill: Calla
     column order: the stores reach ``result``'s sink and progress as one process's would, and the node errors are
     counted (the first one kept) in that order too.
 
-    ``deliveries``: the column ranges one process stores at once (a chunk of the structured engine, the one loop's
-    block of a loss), each the union of consecutive ``blocks``; the blocks' values are stored joined into them, so that
-    a sink, whose noise calibration pools per delivery, sees one process's deliveries. Only for engines whose values
-    of a column do not depend on the other columns of its call (the loop; the structured engine, tested in
-    tests/test_distributed.py). None: each block's stores as they came.
+    ``deliveries``: the column ranges one process stores at once (the one loop's block of a loss), each the union of
+    consecutive ``blocks``; the blocks' values are stored joined into them, so that a sink, whose noise calibration
+    pools per delivery, sees one process's deliveries. Only where a column's values do not depend on the other columns
+    of its call (the loop: one call of ``func`` per node). None: each block's stores as they came.
     """
     pending: list = []
     ends = iter(deliveries or ())
@@ -474,8 +480,8 @@ def _replay(errors, raised) -> None:
         return
     count, first, where = raised
     errors.count += count
-    if errors.first is None and first is not None:
-        errors.first = first.exc if isinstance(first.exc, Exception) else RuntimeError(f"{first.kind}: {first.text}")
+    if errors.first is None and first is not None:  # (a stand-in of the same type name and text where no copy)
+        errors.first = first.exc if isinstance(first.exc, Exception) else type(first.kind, (Exception,), {})(first.text)
         errors.where = where
 
 

@@ -108,7 +108,7 @@ def test_every_rank_returns_the_one_process_report_bitwise(two_ranks, group):
         plain["check_module"] = demo.summary(gradfd.check_module(net, x, raise_on_failure=False, progress=False,
                                                                  engine="batched", chunk_size=16))
         points = demo._points(seed, False)
-    for name, (summary, _, notes) in ((k, v) for k, v in rank0["equal"].items() if isinstance(v, tuple)):
+    for name, (summary, _, notes, _) in ((k, v) for k, v in rank0["equal"].items() if isinstance(v, tuple)):
         assert bits(summary) == bits(one[name][0]), f"{name}: 2 ranks differ from 1 (seed {seed})"
         if name in plain:  # (a plain check's choices equal the split's where they are pinned; its notes time)
             assert bits(untimed(summary)) == bits(untimed(plain[name])), \
@@ -119,11 +119,18 @@ def test_every_rank_returns_the_one_process_report_bitwise(two_ranks, group):
 
 
 def test_the_split_is_real_every_rank_computes_blocks(two_ranks):
-    seed, (rank0, _), _ = two_ranks
-    notes = dict((name, v[2][-1]) for name, v in rank0["equal"].items() if isinstance(v, tuple))
-    counts = {name: int(n.split("; ")[-1].split(" collectives")[0]) for name, n in notes.items()}
-    # beyond the fixed ones (parameters, budget, analytical side, closing), rounds of the split ran for every engine
-    assert all(c > 5 for name, c in counts.items() if name != "mlp auto"), counts
+    seed, ranks, _ = two_ranks
+    notes = {name: v[2][-1] for name, v in ranks[0]["equal"].items() if isinstance(v, tuple)}
+    rounds = {name: int(n.split(" rounds of the split")[0].split("(")[-1]) for name, n in notes.items()}
+    computed = [{name: v[3] for name, v in r["equal"].items() if isinstance(v, tuple) and v[3] is not None}
+                for r in ranks]
+    # every engine and mode dealt chunks out, to both ranks ("mlp auto": its tensors fit the chunks that settle its
+    # choices; "conv structured": one chunk after the first)
+    assert all(r >= 1 for name, r in rounds.items() if name != "mlp auto"), rounds
+    assert rounds["mlp batched"] >= 10 and rounds["mlp directional"] >= 2, rounds
+    for name in computed[0]:
+        if name not in ("mlp auto", "conv structured"):
+            assert computed[0][name] >= 1 and computed[1][name] >= 1, (name, computed)
 
 
 def test_a_planted_error_is_located_identically(two_ranks, group):
@@ -154,6 +161,15 @@ def test_func_raising_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
         raised, kind, message, _ = rank["unpicklable"]
         assert (raised, kind) == ("raised", "DistributedError")
         assert "rank 1 of 2 of a distributed check raised _Unpicklable: planted on rank 1" in message
+
+
+def test_an_error_outside_the_split_reaches_the_other_rank_as_a_distributed_error(two_ranks):
+    _, (rank0, rank1), _ = two_ranks
+    raised, kind, message, seconds = rank1["forwarded"]
+    assert (raised, kind) == ("raised", "ValueError") and "planted failure on rank 1, under autograd" in message
+    raised, kind, message, seconds = rank0["forwarded"]
+    assert (raised, kind) == ("raised", "DistributedError") and seconds < 60
+    assert "rank 1 of 2 of a distributed check raised ValueError: planted failure on rank 1, under autograd" in message
 
 
 def test_ranks_out_of_step_raise_instead_of_mixing_payloads(two_ranks):

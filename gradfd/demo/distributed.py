@@ -55,18 +55,19 @@ def problems(seed: int) -> dict[str, tuple[Callable, tuple, dict]]:
     def conv(kernel):
         return torch.relu(torch.nn.functional.conv2d(images, kernel, padding=1)).square().mean()
 
-    small = {"engine": "batched", "chunk_size": 16}  # many chunks: several rounds of the split
+    # every budget pinned: a default one is a share of the memory free at the time, which the notes state
+    small = {"engine": "batched", "chunk_size": 16, "memory_budget": "1MB"}  # many chunks: rounds of the split
+    pinned = {"memory_budget": "256MB"}
     return {
-        "mlp batched": (mlp, (w1, b1, w2), {**small, "memory_budget": "1MB"}),
-        "mlp auto": (mlp, (w1, b1, w2), {}),
-        "linear structured": (linear, (wl,), {"engine": "structured", "chunk_size": 512}),
-        "conv structured": (conv, (kernel,), {"engine": "structured", "mode": "sample", "samples": 100}),
+        "mlp batched": (mlp, (w1, b1, w2), small),
+        "mlp auto": (mlp, (w1, b1, w2), pinned),
+        "linear structured": (linear, (wl,), {"engine": "structured", "chunk_size": 512, **pinned}),
+        "conv structured": (conv, (kernel,), {"engine": "structured", "mode": "sample", "samples": 100, **pinned}),
         "mlp sample": (mlp, (w1, b1, w2), {"mode": "sample", "samples": 64, **small}),
-        "mlp directional": (mlp, (w1, b1, w2), {"mode": "directional", "directions": 6}),
+        "mlp directional": (mlp, (w1, b1, w2), {"mode": "directional", "directions": 6, **pinned}),
         "rows jacobian": (rows, (v,), {**small, "chunk_size": 8}),
-        "mlp loop": (mlp, (w1, b1, w2), {"engine": "loop"}),
-        "mlp float64": (mlp, tuple(p.detach().double().requires_grad_() for p in (w1, b1, w2)),
-                        {**small, "memory_budget": "1MB"}),
+        "mlp loop": (mlp, (w1, b1, w2), {"engine": "loop", **pinned}),
+        "mlp float64": (mlp, tuple(p.detach().double().requires_grad_() for p in (w1, b1, w2)), small),
     }
 
 
@@ -91,15 +92,17 @@ def _module(seed: int):
 
 
 def _equal(rank: int, world: int, seed: int = 0, names: list[str] | None = None, timeout: float = 60.0):
-    """Every problem checked over the group: each one's summary and seconds."""
+    """Every problem checked over the group: each one's summary, seconds, notes and the blocks this rank computed."""
+    from gradfd.distributed import resolve
+
     out = {}
     for name, (func, params, options) in problems(seed).items():
         if names is not None and name not in names:
             continue
         t0 = time.perf_counter()
-        report = gradfd.check(func, params, raise_on_failure=False, progress=False,
-                              distributed=Distributed(timeout=timeout), **options)
-        out[name] = (summary(report), time.perf_counter() - t0, report.notes)
+        session = resolve(Distributed(timeout=timeout))
+        report = gradfd.check(func, params, raise_on_failure=False, progress=False, distributed=session, **options)
+        out[name] = (summary(report), time.perf_counter() - t0, report.notes, session.computed)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(40, 30, generator=gen, dtype=torch.float64)
     xs = torch.randn(8, 40, generator=gen, dtype=torch.float64)
@@ -109,7 +112,7 @@ def _equal(rank: int, world: int, seed: int = 0, names: list[str] | None = None,
     net, x = _module(seed)
     report = gradfd.check_module(net, x, raise_on_failure=False, progress=False, distributed=True, engine="batched",
                                  chunk_size=16)
-    out["check_module"] = (summary(report), 0.0, report.notes)
+    out["check_module"] = (summary(report), 0.0, report.notes, None)
     return out
 
 
@@ -171,16 +174,33 @@ def _differ(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
                         distributed=Distributed(timeout=timeout))
 
 
-def _raises(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
-    """func raises on rank 1 only, at perturbed points."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(40, 40, generator=gen, dtype=torch.float64).requires_grad_()
-    calls = [0]
+def _raising_on_rank_1(seed: int, error: Callable[[], Exception], rank: int):
+    """A loss over a 40 x 40 weight whose func raises ``error()`` on rank 1 at the nodes of the last entry, which lies
+    in rank 1's half of the loop's split."""
+    w = torch.randn(40, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
+    last = float(w[-1, -1])
 
     def func(w):
-        calls[0] += 1
-        if rank == 1 and calls[0] > 3:
-            raise KeyError("planted failure on rank 1")
+        if rank == 1 and float(w[-1, -1]) != last:
+            raise error()
+        return (w.sin() ** 2).sum()
+
+    return func, w
+
+
+def _raises(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
+    """func raises on rank 1 only, at perturbed points (in the split)."""
+    func, w = _raising_on_rank_1(seed, lambda: KeyError("planted failure on rank 1"), rank)
+    return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
+
+
+def _forwarded(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
+    """func raises on rank 1 only, in autograd's pass (outside the split)."""
+    w = torch.randn(40, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
+
+    def func(w):
+        if rank == 1 and torch.is_grad_enabled():
+            raise ValueError("planted failure on rank 1, under autograd")
         return (w.sin() ** 2).sum()
 
     return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
@@ -210,16 +230,8 @@ class _Unpicklable(Exception):
 
 
 def _unpicklable(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
-    """func raises, on rank 1 only, an exception no other rank can rebuild."""
-    w = torch.randn(40, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
-    calls = [0]
-
-    def func(w):
-        calls[0] += 1
-        if rank == 1 and calls[0] > 3:
-            raise _Unpicklable("planted", "on rank 1")
-        return (w.sin() ** 2).sum()
-
+    """func raises, on rank 1 only, an exception no other rank can rebuild (in the split)."""
+    func, w = _raising_on_rank_1(seed, lambda: _Unpicklable("planted", "on rank 1"), rank)
     return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
 
 
@@ -235,7 +247,7 @@ def _suite(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
     the same group: each one's result (or what it raised)."""
     out = {}
     for name, scenario in (("equal", _equal), ("planted", _planted), ("differ", _differ), ("raises", _raises),
-                           ("unpicklable", _unpicklable), ("out of step", _out_of_step)):
+                           ("unpicklable", _unpicklable), ("forwarded", _forwarded), ("out of step", _out_of_step)):
         t0 = time.perf_counter()
         try:
             out[name] = scenario(rank, world, seed=seed, timeout=timeout)
@@ -245,7 +257,7 @@ def _suite(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
 
 
 SCENARIOS = {"equal": _equal, "planted": _planted, "differ": _differ, "raises": _raises, "killed": _killed,
-             "unpicklable": _unpicklable, "out of step": _out_of_step, "suite": _suite}
+             "unpicklable": _unpicklable, "forwarded": _forwarded, "out of step": _out_of_step, "suite": _suite}
 
 
 def _raised(exc: BaseException, t0: float) -> tuple:

@@ -290,9 +290,11 @@ def numerical_gradient(
         options = dict(func=getattr(func, "__qualname__", None), param_idx=param_idx, h=h, engine=engine,
                        chunk_size=chunk_size, memory_budget=memory_budget, stencil=stencil, batching=batching)
         with session.running({"params": params, "options": options}):
-            return numerical_gradient(func, params, param_idx, h, engine=engine, chunk_size=chunk_size,
+            grad = numerical_gradient(func, params, param_idx, h, engine=engine, chunk_size=chunk_size,
                                       memory_budget=memory_budget, stencil=stencil, batching=batching,
                                       distributed=session)
+            session.verify({"gradient": grad})  # every rank returns the same gradient, or raises
+            return grad
     problem = prepare(func, params, param_idx)
     _distributed.verify({"unperturbed loss": problem.base_loss})
     result = evaluate(func, params, param_idx, steps=h, stencil=stencil, engine=engine, batching=batching,

@@ -55,7 +55,7 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
                 out[start:start + rows.shape[0]] = call_batched(problem, rows, strategy, verify=start == 0)
             return out, strategy
         except CANNOT_RUN_THAT_WAY + OOM_ERRORS + (MemoryError,) as exc:
-            start = getattr(exc, "_gradfd_block_start", start)  # (a shared chunk's, raised on every rank)
+            start = _failed_chunk(exc, start)
             if start > 0 and not isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 if problem.node_errors is not None:  # the rest one point at a time: those that raise are recorded
                     out[start:] = loop_points(problem, points[start:], start, count)
@@ -67,13 +67,19 @@ def evaluate_points(problem: Problem, points: torch.Tensor, batching: str = "aut
         except Exception as exc:
             # not a failure to run batched: func's own, propagated at once
             # (tests/test_engine.py::test_an_exception_of_another_kind_is_not_taken_for_a_batching_failure)
-            note(exc, _where(problem, start, count))
+            note(exc, _where(problem, _failed_chunk(exc, start), count))
             raise
     if failures and warn:
         warn_fallback(f"gradfd: func cannot be evaluated batched ({'; '.join(failures)}); falling back to one call per "
                       "point", stacklevel=3)
     out[:] = loop_points(problem, points, 0, count)
     return out, "loop"
+
+
+def _failed_chunk(exc: BaseException, start: int) -> int:
+    """The first point of the chunk that raised ``exc``: a shared chunk's in a distributed check (every rank raises
+    it, :meth:`gradfd.distributed.Session.share`), else ``start``."""
+    return getattr(exc, "__dict__", {}).pop("_gradfd_block_start", start)
 
 
 def _where(problem: Problem, start: int, count: int) -> str:
