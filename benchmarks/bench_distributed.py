@@ -24,7 +24,7 @@ from sections import arguments, caption, record
 import gradfd
 from gradfd import distributed as D
 from gradfd.demo import bench
-from gradfd.demo.distributed import launch, summary
+from gradfd.demo.distributed import bitwise, launch, summary
 
 SEED = bench.HELD_OUT_SEEDS[0]
 REPEATS = 2  # runs of each case on 1 and on 2 processes; the table shows the fastest of each
@@ -90,17 +90,6 @@ def ping(rank: int, world: int, rounds: int = 50):
     return out
 
 
-def _bits(value):
-    if isinstance(value, torch.Tensor):
-        t = value.detach().contiguous()
-        return (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    if isinstance(value, dict):
-        return {k: _bits(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_bits(v) for v in value]
-    return "nan" if isinstance(value, float) and value != value else value
-
-
 def measure(names) -> dict:
     rows = []
     for name in names:
@@ -111,7 +100,7 @@ def measure(names) -> dict:
         for r in (*ones, *(r for two in twos for r in two)):
             if not isinstance(r, dict):
                 raise RuntimeError(f"{name}: a rank returned {r}")
-        reports = {repr(_bits(r["summary"])) for r in (*ones, *(r for t in twos for r in t))}
+        reports = {repr(bitwise(r["summary"])) for r in (*ones, *(r for t in twos for r in t))}
         same = len(reports) == 1
         one = min(ones, key=lambda r: r["seconds"])
         two = min(twos, key=lambda t: max(r["seconds"] for r in t))

@@ -22,18 +22,7 @@ from gradfd.demo import distributed as demo
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def bits(value):
-    """``value`` with every tensor as its bytes (NaNs and signed zeros compare as bits)."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        return (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    if isinstance(value, dict):
-        return {k: bits(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [bits(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return "nan"
-    return value
+bits = demo.bitwise
 
 
 def untimed(summary: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 import gradfd
 from gradfd.distributed import Distributed
 
-__all__ = ["launch", "SCENARIOS", "problems", "summary"]
+__all__ = ["launch", "SCENARIOS", "problems", "summary", "bitwise", "target"]
 
 
 def problems(seed: int) -> dict[str, tuple[Callable, tuple, dict]]:
@@ -79,6 +79,19 @@ def summary(report: gradfd.CheckReport) -> list[dict]:
              "worst": (t.worst_index, t.worst_analytical, t.worst_numerical, t.worst_error_estimate),
              "details": {k: v for k, v in t.details.items() if k != "analytical"}, "limit": t.detection_limit}
             for t in report.tensors]
+
+
+def bitwise(value):
+    """``value`` with every tensor as its dtype, shape and bytes (NaNs and signed zeros compare as bits), to compare
+    reports with ``==``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        return (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if isinstance(value, dict):
+        return {k: bitwise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [bitwise(v) for v in value]
+    return "nan" if isinstance(value, float) and value != value else value
 
 
 def _module(seed: int):
