@@ -138,7 +138,8 @@ def run_check(args, stream=None) -> int:
 def _start_distributed(args):
     """``--distributed``, after the target was called: the process group torchrun's environment describes (gloo;
     NCCL with ``--device cuda``, each rank on its ``LOCAL_RANK``'s GPU, set before the target ran), joined here unless
-    the target joined one; the check's session."""
+    the target joined one (and left at exit); the check's session."""
+    import atexit
     import os
 
     import torch.distributed as dist
@@ -153,6 +154,8 @@ def _start_distributed(args):
             raise UsageError("--distributed runs under torchrun: torchrun --nproc-per-node N -m gradfd check "
                              f"{args.target} --distributed")
         dist.init_process_group("nccl" if (args.device or "").startswith("cuda") else "gloo")
+        # (a gloo group left to the interpreter's exit can abort it while its threads are torn down)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return resolve(Distributed(timeout=timeout))
 
 
