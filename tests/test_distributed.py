@@ -135,7 +135,7 @@ def test_parameters_that_differ_make_every_rank_raise_naming_them(two_ranks):
     for rank in results:
         raised, kind, message, seconds = rank["differ"]
         assert (raised, kind) == ("raised", "DistributedError")
-        assert "differ in params (ranks 1 differ from rank 0)" in message
+        assert "differ in params (ranks 1 differ from rank 0)" in message and "tensors intact: True" in message
         assert seconds < 60
 
 
@@ -145,6 +145,7 @@ def test_func_raising_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
         raised, kind, message, seconds = rank["raises"]
         assert (raised, kind) == ("raised", "KeyError") and "planted failure on rank 1" in message
         assert "raised on rank 1 of 2 of a distributed check" in message  # (a note, on every rank)
+        assert "tensors intact: True" in message
         assert seconds < 60
     for rank in results:  # an exception no other rank can rebuild: the same DistributedError everywhere
         raised, kind, message, _ = rank["unpicklable"]

@@ -183,8 +183,8 @@ def _differ(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
     """Rank 1 checks other parameter values."""
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(10, 10, generator=gen, dtype=torch.float64) + (rank == 1) * 1e-12).requires_grad_()
-    return gradfd.check(lambda w: (w.sin() ** 2).sum(), (w,), progress=False,
-                        distributed=Distributed(timeout=timeout))
+    return _intact_after(lambda: gradfd.check(lambda w: (w.sin() ** 2).sum(), (w,), progress=False,
+                                              distributed=Distributed(timeout=timeout)), w)
 
 
 def _raising_on_rank_1(seed: int, error: Callable[[], Exception], rank: int):
@@ -201,10 +201,22 @@ def _raising_on_rank_1(seed: int, error: Callable[[], Exception], rank: int):
     return func, w
 
 
+def _intact_after(call: Callable, w: torch.Tensor):
+    """``call()``; what it raises gets a note saying whether ``w`` (values, version, ``.grad``) came out unchanged."""
+    before, version = w.detach().clone(), w._version
+    try:
+        return call()
+    except Exception as exc:
+        intact = torch.equal(w.detach(), before) and w._version == version and w.grad is None
+        exc.add_note(f"tensors intact: {intact}")
+        raise
+
+
 def _raises(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
     """func raises on rank 1 only, at perturbed points (in the split)."""
     func, w = _raising_on_rank_1(seed, lambda: KeyError("planted failure on rank 1"), rank)
-    return gradfd.check(func, (w,), progress=False, engine="loop", distributed=Distributed(timeout=timeout))
+    return _intact_after(lambda: gradfd.check(func, (w,), progress=False, engine="loop",
+                                              distributed=Distributed(timeout=timeout)), w)
 
 
 def _forwarded(rank: int, world: int, seed: int = 0, timeout: float = 60.0):
