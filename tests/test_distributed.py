@@ -130,54 +130,49 @@ def test_a_planted_error_is_located_identically(two_ranks, group):
     assert rank0["planted"] == [("params[0]", "FAIL", [demo.PLANTED])]
 
 
+def raised(rank: dict, scenario: str, kind: str, *texts: str) -> float:
+    """Assert that ``scenario`` raised ``kind`` on this rank, its message and notes holding every one of ``texts``;
+    return the seconds it took."""
+    outcome, got, message, seconds = rank[scenario]
+    assert (outcome, got) == ("raised", kind), rank[scenario]
+    assert all(t in message for t in texts), (texts, message)
+    return seconds
+
+
 def test_parameters_that_differ_make_every_rank_raise_naming_them(two_ranks):
-    _, results, _ = two_ranks
-    for rank in results:
-        raised, kind, message, seconds = rank["differ"]
-        assert (raised, kind) == ("raised", "DistributedError")
-        assert "differ in params (ranks 1 differ from rank 0)" in message and "tensors intact: True" in message
-        assert seconds < 60
+    for rank in two_ranks[1]:
+        assert raised(rank, "differ", "DistributedError", "differ in params (ranks 1 differ from rank 0)",
+                      "tensors intact: True") < 60
 
 
 def test_func_raising_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
-    _, results, _ = two_ranks
-    for rank in results:
-        raised, kind, message, seconds = rank["raises"]
-        assert (raised, kind) == ("raised", "KeyError") and "planted failure on rank 1" in message
-        assert "raised on rank 1 of 2 of a distributed check" in message  # (a note, on every rank)
-        assert "tensors intact: True" in message
-        assert seconds < 60
-    for rank in results:  # an exception no other rank can rebuild: the same DistributedError everywhere
-        raised, kind, message, _ = rank["unpicklable"]
-        assert (raised, kind) == ("raised", "DistributedError")
-        assert "rank 1 of 2 of a distributed check raised _Unpicklable: planted on rank 1" in message
+    for rank in two_ranks[1]:
+        # the same type on every rank, a note naming rank 1; an exception no other rank can rebuild: the same
+        # DistributedError everywhere
+        assert raised(rank, "raises", "KeyError", "planted failure on rank 1", "tensors intact: True",
+                      "raised on rank 1 of 2 of a distributed check") < 60
+        raised(rank, "unpicklable", "DistributedError",
+               "rank 1 of 2 of a distributed check raised _Unpicklable: planted on rank 1")
 
 
 def test_an_error_outside_the_split_reaches_the_other_rank_as_a_distributed_error(two_ranks):
-    _, (rank0, rank1), _ = two_ranks
-    raised, kind, message, seconds = rank1["forwarded"]
-    assert (raised, kind) == ("raised", "ValueError") and "planted failure on rank 1, under autograd" in message
-    raised, kind, message, seconds = rank0["forwarded"]
-    assert (raised, kind) == ("raised", "DistributedError") and seconds < 60
-    assert "rank 1 of 2 of a distributed check raised ValueError: planted failure on rank 1, under autograd" in message
+    rank0, rank1 = two_ranks[1]
+    raised(rank1, "forwarded", "ValueError", "planted failure on rank 1, under autograd")
+    text = "rank 1 of 2 of a distributed check raised ValueError: planted failure on rank 1, under autograd"
+    assert raised(rank0, "forwarded", "DistributedError", text) < 60
 
 
 def test_ranks_out_of_step_raise_instead_of_mixing_payloads(two_ranks):
-    _, results, _ = two_ranks
-    for rank in results:
-        raised, kind, message, _ = rank["out of step"]
-        assert (raised, kind) == ("raised", "DistributedError")
-        assert "out of step" in message and "rank 0 at step of rank 0; rank 1 at step of rank 1" in message
+    for rank in two_ranks[1]:
+        raised(rank, "out of step", "DistributedError", "out of step",
+               "rank 0 at step of rank 0; rank 1 at step of rank 1")
 
 
 @pytest.mark.parametrize("how", ["exit", "hang"])
 def test_a_rank_that_dies_or_hangs_leaves_the_other_an_error_within_the_timeout(how):
     timeout = 8.0
     rank0, _ = demo.launch(2, "killed", timeout=timeout, how=how)
-    raised, kind, message, seconds = rank0
-    assert (raised, kind) == ("raised", "DistributedError")
-    assert "did not answer within 8 s" in message
-    assert seconds < timeout + 5
+    assert raised({"killed": rank0}, "killed", "DistributedError", "did not answer within 8 s") < timeout + 5
 
 
 def test_on_one_rank_the_callers_tensors_are_unchanged_and_the_report_notes_the_split(group, seed):
