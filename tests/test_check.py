@@ -602,11 +602,11 @@ def _plant_on_largest(func, w: torch.Tensor, relative: float) -> tuple[tuple, li
     return tuple(int(v) for v in torch.unravel_index(torch.tensor(i), w.shape)), bad.disagreeing()
 
 
-def _small_cnn(seed: int):
-    """A float32 CNN (conv-ReLU-avgpool-conv-ReLU-global average-linear) under cross-entropy, as ``(func, w)`` of its
-    second conv weight: one entry moves every activation of its output channel (bench_kinks.py's family)."""
+def _small_cnn(seed: int, pool: type = torch.nn.AvgPool2d):
+    """A float32 CNN (conv-ReLU-pool-conv-ReLU-global average-linear) under cross-entropy, as ``(func, w)`` of its
+    second conv weight: one entry moves every activation of its output channel (bench_kinks.py's families)."""
     torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), pool(2),
                             torch.nn.Conv2d(16, 16, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                             torch.nn.Flatten(), torch.nn.Linear(16, 10))
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
@@ -631,18 +631,67 @@ def test_a_conv_net_whose_stencils_straddle_switches_is_not_failed():
     assert found == [where], (where, found)
 
 
+@pytest.mark.parametrize("engine", ["structured", "batched"])
+def test_the_rule_on_switches_holds_however_the_columns_are_chunked(engine):
+    # the structured engine evaluates this conv weight in one chunk of 2304 columns, whose clipped median finds the
+    # clean quarter of the stencils (the rounding); the generic engine's chunks of 16 measured the switches'. Most
+    # stencils straddle switches either way: counted per stencil, the rule holds in both (3 entries failed under the
+    # structured engine before; bench_kinks.py's max-pool CNN, seed 6005)
+    func, w = _small_cnn(6005, torch.nn.MaxPool2d)
+    t = gradfd.check(func, _leaf(w), engine=engine).tensors[0]
+    assert t.passed and t.details["switches"]["rule"] == "on", str(t)
+    assert (t.details["engine"] == "structured") == (engine == "structured"), t.details
+
+
+def _bn_train_block_bias(seed: int):
+    """A float32 ResNet basic block (conv-BN-ReLU-conv-BN + residual, ReLU; BatchNorm in train mode, 12-16 channels)
+    under a mean square, as ``(func, b)`` of its first BatchNorm's bias: bench_kinks.py's family, drawn as it is."""
+    g = torch.Generator().manual_seed(seed)
+    c, n, s = (12, 16)[int(torch.randint(0, 2, (1,), generator=g))], *(int(torch.randint(lo, hi + 1, (1,), generator=g))
+                                                                        for lo, hi in ((4, 6), (10, 13)))
+    torch.manual_seed(seed)
+    c1, c2 = (torch.nn.Conv2d(c, c, 3, padding=1, bias=False) for _ in range(2))
+    bns = [[torch.empty(c).uniform_(lo, hi) for lo, hi in ((-0.2, 0.2), (0.5, 1.5), (0.8, 1.2), (-0.1, 0.1))]
+           for _ in range(2)]  # (running statistics, unused in train mode; weight; bias) of both BatchNorms
+    x = torch.randn(n, c, s, s)
+    bn = torch.nn.functional.batch_norm
+
+    def func(b):
+        h = torch.relu(bn(c1(x), None, None, bns[0][2], b, training=True))
+        return torch.relu(x + bn(c2(h), None, None, bns[1][2], bns[1][3], training=True)).pow(2).mean()
+
+    return func, bns[0][3]
+
+
+@pytest.mark.parametrize("seed", [9002])
+def test_a_small_tensor_whose_stencils_all_straddle_switches_is_not_failed(seed):
+    # a BatchNorm bias moves every ReLU input of its channel (~500 here), several of which switch within every
+    # float32 step: a correct entry's estimate sits 10-20% off at every step. The tensor's 12 columns come in chunks
+    # of fewer than a reliable median (the timing probe's 2 and 4, then 6), which alone never measure a noise; their
+    # fourth differences pooled do, and the rule on switches holds (a fresh ResNet draw failed here before)
+    func, b = _bn_train_block_bias(seed)
+    t = gradfd.check(func, _leaf(b)).tensors[0]
+    assert t.passed, str(t)
+    assert t.details["switches"]["rule"] == "on", t.details
+
+
 @pytest.mark.parametrize("seed", [3, 5])
 def test_a_relu_mlp_whose_switches_are_isolated_keeps_a_one_entry_error_found(seed):
     # most first-layer stencils of a 64-sample ReLU MLP straddle a switch in float32, but few and large ones (a
     # clean stencil holds none): the rule on switches stays off, and a 1e-3 error on the largest-gradient entry of W1
-    # is located (its allowance hid it on these draws; the conv nets above keep the rule)
+    # is located (its allowance hid it on these draws; the conv nets above keep the rule). Where the machine's float32
+    # rounding states a limit above 1e-3 (seed 5 on an AMD EPYC: 0.0145 rms, the error 0.0046 rms), an error of twice
+    # the limit is planted instead: what the report says it sees, it finds
     func, params = bench.relu_mlp(seed)
     W1, b1, W2 = (p.to(torch.float32) for p in params)
     t = gradfd.check(lambda w: func(w, b1, W2), _leaf(W1)).tensors[0]
     assert t.passed and t.details["switches"]["rule"] == "isolated", t.details
     assert any("isolated switches" in note for note in t.details["notes"]), t.details
-    where, found = _plant_on_largest(lambda w: func(w, b1, W2), W1, 1e-3)
-    assert found == [where], (where, found)
+    leaf = _leaf(W1)[0]
+    g, = torch.autograd.grad(func(leaf, b1, W2), leaf)
+    relative = max(1e-3, 2 * t.detection_limit * float(g.pow(2).mean().sqrt() / g.abs().max()))
+    where, found = _plant_on_largest(lambda w: func(w, b1, W2), W1, relative)
+    assert found == [where], (where, found, relative)
 
 
 @pytest.mark.parametrize("case", ["exp(sin(5x)) float32", "sin(1000x) float64"])
@@ -655,7 +704,10 @@ def test_an_error_is_found_where_high_frequency_curvature_looks_like_switches(ca
     func, dtype = funcs[case]
     x = (torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 + 1).to(dtype)
     t = gradfd.check(func, _leaf(x)).tensors[0]
-    assert t.passed and t.detection_limit < 1e-2, str(t)  # (the rule's allowance left out of it: 1-9 rms with it)
+    assert t.passed and t.details.get("switches", {}).get("rule") != "on", str(t)
+    # the rule's allowance left out of the limit: 1-9 rms with it; without it, below 0.01 on an Intel Xeon and
+    # 0.052 on an AMD EPYC (their float32 exp and sin round differently)
+    assert t.detection_limit < 0.25, str(t)
     where, found = _plant_on_largest(func, x, 0.05)
     assert found == [where], (where, found)
 

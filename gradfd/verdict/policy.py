@@ -85,8 +85,9 @@ class Policy:
                                "a kink the fourth difference cannot see moves the extrapolant up to 2 spreads")
     clean_kink: float = _f(3.0, "a refined stencil is kink-free below this many rounding estimates (1.5|z| exceeds "
                                 "3 for ~4% of smooth entries)")
-    walk_separation: float = _f(6.0, "most stencils of a loss straddle switches where the first round's noise is "
-                                     "this x the probe's (the probe's own rule, `separation`, is stricter) ...", KINKS)
+    walk_separation: float = _f(6.0, "most stencils of a loss straddle switches where most first-round fourth "
+                                     "differences (counted one by one over every chunk) stand this x the probe's "
+                                     "noise (the probe's own rule, `separation`, is stricter) ...", KINKS)
     walk_signature: float = _f(1.0, "... and most of its kinks exceed this x their truncation spread (curvature's "
                                     "are ~3h f4/f3 of it: a small share where h is small against f's scale)", KINKS)
     isolated_switches: float = _f(0.6, "... unless the switches are isolated: the first refined stencil holds this "
