@@ -1,5 +1,5 @@
-"""Issue 21's per-layer table: the structured engine on convolution, normalisation, pooling, embedding and softmax
-layers, against the generic engine and the reference loop, with its error against autograd.
+"""Issue 21's per-layer table: the structured engine on convolution, normalisation, pooling, embedding, softmax and
+attention layers, against the generic engine and the reference loop, with its error against autograd.
 
     uv run python benchmarks/bench_layers.py              # records results/layers.json, renders it into docs/
     uv run python benchmarks/bench_layers.py --no-record
@@ -90,6 +90,18 @@ def _cases():
         x = rn(g, 8, 16, 32, 32)
         return (lambda w: F.softmax(F.conv2d(x, w, padding=1), 1).pow(2).mean()), (rn(g, 32, 16, 3, 3, scale=0.1),)
 
+    def attention(g):
+        x, wk, wv = rn(g, 8, 64, 128), rn(g, 128, 128, scale=128**-0.5), rn(g, 128, 128, scale=128**-0.5)
+
+        def heads(t):
+            return t.view(8, 64, 4, 32).transpose(1, 2)
+
+        def func(w):
+            out = F.scaled_dot_product_attention(heads(x @ w), heads(x @ wk), heads(x @ wv))
+            return torch.tanh(out.transpose(1, 2).reshape(8, 64, 128)).pow(2).mean()
+
+        return func, (rn(g, 128, 128, scale=128**-0.5),)
+
     builders = {
         "conv2d weight 32x16x3x3, tanh, mean square (8x16x32x32)": conv,
         "conv2d weight under MSE (the fused kernel)": conv_mse,
@@ -103,6 +115,7 @@ def _cases():
         "conv, tanh, max and average pooling": pools,
         "embedding 2000x64, 32x64 indices": embedding,
         "conv, softmax over channels": softmax,
+        "attention: the query's projection 128x128, 4 heads, 8x64 tokens": attention,
     }
 
     def at(make):

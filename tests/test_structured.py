@@ -403,6 +403,8 @@ def _refused():
         "data-dependent branch": (lambda w: (X @ w).sum() if w.sum() > 0 else (X @ w).pow(2).sum(), w,
                                   "aten._local_scalar_dense"),
         "dropout": (lambda w: F.dropout(X @ w, 0.5).pow(2).sum(), w, "random numbers"),
+        "attention with dropout": (lambda w: F.scaled_dot_product_attention(*(X @ w.expand(4, 4),) * 3, dropout_p=0.5)
+                                   .pow(2).sum(), w, "random numbers"),
         "cumsum": (lambda w: torch.cumsum(X @ w, 0).pow(2).sum(), w, "aten.cumsum"),
         "boolean mask": (lambda w: w[w > 0].sum(), w, "aten.index"),
         "sort": (lambda w: torch.sort(w.flatten()).values[0], w, "aten.sort"),

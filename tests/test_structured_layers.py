@@ -1,7 +1,7 @@
-"""The structured engine's layer handlers (gradfd/structured/handlers/layers.py): convolution, batch/layer/group
-normalisation, pooling and embedding, each against the pure-Python reference in float64 (the same nodes, every
-perturbed loss a fresh forward), against the exact derivative in float32 (no less accurate than the generic engine),
-on fresh draws (the ``seed`` fixture)."""
+"""The structured engine's layer handlers (gradfd/structured/handlers/layers.py and attention.py): convolution,
+batch/layer/group normalisation, pooling, embedding and attention, each against the pure-Python reference in float64
+(the same nodes, every perturbed loss a fresh forward), against the exact derivative in float32 (no less accurate
+than the generic engine), on fresh draws (the ``seed`` fixture)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def _layers(seed: int, dtype=torch.float64):
     idx = torch.randint(0, 7, (4, 5), generator=gen)
     labels = torch.randint(0, 5, (3,), generator=gen)
     E, target = rn(7, 3), rn(3, 6, 9, 8)
+    A, Wq, Wk, Wv, Wp = rn(2, 5, 8), rn(8, 8) / 3, rn(8, 8) / 3, rn(8, 8) / 3, rn(8, 24) / 3
+    mask, K, V = rn(5, 5), rn(2, 2, 5, 4), rn(2, 2, 5, 4)
+
+    def heads(t):  # (2, 5, 8) -> 2 heads of 4 features, (2, 2, 5, 4)
+        return t.view(2, 5, 2, 4).transpose(1, 2)
+
+    def attention(wq, **options):
+        out = F.scaled_dot_product_attention(heads(A @ wq), heads(A @ Wk), heads(A @ Wv), **options)
+        return out.transpose(1, 2).reshape(2, 5, 8).tanh().pow(2).mean()
+
+    def packed(w):  # one projection for query, key and value, split by unbind
+        q, k, v = (A @ w).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).pow(2).sum()
+
     return {
         "conv2d weight and bias, stride, padding, dilation, groups": (
             lambda w, bias: torch.tanh(F.conv2d(x, w, bias, stride=(2, 1), padding=(1, 2), dilation=(2, 1),
@@ -93,6 +107,11 @@ def _layers(seed: int, dtype=torch.float64):
         "softmax over channels and over width": (
             lambda w: (F.softmax(F.conv2d(x, w, b), 1).pow(2).sum() + F.log_softmax(F.conv2d(x, w, b), 3).sum()),
             (W.clone(),)),
+        "attention, the query's projection": (attention, (Wq.clone(),)),
+        "attention with a mask and a scale": (lambda w: attention(w, attn_mask=mask, scale=0.5), (Wq.clone(),)),
+        "attention, a packed projection split by unbind, causal": (packed, (Wp.clone(),)),
+        "attention, key and value": (lambda k, v: F.scaled_dot_product_attention(heads(A), k, v).sin().sum(),
+                                     (K.clone(), V.clone())),
     }
 
 
@@ -134,6 +153,10 @@ def test_layers_keep_the_region_narrow_where_they_can(seed):
     func, params = _layers(seed)["conv2d weight under MSE (the fused kernel)"]
     ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
     assert any("fused kernel" in n for n in ev.notes), ev.notes
+    # attention runs on the changed head's planes alone: no region widens to a whole tensor
+    func, params = _layers(seed)["attention, the query's projection"]
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+    assert not [n for n in ev.notes if "widened" in n], ev.notes
 
 
 def test_a_saved_statistic_read_downstream_is_refused_naming_the_op(seed):

@@ -17,7 +17,8 @@ exploits that structure:
    op other than the identities below computes the region's new values by running the op's own forward on them
    (restricted to the region), never a derivative. Elementwise ops, broadcasting, views, ``sum``/``mean``, ``mse_loss``,
    ``binary_cross_entropy_with_logits``, ``log_softmax``/``nll_loss`` (cross-entropy), products with a constant,
-   convolutions, batch/layer/group norm, pooling and embedding (:mod:`.handlers.layers`) are understood. Where an
+   convolutions, batch/layer/group norm, pooling and embedding (:mod:`.handlers.layers`), and attention
+   (:mod:`.handlers.attention`) are understood. Where an
    op mixes the changed entries into a whole fibre (a softmax across the changed column, a second matmul over it) the
    region widens to that fibre -- it densifies, but only as far as the op reaches.
 3. **Reductions in float64.** A full ``sum``/``mean`` of a value whose region changed is
@@ -53,7 +54,7 @@ Layout (each module imports only those above it):
 - ``values``: :class:`Perturbed`, :class:`Lineage` and the algebra on regions (gather, widen, broadcast, views).
 - ``tracer``: ``func`` to an aten graph (``_GraphRecorder``, :func:`trace`), in-place nodes rewritten out of place.
 - ``handlers``: how each aten op propagates a perturbation (one table, ``handlers.HANDLERS``), by kind: ``linalg``,
-  ``shape``, ``pointwise``, ``reductions``, ``losses``, ``layers``.
+  ``shape``, ``pointwise``, ``reductions``, ``losses``, ``layers``, ``attention``.
 - ``analysis``: :class:`Analysis`, the interpreter: base values, then a chunk of perturbations node by node.
 - ``evaluate``: :func:`evaluate_into`, the engine's entry point: chunks sized from the memory budget.
 - this ``__init__``: the public names, and :func:`worthwhile`, whether ``engine="auto"`` tries this engine.

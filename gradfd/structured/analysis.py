@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .handlers import propagate
+from .handlers.attention import draws_random_numbers
 from .tracer import functional_variant, trace
 from .unsupported import StructuredUnsupported, op_name
 from .values import Perturbed, Unavailable, unravel_batch
@@ -73,7 +74,7 @@ class Analysis:
         """Refuse ops that draw random numbers; rewrite the in-place ops left in the graph out of place."""
         for node in self.nodes:
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-                if torch.Tag.nondeterministic_seeded in node.target.tags:
+                if torch.Tag.nondeterministic_seeded in node.target.tags and draws_random_numbers(node):
                     raise StructuredUnsupported(op_name(node.target), "func draws random numbers")
                 if node.target._schema.is_mutable:
                     node.target = functional_variant(node)

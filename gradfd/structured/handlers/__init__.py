@@ -4,8 +4,8 @@ generic elementwise rule.
 
 Handlers are grouped by kind: :mod:`.linalg` (products), :mod:`.shape` (views, reshapes, slicing, conversions),
 :mod:`.reductions` (sums, means, softmax), :mod:`.losses`, :mod:`.layers` (convolution, normalisation, pooling,
-embedding) and :mod:`.pointwise` (elementwise ops, the fused lineage, ops on float64 changes). A handler is
-``handler(an, node, base, *args, **kwargs) -> value``: ``an`` is the running
+embedding), :mod:`.attention` and :mod:`.pointwise` (elementwise ops, the fused lineage, ops on float64 changes). A
+handler is ``handler(an, node, base, *args, **kwargs) -> value``: ``an`` is the running
 :class:`gradfd.structured.analysis.Analysis` (handlers read ``an.env``, the base value of every node; ``an.s`` and
 ``an.c``, the chunk's stencil nodes and coordinates; memoise per-analysis constants with ``an.cached(key, make)``;
 and record ``an.fused`` / ``an.densified``), ``node`` the graph node, ``base`` its base value, and the op's
@@ -25,14 +25,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..unsupported import StructuredUnsupported, op_name
 from ..values import Unavailable, absolute
+from .attention import ATTENTION
 from .layers import LAYERS
 from .linalg import handle_addmm, handle_mv, mm
 from .losses import LOSSES, handle_loss, handle_nll
 from .pointwise import RELATIVE_LINEAR, is_pointwise, pointwise, relative_linear
 from .reductions import REDUCTIONS, handle_reduction, handle_softmax
 from .shape import (SHAPE_ONLY, VIEW_IDENTITY, handle_expand, handle_identity, handle_permute, handle_select,
-                    handle_slice, handle_squeeze, handle_t, handle_to_copy, handle_transpose, handle_unsqueeze,
-                    handle_view)
+                    handle_slice, handle_squeeze, handle_t, handle_to_copy, handle_transpose, handle_unbind,
+                    handle_unsqueeze, handle_view)
 
 __all__ = ["HANDLERS", "propagate"]
 
@@ -55,6 +56,7 @@ HANDLERS: dict = {
     aten.reshape.default: handle_view,
     aten.slice.Tensor: handle_slice,
     aten.select.int: handle_select,
+    aten.unbind.int: handle_unbind,
     aten._to_copy.default: handle_to_copy,
     aten._log_softmax.default: handle_softmax,
     aten._softmax.default: handle_softmax,
@@ -63,6 +65,7 @@ HANDLERS: dict = {
     **{op: handle_reduction for op in REDUCTIONS},
     **{op: handle_loss for op in LOSSES},
     **LAYERS,
+    **ATTENTION,
 }
 
 

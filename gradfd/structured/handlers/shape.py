@@ -163,6 +163,11 @@ def handle_slice(an, node, base, p, dim=0, start=None, end=None, step=1):
     return with_unaffected(q, inside)
 
 
+def handle_unbind(an, node, base, p, dim=0):
+    """``unbind``: one :func:`handle_select` per index (``base`` is the tuple of the slices' bases)."""
+    return tuple(handle_select(an, node, b, p, dim, k) for k, b in enumerate(base))
+
+
 def handle_select(an, node, base, p, dim, index):
     """``select``: as :func:`handle_slice`, one index."""
     nd = p.base.dim()

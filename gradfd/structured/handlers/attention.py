@@ -1,0 +1,88 @@
+"""Handler of scaled dot-product attention (``F.scaled_dot_product_attention``, which a CPU trace records as
+``aten._scaled_dot_product_flash_attention_for_cpu``).
+
+Attention mixes whole rows and columns of its ``(L, E)`` and ``(S, E)`` operands, but each (sample, head) plane on
+its own. A perturbation whose region is a set of such planes (a head moved by a projection's column: the
+``(head, feature)`` region a ``view`` splits off, widened to the head) changes only those planes of the output:
+the op's own forward runs on them alone, laid out as its batch. Query, key and value regions are widened to the
+batch dims they share (a grouped-query attention's head dim, whose sizes differ, is not one); a constant operand
+(or mask) is gathered at the same planes. The op runs with dropout 0 only (else it draws random numbers).
+
+The log-sum-exp output is :class:`Unavailable`: an op that reads it is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..unsupported import StructuredUnsupported, op_name
+from ..values import Perturbed, Unavailable, base_value, common_region, gather, widen
+
+__all__ = ["ATTENTION", "draws_random_numbers"]
+
+aten = torch.ops.aten
+
+_DROPOUT_ARG = 3  # dropout_p's position in the schema of the attention ops below
+
+
+def draws_random_numbers(node: torch.fx.Node) -> bool:
+    """Whether an attention node draws random numbers: its op is tagged so for its dropout, which is off at
+    ``dropout_p == 0`` (the default)."""
+    dropout = node.kwargs.get("dropout_p", node.args[_DROPOUT_ARG] if len(node.args) > _DROPOUT_ARG else 0.0)
+    return node.target not in ATTENTION or dropout != 0
+
+
+def _as_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """``(B, *rest)`` with the leading dims merged (or a unit dim inserted after B) to ``rank`` dims: the
+    perturbations laid out as the op's batch."""
+    if t.dim() < rank:
+        return t.unsqueeze(1)
+    lead = t.dim() - rank + 1
+    return t.reshape(math.prod(t.shape[:lead]), *t.shape[lead:])
+
+
+def _region(t, axes: tuple[int, ...], pos: torch.Tensor, batch: int) -> torch.Tensor:
+    """An operand's planes ``(B, *rest)`` at the region: a perturbed one's new values, a constant's gathered."""
+    if isinstance(t, Perturbed):
+        return widen(t, axes).slab
+    got = gather(t, axes, pos)
+    return got.expand(batch, *got.shape[1:])
+
+
+def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None,
+                     scale=None):
+    """``_scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, attn_mask=, scale=)``
+    with any of query, key and value perturbed; ``base`` is ``(output, logsumexp)``."""
+    name = op_name(node.target)
+    if dropout_p != 0:
+        raise StructuredUnsupported(name, f"dropout_p={dropout_p} draws random numbers")
+    if isinstance(attn_mask, Perturbed):
+        raise StructuredUnsupported(name, "an attention mask that depends on the checked parameter")
+    out = base[0]
+    operands = (query, key, value)
+    for v in operands:
+        if isinstance(v, Perturbed) and v.promoted:
+            raise StructuredUnsupported(name, "an operand reduced in float64 upstream")
+        if base_value(v).dtype != out.dtype:
+            raise StructuredUnsupported(name, "operands of different dtypes")
+    rank = out.dim()
+    shared = tuple(d for d in range(rank - 2) if all(base_value(v).shape[d] == out.shape[d] for v in operands))
+    perturbed = [widen(v, tuple(a for a in v.axes if a in shared)) if isinstance(v, Perturbed) else v
+                 for v in operands]
+    axes, pos = common_region([v for v in perturbed if isinstance(v, Perturbed)])
+    b = pos.shape[0]
+    q, k, v = (_as_rank(_region(t, axes, pos, b), rank) for t in perturbed)
+    mask = attn_mask
+    if mask is not None and any(s != 1 for s in mask.shape[:-2]):  # (a mask with batch dims: gathered alike)
+        full_mask = mask.expand(*out.shape[:-2], *mask.shape[-2:])
+        mask = _as_rank(_region(full_mask, axes, pos, b), rank)
+    elif mask is not None:
+        mask = mask.reshape(mask.shape[-2:])
+    new = node.target(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
+    rest = [out.shape[d] for d in range(rank) if d not in axes]
+    return Perturbed(out, axes, pos, new.reshape(b, *rest)), Unavailable(name, "its logsumexp")
+
+
+ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default: handle_attention}
