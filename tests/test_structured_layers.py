@@ -14,6 +14,7 @@ from test_structured import _agrees_with_reference, _rel
 import gradfd
 from gradfd import engine, ops, reference, structured
 from gradfd.structured import StructuredUnsupported
+from gradfd.structured.handlers.attention import draws_random_numbers as attention_draws_random_numbers
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason=f"kernels unavailable: {ops.unavailable_reason()}")
 
@@ -38,7 +39,7 @@ def _layers(seed: int, dtype=torch.float64):
     labels = torch.randint(0, 5, (3,), generator=gen)
     E, target = rn(7, 3), rn(3, 6, 9, 8)
     A, Wq, Wk, Wv, Wp = rn(2, 5, 8), rn(8, 8) / 3, rn(8, 8) / 3, rn(8, 8) / 3, rn(8, 24) / 3
-    mask, K, V = rn(5, 5), rn(2, 2, 5, 4), rn(2, 2, 5, 4)
+    mask, K, V, masks = rn(5, 5), rn(2, 2, 5, 4), rn(2, 2, 5, 4), rn(2, 1, 5, 5)
 
     def heads(t):  # (2, 5, 8) -> 2 heads of 4 features, (2, 2, 5, 4)
         return t.view(2, 5, 2, 4).transpose(1, 2)
@@ -112,6 +113,12 @@ def _layers(seed: int, dtype=torch.float64):
         "attention, a packed projection split by unbind, causal": (packed, (Wp.clone(),)),
         "attention, key and value": (lambda k, v: F.scaled_dot_product_attention(heads(A), k, v).sin().sum(),
                                      (K.clone(), V.clone())),
+        "attention with a mask per sample, the key's projection": (
+            lambda w: F.scaled_dot_product_attention(heads(A @ Wq), heads(A @ w), heads(A @ Wv),
+                                                     attn_mask=masks).tanh().sum(), (Wk.clone(),)),
+        "grouped-query attention (one key and value head)": (
+            lambda w: F.scaled_dot_product_attention(heads(A @ w), K[:, :1], V[:, :1], enable_gqa=True).pow(2).sum(),
+            (Wq.clone(),)),
     }
 
 
@@ -153,10 +160,42 @@ def test_layers_keep_the_region_narrow_where_they_can(seed):
     func, params = _layers(seed)["conv2d weight under MSE (the fused kernel)"]
     ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
     assert any("fused kernel" in n for n in ev.notes), ev.notes
-    # attention runs on the changed head's planes alone: no region widens to a whole tensor
-    func, params = _layers(seed)["attention, the query's projection"]
-    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
-    assert not [n for n in ev.notes if "widened" in n], ev.notes
+
+def test_attention_runs_on_the_moved_heads_planes_alone(seed, monkeypatch):
+    # a query projection's entry moves one head of every sample: the op's output region is that head (axes (1,));
+    # a grouped-query attention's head dim (2 query heads, 1 key head) is not shared: the whole output (axes ())
+    from gradfd.structured import handlers
+    from gradfd.structured.handlers import attention
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    regions = []
+
+    def spy(*args, **kwargs):
+        out = attention.handle_attention(*args, **kwargs)
+        regions.append(out[0].axes)
+        return out
+
+    monkeypatch.setitem(handlers.HANDLERS, op, spy)
+    for name, axes in [("attention, the query's projection", (1,)),
+                       ("grouped-query attention (one key and value head)", ())]:
+        regions.clear()
+        func, params = _layers(seed)[name]
+        engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
+        assert regions and set(regions) == {axes}, (name, regions)
+
+
+def test_attention_draws_random_numbers_only_with_dropout():
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    aten = torch.ops.aten
+    cpu = aten._scaled_dot_product_flash_attention_for_cpu.default
+    efficient = aten._scaled_dot_product_efficient_attention.default
+    cases = [(cpu, (q, q, q), {}, False), (cpu, (q, q, q, 0.0), {}, False), (cpu, (q, q, q, 0.1), {}, True),
+             (cpu, (q, q, q), {"dropout_p": 0.2}, True), (efficient, (q, q, q, None, False, 0.0), {}, False),
+             (efficient, (q, q, q, None, False, 0.5), {}, True), (aten.native_dropout.default, (q, 0.0, True), {}, True)]
+    for op, args, kwargs, random in cases:
+        node = graph.call_function(op, args, kwargs)
+        assert attention_draws_random_numbers(node) is random, (op, args, kwargs)
 
 
 def test_a_saved_statistic_read_downstream_is_refused_naming_the_op(seed):

@@ -143,7 +143,7 @@ class FirstRound:
         magnitude: ``(O,)`` the size of the terms each output sums, over the chunks seen.
         kinked: ``(O,)`` outputs whose chunk measurement the probe replaced.
         kinks, above, walk_votes, walk_count, clean, large: a loss's first-round kinks (histogram), and per output
-            how many of the judged pairs have a fourth difference ``walk_separation`` times the probe's noise or more
+            how many of the judged pairs have a fourth difference above ``walk_separation`` times the probe's noise
             (:attr:`loose`), how many a kink above ``walk_signature`` times their truncation spread, of how many,
             how many are below ``clean_kink`` rounding estimates and how many ``clean_kink *
             refine**refine_rounds`` or more: for :meth:`walk_reach`.
@@ -215,7 +215,7 @@ class FirstRound:
     @property
     def loose(self) -> torch.Tensor:
         """``(O,)`` bool: the outputs most of whose first-round fourth differences (``reliable_median`` or more of
-        them, and as many probe draws) stand ``walk_separation`` times the probe's noise (and the floor) or more.
+        them, and as many probe draws) stand above ``walk_separation`` times the probe's noise (and the floor).
 
         Rule: counted per stencil over every chunk, not from a chunk's median: a chunk's clipped median finds the
         clean stencils where it holds enough of them (the structured engine's one chunk of a whole conv weight;

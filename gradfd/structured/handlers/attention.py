@@ -6,7 +6,9 @@ its own. A perturbation whose region is a set of such planes (a head moved by a 
 ``(head, feature)`` region a ``view`` splits off, widened to the head) changes only those planes of the output:
 the op's own forward runs on them alone, laid out as its batch. Query, key and value regions are widened to the
 batch dims they share (a grouped-query attention's head dim, whose sizes differ, is not one); a constant operand
-(or mask) is gathered at the same planes. The op runs with dropout 0 only (else it draws random numbers).
+(or mask) is gathered at the same planes. The op runs with dropout 0 only (else it draws random numbers). Only the
+CPU kernel's cases reach it (4-d query, key and value of one head dim, no dropout): others run torch's math path,
+``bmm`` and softmax, which the engine refuses (``bmm``); the GPU's attention kernels have no handler yet.
 
 The log-sum-exp output is :class:`Unavailable`: an op that reads it is refused, naming it.
 """
@@ -24,14 +26,21 @@ __all__ = ["ATTENTION", "draws_random_numbers"]
 
 aten = torch.ops.aten
 
-_DROPOUT_ARG = 3  # dropout_p's position in the schema of the attention ops below
+# dropout_p's position in the schemas of the fused attention ops (tagged as drawing random numbers for it)
+_DROPOUT_ARG = {aten._scaled_dot_product_flash_attention_for_cpu.default: 3,
+                aten._scaled_dot_product_flash_attention.default: 3,
+                aten._scaled_dot_product_efficient_attention.default: 5,
+                aten._scaled_dot_product_cudnn_attention.default: 5}
 
 
 def draws_random_numbers(node: torch.fx.Node) -> bool:
-    """Whether an attention node draws random numbers: its op is tagged so for its dropout, which is off at
-    ``dropout_p == 0`` (the default)."""
-    dropout = node.kwargs.get("dropout_p", node.args[_DROPOUT_ARG] if len(node.args) > _DROPOUT_ARG else 0.0)
-    return node.target not in ATTENTION or dropout != 0
+    """Whether a node tagged ``nondeterministic_seeded`` draws random numbers: a fused attention op does only for
+    its dropout, off at ``dropout_p == 0`` (the default). (The GPU's attention ops then reach the engine and are
+    refused for want of a handler, not as random.)"""
+    at = _DROPOUT_ARG.get(node.target)
+    if at is None:
+        return True
+    return node.kwargs.get("dropout_p", node.args[at] if len(node.args) > at else 0.0) != 0
 
 
 def _as_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -73,13 +82,16 @@ def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal
                  for v in operands]
     axes, pos = common_region([v for v in perturbed if isinstance(v, Perturbed)])
     b = pos.shape[0]
-    q, k, v = (_as_rank(_region(t, axes, pos, b), rank) for t in perturbed)
+    # (the kernel reads the head dim as contiguous: a slab laid out by a permute is copied)
+    q, k, v = (_as_rank(_region(t, axes, pos, b), rank).contiguous() for t in perturbed)
     mask = attn_mask
     if mask is not None and any(s != 1 for s in mask.shape[:-2]):  # (a mask with batch dims: gathered alike)
         full_mask = mask.expand(*out.shape[:-2], *mask.shape[-2:])
         mask = _as_rank(_region(full_mask, axes, pos, b), rank)
     elif mask is not None:
         mask = mask.reshape(mask.shape[-2:])
+    if not axes:
+        an.densified.add(node.name)
     new = node.target(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
     rest = [out.shape[d] for d in range(rank) if d not in axes]
     return Perturbed(out, axes, pos, new.reshape(b, *rest)), Unavailable(name, "its logsumexp")
