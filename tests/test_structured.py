@@ -281,6 +281,9 @@ def _patterns():
         "3-D input to linear": (lambda W, b: F.mse_loss(F.linear(X3, W, b), torch.zeros(2, n, k, **o)),
                                 (torch.randn(k, d, **o), torch.randn(k, **o))),
         "matrix times vector": (lambda A: (A @ v).pow(2).sum(), (torch.randn(n, k, **o),)),
+        "batched products, either side": (lambda B: torch.bmm(B, X3.transpose(1, 2)[:, :, :4]).tanh().sum()
+                                          + torch.bmm(X3[:, :4, :5], B).pow(2).sum(),
+                                          (torch.randn(2, 5, d, **o),)),
         "division": (lambda w: (X / (1 + w**2)).sum(), (torch.randn(d, **o),)),
         "log_softmax over the batch": (lambda W: F.log_softmax((X @ W).mean(1, keepdim=True) * X[:, :1], 0).sum(),
                                        (torch.randn(d, k, **o),)),
@@ -339,14 +342,10 @@ def test_nn_module_through_functional_call(seed):
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-def test_shared_test_functions_run_structured_or_are_refused(seed, name):
+def test_shared_test_functions_run_structured(seed, name):
     func, params, idx = FUNCTIONS[name]("cpu", torch.float64)
     ref = reference.numerical_gradient(func, params, idx)
-    try:
-        got = gradfd.numerical_gradient(func, params, idx, engine="structured")
-    except StructuredUnsupported as exc:
-        assert name == "batched_matmul_param" and exc.op == "aten.bmm.default"
-        return
+    got = gradfd.numerical_gradient(func, params, idx, engine="structured")
     assert _agrees_with_reference(got, ref, float(func(*params).detach()))
 
 

@@ -116,6 +116,9 @@ def _layers(seed: int, dtype=torch.float64):
         "attention with a mask per sample, the key's projection": (
             lambda w: F.scaled_dot_product_attention(heads(A @ Wq), heads(A @ w), heads(A @ Wv),
                                                      attn_mask=masks).tanh().sum(), (Wk.clone(),)),
+        "attention written out: matmuls and softmax": (
+            lambda w: ((heads(A @ w) @ heads(A @ Wk).transpose(-2, -1) * 0.5).softmax(-1) @ heads(A @ Wv)).pow(2).sum(),
+            (Wq.clone(),)),
         "grouped-query attention (one key and value head)": (
             lambda w: F.scaled_dot_product_attention(heads(A @ w), K[:, :1], V[:, :1], enable_gqa=True).pow(2).sum(),
             (Wq.clone(),)),

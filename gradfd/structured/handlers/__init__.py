@@ -27,7 +27,7 @@ from ..unsupported import StructuredUnsupported, op_name
 from ..values import Unavailable, absolute
 from .attention import ATTENTION
 from .layers import LAYERS
-from .linalg import handle_addmm, handle_mv, mm
+from .linalg import handle_addmm, handle_bmm, handle_mv, mm
 from .losses import LOSSES, handle_loss, handle_nll
 from .pointwise import RELATIVE_LINEAR, is_pointwise, pointwise, relative_linear
 from .reductions import REDUCTIONS, handle_reduction, handle_softmax
@@ -43,6 +43,7 @@ HANDLERS: dict = {
     aten.mm.default: mm,
     aten.addmm.default: handle_addmm,
     aten.mv.default: handle_mv,
+    aten.bmm.default: handle_bmm,
     aten.t.default: handle_t,
     aten.transpose.int: handle_transpose,
     aten.permute.default: handle_permute,

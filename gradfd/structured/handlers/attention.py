@@ -8,7 +8,7 @@ the op's own forward runs on them alone, laid out as its batch. Query, key and v
 batch dims they share (a grouped-query attention's head dim, whose sizes differ, is not one); a constant operand
 (or mask) is gathered at the same planes. The op runs with dropout 0 only (else it draws random numbers). Only the
 CPU kernel's cases reach it (4-d query, key and value of one head dim, no dropout): others run torch's math path,
-``bmm`` and softmax, which the engine refuses (``bmm``); the GPU's attention kernels have no handler yet.
+``bmm`` and softmax (:func:`.linalg.handle_bmm`); the GPU's attention kernels have no handler yet.
 
 The log-sum-exp output is :class:`Unavailable`: an op that reads it is refused, naming it.
 """

@@ -1,4 +1,4 @@
-"""Handlers of the products: ``mm``, ``addmm`` and ``mv``, with the parameter on either side.
+"""Handlers of the products: ``mm``, ``addmm``, ``mv`` and ``bmm``, with the parameter on either side.
 
 A product is linear in each operand: one moved entry ``W[i, j]`` moves column ``j`` of ``X @ W`` by
 ``delta * X[:, i]`` (kept lazy as a :class:`~gradfd.structured.values.Lineage` for the fused kernel); a replaced
@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..unsupported import StructuredUnsupported, op_name
-from ..values import Lineage, Perturbed, base_value, columns, full, permute, squeeze, unit_axes, unsqueeze
+from ..values import Lineage, Perturbed, base_value, columns, full, permute, squeeze, unit_axes, unsqueeze, widen
 from .pointwise import pointwise
 
-__all__ = ["mm", "mm_right", "handle_addmm", "handle_mv"]
+__all__ = ["mm", "mm_right", "handle_bmm", "handle_addmm", "handle_mv"]
 
 aten = torch.ops.aten
 
@@ -54,6 +54,26 @@ def mm_right(an, node, base, a: torch.Tensor, p: Perturbed) -> Perturbed:
         slab = slab.to(dtype)
         return Perturbed(base, (), p.pos[:, :0], slab)
     return Perturbed(base, (), p.pos, torch.matmul(a, p.slab).to(dtype))
+
+
+def handle_bmm(an, node, base, a, b) -> Perturbed:
+    """``bmm(a, b)``, ``(T, n, d) @ (T, d, k)``: a region of whole matrices ``t`` (the batch dim) is the op on those
+    matrices alone; any other region (a column of every matrix) moves every output entry: the op on the whole
+    perturbed operand (densified)."""
+    name = op_name(node.target)
+    if isinstance(a, Perturbed) and isinstance(b, Perturbed):
+        an.densified.add(node.name)
+        return Perturbed(base, (), a.pos.new_zeros((a.batch, 0)), torch.matmul(full(a), full(b)).to(base.dtype))
+    p, left = (a, True) if isinstance(a, Perturbed) else (b, False)
+    other = b if left else a
+    if p.promoted or p.base.dtype != other.dtype:
+        raise StructuredUnsupported(name, "operands of different dtypes")
+    p = widen(p, (0,) if 0 in p.axes else ())
+    if p.axes == (0,):  # matrices t: the op on them, laid out as its batch
+        mats = other[p.pos[:, 0]]
+        return Perturbed(base, (0,), p.pos, torch.bmm(p.slab, mats) if left else torch.bmm(mats, p.slab))
+    an.densified.add(node.name)
+    return Perturbed(base, (), p.pos, torch.matmul(p.slab, other) if left else torch.matmul(other, p.slab))
 
 
 def handle_addmm(an, node, base, bias, a, b, *, beta=1, alpha=1) -> Perturbed:
