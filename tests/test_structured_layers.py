@@ -116,12 +116,11 @@ def _layers(seed: int, dtype=torch.float64):
         "attention with a mask per sample, the key's projection": (
             lambda w: F.scaled_dot_product_attention(heads(A @ Wq), heads(A @ w), heads(A @ Wv),
                                                      attn_mask=masks).tanh().sum(), (Wk.clone(),)),
-        "attention written out: matmuls and softmax": (
-            lambda w: ((heads(A @ w) @ heads(A @ Wk).transpose(-2, -1) * 0.5).softmax(-1) @ heads(A @ Wv)).pow(2).sum(),
-            (Wq.clone(),)),
-        "grouped-query attention (one key and value head)": (
-            lambda w: F.scaled_dot_product_attention(heads(A @ w), K[:, :1], V[:, :1], enable_gqa=True).pow(2).sum(),
-            (Wq.clone(),)),
+        "grouped-query attention (one key and value head), the query": (
+            lambda q: F.scaled_dot_product_attention(q, K[:, :1], V[:, :1], enable_gqa=True).pow(2).sum(),
+            (heads(A).clone(),)),
+        "batched products, whole matrices (a sample's attention written out)": (
+            lambda q: ((q @ K.transpose(-2, -1) * 0.5).softmax(-1) @ V).pow(2).sum(), (heads(A).clone(),)),
     }
 
 
@@ -166,7 +165,7 @@ def test_layers_keep_the_region_narrow_where_they_can(seed):
 
 def test_attention_runs_on_the_moved_heads_planes_alone(seed, monkeypatch):
     # a query projection's entry moves one head of every sample: the op's output region is that head (axes (1,));
-    # a grouped-query attention's head dim (2 query heads, 1 key head) is not shared: the whole output (axes ())
+    # a grouped-query attention's head dim (2 query heads, 1 key head) is not shared: a moved query entry's sample
     from gradfd.structured import handlers
     from gradfd.structured.handlers import attention
 
@@ -180,7 +179,7 @@ def test_attention_runs_on_the_moved_heads_planes_alone(seed, monkeypatch):
 
     monkeypatch.setitem(handlers.HANDLERS, op, spy)
     for name, axes in [("attention, the query's projection", (1,)),
-                       ("grouped-query attention (one key and value head)", ())]:
+                       ("grouped-query attention (one key and value head), the query", (0,))]:
         regions.clear()
         func, params = _layers(seed)[name]
         engine.evaluate(func, params, 0, steps=1e-5, engine="structured")
@@ -236,6 +235,25 @@ def test_a_loss_that_reads_pooling_indices_is_refused_and_auto_falls_back(seed, 
 
     _falls_back_under_auto(func, (torch.randn(4, 3, 3, 3, dtype=torch.float64),), "max_pool2d_with_indices",
                            monkeypatch)
+
+
+@pytest.mark.parametrize("form", ["fused", "written out"])
+def test_attention_over_every_plane_is_refused_and_auto_falls_back(seed, form, monkeypatch):
+    # nn.MultiheadAttention's reshapes merge the heads with the batch: a projection's column then moves every
+    # (sample, head) plane, and every perturbation is a whole attention; the generic engine is faster there
+    x, wk = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+
+    def merged(t):  # (2, 5, 8) -> (2 * 2 heads, 5, 4), then back to (2, 2, 5, 4)
+        return t.view(2, 5, 2, 4).transpose(1, 2).reshape(4, 5, 4)
+
+    def func(w):
+        q, k = merged(x @ w), merged(x @ wk)
+        if form == "fused":
+            return F.scaled_dot_product_attention(q.view(2, 2, 5, 4), k.view(2, 2, 5, 4), k.view(2, 2, 5, 4)).sum()
+        return ((q @ k.transpose(1, 2)).softmax(-1) @ k).pow(2).sum()
+
+    op = "flash_attention_for_cpu" if form == "fused" else "aten.bmm"
+    _falls_back_under_auto(func, (torch.randn(8, 8, dtype=torch.float64),), op, monkeypatch)
 
 
 def test_a_transposed_convolution_is_refused_and_auto_falls_back(seed, monkeypatch):

@@ -6,9 +6,10 @@ its own. A perturbation whose region is a set of such planes (a head moved by a 
 ``(head, feature)`` region a ``view`` splits off, widened to the head) changes only those planes of the output:
 the op's own forward runs on them alone, laid out as its batch. Query, key and value regions are widened to the
 batch dims they share (a grouped-query attention's head dim, whose sizes differ, is not one); a constant operand
-(or mask) is gathered at the same planes. The op runs with dropout 0 only (else it draws random numbers). Only the
-CPU kernel's cases reach it (4-d query, key and value of one head dim, no dropout): others run torch's math path,
-``bmm`` and softmax (:func:`.linalg.handle_bmm`); the GPU's attention kernels have no handler yet.
+(or mask) is gathered at the same planes. A region of every plane is refused: the generic engine evaluates whole
+layers faster. The op runs with dropout 0 only (else it draws random numbers). Only the CPU kernel's cases reach it
+(4-d query, key and value of one head dim, no dropout): others run torch's math path, ``bmm`` and softmax
+(:func:`.linalg.handle_bmm`); the GPU's attention kernels have no handler yet.
 
 The log-sum-exp output is :class:`Unavailable`: an op that reads it is refused, naming it.
 """
@@ -52,12 +53,10 @@ def _as_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:lead]), *t.shape[lead:])
 
 
-def _region(t, axes: tuple[int, ...], pos: torch.Tensor, batch: int) -> torch.Tensor:
-    """An operand's planes ``(B, *rest)`` at the region: a perturbed one's new values, a constant's gathered."""
-    if isinstance(t, Perturbed):
-        return widen(t, axes).slab
-    got = gather(t, axes, pos)
-    return got.expand(batch, *got.shape[1:])
+def _region(t, axes: tuple[int, ...], pos: torch.Tensor) -> torch.Tensor:
+    """An operand's planes ``(B, *rest)`` at the region (``axes`` not empty): a perturbed one's new values, a
+    constant's gathered."""
+    return widen(t, axes).slab if isinstance(t, Perturbed) else gather(t, axes, pos)
 
 
 def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None,
@@ -81,17 +80,21 @@ def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal
     perturbed = [widen(v, tuple(a for a in v.axes if a in shared)) if isinstance(v, Perturbed) else v
                  for v in operands]
     axes, pos = common_region([v for v in perturbed if isinstance(v, Perturbed)])
+    if not axes:
+        # Rule: a region of every plane (a head merged with the batch, as nn.MultiheadAttention's reshapes leave a
+        # projection's column) makes every perturbation a whole attention and all that follows: the generic engine
+        # evaluates that faster (a Transformer layer's in-projection: 7x, benchmarks/bench_models.py's model)
+        raise StructuredUnsupported(name, "the changed region spans every (sample, head) plane; the generic engine "
+                                          "evaluates whole layers faster")
     b = pos.shape[0]
     # (the kernel reads the head dim as contiguous: a slab laid out by a permute is copied)
-    q, k, v = (_as_rank(_region(t, axes, pos, b), rank).contiguous() for t in perturbed)
+    q, k, v = (_as_rank(_region(t, axes, pos), rank).contiguous() for t in perturbed)
     mask = attn_mask
     if mask is not None and any(s != 1 for s in mask.shape[:-2]):  # (a mask with batch dims: gathered alike)
         full_mask = mask.expand(*out.shape[:-2], *mask.shape[-2:])
-        mask = _as_rank(_region(full_mask, axes, pos, b), rank)
+        mask = _as_rank(_region(full_mask, axes, pos), rank)
     elif mask is not None:
         mask = mask.reshape(mask.shape[-2:])
-    if not axes:
-        an.densified.add(node.name)
     new = node.target(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)[0]
     rest = [out.shape[d] for d in range(rank) if d not in axes]
     return Perturbed(out, axes, pos, new.reshape(b, *rest)), Unavailable(name, "its logsumexp")

@@ -57,23 +57,26 @@ def mm_right(an, node, base, a: torch.Tensor, p: Perturbed) -> Perturbed:
 
 
 def handle_bmm(an, node, base, a, b) -> Perturbed:
-    """``bmm(a, b)``, ``(T, n, d) @ (T, d, k)``: a region of whole matrices ``t`` (the batch dim) is the op on those
-    matrices alone; any other region (a column of every matrix) moves every output entry: the op on the whole
-    perturbed operand (densified)."""
+    """``bmm(a, b)``, ``(T, n, d) @ (T, d, k)`` with one operand perturbed: a region of whole matrices ``t`` (the
+    batch dim) is the op on those matrices alone.
+
+    Rule: any other region (a feature column of every matrix, as attention written out as matmuls leaves a
+    projection's column after merging heads with the batch) moves every output of every matrix, and every
+    perturbation becomes the whole op and all that follows: refused, the generic engine evaluating whole layers
+    faster (as for attention, :mod:`.attention`)."""
     name = op_name(node.target)
     if isinstance(a, Perturbed) and isinstance(b, Perturbed):
-        an.densified.add(node.name)
-        return Perturbed(base, (), a.pos.new_zeros((a.batch, 0)), torch.matmul(full(a), full(b)).to(base.dtype))
+        raise StructuredUnsupported(name, "both operands depend on the checked parameter")
     p, left = (a, True) if isinstance(a, Perturbed) else (b, False)
     other = b if left else a
     if p.promoted or p.base.dtype != other.dtype:
         raise StructuredUnsupported(name, "operands of different dtypes")
-    p = widen(p, (0,) if 0 in p.axes else ())
-    if p.axes == (0,):  # matrices t: the op on them, laid out as its batch
-        mats = other[p.pos[:, 0]]
-        return Perturbed(base, (0,), p.pos, torch.bmm(p.slab, mats) if left else torch.bmm(mats, p.slab))
-    an.densified.add(node.name)
-    return Perturbed(base, (), p.pos, torch.matmul(p.slab, other) if left else torch.matmul(other, p.slab))
+    if 0 not in p.axes:
+        raise StructuredUnsupported(name, "the changed region spans every matrix; the generic engine evaluates "
+                                          "whole layers faster")
+    p = widen(p, (0,))  # matrices t: the op on them, laid out as its batch
+    mats = other[p.pos[:, 0]]
+    return Perturbed(base, (0,), p.pos, torch.bmm(p.slab, mats) if left else torch.bmm(mats, p.slab))
 
 
 def handle_addmm(an, node, base, bias, a, b, *, beta=1, alpha=1) -> Perturbed:
