@@ -222,7 +222,8 @@ class FirstRound:
         bench_kinks.py's CNN, seed 6005, failed so), and a small tensor's chunks hold fewer than a reliable median
         each (a BatchNorm's bias of 12 entries: the engine's timing probe evaluates 2 and 4 columns; seed 9002 of
         the ResNet blocks in train mode failed so)
-        (tests/test_check.py::test_a_small_tensor_whose_stencils_all_straddle_switches_is_not_failed)."""
+        (tests/test_check.py::test_the_rule_on_switches_holds_however_the_columns_are_chunked and
+        ::test_a_small_tensor_whose_stencils_all_straddle_switches_is_not_failed)."""
         policy = self.plan.request.policy
         if self.probe is None:
             return torch.zeros_like(self.above, dtype=torch.bool)
