@@ -52,6 +52,10 @@ def _layers(seed: int, dtype=torch.float64):
         q, k, v = (A @ w).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).pow(2).sum()
 
+    def sliced(w):  # ... split by slicing: a perturbation that misses a slice leaves it at position 0
+        p = A @ w
+        return F.scaled_dot_product_attention(heads(p[..., :8]), heads(p[..., 8:16]), heads(p[..., 16:])).sin().sum()
+
     return {
         "conv2d weight and bias, stride, padding, dilation, groups": (
             lambda w, bias: torch.tanh(F.conv2d(x, w, bias, stride=(2, 1), padding=(1, 2), dilation=(2, 1),
@@ -111,6 +115,7 @@ def _layers(seed: int, dtype=torch.float64):
         "attention, the query's projection": (attention, (Wq.clone(),)),
         "attention with a mask and a scale": (lambda w: attention(w, attn_mask=mask, scale=0.5), (Wq.clone(),)),
         "attention, a packed projection split by unbind, causal": (packed, (Wp.clone(),)),
+        "attention, a packed projection split by slicing (every plane, densified)": (sliced, (Wp.clone(),)),
         "attention, key and value": (lambda k, v: F.scaled_dot_product_attention(heads(A), k, v).sin().sum(),
                                      (K.clone(), V.clone())),
         "attention with a mask per sample, the key's projection": (
@@ -252,8 +257,20 @@ def test_attention_over_every_plane_is_refused_and_auto_falls_back(seed, form, m
             return F.scaled_dot_product_attention(q.view(2, 2, 5, 4), k.view(2, 2, 5, 4), k.view(2, 2, 5, 4)).sum()
         return ((q @ k.transpose(1, 2)).softmax(-1) @ k).pow(2).sum()
 
-    op = "flash_attention_for_cpu" if form == "fused" else "aten.bmm"
-    _falls_back_under_auto(func, (torch.randn(8, 8, dtype=torch.float64),), op, monkeypatch)
+    params = (torch.randn(8, 8, dtype=torch.float64),)
+    with pytest.raises(StructuredUnsupported, match="spans every"):
+        gradfd.numerical_gradient(func, params, 0, engine="structured")
+    _falls_back_under_auto(func, params, "flash_attention_for_cpu" if form == "fused" else "aten.bmm", monkeypatch)
+
+
+def test_a_check_whose_attention_regions_differ_by_chunk_is_judged_once_per_column(seed):
+    # a projection split by slicing leaves a perturbation that misses a slice at position 0: whether the operands'
+    # planes agree differs from chunk to chunk. The handler densifies those chunks (never refuses one chunk after
+    # another ran: the generic engine would then deliver the earlier columns a second time to the verdict)
+    func, params = _layers(seed)["attention, a packed projection split by slicing (every plane, densified)"]
+    t = gradfd.check(func, (params[0].clone().requires_grad_(),), engine="structured", chunk_size=16).tensors[0]
+    assert t.passed and t.checked == params[0].numel() == t.agree + t.unresolved, str(t)
+    assert t.details["engine"] == "structured", t.details
 
 
 def test_a_transposed_convolution_is_refused_and_auto_falls_back(seed, monkeypatch):

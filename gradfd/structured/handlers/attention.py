@@ -54,9 +54,11 @@ def _as_rank(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _region(t, axes: tuple[int, ...], pos: torch.Tensor) -> torch.Tensor:
-    """An operand's planes ``(B, *rest)`` at the region (``axes`` not empty): a perturbed one's new values, a
-    constant's gathered."""
-    return widen(t, axes).slab if isinstance(t, Perturbed) else gather(t, axes, pos)
+    """An operand's planes ``(B, *rest)`` at the region: a perturbed one's new values, a constant's gathered."""
+    if isinstance(t, Perturbed):
+        return widen(t, axes).slab
+    got = gather(t, axes, pos)  # ((1, *t.shape) for no axes)
+    return got.expand(pos.shape[0], *got.shape[1:])
 
 
 def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None,
@@ -79,13 +81,18 @@ def handle_attention(an, node, base, query, key, value, dropout_p=0.0, is_causal
     shared = tuple(d for d in range(rank - 2) if all(base_value(v).shape[d] == out.shape[d] for v in operands))
     perturbed = [widen(v, tuple(a for a in v.axes if a in shared)) if isinstance(v, Perturbed) else v
                  for v in operands]
-    axes, pos = common_region([v for v in perturbed if isinstance(v, Perturbed)])
-    if not axes:
+    moved = [v for v in perturbed if isinstance(v, Perturbed)]
+    if not set.intersection(*(set(v.axes) for v in moved)):
         # Rule: a region of every plane (a head merged with the batch, as nn.MultiheadAttention's reshapes leave a
         # projection's column) makes every perturbation a whole attention and all that follows: the generic engine
-        # evaluates that faster (a Transformer layer's in-projection: 7x, benchmarks/bench_models.py's model)
-        raise StructuredUnsupported(name, "the changed region spans every (sample, head) plane; the generic engine "
-                                          "evaluates whole layers faster")
+        # evaluates that faster (a Transformer layer's in-projection: 7x, benchmarks/bench_models.py's model). Read
+        # from the regions' axes, as the graph sets them, never from a chunk's positions: a refusal is the same for
+        # every chunk (a refusal after the first would hand the generic engine columns already delivered)
+        raise StructuredUnsupported(name, "the changed region spans every (sample, head) plane, where the generic "
+                                          "engine is faster")
+    axes, pos = common_region(moved)
+    if not axes:  # the operands' planes differ for some perturbation (a slice it misses sits at 0): every plane
+        an.densified.add(node.name)
     b = pos.shape[0]
     # (the kernel reads the head dim as contiguous: a slab laid out by a permute is copied)
     q, k, v = (_as_rank(_region(t, axes, pos), rank).contiguous() for t in perturbed)
