@@ -18,4 +18,15 @@ TORCH_LIBRARY_FRAGMENT(gradfd, m) {
   // delta (S, C) float64 -> (S, C) float64.
   m.def("linear_update_mse(Tensor base, Tensor features, Tensor target, Tensor column, Tensor feature, "
         "Tensor delta, int activation) -> Tensor");
+  // How every perturbation changes the summed negative log-likelihood of a product whose output moved by an outer
+  // product (one input column or one weight row of the product replaced), then a bias and log-softmax over classes:
+  //   logits[r, k] = round(round(base[r, k] + rows[b, r] * cols[b, k]) + bias[k])
+  //   out[b]       = sum_r [nll(logits[r], target[r]) - nll(base logits[r], target[r])]
+  // with nll(x, t) = round(-weight[t] * round(log_softmax(x)[t])) (0 where t == ignore_index). The move is computed
+  // in float64 and rounded once to base's dtype (mm is linear in each operand); the bias add, the log-softmax and the
+  // product with the weight in base's op-math type, each rounded to base's dtype, as PyTorch's ops are; the base
+  // point evaluated by the same code; differences and the sum over rows in float64. bias and weight may be None.
+  // base (n, K), rows (B, n) and cols (B, K) float64, target (n,) int64 -> (B,) float64.
+  m.def("outer_update_nll(Tensor base, Tensor? bias, Tensor rows, Tensor cols, Tensor target, Tensor? weight, "
+        "int ignore_index) -> Tensor");
 }

@@ -10,6 +10,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <optional>
 #include <utility>
 
 #include "rounding.h"
@@ -103,5 +104,50 @@ inline void check_linear_update_mse_args(const at::Tensor& base, const at::Tenso
   TORCH_CHECK(activation >= kIdentity && activation <= kSigmoid, op,
               "activation must be 0 (identity), 1 (tanh), 2 (relu) or 3 (sigmoid), got ", activation);
 }
+
+// base (n, K), bias (K,) or undefined, rows (B, n) and cols (B, K) float64, target (n,) int64, weight (K,) or
+// undefined: the arguments of outer_update_nll (csrc/structured.cpp). Target values are checked by the backends.
+inline void check_outer_update_nll_args(const at::Tensor& base, const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight, c10::DeviceType device) {
+  constexpr const char* op = "gradfd::outer_update_nll: ";
+  TORCH_CHECK(base.device().type() == device, op, "base must be on ", device, ", got ", base.device());
+  TORCH_CHECK(base.dim() == 2 && base.size(1) >= 1, op,
+              "base must be 2-D (n, K) with K >= 1 classes: the product's output, got shape ", base.sizes());
+  TORCH_CHECK(at::isFloatingType(base.scalar_type()), op, "base must be floating point, got ", base.scalar_type());
+  const int64_t n = base.size(0), k = base.size(1);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == n && rows.scalar_type() == at::kDouble, op,
+              "rows must be a (B, n) float64 tensor with n = ", n, ", got shape ", rows.sizes(), " and dtype ",
+              rows.scalar_type());
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == rows.size(0) && cols.size(1) == k &&
+                  cols.scalar_type() == at::kDouble,
+              op, "cols must be a (B, K) float64 tensor with B = ", rows.size(0), " and K = ", k, ", got shape ",
+              cols.sizes(), " and dtype ", cols.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n && target.scalar_type() == at::kLong, op,
+              "target must be a 1-D int64 tensor of n = ", n, " classes, got shape ", target.sizes(), " and dtype ",
+              target.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>&>{"bias", bias},
+                                {"weight", weight}}) {
+    if (t.has_value() && t->defined()) {
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == base.scalar_type(), op, name,
+                  " must be a 1-D tensor of K = ", k, " entries in base's dtype ", base.scalar_type(),
+                  ", got shape ", t->sizes(), " and dtype ", t->scalar_type());
+      TORCH_CHECK(t->device() == base.device() && t->is_contiguous(), op, name, " must be contiguous on ",
+                  base.device(), ", got ", t->device(), " with strides ", t->strides());
+    }
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"base", base}, {"rows", rows},
+                                {"cols", cols}, {"target", target}}) {
+    TORCH_CHECK(t.device() == base.device(), op, name, " must be on ", base.device(), " like base, got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous, got strides ", t.strides());
+  }
+}
+
+// One row of a cross-entropy: a class index in [0, K), or ignore_index.
+inline void check_nll_target(const char* op, int64_t t, int64_t k, int64_t ignore_index) {
+  TORCH_CHECK(t == ignore_index || (t >= 0 && t < k), op, "target values must lie in [0, ", k,
+              ") or equal ignore_index = ", ignore_index, ", got ", t);
+}
+
 
 }  // namespace gradfd

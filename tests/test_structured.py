@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from functions import FUNCTIONS
-from helpers import ALL_DEVICES, DTYPES, assert_unchanged, snapshot
+from helpers import ALL_DEVICES, ALL_FLOAT_DTYPES, DTYPES, assert_unchanged, snapshot
 
 import gradfd
 from gradfd import engine, ops, reference, structured
@@ -134,6 +134,75 @@ def test_linear_update_checks_name_the_op():
         structured.linear_update_mse(base, features, base, column, feature, delta, "gelu")
 
 
+def _nll_inputs(device, dtype, n=32, k=10, b=50, bias=True, weight=False):
+    """outer_update_nll's arguments: logits of a few units, moves of order 1, a row ignored (where n > 2)."""
+    base = (torch.randn(n, k, dtype=torch.float64) * 3).to(dtype).to(device)
+    rows = torch.randn(b, n, dtype=torch.float64, device=device)
+    cols = torch.randn(b, k, dtype=torch.float64, device=device)
+    target = torch.randint(0, k, (n,), device=device)
+    if n > 2:
+        target[1] = -100
+    bias_t = torch.randn(k, dtype=torch.float64).to(dtype).to(device) if bias else None
+    weight_t = (torch.rand(k, dtype=torch.float64) + 0.5).to(dtype).to(device) if weight else None
+    return base, bias_t, rows, cols, target, weight_t
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [dict(), dict(n=1, k=1, b=3), dict(n=9, k=300, b=5)], ids=["32x10", "1x1", "9x300"])
+@pytest.mark.parametrize("bias,weight", [(True, False), (False, True)], ids=["bias", "weight"])
+def test_outer_update_nll_matches_reference(seed, device, dtype, shape, bias, weight):
+    args = _nll_inputs(device, dtype, bias=bias, weight=weight, **shape)
+    got = structured.outer_update_nll(*args)
+    want = structured.outer_update_nll_reference(*args)
+    assert got.shape == (args[2].shape[0],) and got.dtype == torch.float64
+    # both round each row's log-probability to the dtype (PyTorch's log-softmax sums in another order, the kernel's
+    # float exp is a polynomial within 1.5 ulp): a few units of eps per row of terms of size ~|logp|
+    n, terms = args[0].shape[0], 1 + args[0].double().abs().max().item() * 2
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * torch.finfo(dtype).eps * n * terms)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES)
+def test_outer_update_nll_moves_nothing_exactly_and_each_perturbation_alone(seed, device, dtype):
+    base, bias, rows, cols, target, weight = _nll_inputs(device, dtype, weight=True)
+    rows[::3] = 0  # these perturbations move nothing: the base point is evaluated by the same code
+    got = structured.outer_update_nll(base, bias, rows, cols, target, weight)
+    assert bool((got[::3] == 0).all())
+    part = structured.outer_update_nll(base, bias, rows[5:9].contiguous(), cols[5:9].contiguous(), target, weight)
+    torch.testing.assert_close(part, got[5:9], rtol=0, atol=0)
+
+
+def test_outer_update_nll_passes_opcheck(seed):
+    base, bias, rows, cols, target, weight = _nll_inputs("cpu", torch.float64, weight=True)
+    structured._ensure_fakes()
+    torch.library.opcheck(torch.ops.gradfd.outer_update_nll.default, (base, bias, rows, cols, target, weight, -100))
+    ignore3 = torch.where(target < 0, 3, target)
+    torch.library.opcheck(torch.ops.gradfd.outer_update_nll.default, (base, None, rows, cols, ignore3, None, 3))
+
+
+BAD_NLL = [
+    ("target out of range", dict(target=torch.full((32,), 10)),
+     "target values must lie in \\[0, 10\\) or equal ignore_index = -100, got 10"),
+    ("target int32", dict(target=torch.zeros(32, dtype=torch.int32)), "target must be a 1-D int64 tensor of n = 32"),
+    ("rows float32", dict(rows=torch.zeros(50, 32)), "rows must be a \\(B, n\\) float64 tensor with n = 32"),
+    ("cols batch", dict(cols=torch.zeros(49, 10, dtype=torch.float64)),
+     "cols must be a \\(B, K\\) float64 tensor with B = 50"),
+    ("bias dtype", dict(bias=torch.zeros(10)), "bias must be a 1-D tensor of K = 10 entries in base's dtype"),
+    ("weight length", dict(weight=torch.ones(9, dtype=torch.float64)), "weight must be a 1-D tensor of K = 10"),
+    ("no classes", dict(base=torch.zeros(32, 0, dtype=torch.float64)), "base must be 2-D \\(n, K\\) with K >= 1"),
+    ("non-contiguous rows", dict(rows=torch.zeros(32, 50, dtype=torch.float64).t()), "rows must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("name,override,message", BAD_NLL, ids=[b[0] for b in BAD_NLL])
+def test_outer_update_nll_checks_name_the_op_and_what_they_got(name, override, message):
+    args = dict(zip(("base", "bias", "rows", "cols", "target", "weight"), _nll_inputs("cpu", torch.float64)))
+    args.update(override)
+    with pytest.raises(RuntimeError, match="gradfd::outer_update_nll: " + message):
+        torch.ops.gradfd.outer_update_nll(*args.values(), -100)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the models of the issue: structured vs generic vs reference, float64, 1e-9 of the largest entry
 
@@ -246,6 +315,55 @@ def test_fused_kernel_is_used_for_the_lessons_models(seed):
         assert any("fused kernel gradfd::linear_update_mse" in note for note in ev.notes), (name, ev.notes)
 
 
+def _cross_entropy_heads():
+    """name -> (func, params, idx, fused): a moved hidden column or weight row under a Linear and cross-entropy
+    (float64); ``fused`` says whether gradfd::outer_update_nll evaluates it (else the moved logits are written out)."""
+    n, d, k, c = 24, 5, 7, 4
+    o = dict(dtype=torch.float64)
+    X, Y = torch.randn(n, d, **o), torch.rand(n, c, **o)
+    labels = torch.randint(0, c, (n,))
+    ignored = labels.clone()
+    ignored[::5] = 3  # ignore_index below
+    cw = torch.rand(c, **o) + 0.5
+    W1, b1 = torch.randn(d, k, **o) / math.sqrt(d), 0.1 * torch.randn(k, **o)
+    W2, b2 = torch.randn(k, c, **o) / math.sqrt(k), 0.1 * torch.randn(c, **o)
+    M = torch.randn(d, c, **o)
+
+    def hidden(W1):
+        return torch.tanh(X @ W1 + b1)
+
+    return {
+        "hidden column, bias, mean": (lambda W1: F.cross_entropy(F.linear(hidden(W1), W2.t(), b2), labels), (W1,), 0,
+                                      True),
+        "hidden column, no bias": (lambda W1: F.cross_entropy(hidden(W1) @ W2, labels), (W1,), 0, True),
+        "class weights, ignored rows, sum": (
+            lambda W1: F.cross_entropy(hidden(W1) @ W2 + b2, ignored, weight=cw, ignore_index=3, reduction="sum"),
+            (W1,), 0, True),
+        "a replaced weight row": (lambda v: F.cross_entropy(X @ (M * v.unsqueeze(1)) + b2, labels),
+                                  (torch.randn(d, **o),), 0, True),
+        "label smoothing (log-softmax read twice)": (
+            lambda W1: F.cross_entropy(hidden(W1) @ W2 + b2, labels, label_smoothing=0.1), (W1,), 0, True),
+        "softmax of the moved logits": (lambda W1: (torch.softmax(hidden(W1) @ W2 + b2, 1) * Y).sum(), (W1,), 0,
+                                        False),
+        "log-softmax over the rows": (lambda W1: (F.log_softmax(hidden(W1) @ W2 + b2, 0) * Y).sum(), (W1,), 0, False),
+        "per-row losses": (lambda W1: F.cross_entropy(hidden(W1) @ W2 + b2, labels, reduction="none").pow(2).sum(),
+                           (W1,), 0, False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cross_entropy_heads()))
+def test_a_moved_column_under_a_linear_and_cross_entropy_agrees_with_the_reference(seed, name):
+    """The fused cross-entropy kernel, and the moved logits written out wherever something else reads them, against
+    the reference loop in float64 (1e-9 of the largest entry)."""
+    func, params, idx, fused = _cross_entropy_heads()[name]
+    ev = engine.evaluate(func, params, idx, steps=1e-5, engine="structured", chunk_size=7)
+    assert ev.engine == "structured", ev.notes
+    assert any("fused kernel gradfd::outer_update_nll" in note for note in ev.notes) == fused, ev.notes
+    got = ev.estimate()[0].reshape(params[idx].shape)
+    ref = reference.numerical_gradient(func, params, idx)
+    assert _agrees_with_reference(got, ref, float(func(*params)))
+
+
 def test_memory_budget_chunks_the_work_and_changes_nothing(seed):
     func, params = _models("cpu", torch.float64)["mlp tanh mse"]
     small = engine.evaluate(func, params, 0, steps=1e-5, engine="structured", memory_budget="4KB")
@@ -353,7 +471,8 @@ def test_shared_test_functions_run_structured(seed, name):
 # float32
 
 
-@pytest.mark.parametrize("name", ["linear regression", "linear layer mse", "mlp tanh mse", "softmax regression"])
+@pytest.mark.parametrize("name", ["linear regression", "linear layer mse", "mlp tanh mse", "softmax regression",
+                                  "mlp tanh cross-entropy"])
 def test_float32_is_as_accurate_as_the_generic_engine(seed, name):
     # Both sum in float64 now (the structured engine the changed terms, the generic engine the whole loss:
     # gradfd/reductions.py), so neither is reliably the better: over 80 draws the structured error was at most

@@ -1,13 +1,16 @@
-// CPU kernels of the structured engine: perturbed columns of a product linear in the perturbed parameter, and
-// the perturbed squared-error sums that follow it. Mirrors csrc/cuda/structured_cuda.cu.
+// CPU kernels of the structured engine: perturbed columns of a product linear in the perturbed parameter, the
+// perturbed squared-error sums that follow it, and the perturbed cross-entropies of a product moved by an outer
+// product. Mirrors csrc/cuda/structured_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../structured.h"
+#include "exp_nonpositive.h"
 
 namespace gradfd {
 namespace {
@@ -105,11 +108,115 @@ at::Tensor linear_update_mse_cpu(const at::Tensor& base, const at::Tensor& featu
   return out;
 }
 
+
+// The terms round(-w[r] * round(log_softmax(logits[r])[target[r]])) of one perturbation's rows, into term (n), with
+// logits[r, k] = round(round(base[r, k] + u[r] * v[k]) + bias[k]) and w[r] = 0 on ignored rows (their term is 0).
+// base_t is base transposed (K, n) and the scratch x (K * n), mx (n), sum (n) is laid out class-major, so that every
+// loop over the rows runs over contiguous memory and vectorises.
+template <typename scalar_t, typename opmath_t>
+void nll_rows(const scalar_t* base_t, const scalar_t* bias, const double* u, const double* v, const int64_t* target,
+              const opmath_t* w, int64_t n, int64_t k, opmath_t* x, opmath_t* mx, opmath_t* sum, double* term) {
+  for (int64_t c = 0; c < k; ++c) {
+    const double vc = v[c];
+    const scalar_t* zc = base_t + c * n;
+    opmath_t* xc = x + c * n;
+    if (bias == nullptr) {
+      for (int64_t r = 0; r < n; ++r) {
+        xc[r] = static_cast<opmath_t>(moved_along<scalar_t>(static_cast<double>(zc[r]), u[r], vc));
+      }
+    } else {
+      const opmath_t bc = static_cast<opmath_t>(bias[c]);
+      for (int64_t r = 0; r < n; ++r) {
+        const opmath_t moved = static_cast<opmath_t>(moved_along<scalar_t>(static_cast<double>(zc[r]), u[r], vc));
+        xc[r] = static_cast<opmath_t>(static_cast<scalar_t>(moved + bc));
+      }
+    }
+  }
+  std::copy(x, x + n, mx);
+  for (int64_t c = 1; c < k; ++c) {
+    const opmath_t* xc = x + c * n;
+    for (int64_t r = 0; r < n; ++r) {
+      mx[r] = (xc[r] > mx[r] || xc[r] != xc[r]) ? xc[r] : mx[r];  // NaN propagates, as in PyTorch's max
+    }
+  }
+  std::fill(sum, sum + n, opmath_t(0));
+  for (int64_t c = 0; c < k; ++c) {
+    const opmath_t* xc = x + c * n;
+    for (int64_t r = 0; r < n; ++r) {
+      sum[r] += exp_nonpositive(xc[r] - mx[r]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    if (w[r] == opmath_t(0)) {
+      term[r] = 0.0;
+      continue;
+    }
+    const opmath_t logp = static_cast<opmath_t>(
+        static_cast<scalar_t>((x[target[r] * n + r] - mx[r]) - std::log(sum[r])));
+    term[r] = static_cast<double>(static_cast<scalar_t>(-logp * w[r]));
+  }
+}
+
+at::Tensor outer_update_nll_cpu(const at::Tensor& base, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+  constexpr const char* op = "gradfd::outer_update_nll: ";
+  check_outer_update_nll_args(base, bias, rows, cols, target, weight, c10::DeviceType::CPU);
+  const int64_t n = base.size(0), k = base.size(1), b = rows.size(0);
+  const int64_t* tg = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    check_nll_target(op, tg[r], k, ignore_index);
+  }
+  auto out = at::zeros({b}, base.options().dtype(at::kDouble));
+  if (b == 0 || n == 0) {
+    return out;
+  }
+  const bool has_bias = bias.has_value() && bias->defined(), has_weight = weight.has_value() && weight->defined();
+  const at::Tensor base_t = base.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::outer_update_nll", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* z = base_t.data_ptr<scalar_t>();
+    const scalar_t* bs = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    // a safe class index and the weight of every row (0 where ignored)
+    std::vector<int64_t> safe(n);
+    std::vector<opmath_t> w(n);
+    for (int64_t r = 0; r < n; ++r) {
+      const bool keep = tg[r] != ignore_index;
+      safe[r] = keep ? tg[r] : 0;
+      w[r] = keep ? (has_weight ? static_cast<opmath_t>(weight->data_ptr<scalar_t>()[tg[r]]) : opmath_t(1))
+                  : opmath_t(0);
+    }
+    // the base point, by the same code: a perturbation that moves nothing changes nothing, exactly
+    std::vector<double> zeros(std::max(n, k), 0.0), term0(n);
+    std::vector<opmath_t> x0(k * n), mx0(n), sum0(n);
+    nll_rows<scalar_t, opmath_t>(z, bs, zeros.data(), zeros.data(), safe.data(), w.data(), n, k, x0.data(), mx0.data(),
+                                 sum0.data(), term0.data());
+    const double* u = rows.data_ptr<double>();
+    const double* v = cols.data_ptr<double>();
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, b, std::max<int64_t>(1, 32768 / (n * k)), [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> x(k * n), mx(n), sum(n);
+      std::vector<double> term(n);
+      for (int64_t e = begin; e < end; ++e) {
+        nll_rows<scalar_t, opmath_t>(z, bs, u + e * n, v + e * k, safe.data(), w.data(), n, k, x.data(), mx.data(),
+                                     sum.data(), term.data());
+        double acc = 0.0;
+        for (int64_t r = 0; r < n; ++r) {
+          acc = rn::add(acc, rn::sub(term[r], term0[r]));
+        }
+        o[e] = acc;
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradfd, CPU, m) {
   m.impl("linear_update", &linear_update_cpu);
   m.impl("linear_update_mse", &linear_update_mse_cpu);
+  m.impl("outer_update_nll", &outer_update_nll_cpu);
 }
 
 }  // namespace gradfd

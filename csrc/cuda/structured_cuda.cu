@@ -1,5 +1,6 @@
-// CUDA kernels of the structured engine: perturbed columns of a product linear in the perturbed parameter, and
-// the perturbed squared-error sums that follow it. Mirrors csrc/cpu/structured_cpu.cpp.
+// CUDA kernels of the structured engine: perturbed columns of a product linear in the perturbed parameter, the
+// perturbed squared-error sums that follow it, and the perturbed cross-entropies of a product moved by an outer
+// product. Mirrors csrc/cpu/structured_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -182,11 +183,123 @@ at::Tensor linear_update_mse_cuda(const at::Tensor& base, const at::Tensor& feat
   return out;
 }
 
+C10_DEVICE inline float log_of(float v) { return ::logf(v); }
+C10_DEVICE inline double log_of(double v) { return ::log(v); }
+
+// One row's term round(-w * round(log_softmax(logits)[t])) with logits[k] = round(round(base[k] + u * v[k]) +
+// bias[k]), as the CPU kernel's nll_rows computes it (exp and log are CUDA's, the CPU's a polynomial: both within
+// 2 ulp). The logits are recomputed in each of the two passes over the classes rather than stored.
+template <typename scalar_t, typename opmath_t>
+C10_DEVICE double nll_row(const scalar_t* __restrict__ base_r, const scalar_t* __restrict__ bias, double u,
+                          const double* __restrict__ v, int64_t k, int64_t t, opmath_t w) {
+  auto logit = [&](int64_t c) {
+    const scalar_t moved = moved_along<scalar_t>(static_cast<double>(base_r[c]), u, v == nullptr ? 0.0 : v[c]);
+    return bias == nullptr ? static_cast<opmath_t>(moved)
+                           : static_cast<opmath_t>(static_cast<scalar_t>(rn::add(
+                                 static_cast<opmath_t>(moved), static_cast<opmath_t>(bias[c]))));
+  };
+  opmath_t mx = logit(0);
+  for (int64_t c = 1; c < k; ++c) {
+    const opmath_t x = logit(c);
+    mx = (x > mx || x != x) ? x : mx;  // NaN propagates, as in PyTorch's max
+  }
+  opmath_t sum = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    sum = rn::add(sum, exp_of(static_cast<opmath_t>(logit(c) - mx)));
+  }
+  const opmath_t logp = static_cast<opmath_t>(static_cast<scalar_t>((logit(t) - mx) - log_of(sum)));
+  return static_cast<double>(static_cast<scalar_t>(-logp * w));
+}
+
+// The base point's terms, one thread per row (0 on ignored rows), by the same code as the perturbed ones.
+template <typename scalar_t>
+__global__ void outer_update_nll_base_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ bias,
+                                             const int64_t* __restrict__ target, const scalar_t* __restrict__ weight,
+                                             double* __restrict__ term0, int64_t n, int64_t k, int64_t ignore_index) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = target[r];
+    term0[r] = t == ignore_index ? 0.0
+                                 : nll_row<scalar_t, opmath_t>(base + r * k, bias, 0.0, nullptr, k, t,
+                                                               weight == nullptr ? opmath_t(1)
+                                                                                 : static_cast<opmath_t>(weight[t]));
+  }
+}
+
+// One warp per perturbation, its lanes over the rows; each lane sums its rows in order and the warp adds the lanes
+// in a fixed tree (__shfl_down_sync), so the result does not depend on scheduling. The warp loop is uniform across
+// the warp, so every lane reaches the shuffles.
+template <typename scalar_t>
+__global__ void outer_update_nll_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ bias,
+                                        const double* __restrict__ rows, const double* __restrict__ cols,
+                                        const int64_t* __restrict__ target, const scalar_t* __restrict__ weight,
+                                        const double* __restrict__ term0, double* __restrict__ out, int64_t n,
+                                        int64_t k, int64_t b, int64_t ignore_index) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kWarp = 32;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t e = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp; e < b; e += warps) {
+    double acc = 0.0;
+    for (int64_t r = lane; r < n; r += kWarp) {
+      const int64_t t = target[r];
+      if (t != ignore_index) {
+        const opmath_t w = weight == nullptr ? opmath_t(1) : static_cast<opmath_t>(weight[t]);
+        const double term = nll_row<scalar_t, opmath_t>(base + r * k, bias, rows[e * n + r], cols + e * k, k, t, w);
+        acc = rn::add(acc, rn::sub(term, term0[r]));
+      }
+    }
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      acc = rn::add(acc, __shfl_down_sync(0xffffffffu, acc, offset));
+    }
+    if (lane == 0) {
+      out[e] = acc;
+    }
+  }
+}
+
+at::Tensor outer_update_nll_cuda(const at::Tensor& base, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+  constexpr const char* op = "gradfd::outer_update_nll: ";
+  check_outer_update_nll_args(base, bias, rows, cols, target, weight, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const int64_t n = base.size(0), k = base.size(1), b = rows.size(0);
+  auto out = at::zeros({b}, base.options().dtype(at::kDouble));
+  if (n > 0) {
+    // a target outside [0, K) that is not ignore_index: the first offender, read back once
+    const auto bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(k))).nonzero();
+    if (bad.size(0) > 0) {
+      check_nll_target(op, target[bad[0][0].item<int64_t>()].item<int64_t>(), k, ignore_index);
+    }
+  }
+  if (b == 0 || n == 0) {
+    return out;
+  }
+  const bool has_bias = bias.has_value() && bias->defined(), has_weight = weight.has_value() && weight->defined();
+  auto term0 = at::empty({n}, base.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "gradfd::outer_update_nll", [&] {
+    const scalar_t* bs = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ws = has_weight ? weight->data_ptr<scalar_t>() : nullptr;
+    outer_update_nll_base_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        base.data_ptr<scalar_t>(), bs, target.data_ptr<int64_t>(), ws, term0.data_ptr<double>(), n, k, ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    outer_update_nll_kernel<scalar_t><<<blocks_for(b * 32), kThreads, 0, stream>>>(
+        base.data_ptr<scalar_t>(), bs, rows.data_ptr<double>(), cols.data_ptr<double>(), target.data_ptr<int64_t>(),
+        ws, term0.data_ptr<double>(), out.data_ptr<double>(), n, k, b, ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradfd, CUDA, m) {
   m.impl("linear_update", &linear_update_cuda);
   m.impl("linear_update_mse", &linear_update_mse_cuda);
+  m.impl("outer_update_nll", &outer_update_nll_cuda);
 }
 
 }  // namespace gradfd

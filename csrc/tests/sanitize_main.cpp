@@ -5,7 +5,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include "cpu/exp_nonpositive.h"
+
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -102,6 +107,59 @@ void linear_update(at::ScalarType dtype, int64_t n, int64_t k, int64_t d, int64_
                                                     std::to_string(activation));
   }
 }
+
+// outer_update_nll against its formula written with ATen ops (PyTorch's log-softmax sums in another order, and the
+// kernel's float exp is a polynomial: equal to rounding, a few units of the dtype's epsilon per row).
+void outer_update_nll(at::ScalarType dtype, int64_t n, int64_t k, int64_t b, bool with_bias, bool with_weight) {
+  auto base = (at::randn({n, k}, at::kDouble) * 3).to(dtype);
+  auto rows = at::randn({b, n}, at::kDouble);
+  auto cols = at::randn({b, k}, at::kDouble);
+  auto target = at::randint(0, k, {n}, at::kLong);
+  if (n > 2) {
+    target[1] = -100;  // ignored
+  }
+  auto bias = with_bias ? at::randn({k}, at::kDouble).to(dtype) : at::Tensor();
+  auto weight = with_weight ? (at::rand({k}, at::kDouble) + 0.5).to(dtype) : at::Tensor();
+  auto got = call("gradfd::outer_update_nll", {base, with_bias ? c10::IValue(bias) : c10::IValue(), rows, cols,
+                                               target, with_weight ? c10::IValue(weight) : c10::IValue(),
+                                               int64_t{-100}})[0].toTensor();
+  expect(got.sizes() == at::IntArrayRef({b}) && got.scalar_type() == at::kDouble, "outer_update_nll: shape and dtype");
+  auto keep = target.ne(-100);
+  auto safe = at::where(keep, target, at::zeros_like(target));
+  auto w = (with_weight ? weight.index_select(0, safe) : at::ones({n}, dtype)) * keep.to(dtype);
+  auto terms = [&](const at::Tensor& moved) {  // (B, n, K) before the bias -> (B, n) float64
+    auto logits = with_bias ? moved + bias : moved;
+    auto logp = at::log_softmax(logits, 2);
+    auto picked = logp.gather(2, safe.view({1, n, 1}).expand({logp.size(0), n, 1})).squeeze(2);
+    return (-picked * w).to(at::kDouble);
+  };
+  auto moved = (base.to(at::kDouble).unsqueeze(0) + rows.unsqueeze(2) * cols.unsqueeze(1)).to(dtype);
+  auto want = (terms(moved) - terms(base.unsqueeze(0))).sum(1);
+  const double eps = dtype == at::kDouble ? 2.3e-16 : dtype == at::kFloat ? 1.2e-7 : 7.9e-3;
+  const double scale = std::max(1.0, terms(moved).abs().max().item<double>());
+  expect(at::allclose(got, want, 0, 8 * eps * scale * n), "outer_update_nll matches its formula");
+}
+
+// exp_nonpositive (csrc/cpu/exp_nonpositive.h) within 1.5 ulp of float64's exp, rounded to float, over the floats
+// in [-87, 0] along a stride; 0 below -87; NaN for NaN.
+void exp_nonpositive_accuracy() {
+  double worst = 0;
+  for (uint64_t bits = 0x80000000u; bits <= 0xC2AE0000u; bits += 1009) {
+    const uint32_t b32 = static_cast<uint32_t>(bits);
+    float v;
+    std::memcpy(&v, &b32, sizeof v);
+    const double want = std::exp(static_cast<double>(v));
+    const float rounded = static_cast<float>(want);
+    const double ulp = static_cast<double>(std::nextafter(rounded, INFINITY)) - rounded;
+    worst = std::max(worst, std::abs(gradfd::exp_nonpositive(v) - want) / ulp);
+  }
+  expect(worst <= 1.5, "exp_nonpositive within 1.5 ulp of exp on [-87, 0], got " + std::to_string(worst));
+  expect(gradfd::exp_nonpositive(-87.5f) == 0.0f && gradfd::exp_nonpositive(-1e30f) == 0.0f &&
+             gradfd::exp_nonpositive(-INFINITY) == 0.0f,
+         "exp_nonpositive is 0 below -87");
+  expect(gradfd::exp_nonpositive(0.0f) == 1.0f && gradfd::exp_nonpositive(-0.0f) == 1.0f, "exp_nonpositive(0) = 1");
+  expect(std::isnan(gradfd::exp_nonpositive(NAN)), "exp_nonpositive(NaN) is NaN");
+}
 }  // namespace
 
 int main() {
@@ -137,6 +195,13 @@ int main() {
     auto none = call("gradfd::linear_update_mse", {z, z, z, at::zeros({0}, at::kLong), at::zeros({0}, at::kLong),
                                                    at::zeros({2, 0}, at::kDouble), int64_t{0}})[0].toTensor();
     expect(none.sizes() == at::IntArrayRef({2, 0}), "linear_update_mse: no coordinates");
+  }
+  exp_nonpositive_accuracy();
+  for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+    outer_update_nll(dtype, 32, 10, 40, true, false);
+    outer_update_nll(dtype, 5, 1, 3, false, true);  // one class: every log-probability is 0
+    outer_update_nll(dtype, 1, 7, 2, true, true);
+    outer_update_nll(dtype, 9, 300, 5, false, false);
   }
   // the example op
   for (auto shape : {std::vector<int64_t>{5, 3}, std::vector<int64_t>{2, 4, 8}, std::vector<int64_t>{0, 3}}) {
@@ -218,6 +283,23 @@ int main() {
     expect_error("gradfd::linear_update_mse", {z, x, z, at::full({4}, 9, at::kLong), fi, dl, int64_t{1}},
                  "column values must lie in [0, 5)");
     expect_error("gradfd::linear_update_mse", {z.t(), x, z, col, fi, dl, int64_t{0}}, "must be 2-D (n, D) with n = 5");
+    auto r = at::randn({3, 13}, at::kDouble);
+    auto c = at::randn({3, 5}, at::kDouble);
+    auto t = at::randint(0, 5, {13}, at::kLong);
+    const c10::IValue none;
+    expect_error("gradfd::outer_update_nll", {z, none, r, c, at::full({13}, 5, at::kLong), none, int64_t{-100}},
+                 "target values must lie in [0, 5) or equal ignore_index = -100, got 5");
+    expect_error("gradfd::outer_update_nll", {z, none, r.narrow(1, 0, 12), c, t, none, int64_t{-100}},
+                 "rows must be a (B, n) float64 tensor with n = 13");
+    expect_error("gradfd::outer_update_nll", {z, none, r, c.narrow(0, 0, 2), t, none, int64_t{-100}},
+                 "cols must be a (B, K) float64 tensor with B = 3");
+    expect_error("gradfd::outer_update_nll", {z, at::randn({5}, at::kFloat), r, c, t, none, int64_t{-100}},
+                 "bias must be a 1-D tensor of K = 5 entries in base's dtype");
+    expect_error("gradfd::outer_update_nll", {z, none, r, c, t, at::randn({4}, at::kDouble), int64_t{-100}},
+                 "weight must be a 1-D tensor of K = 5");
+    expect_error("gradfd::outer_update_nll", {z.t(), none, r, c, t, none, int64_t{-100}}, "rows must be");
+    expect_error("gradfd::outer_update_nll", {z, none, r, c, t.to(at::kInt), none, int64_t{-100}},
+                 "target must be a 1-D int64 tensor");
   }
   if (failures == 0) {
     std::printf("sanitize_main: all kernel checks passed\n");

@@ -30,6 +30,10 @@ exploits that structure:
    optional tanh/ReLU/sigmoid, a target and a squared-error reduction (the lesson's linear and polynomial regressions,
    a Linear layer under MSE), the perturbed values are never materialised: ``gradfd::linear_update_mse`` computes every
    perturbed squared-error sum of a chunk in one pass. Elsewhere ``gradfd::linear_update`` produces the moved columns.
+   When a product's whole output moves by an outer product (a moved input column of a second Linear -- a hidden unit
+   of an MLP, a channel of a CNN after pooling -- or a replaced weight row), then a row bias, ``log_softmax`` over the
+   classes and ``nll_loss`` (cross-entropy with a mean or sum), ``gradfd::outer_update_nll`` computes every perturbed
+   loss without writing the moved logits out; anything else that reads them gets them written out.
 
 Honesty: every loss is the function at the perturbed point, evaluated with three exact identities instead of a fresh
 forward pass, and no derivative formula: (a) ``mm``/``addmm``/``mv`` are linear in each operand (a moved column is
@@ -50,8 +54,10 @@ gradfd, only :mod:`gradfd.errors`, :mod:`gradfd.budget`, :mod:`gradfd.dispatch` 
 Layout (each module imports only those above it):
 
 - ``unsupported``: :class:`StructuredUnsupported` and how ops are named in it.
-- ``kernels``: the native ops ``gradfd::linear_update(_mse)``, their fake kernels and pure-PyTorch references.
-- ``values``: :class:`Perturbed`, :class:`Lineage` and the algebra on regions (gather, widen, broadcast, views).
+- ``kernels``: the native ops ``gradfd::linear_update(_mse)`` and ``gradfd::outer_update_nll``, their fake kernels
+  and pure-PyTorch references.
+- ``values``: :class:`Perturbed`, :class:`Lineage`, :class:`Outer` and the algebra on regions (gather, widen,
+  broadcast, views).
 - ``tracer``: ``func`` to an aten graph (``_GraphRecorder``, :func:`trace`), in-place nodes rewritten out of place.
 - ``handlers``: how each aten op propagates a perturbation (one table, ``handlers.HANDLERS``), by kind: ``linalg``,
   ``shape``, ``pointwise``, ``reductions``, ``losses``, ``layers``, ``attention``.
@@ -66,20 +72,23 @@ from . import kernels, tracer
 from .analysis import Analysis
 from .evaluate import evaluate_into
 from .kernels import (ACTIVATIONS, linear_update, linear_update_mse, linear_update_mse_reference,
-                      linear_update_reference)
+                      linear_update_reference, outer_update_nll, outer_update_nll_reference)
 from .tracer import trace
 from .unsupported import StructuredUnsupported
-from .values import Lineage, Perturbed
+from .values import Lineage, Outer, Perturbed
 
 __all__ = [
     "StructuredUnsupported",
     "Perturbed",
     "Lineage",
+    "Outer",
     "ACTIVATIONS",
     "linear_update",
     "linear_update_reference",
     "linear_update_mse",
     "linear_update_mse_reference",
+    "outer_update_nll",
+    "outer_update_nll_reference",
     "Analysis",
     "evaluate_into",
     "trace",

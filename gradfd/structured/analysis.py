@@ -20,7 +20,7 @@ from .handlers import propagate
 from .handlers.attention import draws_random_numbers
 from .tracer import functional_variant, trace
 from .unsupported import StructuredUnsupported, op_name
-from .values import Perturbed, Unavailable, unravel_batch
+from .values import Outer, Perturbed, Unavailable, unravel_batch
 
 __all__ = ["Analysis"]
 
@@ -29,6 +29,15 @@ __all__ = ["Analysis"]
 # so a larger difference means the graph is not func.
 REPRODUCE_EPS = 16
 TINY_LOSS = 1e-300
+
+
+def _held(v) -> list[torch.Tensor]:
+    """The per-perturbation tensors a value holds: its slab, or the factors of a lazy :class:`Outer`."""
+    if not isinstance(v, Perturbed):
+        return []
+    if v.slab_ is not None:
+        return [v.slab_]
+    return [v.lineage.rows, v.lineage.cols] if isinstance(v.lineage, Outer) else []
 
 
 class Analysis:
@@ -66,7 +75,7 @@ class Analysis:
                 self.last_use[inp] = i
         self._check_reproduces()
         self.cache: dict = {}
-        self.fused: set[str] = set()
+        self.fused: dict[str, set[str]] = {}  # fused kernel -> the nodes it evaluated
         self.densified: set[str] = set()
         self.bytes = 0
 
@@ -150,14 +159,13 @@ class Analysis:
     def _count(self, out, inputs) -> None:
         """Add to :attr:`bytes` the bytes of the new slabs among ``out``'s perturbed values.
 
-        Rule: a slab is new unless it shares the storage of a perturbed input of the same node (a view) or of
-        another output. Only live values are compared, so the count does not depend on whether the allocator
-        reuses a freed address (tests/test_structured.py::test_the_slab_count_is_repeatable)."""
-        seen = {v.slab_.untyped_storage().data_ptr() for v in tree_flatten(inputs)[0]
-                if isinstance(v, Perturbed) and v.slab_ is not None}
+        Rule: a slab (or a lazy outer product's factors) is new unless it shares the storage of a perturbed input of
+        the same node (a view) or of another output. Only live values are compared, so the count does not depend on
+        whether the allocator reuses a freed address (tests/test_structured.py::test_the_slab_count_is_repeatable)."""
+        seen = {t.untyped_storage().data_ptr() for v in tree_flatten(inputs)[0] for t in _held(v)}
         for v in tree_flatten(out)[0]:
-            if isinstance(v, Perturbed) and v.slab_ is not None:
-                storage = v.slab_.untyped_storage()
+            for t in _held(v):
+                storage = t.untyped_storage()
                 if storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
                     self.bytes += storage.nbytes()

@@ -74,9 +74,8 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
     traced = "" if distributed.active() else f" in {analysis.trace_seconds * 1e3:.0f} ms"  # (ranks' clocks differ)
     result.notes.append(f"structured: traced {sum(n.op == 'call_function' for n in analysis.nodes)} aten ops{traced}; "
                         f"chunks of {chunk} coordinates")
-    if analysis.fused:
-        result.notes.append("structured: fused kernel gradfd::linear_update_mse at "
-                            + ", ".join(sorted(analysis.fused)))
+    for kernel, nodes in sorted(analysis.fused.items()):
+        result.notes.append(f"structured: fused kernel {kernel} at " + ", ".join(sorted(nodes)))
     if analysis.densified:
         result.notes.append("structured: region widened to whole tensors at " + ", ".join(sorted(analysis.densified)))
     result.notes.append(f"structured: losses are changes from the base loss {result.loss_offset!r} (loss_offset), "

@@ -1,5 +1,6 @@
-"""The structured engine's native ops: typed wrappers over ``torch.ops.gradfd.linear_update`` and
-``torch.ops.gradfd.linear_update_mse`` (csrc/structured.h), their fake kernels, and a pure-PyTorch reference for each.
+"""The structured engine's native ops: typed wrappers over ``torch.ops.gradfd.linear_update``,
+``torch.ops.gradfd.linear_update_mse`` and ``torch.ops.gradfd.outer_update_nll`` (csrc/structured.cpp), their fake
+kernels, and a pure-PyTorch reference for each.
 
 The activations the fused kernel knows live here too (:data:`ACTIVATIONS`, the aten ops that are those activations,
 and their PyTorch functions). How the engine decides to use a kernel lives with the values and handlers, not here.
@@ -14,7 +15,8 @@ import torch
 from .. import ops
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_OPS", "ACTIVATION_FUNCS", "MAX_NODES", "linear_update",
-           "linear_update_reference", "linear_update_mse", "linear_update_mse_reference"]
+           "linear_update_reference", "linear_update_mse", "linear_update_mse_reference", "outer_update_nll",
+           "outer_update_nll_reference"]
 
 aten = torch.ops.aten
 
@@ -40,6 +42,10 @@ def _ensure_fakes() -> None:
     @torch.library.register_fake("gradfd::linear_update_mse")
     def _linear_update_mse_fake(base, features, target, column, feature, delta, activation):
         return base.new_empty((delta.shape[0], column.shape[0]), dtype=torch.float64)
+
+    @torch.library.register_fake("gradfd::outer_update_nll")
+    def _outer_update_nll_fake(base, bias, rows, cols, target, weight, ignore_index):
+        return base.new_empty((rows.shape[0],), dtype=torch.float64)
 
     _fakes_registered = True
 
@@ -116,3 +122,54 @@ def linear_update_mse_reference(base: torch.Tensor, features: torch.Tensor, targ
     y = target[:, column].t().double()
     diff, diff0 = moved.double() - y.unsqueeze(0), at_base.double() - y
     return (diff * diff - (diff0 * diff0).unsqueeze(0)).sum(-1)
+
+
+def outer_update_nll(base: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
+                     target: torch.Tensor, weight: torch.Tensor | None = None,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """How each perturbation changes the summed negative log-likelihood of a product's output moved by an outer
+    product (a replaced input column, or a replaced weight row), a bias and a log-softmax over classes, in one pass
+    that never writes the moved logits out.
+
+    Args:
+        base: ``(n, K)`` floating, contiguous, ``K >= 1``: the product's unperturbed output (before the bias).
+        bias: ``(K,)`` in base's dtype, contiguous, or None.
+        rows: ``(B, n)`` float64, contiguous; cols: ``(B, K)`` float64, contiguous: perturbation ``b`` moves
+            ``base[r, k]`` by ``rows[b, r] * cols[b, k]``.
+        target: ``(n,)`` int64: each row's class, in ``[0, K)`` or equal to ``ignore_index``.
+        weight: ``(K,)`` class weights in base's dtype, or None (all 1).
+        ignore_index: the target value of rows left out (default -100, as in ``cross_entropy``).
+
+    Returns:
+        ``(B,)`` float64: ``sum_r [nll(logits_b[r], target[r]) - nll(logits[r], target[r])]`` with
+        ``logits_b = round(round(base + rows[b, :, None] * cols[b, None, :]) + bias)`` (the move in float64, rounded
+        once to base's dtype; the bias added in the op-math type and rounded), ``logits`` the same at a zero move, and
+        ``nll(x, t) = round(-weight[t] * round(log_softmax(x)[t]))``, 0 on ignored rows. The log-softmax runs in
+        base's op-math type (on a CPU, float exp by a polynomial within 1.5 ulp); differences and the sum in float64.
+
+    Raises:
+        RuntimeError from the op, naming ``gradfd::outer_update_nll``, on wrong shapes, dtypes, devices or targets;
+        :class:`gradfd.ops.KernelsUnavailableError` when the extension could not be loaded.
+    """
+    ops.require_kernels()
+    _ensure_fakes()
+    return torch.ops.gradfd.outer_update_nll(base, bias, rows, cols, target, weight, ignore_index)
+
+
+def outer_update_nll_reference(base: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
+                               target: torch.Tensor, weight: torch.Tensor | None = None,
+                               ignore_index: int = -100) -> torch.Tensor:
+    """Pure-PyTorch twin of :func:`outer_update_nll` (same arguments; the same result up to the log-softmax's
+    rounding, which PyTorch's kernel sums in another order)."""
+
+    def terms(moved: torch.Tensor) -> torch.Tensor:  # (B, n, K) logits before the bias -> (B, n) float64 terms
+        logits = moved if bias is None else moved + bias
+        logp = torch.log_softmax(logits, -1)
+        keep = target != ignore_index
+        safe = torch.where(keep, target, torch.zeros_like(target))
+        w = (weight[safe] if weight is not None else torch.ones_like(logp[0, :, 0])) * keep.to(base.dtype)
+        picked = logp.gather(2, safe.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2)
+        return (-picked * w).double()
+
+    moved = (base.double().unsqueeze(0) + rows.unsqueeze(2) * cols.unsqueeze(1)).to(base.dtype)
+    return (terms(moved) - terms(base.unsqueeze(0))).sum(1)

@@ -1,5 +1,6 @@
 """The structured engine's values: :class:`Perturbed` (a value under a batch of perturbations, stored as its base
-plus the new values of the region that changed), :class:`Lineage` (a region's values kept lazy for the fused kernel),
+plus the new values of the region that changed), :class:`Lineage` and :class:`Outer` (values kept lazy for the fused
+kernels),
 and the algebra on them -- gathering a region, re-describing it (widen, unit axes, broadcast) and the view-like
 transforms (permute, squeeze, unsqueeze) that move a region without computing anything.
 
@@ -15,9 +16,9 @@ import torch
 
 from .kernels import ACTIVATION_FUNCS, linear_update
 
-__all__ = ["Lineage", "Perturbed", "Unavailable", "gather", "columns", "ravel", "unravel_batch", "absolute", "full",
-           "widen", "unit_axes", "broadcast_to", "with_unaffected", "common_region", "permute", "identity", "unsqueeze",
-           "squeeze", "base_value"]
+__all__ = ["Lineage", "Outer", "Perturbed", "Unavailable", "gather", "columns", "ravel", "unravel_batch", "absolute",
+           "full", "widen", "unit_axes", "broadcast_to", "with_unaffected", "common_region", "permute", "identity",
+           "unsqueeze", "squeeze", "base_value"]
 
 
 @dataclass
@@ -61,6 +62,41 @@ class Lineage:
         return v
 
 
+@dataclass
+class Outer:
+    """A product's whole output moved by an outer product, kept lazy for ``gradfd::outer_update_nll``.
+
+    For perturbation ``b`` the values are ``round(base + rows[b, :, None] * cols[b, None, :])`` (the move in float64,
+    rounded once: mm is linear in each operand), then ``+ bias`` in base's dtype if ``bias`` is given, then
+    ``log_softmax`` along dim 1 if ``log_softmax``. ``base`` ``(n, K)`` is the product's unperturbed output (before the
+    bias), ``rows`` ``(B, n)`` and ``cols`` ``(B, K)`` are float64: a replaced input column ``j`` of ``x @ w`` moves row
+    ``r`` by its change times ``w[j]``; a replaced weight row ``i`` moves every row ``r`` by ``x[r, i]`` times the row's
+    change.
+    """
+
+    base: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    bias: torch.Tensor | None = None
+    log_softmax: bool = False
+
+    def t(self, base: torch.Tensor) -> Outer:
+        """The same move of the transposed product, whose unperturbed output is ``base``: the factors swap."""
+        if self.bias is not None or self.log_softmax:
+            raise ValueError("only a bare product's move transposes")
+        return Outer(base, self.cols, self.rows)
+
+    def materialize(self) -> torch.Tensor:
+        """``(B, n * K)`` values in base's dtype."""
+        v = torch.addcmul(self.base.double().unsqueeze(0), self.rows.unsqueeze(2), self.cols.unsqueeze(1))
+        v = v.to(self.base.dtype)
+        if self.bias is not None:
+            v = v + self.bias
+        if self.log_softmax:
+            v = torch._log_softmax(v, 2, False)
+        return v.reshape(v.shape[0], -1)
+
+
 class Unavailable:
     """An output of a multi-output op that depends on the checked parameter but that its handler does not compute
     (a normalisation's saved statistics, a pooling's indices). What an op computes from it is unavailable too
@@ -84,7 +120,7 @@ class Perturbed:
         pos: ``(B, len(axes))`` int64.
         slab_: ``(B, *T[rest])`` new values of the region (``rest``: the dims not in ``axes``, in order), or None while
             ``lineage`` describes them lazily.
-        lineage: see :class:`Lineage`.
+        lineage: see :class:`Lineage` and :class:`Outer`; handlers read it only while ``slab_`` is None.
         scalar: every row of the slab is one value broadcast over the region.
         promoted: ``base`` was re-evaluated (a float64 reduction) and differs from the traced base.
         relative: (float64 reductions) the slab holds the change from ``base``, not the new values; ``axes`` is ``()``.
@@ -94,7 +130,7 @@ class Perturbed:
     axes: tuple[int, ...]
     pos: torch.Tensor
     slab_: torch.Tensor | None
-    lineage: Lineage | None = None
+    lineage: Lineage | Outer | None = None
     scalar: bool = False
     promoted: bool = False
     relative: bool = False

@@ -2,7 +2,8 @@
 
 A product is linear in each operand: one moved entry ``W[i, j]`` moves column ``j`` of ``X @ W`` by
 ``delta * X[:, i]`` (kept lazy as a :class:`~gradfd.structured.values.Lineage` for the fused kernel); a replaced
-column is recomputed alone; a replaced row moves every output by an outer product, in float64.
+column is recomputed alone; a replaced row of ``W`` (or column of ``X``) moves every output by an outer product, in
+float64, kept lazy as an :class:`~gradfd.structured.values.Outer` for ``gradfd::outer_update_nll``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..unsupported import StructuredUnsupported, op_name
-from ..values import Lineage, Perturbed, base_value, columns, full, permute, squeeze, unit_axes, unsqueeze, widen
+from ..values import (Lineage, Outer, Perturbed, base_value, columns, full, permute, squeeze, unit_axes, unsqueeze,
+                      widen)
 from .pointwise import pointwise
 
 __all__ = ["mm", "mm_right", "handle_bmm", "handle_addmm", "handle_mv"]
@@ -28,6 +30,8 @@ def mm(an, node, base, a, b) -> Perturbed:
         return mm_right(an, node, base, a, b)
     # a @ b = (b^T @ a^T)^T: the parameter on the left is the right-hand case transposed
     out_t = mm_right(an, node, base.t(), b.t(), permute(a, [1, 0], a.base.t()))
+    if isinstance(out_t.lineage, Outer) and out_t.slab_ is None:
+        return Perturbed(base, (), out_t.pos, None, out_t.lineage.t(base))
     return permute(out_t, [1, 0], base)
 
 
@@ -47,12 +51,12 @@ def mm_right(an, node, base, a: torch.Tensor, p: Perturbed) -> Perturbed:
     if p.axes == (1,):  # column j replaced: recompute that column of the product
         return Perturbed(base, (1,), p.pos, torch.mm(p.slab, a.t()).to(dtype))
     an.densified.add(node.name)
-    if p.axes == (0,):  # row i replaced: every output moves by a[:, i] (x) (new row - old row)
+    if p.axes == (0,):  # row i replaced: every output moves by a[:, i] (x) (new row - old row), kept lazy
         i = p.pos[:, 0]
-        drow = p.slab.double() - p.base[i].double()  # (B, k)
-        slab = torch.addcmul(base.double().unsqueeze(0), a.t()[i].double().unsqueeze(2), drow.unsqueeze(1))
-        slab = slab.to(dtype)
-        return Perturbed(base, (), p.pos[:, :0], slab)
+        drow = p.slab.double()
+        drow -= p.base[i]  # (B, k): new row - old row, in float64 (exact for float32 rows)
+        a_t = an.cached((node.name, "a_t", base.shape), lambda: a.t().double().contiguous())
+        return Perturbed(base, (), p.pos[:, :0], None, Outer(base, a_t[i], drow))
     return Perturbed(base, (), p.pos, torch.matmul(a, p.slab).to(dtype))
 
 

@@ -12,7 +12,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..unsupported import StructuredUnsupported, op_name
-from ..values import Perturbed, columns, widen
+from ..kernels import outer_update_nll
+from ..values import Lineage, Outer, Perturbed, columns, widen
 from .pointwise import pointwise
 from .reductions import full_sum, fused_sum
 
@@ -54,7 +55,7 @@ def handle_loss(an, node, base, p, target, *args, **kwargs):
     if p.promoted:
         raise StructuredUnsupported(name, "a loss of a float64-reduced value")
     shape = tuple(p.base.shape)
-    if op is aten.mse_loss.default and p.lineage is not None and p.slab_ is None and \
+    if op is aten.mse_loss.default and isinstance(p.lineage, Lineage) and p.slab_ is None and \
             p.lineage.stage in ("linear", "activated") and reduction in (1, 2) and \
             _broadcasts_to(tuple(target.shape), shape) and target.dtype == p.base.dtype:
         tcols = an.cached((node.name, "target"), lambda: columns(target.expand(shape), p.axes))
@@ -92,6 +93,17 @@ def handle_nll(an, node, base, p, target, weight, reduction, ignore_index):
     w = an.cached((node.name, "w"), lambda: (weight[safe] if weight is not None else torch.ones(
         n, dtype=p.base.dtype, device=p.base.device)) * keep.to(p.base.dtype))
     rows_base = an.cached((node.name, "rows"), lambda: -p.base.gather(1, safe.unsqueeze(1)).squeeze(1) * w)
+    L = p.lineage
+    if isinstance(L, Outer) and L.log_softmax and p.slab_ is None and reduction in (1, 2) and \
+            tuple(p.base.shape) == tuple(L.base.shape) and target.dtype == torch.int64 and \
+            (weight is None or weight.dtype == p.base.dtype):  # the fused kernel: the logits are never written out
+        an.fused.setdefault("gradfd::outer_update_nll", set()).add(node.name)
+        z = an.cached((node.name, "z"), lambda: L.base.contiguous())
+        change = outer_update_nll(z, L.bias, L.rows.contiguous(), L.cols.contiguous(), target.contiguous(),
+                                  None if weight is None else weight.contiguous(), ignore_index)
+        total = an.cached((node.name, "total"), lambda: rows_base.double().sum())
+        summed = Perturbed(total, (), p.pos[:, :0], change, promoted=True, relative=True)
+        return _nll_reduced(summed, reduction, total_weight)
     p = widen(p, tuple(a for a in p.axes if a != 1))
     if p.axes == (0,):
         r = p.pos[:, 0]
@@ -103,7 +115,12 @@ def handle_nll(an, node, base, p, target, weight, reduction, ignore_index):
         rows = Perturbed(rows_base, (), p.pos, (-picked * w).to(p.base.dtype))
     if reduction == 0:
         return (rows, total_weight)
-    summed = full_sum(an, node, rows, False, [])
+    return _nll_reduced(full_sum(an, node, rows, False, []), reduction, total_weight)
+
+
+def _nll_reduced(summed: Perturbed, reduction: int, total_weight: torch.Tensor) -> tuple:
+    """``nll_loss_forward``'s outputs from the relative sum of its rows: divided by the (constant) total weight for
+    the mean."""
     if reduction == 1:  # the total weight does not depend on the parameter
         tw = total_weight.double()
         summed = replace(summed, base=summed.base / tw, slab_=summed.slab / tw)

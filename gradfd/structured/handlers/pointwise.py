@@ -14,10 +14,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..kernels import ACTIVATION_OPS
-from ..values import Lineage, Perturbed, broadcast_to, columns, common_region, gather, ravel, widen
+from ..values import Lineage, Outer, Perturbed, broadcast_to, columns, common_region, gather, ravel, widen
 
 __all__ = ["RELATIVE_LINEAR", "is_pointwise", "output_base", "pointwise", "extend_lineage", "start_lineage",
-           "relative_linear"]
+           "add_row_bias", "relative_linear"]
 
 aten = torch.ops.aten
 
@@ -90,6 +90,8 @@ def extend_lineage(an, node, op, base, args, kwargs) -> Perturbed | None:
         return None
     p = perturbed[0]
     alpha = kwargs.get("alpha", 1)
+    if isinstance(p.lineage, Outer):
+        return add_row_bias(node, op, base, p, args, alpha)
     if p.lineage is None:
         return start_lineage(an, node, op, base, p, args, alpha)
     if tuple(p.base.shape) != tuple(base.shape):
@@ -120,6 +122,20 @@ def extend_lineage(an, node, op, base, args, kwargs) -> Perturbed | None:
     if squares and L.stage != "squared":
         return replace(p, base=base, lineage=replace(L, squared=True), slab_=None)
     return None
+
+
+def add_row_bias(node, op, base, p: Perturbed, args, alpha) -> Perturbed | None:
+    """``product + bias`` with ``bias`` a constant row (``(K,)`` or ``(1, K)``, the product's dtype) added once to a
+    bare :class:`~gradfd.structured.values.Outer`: kept lazy, for ``gradfd::outer_update_nll`` to add."""
+    L = p.lineage
+    if op is not aten.add.Tensor or alpha != 1 or len(args) != 2 or L.bias is not None or L.log_softmax or \
+            p.slab_ is not None or tuple(base.shape) != tuple(L.base.shape):
+        return None
+    bias = args[1] if args[0] is p else args[0]
+    if isinstance(bias, Perturbed) or not isinstance(bias, torch.Tensor) or bias.dtype != base.dtype or \
+            tuple(bias.shape) not in ((base.shape[1],), (1, base.shape[1])):
+        return None
+    return Perturbed(base, (), p.pos, None, replace(L, bias=bias.reshape(-1).contiguous()))
 
 
 def start_lineage(an, node, op, base, p: Perturbed, args, alpha) -> Perturbed | None:

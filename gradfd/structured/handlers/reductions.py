@@ -9,10 +9,12 @@ from the float64 base sum).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..kernels import ACTIVATION_FUNCS, MAX_NODES, linear_update_mse
-from ..values import Perturbed, gather, widen
+from ..values import Lineage, Outer, Perturbed, gather, widen
 from .pointwise import output_base
 
 SHORT_LAST_DIM = 32  # on a CPU, softmax along a last dim this short runs laid out along the first (handle_softmax)
@@ -64,7 +66,7 @@ def fused_sum(an, node, p: Perturbed, target: torch.Tensor | None, mean: bool, k
         return full_sum(an, node, p, mean, keep_shape)
     if target is None:
         target = an.cached((node.name, "zeros"), lambda: torch.zeros_like(L.z))
-    an.fused.add(node.name)
+    an.fused.setdefault("gradfd::linear_update_mse", set()).add(node.name)
 
     def base_total():
         a = ACTIVATION_FUNCS[L.activation](L.z) if L.activation else L.z
@@ -92,7 +94,7 @@ def handle_reduction(an, node, base, p, dims=None, keepdim=False, *, dtype=None)
     if op in FULL_SUMS and len(red) == nd:
         keep_shape = [1] * nd if keepdim else []
         mean = FULL_SUMS[op] == "mean"
-        if p.lineage is not None and p.slab_ is None and p.lineage.squared and not p.promoted:
+        if isinstance(p.lineage, Lineage) and p.slab_ is None and p.lineage.squared and not p.promoted:
             return fused_sum(an, node, p, p.lineage.target, mean, keep_shape)
         return full_sum(an, node, p, mean, keep_shape)
     base, promoted = output_base(an, node, op, base, (p, dims, keepdim), {"dtype": dtype} if dtype else {})
@@ -110,6 +112,10 @@ def handle_softmax(an, node, base, p, dim, half_to_float) -> Perturbed:
     """``_softmax``/``_log_softmax``: the op on the region widened to the whole softmax dim."""
     nd = p.base.dim()
     dim = dim % nd if nd else 0
+    L = p.lineage
+    if isinstance(L, Outer) and p.slab_ is None and not L.log_softmax and node.target is aten._log_softmax.default \
+            and not half_to_float and nd == 2 and dim == 1 and tuple(p.base.shape) == tuple(L.base.shape):
+        return Perturbed(base, (), p.pos, None, replace(L, log_softmax=True))  # for gradfd::outer_update_nll
     if nd:
         p = widen(p, tuple(a for a in p.axes if a != dim))
         d = p.rest.index(dim) + 1
