@@ -1,5 +1,5 @@
-"""Issue 21's per-layer table: the structured engine on convolution, normalisation, pooling, embedding, softmax and
-attention layers, against the generic engine and the reference loop, with its error against autograd.
+"""Issue 21's per-layer table: the structured engine on convolution, normalisation, pooling, embedding, softmax,
+attention and cross-entropy layers, against the generic engine and the reference loop, with its error against autograd.
 
     uv run python benchmarks/bench_layers.py              # records results/layers.json, renders it into docs/
     uv run python benchmarks/bench_layers.py --no-record
@@ -102,6 +102,11 @@ def _cases():
 
         return func, (rn(g, 128, 128, scale=128**-0.5),)
 
+    def mlp_ce(g):
+        x, w2, b2 = rn(g, 32, 256), rn(g, 512, 10, scale=512**-0.5), rn(g, 10, scale=0.1)
+        y = torch.randint(0, 10, (32,), generator=g)
+        return (lambda w: F.cross_entropy(F.gelu(x @ w) @ w2 + b2, y)), (rn(g, 256, 512, scale=256**-0.5),)
+
     builders = {
         "conv2d weight 32x16x3x3, tanh, mean square (8x16x32x32)": conv,
         "conv2d weight under MSE (the fused kernel)": conv_mse,
@@ -116,6 +121,7 @@ def _cases():
         "embedding 2000x64, 32x64 indices": embedding,
         "conv, softmax over channels": softmax,
         "attention: the query's projection 128x128, 4 heads, 8x64 tokens": attention,
+        "linear 256x512, GELU, linear 512x10, cross-entropy (the fused kernel)": mlp_ce,
     }
 
     def at(make):

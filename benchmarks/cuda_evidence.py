@@ -34,14 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCH = "sm_90"  # the H100/H200 the GPU checks run on
 
 # kernels whose outputs the tests compare with PyTorch bitwise (rtol=0, atol=0), or with a tolerance far below one
-# rounding of the value they round (linear_update_mse's perturbed value): tests/test_kernels.py, tests/test_structured.py
+# rounding of the value they round (linear_update_mse's perturbed value; outer_update_nll's moved logits and bias add,
+# each rounded as PyTorch's ops): tests/test_kernels.py, tests/test_structured.py
 BITWISE_KERNELS = ("perturb_rows_kernel", "central_differences_kernel", "linear_update_kernel",
-                   "linear_update_mse_kernel")
+                   "linear_update_mse_kernel", "outer_update_nll_kernel", "outer_update_nll_base_kernel")
 # kernels that must keep everything in registers (no stack frame, no spills)
 NO_LOCAL_MEMORY_KERNELS = ("linear_update_kernel", "linear_update_mse_kernel")
 NO_FMAD = ("-fmad=false",)  # the cross-check: what is left when nvcc may not contract
 # a source line that calls into the math library: FMAs inlined from its implementation are the library's own
-MATH_CALL = re.compile(r"(?<![\w.])(?:::)?(tanhf?|expf?|erff?)\s*\(")
+MATH_CALL = re.compile(r"(?<![\w.])(?:::)?(tanhf?|expf?|erff?|logf?)\s*\(")
 
 
 def _build_module():

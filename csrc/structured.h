@@ -124,8 +124,8 @@ inline void check_outer_update_nll_args(const at::Tensor& base, const std::optio
               op, "cols must be a (B, K) float64 tensor with B = ", rows.size(0), " and K = ", k, ", got shape ",
               cols.sizes(), " and dtype ", cols.scalar_type());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == n && target.scalar_type() == at::kLong, op,
-              "target must be a 1-D int64 tensor of n = ", n, " classes, got shape ", target.sizes(), " and dtype ",
-              target.scalar_type());
+              "target must be a 1-D int64 tensor of n = ", n, " rows' classes, got shape ", target.sizes(),
+              " and dtype ", target.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>&>{"bias", bias},
                                 {"weight", weight}}) {
     if (t.has_value() && t->defined()) {

@@ -135,8 +135,10 @@ def test_linear_update_checks_name_the_op():
 
 
 def _nll_inputs(device, dtype, n=32, k=10, b=50, bias=True, weight=False):
-    """outer_update_nll's arguments: logits of a few units, moves of order 1, a row ignored (where n > 2)."""
-    base = (torch.randn(n, k, dtype=torch.float64) * 3).to(dtype).to(device)
+    """outer_update_nll's arguments: logits of 256 + N(0, 1) and moves of order 1, a row ignored (where n > 2). The
+    logits' grid (their spacing at 256) is some 100 times the log-probabilities' (at ~1): a rounding of the logits left
+    out moves a log-probability by many units of its last place."""
+    base = (256 + torch.randn(n, k, dtype=torch.float64)).to(dtype).to(device)
     rows = torch.randn(b, n, dtype=torch.float64, device=device)
     cols = torch.randn(b, k, dtype=torch.float64, device=device)
     target = torch.randint(0, k, (n,), device=device)
@@ -147,19 +149,43 @@ def _nll_inputs(device, dtype, n=32, k=10, b=50, bias=True, weight=False):
     return base, bias_t, rows, cols, target, weight_t
 
 
+def _nll_rows(args) -> torch.Tensor:
+    """``(B, n)``: outer_update_nll of each row alone (a one-row problem per row), float64."""
+    base, bias, rows, cols, target, weight = args
+    return torch.stack([structured.outer_update_nll(base[r:r + 1].contiguous(), bias, rows[:, r:r + 1].contiguous(),
+                                                    cols, target[r:r + 1].contiguous(), weight)
+                        for r in range(base.shape[0])], 1)
+
+
+def _nll_rows_reference(args) -> torch.Tensor:
+    base, bias, rows, cols, target, weight = args
+    return torch.stack([structured.outer_update_nll_reference(base[r:r + 1], bias, rows[:, r:r + 1], cols,
+                                                              target[r:r + 1], weight)
+                        for r in range(base.shape[0])], 1)
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", ALL_FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", [dict(), dict(n=1, k=1, b=3), dict(n=9, k=300, b=5)], ids=["32x10", "1x1", "9x300"])
-@pytest.mark.parametrize("bias,weight", [(True, False), (False, True)], ids=["bias", "weight"])
+@pytest.mark.parametrize("shape", [dict(), dict(n=1, k=1, b=3), dict(n=9, k=300, b=5), dict(n=70, k=3, b=40)],
+                         ids=["32x10", "1x1", "9x300", "70x3"])
+@pytest.mark.parametrize("bias,weight", [(True, False), (False, True), (True, True)], ids=["bias", "weight", "both"])
 def test_outer_update_nll_matches_reference(seed, device, dtype, shape, bias, weight):
+    """Row by row, the kernel's term is the reference's: both round the moved logits, the bias add, the
+    log-probability and its product with the weight to the dtype, and may differ only where the log-softmax's own
+    rounding (PyTorch sums in another order; the kernel's float exp is a polynomial within 1.5 ulp) tips the
+    perturbed or the base log-probability to a neighbouring value: by at most two units of its last place. A rounding
+    of the logits left out (before the bias, say) moves a row by up to half the logits' spacing, many of those
+    units (``_nll_inputs``)."""
     args = _nll_inputs(device, dtype, bias=bias, weight=weight, **shape)
     got = structured.outer_update_nll(*args)
-    want = structured.outer_update_nll_reference(*args)
     assert got.shape == (args[2].shape[0],) and got.dtype == torch.float64
-    # both round each row's log-probability to the dtype (PyTorch's log-softmax sums in another order, the kernel's
-    # float exp is a polynomial within 1.5 ulp): a few units of eps per row of terms of size ~|logp|
-    n, terms = args[0].shape[0], 1 + args[0].double().abs().max().item() * 2
-    torch.testing.assert_close(got, want, rtol=0, atol=8 * torch.finfo(dtype).eps * n * terms)
+    rows, want = _nll_rows(args), _nll_rows_reference(args)
+    torch.testing.assert_close(got, rows.sum(1), rtol=1e-12, atol=1e-12)  # the rows, summed in float64
+    logits = args[0].double() + args[2].unsqueeze(2) * args[3].unsqueeze(1)
+    ulp = 2 * torch.finfo(dtype).eps * (1 + torch.log_softmax(logits, -1).abs().max().item()) * (
+        1 if args[5] is None else 2)
+    off = (rows - want).abs()
+    assert off.max().item() <= 2 * ulp, (off.max().item(), ulp)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
@@ -184,7 +210,8 @@ def test_outer_update_nll_passes_opcheck(seed):
 BAD_NLL = [
     ("target out of range", dict(target=torch.full((32,), 10)),
      "target values must lie in \\[0, 10\\) or equal ignore_index = -100, got 10"),
-    ("target int32", dict(target=torch.zeros(32, dtype=torch.int32)), "target must be a 1-D int64 tensor of n = 32"),
+    ("target int32", dict(target=torch.zeros(32, dtype=torch.int32)),
+     "target must be a 1-D int64 tensor of n = 32 rows' classes"),
     ("rows float32", dict(rows=torch.zeros(50, 32)), "rows must be a \\(B, n\\) float64 tensor with n = 32"),
     ("cols batch", dict(cols=torch.zeros(49, 10, dtype=torch.float64)),
      "cols must be a \\(B, K\\) float64 tensor with B = 50"),
@@ -339,6 +366,15 @@ def _cross_entropy_heads():
         "class weights, ignored rows, sum": (
             lambda W1: F.cross_entropy(hidden(W1) @ W2 + b2, ignored, weight=cw, ignore_index=3, reduction="sum"),
             (W1,), 0, True),
+        "class weights, mean (over the total weight)": (
+            lambda W1: F.cross_entropy(hidden(W1) @ W2 + b2, ignored, weight=cw, ignore_index=3), (W1,), 0, True),
+        "the hidden layer read again": (
+            lambda W1: (lambda h: F.cross_entropy(h @ W2 + b2, labels) + h.pow(2).mean())(hidden(W1)), (W1,), 0, True),
+        "a replaced weight row read again": (
+            lambda v: (lambda W: F.cross_entropy(X @ W + b2, labels) + W.abs().sum())(M * v.unsqueeze(1)),
+            (torch.randn(d, **o),), 0, True),
+        "an expanded parameter as the weight": (lambda v: F.cross_entropy(X @ v.unsqueeze(1).expand(-1, c), labels),
+                                                (torch.randn(d, **o),), 0, True),
         "a replaced weight row": (lambda v: F.cross_entropy(X @ (M * v.unsqueeze(1)) + b2, labels),
                                   (torch.randn(d, **o),), 0, True),
         "label smoothing (log-softmax read twice)": (
@@ -362,6 +398,21 @@ def test_a_moved_column_under_a_linear_and_cross_entropy_agrees_with_the_referen
     got = ev.estimate()[0].reshape(params[idx].shape)
     ref = reference.numerical_gradient(func, params, idx)
     assert _agrees_with_reference(got, ref, float(func(*params)))
+
+
+def test_the_fused_cross_entropy_in_float32_is_its_reference(seed, monkeypatch):
+    """Float32 losses through gradfd::outer_update_nll equal those through its PyTorch twin (the logits written out),
+    up to the log-softmax's own rounding of a few rows."""
+    from gradfd.structured.handlers import losses
+
+    func, params = _models("cpu", torch.float32)["mlp tanh cross-entropy"]
+    fused = engine.evaluate(func, params, 0, steps=None, engine="structured")
+    assert any("gradfd::outer_update_nll" in note for note in fused.notes), fused.notes
+    monkeypatch.setattr(losses, "outer_update_nll", structured.outer_update_nll_reference)
+    twin = engine.evaluate(func, params, 0, steps=None, engine="structured")
+    loss = float(func(*params))
+    torch.testing.assert_close(fused.losses, twin.losses, rtol=0, atol=8 * torch.finfo(torch.float32).eps * loss)
+    assert fused.losses.abs().max() > 100 * 8 * torch.finfo(torch.float32).eps * loss  # the changes are resolved
 
 
 def test_memory_budget_chunks_the_work_and_changes_nothing(seed):
@@ -544,6 +595,40 @@ def test_unsupported_functions_raise_naming_the_op_and_fall_back_under_auto(seed
     if name != "boolean mask":  # w > 0 may flip at a node: compare like with like
         want = gradfd.numerical_gradient(func, params, 0, engine="batched")
         assert _rel(ev.estimate()[0].reshape(params[0].shape), want) <= 1e-9
+
+
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "stored"])
+def test_a_refusal_after_some_chunks_falls_back_without_repeating_or_mixing_columns(seed, sink, monkeypatch):
+    """A refusal at a later chunk: the columns a sink already took are not delivered again, and losses stored as
+    changes from the base are all overwritten by the generic engine's (never a mix of the two)."""
+    func, params = _models("cpu", torch.float64)["mlp tanh mse"]
+    run = structured.Analysis.run
+    calls = []
+
+    def refuse_the_second_chunk(self, coords, moved):
+        calls.append(coords.numel())
+        if len(calls) == 2:
+            raise StructuredUnsupported("aten.test", "refused at the second chunk")
+        return run(self, coords, moved)
+
+    monkeypatch.setattr(structured.Analysis, "run", refuse_the_second_chunk)
+    monkeypatch.setattr(structured, "_MIN_WORK", 0)  # make "auto" try the structured engine on this small problem
+    monkeypatch.setattr(engine, "_STRUCTURED_MIN_EVALUATIONS", 0)
+    taken = []
+    deliver = (lambda a, b, values, disp: taken.append((a, b, values.clone()))) if sink else None
+    m = params[0].numel()
+    ev = engine.evaluate(func, params, 0, steps=1e-5, engine="auto", chunk_size=3, sink=deliver)
+    assert len(calls) == 2 and any("refused at the second chunk" in note for note in ev.notes), ev.notes
+    want = engine.evaluate(func, params, 0, steps=1e-5, engine="batched")
+    if sink:
+        columns = torch.cat([torch.arange(a, b) for a, b, _ in taken])
+        assert sorted(columns.tolist()) == list(range(m))  # every column once
+        got = torch.empty_like(want.losses)
+        for a, b, values in taken:
+            got[:, a:b] = values.view(got.shape[0], b - a)
+        torch.testing.assert_close(got, want.losses, rtol=1e-12, atol=0)
+    else:
+        torch.testing.assert_close(ev.losses + ev.loss_offset, want.losses, rtol=1e-12, atol=0)
 
 
 def test_auto_uses_the_structured_engine_on_large_problems(seed):

@@ -15,7 +15,7 @@ namespace gradfd {
 // polynomial (truncated below 0.1 ulp), and 2^n written into the exponent bits. Within 1.5 ulp of exp
 // (csrc/tests/sanitize_main.cpp measures it against float64 over the floats in [-87, 0] along a stride). Below -87 it
 // gives 0 (selected on the bits: a non-positive float's bits grow as it falls): exp(v) < 2^-125 there, which cannot
-// change a softmax sum of at least 1 rounded to float. NaN gives NaN.
+// change a softmax sum of at least 1 rounded to float. NaN (of either sign) gives NaN.
 inline float exp_nonpositive(float v) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
@@ -23,6 +23,7 @@ inline float exp_nonpositive(float v) {
   constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: v * log2e + kShifter holds round(v * log2e) in its low bits
   constexpr uint32_t kShifterBits = 0x4B400000u;
   constexpr uint32_t kFloorBits = 0xC2AE0000u;  // -87.0f
+  constexpr uint32_t kAbsMask = 0x7FFFFFFFu, kInfBits = 0x7F800000u;  // |bits| above infinity's: a NaN
   const float shifted = v * kLog2e + kShifter;
   const float n = shifted - kShifter;
   const float r = (v - n * kLn2Hi) - n * kLn2Lo;
@@ -43,7 +44,9 @@ inline float exp_nonpositive(float v) {
   uint32_t v_bits, out_bits;
   std::memcpy(&v_bits, &v, sizeof v_bits);
   std::memcpy(&out_bits, &value, sizeof out_bits);
-  out_bits &= 0u - static_cast<uint32_t>(v_bits <= kFloorBits);
+  const uint32_t keep =
+      static_cast<uint32_t>(v_bits <= kFloorBits) | static_cast<uint32_t>((v_bits & kAbsMask) > kInfBits);
+  out_bits &= 0u - keep;
   float out;
   std::memcpy(&out, &out_bits, sizeof out);
   return out;

@@ -110,12 +110,14 @@ at::Tensor linear_update_mse_cpu(const at::Tensor& base, const at::Tensor& featu
 
 
 // The terms round(-w[r] * round(log_softmax(logits[r])[target[r]])) of one perturbation's rows, into term (n), with
-// logits[r, k] = round(round(base[r, k] + u[r] * v[k]) + bias[k]) and w[r] = 0 on ignored rows (their term is 0).
+// logits[r, k] = round(round(base[r, k] + u[r] * v[k]) + bias[k]); 0 on the rows keep[r] leaves out (ignore_index).
+// A kept row of weight 0 still computes -logp * 0, NaN where logp is infinite, as PyTorch's nll_loss does.
 // base_t is base transposed (K, n) and the scratch x (K * n), mx (n), sum (n) is laid out class-major, so that every
 // loop over the rows runs over contiguous memory and vectorises.
 template <typename scalar_t, typename opmath_t>
 void nll_rows(const scalar_t* base_t, const scalar_t* bias, const double* u, const double* v, const int64_t* target,
-              const opmath_t* w, int64_t n, int64_t k, opmath_t* x, opmath_t* mx, opmath_t* sum, double* term) {
+              const uint8_t* keep, const opmath_t* w, int64_t n, int64_t k, opmath_t* x, opmath_t* mx, opmath_t* sum,
+              double* term) {
   for (int64_t c = 0; c < k; ++c) {
     const double vc = v[c];
     const scalar_t* zc = base_t + c * n;
@@ -147,7 +149,7 @@ void nll_rows(const scalar_t* base_t, const scalar_t* bias, const double* u, con
     }
   }
   for (int64_t r = 0; r < n; ++r) {
-    if (w[r] == opmath_t(0)) {
+    if (!keep[r]) {
       term[r] = 0.0;
       continue;
     }
@@ -177,20 +179,20 @@ at::Tensor outer_update_nll_cpu(const at::Tensor& base, const std::optional<at::
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* z = base_t.data_ptr<scalar_t>();
     const scalar_t* bs = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
-    // a safe class index and the weight of every row (0 where ignored)
+    // whether each row counts, a safe class index and its weight
+    std::vector<uint8_t> keep(n);
     std::vector<int64_t> safe(n);
     std::vector<opmath_t> w(n);
     for (int64_t r = 0; r < n; ++r) {
-      const bool keep = tg[r] != ignore_index;
-      safe[r] = keep ? tg[r] : 0;
-      w[r] = keep ? (has_weight ? static_cast<opmath_t>(weight->data_ptr<scalar_t>()[tg[r]]) : opmath_t(1))
-                  : opmath_t(0);
+      keep[r] = tg[r] != ignore_index;
+      safe[r] = keep[r] ? tg[r] : 0;
+      w[r] = keep[r] && has_weight ? static_cast<opmath_t>(weight->data_ptr<scalar_t>()[tg[r]]) : opmath_t(1);
     }
     // the base point, by the same code: a perturbation that moves nothing changes nothing, exactly
     std::vector<double> zeros(std::max(n, k), 0.0), term0(n);
     std::vector<opmath_t> x0(k * n), mx0(n), sum0(n);
-    nll_rows<scalar_t, opmath_t>(z, bs, zeros.data(), zeros.data(), safe.data(), w.data(), n, k, x0.data(), mx0.data(),
-                                 sum0.data(), term0.data());
+    nll_rows<scalar_t, opmath_t>(z, bs, zeros.data(), zeros.data(), safe.data(), keep.data(), w.data(), n, k,
+                                 x0.data(), mx0.data(), sum0.data(), term0.data());
     const double* u = rows.data_ptr<double>();
     const double* v = cols.data_ptr<double>();
     double* o = out.data_ptr<double>();
@@ -198,8 +200,8 @@ at::Tensor outer_update_nll_cpu(const at::Tensor& base, const std::optional<at::
       std::vector<opmath_t> x(k * n), mx(n), sum(n);
       std::vector<double> term(n);
       for (int64_t e = begin; e < end; ++e) {
-        nll_rows<scalar_t, opmath_t>(z, bs, u + e * n, v + e * k, safe.data(), w.data(), n, k, x.data(), mx.data(),
-                                     sum.data(), term.data());
+        nll_rows<scalar_t, opmath_t>(z, bs, u + e * n, v + e * k, safe.data(), keep.data(), w.data(), n, k,
+                                     x.data(), mx.data(), sum.data(), term.data());
         double acc = 0.0;
         for (int64_t r = 0; r < n; ++r) {
           acc = rn::add(acc, rn::sub(term[r], term0[r]));

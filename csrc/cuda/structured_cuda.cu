@@ -228,8 +228,9 @@ __global__ void outer_update_nll_base_kernel(const scalar_t* __restrict__ base, 
 }
 
 // One warp per perturbation, its lanes over the rows; each lane sums its rows in order and the warp adds the lanes
-// in a fixed tree (__shfl_down_sync), so the result does not depend on scheduling. The warp loop is uniform across
-// the warp, so every lane reaches the shuffles.
+// in a fixed tree (__shfl_down_sync), so the result does not depend on scheduling (the CPU kernel sums the rows in
+// order: the two differ in the order of that float64 sum, and in exp and log). The warp loop is uniform across the
+// warp, so every lane reaches the shuffles.
 template <typename scalar_t>
 __global__ void outer_update_nll_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ bias,
                                         const double* __restrict__ rows, const double* __restrict__ cols,

@@ -162,6 +162,7 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
     if engine == "structured" and problem.vector:
         raise ValueError("engine='structured' checks scalar losses; use engine='auto' or 'batched' for a tensor-valued "
                          "func")
+    done = 0
     if (engine == "structured" or engine == "auto") and not problem.vector:  # the structured engine when it applies
         from .. import structured
 
@@ -175,8 +176,8 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
                 if engine == "structured":
                     raise
                 result.notes.append(f"structured engine not applicable ({exc.op}: {exc.reason}); generic engine used")
+                done = exc.delivered  # (columns a sink already took: never delivered twice)
 
-    done = 0
     if engine == "auto" and m * s <= _TINY:
         result.notes.append(f"{m * s} evaluations: loop (below the batching threshold of {_TINY})")
         engine = "loop"
@@ -185,13 +186,13 @@ def _evaluate(problem: Problem, steps, stencil: Stencil, coords, engine, batchin
         result.notes.append("distributed: batched, without the timing probe")
         engine = "batched"
     loop_rate = None
-    if engine == "auto":
-        probe = min(_PROBE_LOOP, m)
+    if engine == "auto" and done < m:
+        probe = min(_PROBE_LOOP, m - done)
         t0 = time.perf_counter()
-        loop_coordinates(problem, result, 0, probe, moved, x)
+        loop_coordinates(problem, result, done, done + probe, moved, x)
         sync(device)
         loop_rate = (time.perf_counter() - t0) / probe
-        done = probe
+        done += probe
     if engine in ("auto", "batched") and done < m:
         def loop(a: int, b: int) -> None:
             loop_coordinates(problem, result, a, b, moved, x)

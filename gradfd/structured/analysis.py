@@ -146,8 +146,10 @@ class Analysis:
                     if not any(isinstance(v, (Perturbed, Unavailable)) for v in tree_flatten((args, kwargs))[0]):
                         values[node] = self.env[node]
                     else:
+                        lazy = [v for v in tree_flatten((args, kwargs))[0]
+                                if isinstance(v, Perturbed) and v.slab_ is None]
                         values[node] = propagate(self, node, args, kwargs)
-                        self._count(values[node], (args, kwargs))
+                        self._count(values[node], (args, kwargs), lazy)
                 elif node.op == "output":
                     out = torch.fx.node.map_arg(node.args[0], values.__getitem__)
                     return self._losses(out)
@@ -156,13 +158,21 @@ class Analysis:
                         values.pop(inp, None)
         raise StructuredUnsupported("output", "the graph has no output")
 
-    def _count(self, out, inputs) -> None:
-        """Add to :attr:`bytes` the bytes of the new slabs among ``out``'s perturbed values.
+    def _count(self, out, inputs, lazy: list) -> None:
+        """Add to :attr:`bytes` the bytes of the new slabs among ``out``'s perturbed values, and of the slabs the
+        handler wrote out for the ``lazy`` inputs (an outer product's with its float64 intermediate).
 
         Rule: a slab (or a lazy outer product's factors) is new unless it shares the storage of a perturbed input of
         the same node (a view) or of another output. Only live values are compared, so the count does not depend on
         whether the allocator reuses a freed address (tests/test_structured.py::test_the_slab_count_is_repeatable)."""
-        seen = {t.untyped_storage().data_ptr() for v in tree_flatten(inputs)[0] for t in _held(v)}
+        seen = set()
+        for v in lazy:
+            if v.slab_ is not None and v.slab_.untyped_storage().data_ptr() not in seen:
+                seen.add(v.slab_.untyped_storage().data_ptr())
+                self.bytes += v.slab_.untyped_storage().nbytes()
+                if isinstance(v.lineage, Outer):
+                    self.bytes += v.slab_.numel() * 8  # (float64)
+        seen |= {t.untyped_storage().data_ptr() for v in tree_flatten(inputs)[0] for t in _held(v)}
         for v in tree_flatten(out)[0]:
             for t in _held(v):
                 storage = t.untyped_storage()

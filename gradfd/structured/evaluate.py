@@ -13,6 +13,7 @@ import torch
 from .. import distributed
 from ..budget import STRUCTURED_CPU_WORKING_SET
 from .analysis import Analysis
+from .unsupported import StructuredUnsupported
 
 __all__ = ["evaluate_into", "PROBE_COORDS", "INDEX_BYTES_PER_NODE"]
 
@@ -57,16 +58,20 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
             result.store(a, b, vals.view(s, b - a))
         return base
 
-    while start < m:
-        if start > 0 and distributed.sharing() is not None:  # the chunk size is settled: deal the rest out
-            distributed.share_columns(result, None, distributed.blocks_of(start, m, chunk), fill)
-            break
-        this = min(chunk, m - start)
-        base = fill(start, start + this)
-        if start == 0 and chunk_size is None:
-            per_coord = analysis.bytes / this + INDEX_BYTES_PER_NODE * s
-            chunk = int(max(1, min(m, budget // max(per_coord, 1))))
-        start += this
+    try:
+        while start < m:
+            if start > 0 and distributed.sharing() is not None:  # the chunk size is settled: deal the rest out
+                distributed.share_columns(result, None, distributed.blocks_of(start, m, chunk), fill)
+                break
+            this = min(chunk, m - start)
+            base = fill(start, start + this)
+            if start == 0 and chunk_size is None:
+                per_coord = analysis.bytes / this + INDEX_BYTES_PER_NODE * s
+                chunk = int(max(1, min(m, budget // max(per_coord, 1))))
+            start += this
+    except StructuredUnsupported as exc:  # a sink keeps what it took; stored changes are overwritten by the fallback
+        exc.delivered = start if result.sink is not None else 0
+        raise
     if result.sink is None:  # losses are changes from the float64 base loss, which is the offset
         result.loss_offset = float(base) if base is not None else float(problem.base_loss)
         result.base_loss = torch.zeros((), dtype=torch.float64, device=device)

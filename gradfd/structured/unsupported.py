@@ -15,8 +15,11 @@ class StructuredUnsupported(RuntimeError):
     """The structured engine cannot evaluate ``func``; ``op`` names the aten op (or step) that stopped the analysis.
 
     ``engine="structured"`` raises it; ``engine="auto"`` falls back to the generic engine and records the message in
-    ``Evaluation.notes``.
+    ``Evaluation.notes``. ``delivered``: the leading columns whose losses a sink already took before the refusal (0
+    without a sink); the fallback evaluates only the rest, so no column reaches the verdict twice.
     """
+
+    delivered: int = 0
 
     def __init__(self, op: str, reason: str):
         super().__init__(

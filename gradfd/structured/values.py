@@ -120,7 +120,7 @@ class Perturbed:
         pos: ``(B, len(axes))`` int64.
         slab_: ``(B, *T[rest])`` new values of the region (``rest``: the dims not in ``axes``, in order), or None while
             ``lineage`` describes them lazily.
-        lineage: see :class:`Lineage` and :class:`Outer`; handlers read it only while ``slab_`` is None.
+        lineage: see :class:`Lineage` and :class:`Outer`; an ``Outer`` is read only while ``slab_`` is None.
         scalar: every row of the slab is one value broadcast over the region.
         promoted: ``base`` was re-evaluated (a float64 reduction) and differs from the traced base.
         relative: (float64 reductions) the slab holds the change from ``base``, not the new values; ``axes`` is ``()``.

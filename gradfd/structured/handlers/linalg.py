@@ -53,8 +53,8 @@ def mm_right(an, node, base, a: torch.Tensor, p: Perturbed) -> Perturbed:
     an.densified.add(node.name)
     if p.axes == (0,):  # row i replaced: every output moves by a[:, i] (x) (new row - old row), kept lazy
         i = p.pos[:, 0]
-        drow = p.slab.double()
-        drow -= p.base[i]  # (B, k): new row - old row, in float64 (exact for float32 rows)
+        drow = p.slab.to(torch.float64, copy=True)  # (a copy: the slab may be another value's, or a broadcast view)
+        drow -= p.base[i]  # (B, k): new row - old row, in float64 (exact unless the two differ by more than 2^29x)
         a_t = an.cached((node.name, "a_t", base.shape), lambda: a.t().double().contiguous())
         return Perturbed(base, (), p.pos[:, :0], None, Outer(base, a_t[i], drow))
     return Perturbed(base, (), p.pos, torch.matmul(a, p.slab).to(dtype))

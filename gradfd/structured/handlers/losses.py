@@ -1,6 +1,7 @@
 """Handlers of the losses: the elementwise ones (``mse_loss``, BCE with logits, BCE, smooth L1, Huber) and
 ``nll_loss_forward`` (cross-entropy after ``log_softmax``). Each is the op's own forward with reduction 'none' on the
-region, then the float64 changed-terms sum of :mod:`.reductions`; ``mse_loss`` of a lineage goes to the fused kernel.
+region, then the float64 changed-terms sum of :mod:`.reductions`; ``mse_loss`` of a lineage goes to the fused kernel,
+and ``nll_loss_forward`` of a lazy outer product's log-softmax to ``gradfd::outer_update_nll``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _loss_none(op, where, *args):
 
 def handle_nll(an, node, base, p, target, weight, reduction, ignore_index):
     """``nll_loss_forward``: per row ``-weight[t] * logp[row, t]`` (0 where ignored), then the float64 changed-terms
-    sum, divided by the (constant) total weight for the mean."""
+    sum, divided by the (constant) total weight for the mean. The log-probabilities of a product moved by an outer
+    product (a lazy :class:`~gradfd.structured.values.Outer` marked by :func:`.reductions.handle_softmax`) under a
+    mean or sum go to the fused kernel, which never writes them out."""
     name = op_name(node.target)
     if isinstance(target, Perturbed) or isinstance(weight, Perturbed):
         raise StructuredUnsupported(name, "the target or weight depends on the checked parameter")

@@ -109,7 +109,9 @@ def handle_reduction(an, node, base, p, dims=None, keepdim=False, *, dtype=None)
 
 
 def handle_softmax(an, node, base, p, dim, half_to_float) -> Perturbed:
-    """``_softmax``/``_log_softmax``: the op on the region widened to the whole softmax dim."""
+    """``_softmax``/``_log_softmax``: the op on the region widened to the whole softmax dim. The log-softmax over the
+    classes of a lazy outer product (:class:`~gradfd.structured.values.Outer`) stays lazy, marked for
+    ``gradfd::outer_update_nll`` (whatever else reads it writes it out)."""
     nd = p.base.dim()
     dim = dim % nd if nd else 0
     L = p.lineage
