@@ -47,6 +47,14 @@ C10_HOST_DEVICE inline float add(float a, float b) {
 #endif
 }
 
+C10_HOST_DEVICE inline float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
 }  // namespace rn
 
 // A value moved along a line, as PyTorch's eager `(x.double() + delta * v.double()).to(dtype)` computes it on either
