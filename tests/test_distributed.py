@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import gradfd
 from gradfd import distributed as D
+from gradfd import engine
 from gradfd.demo import distributed as demo
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -222,3 +223,39 @@ def test_fingerprints_see_values_shapes_and_dtypes():
     assert D.fingerprint(a) == D.fingerprint(a.clone())
     for other in (a.reshape(2, 3), a.double(), a + torch.tensor([0, 0, 0, 0, 0, 1e-6])):
         assert D.fingerprint(other) != D.fingerprint(a)
+
+
+def test_a_structured_refusal_in_a_shared_chunk_delivers_each_column_once(group, seed, monkeypatch):
+    """The structured engine refuses at its third chunk, the second shared one: the first two chunks reached the sink
+    (the first before the share, the second in an earlier round), so the generic fallback starts at the third."""
+    from gradfd import structured
+
+    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, 5, dtype=torch.float64)
+    params = (torch.randn(12, 5, dtype=torch.float64),)
+
+    def func(w):
+        return (torch.tanh(x @ w) - y).square().mean()
+
+    run, calls = structured.Analysis.run, []
+
+    def refuse_the_third_chunk(self, coords, moved):
+        calls.append(coords.numel())
+        if len(calls) == 3:
+            raise structured.StructuredUnsupported("aten.test", "refused at the third chunk")
+        return run(self, coords, moved)
+
+    monkeypatch.setattr(structured.Analysis, "run", refuse_the_third_chunk)
+    monkeypatch.setattr(structured, "_MIN_WORK", 0)  # make "auto" try the structured engine on this small problem
+    monkeypatch.setattr(engine, "_STRUCTURED_MIN_EVALUATIONS", 0)
+    taken = []
+    with D.resolve(group).running({"params": params}):
+        ev = engine.evaluate(func, params, 0, steps=1e-5, engine="auto", chunk_size=3,
+                             sink=lambda a, b, values, disp: taken.append((a, b, values.clone())))
+    assert len(calls) == 3 and any("refused at the third chunk" in note for note in ev.notes), ev.notes
+    columns = torch.cat([torch.arange(a, b) for a, b, _ in taken])
+    assert sorted(columns.tolist()) == list(range(params[0].numel()))  # every column once
+    want = engine.evaluate(func, params, 0, steps=1e-5, engine="batched").losses
+    got = torch.empty_like(want)
+    for a, b, values in taken:
+        got[:, a:b] = values.view(got.shape[0], b - a)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -70,7 +70,9 @@ def evaluate_into(problem, result, moved: torch.Tensor, chunk_size: int | None, 
                 chunk = int(max(1, min(m, budget // max(per_coord, 1))))
             start += this
     except StructuredUnsupported as exc:  # a sink keeps what it took; stored changes are overwritten by the fallback
-        exc.delivered = start if result.sink is not None else 0
+        # (in a distributed share, every block before the failing one was applied: Session.share)
+        first = getattr(exc, "__dict__", {}).pop("_gradfd_block_start", start)
+        exc.delivered = first if result.sink is not None else 0
         raise
     if result.sink is None:  # losses are changes from the float64 base loss, which is the offset
         result.loss_offset = float(base) if base is not None else float(problem.base_loss)

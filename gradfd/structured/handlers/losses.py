@@ -95,7 +95,10 @@ def handle_nll(an, node, base, p, target, weight, reduction, ignore_index):
     safe = an.cached((node.name, "safe"), lambda: torch.where(keep, target, torch.zeros_like(target)))
     w = an.cached((node.name, "w"), lambda: (weight[safe] if weight is not None else torch.ones(
         n, dtype=p.base.dtype, device=p.base.device)) * keep.to(p.base.dtype))
-    rows_base = an.cached((node.name, "rows"), lambda: -p.base.gather(1, safe.unsqueeze(1)).squeeze(1) * w)
+    zero = an.cached((node.name, "zero"), lambda: p.base.new_zeros(()))
+    # an ignored row is 0, never -logp * 0 (NaN where its safe class's logp is -inf), as in nll_loss
+    rows_base = an.cached((node.name, "rows"), lambda: torch.where(
+        keep, -p.base.gather(1, safe.unsqueeze(1)).squeeze(1) * w, zero))
     L = p.lineage
     if isinstance(L, Outer) and L.log_softmax and p.slab_ is None and reduction in (1, 2) and \
             tuple(p.base.shape) == tuple(L.base.shape) and target.dtype == torch.int64 and \
@@ -111,11 +114,11 @@ def handle_nll(an, node, base, p, target, weight, reduction, ignore_index):
     if p.axes == (0,):
         r = p.pos[:, 0]
         picked = p.slab.gather(1, safe[r].unsqueeze(1)).squeeze(1)
-        rows = Perturbed(rows_base, (0,), p.pos, (-picked * w[r]).to(p.base.dtype))
+        rows = Perturbed(rows_base, (0,), p.pos, torch.where(keep[r], -picked * w[r], zero).to(p.base.dtype))
     else:
         idx = safe.view(1, n, 1).expand(p.batch, n, 1)
         picked = p.slab.expand(p.batch, *p.base.shape).gather(2, idx).squeeze(2)
-        rows = Perturbed(rows_base, (), p.pos, (-picked * w).to(p.base.dtype))
+        rows = Perturbed(rows_base, (), p.pos, torch.where(keep, -picked * w, zero).to(p.base.dtype))
     if reduction == 0:
         return (rows, total_weight)
     return _nll_reduced(full_sum(an, node, rows, False, []), reduction, total_weight)
