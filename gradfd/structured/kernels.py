@@ -167,9 +167,9 @@ def outer_update_nll_reference(base: torch.Tensor, bias: torch.Tensor | None, ro
         logp = torch.log_softmax(logits, -1)
         keep = target != ignore_index
         safe = torch.where(keep, target, torch.zeros_like(target))
-        w = (weight[safe] if weight is not None else torch.ones_like(logp[0, :, 0])) * keep.to(base.dtype)
+        w = weight[safe] if weight is not None else torch.ones_like(logp[0, :, 0])
         picked = logp.gather(2, safe.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2)
-        return (-picked * w).double()
+        return torch.where(keep, -picked * w, torch.zeros_like(picked)).double()  # an ignored row is 0
 
     moved = (base.double().unsqueeze(0) + rows.unsqueeze(2) * cols.unsqueeze(1)).to(base.dtype)
     return (terms(moved) - terms(base.unsqueeze(0))).sum(1)
